@@ -1,0 +1,10 @@
+"""Errors the CLI turns into a one-line message and exit code 2."""
+
+
+class UsageError(ValueError):
+    """Bad input from the user (a name, a file, a budget): printed as one line, exit code 2."""
+
+
+def choices_error(kind: str, value: object, valid) -> UsageError:
+    """Build the standard 'unknown X: Y (valid: a, b, c)' error."""
+    return UsageError(f"unknown {kind} {value!r} (valid: {', '.join(sorted(map(str, valid)))})")
