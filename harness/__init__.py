@@ -1,0 +1,1 @@
+"""Benchmark harness for representation learning and deep clustering without class priors."""

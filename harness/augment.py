@@ -1,0 +1,198 @@
+"""Batched image augmentation on tensors, with independent random parameters per sample.
+
+One place for the SimCLR-style pipeline every method shares (Chen et al. 2020, App. A):
+random resized crop, horizontal flip, colour jitter, random grayscale, Gaussian blur.
+Whole uint8 batches are augmented on the device they live on (CPU or GPU), so training is
+not starved by per-image PIL work. Presets name the exact parameter ranges each paper uses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import choices_error
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Parameter ranges; probabilities are per sample. Jitter strengths follow torchvision's ColorJitter."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale: float = 0.2
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+PRESETS: dict[str, AugmentConfig | None] = {
+    # SimCLR's CIFAR recipe (no blur on 32 px images).
+    "simclr": AugmentConfig(),
+    # SimCLR/BYOL ImageNet recipe with blur (p=0.5).
+    "simclr_blur": AugmentConfig(blur=0.5),
+    # CLD's CIFAR scripts: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.4) p=0.8, gray 0.2.
+    "cld": AugmentConfig(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4)),
+    # Contrastive Clustering (Li et al. 2021): ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with s=0.5, p=0.8.
+    "cc": AugmentConfig(jitter=(0.4, 0.4, 0.4, 0.1)),
+    # Linear-evaluation augmentation: crop and flip only.
+    "probe": AugmentConfig(crop_scale=(0.5, 1.0), jitter=(0, 0, 0, 0), jitter_p=0.0, grayscale=0.0),
+    # Mild crops and intensity changes, for tiny images such as 8x8 digits.
+    "mild": AugmentConfig(crop_scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.0, 0.0), grayscale=0.0),
+    # No augmentation: the identity (normalisation only).
+    "none": None,
+}
+
+
+def get_preset(name: str, **overrides) -> AugmentConfig | None:
+    if name not in PRESETS:
+        raise choices_error("augmentation", name, PRESETS)
+    cfg = PRESETS[name]
+    if cfg is None or not overrides:
+        return cfg
+    return replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def _crop_flip_grid(n: int, h: int, w: int, cfg: AugmentConfig, allow_flip: bool,
+                    g: torch.Generator) -> torch.Tensor:
+    """Affine matrices (n, 2, 3) of a random resized crop (torchvision's sampling, 10 tries) plus flip."""
+    area = h * w
+    scale = torch.empty(n, 2)
+    centre = torch.empty(n, 2)
+    todo = torch.ones(n, dtype=torch.bool)
+    log_r = (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
+    for _ in range(10):
+        target = _uniform(n, *cfg.crop_scale, g) * area
+        ratio = torch.exp(_uniform(n, *log_r, g))
+        cw = torch.sqrt(target * ratio).round()
+        ch = torch.sqrt(target / ratio).round()
+        ok = todo & (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
+        x0 = (torch.rand(n, generator=g) * (w - cw + 1)).floor()
+        y0 = (torch.rand(n, generator=g) * (h - ch + 1)).floor()
+        scale[ok] = torch.stack([cw / w, ch / h], 1)[ok]
+        centre[ok] = torch.stack([(x0 + cw / 2) / w * 2 - 1, (y0 + ch / 2) / h * 2 - 1], 1)[ok]
+        todo &= ~ok
+    scale[todo] = 1.0  # fallback: the whole image (torchvision centre-crops; full image is the same here)
+    centre[todo] = 0.0
+    theta = torch.zeros(n, 2, 3)
+    sign = torch.ones(n)
+    if allow_flip and cfg.flip > 0:
+        sign = torch.where(torch.rand(n, generator=g) < cfg.flip, -1.0, 1.0)
+    theta[:, 0, 0] = scale[:, 0] * sign
+    theta[:, 1, 1] = scale[:, 1]
+    theta[:, :, 2] = centre
+    return theta
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
+    dz = delta.clamp_min(1e-8)
+    h = torch.where(maxc == r, ((g - b) / dz) % 6, torch.where(maxc == g, (b - r) / dz + 2, (r - g) / dz + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)
+    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue (in that fixed order), each factor drawn per sample."""
+    n, dev = x.shape[0], x.device
+    apply = _per_sample((torch.rand(n, generator=g) < cfg.jitter_p).float().to(dev))
+    b, c, s, hue = cfg.jitter
+    y = x
+    if b > 0:
+        y = (y * _per_sample(_uniform(n, max(0, 1 - b), 1 + b, g).to(dev))).clamp(0, 1)
+    if c > 0:
+        mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+        y = ((y - mean) * _per_sample(_uniform(n, max(0, 1 - c), 1 + c, g).to(dev)) + mean).clamp(0, 1)
+    if x.shape[1] == 3 and s > 0:
+        gray = _gray(y)
+        y = ((y - gray) * _per_sample(_uniform(n, max(0, 1 - s), 1 + s, g).to(dev)) + gray).clamp(0, 1)
+    if x.shape[1] == 3 and hue > 0:
+        hsv = _rgb_to_hsv(y)
+        shift = _uniform(n, -hue, hue, g).to(dev).view(-1, 1, 1)
+        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+        y = _hsv_to_rgb(hsv).clamp(0, 1)
+    return apply * y + (1 - apply) * x
+
+
+def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Per-sample Gaussian blur, kernel ~10% of the image side (SimCLR), sigma ~ U(blur_sigma)."""
+    n, c, h, w = x.shape
+    size = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
+    sigma = _uniform(n, *cfg.blur_sigma, g).to(x.device)
+    apply = (torch.rand(n, generator=g) < cfg.blur).to(x.device)
+    r = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    k = k.repeat_interleave(c, 0)  # (n*c, size)
+    flat = x.reshape(1, n * c, h, w)
+    pad = size // 2
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), k.view(n * c, 1, 1, size), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), k.view(n * c, 1, size, 1), groups=n * c)
+    return torch.where(_per_sample(apply), flat.view(n, c, h, w), x)
+
+
+class Augmenter:
+    """Callable uint8 (n, C, H, W) -> normalised float views. ``None`` config = normalisation only."""
+
+    def __init__(self, cfg: AugmentConfig | None, mean, std, allow_flip: bool = True,
+                 out_size: int | None = None) -> None:
+        self.cfg = cfg
+        self.allow_flip = allow_flip
+        self.out_size = out_size
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0,1] float batch -> (x - mean) / std."""
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch with parameters drawn from the CPU generator ``g``."""
+        x = images.float() / 255
+        cfg = self.cfg
+        if cfg is not None:
+            n, c, h, w = x.shape
+            theta = _crop_flip_grid(n, h, w, cfg, self.allow_flip, g).to(x.device)
+            oh = ow = self.out_size or h
+            grid = F.affine_grid(theta, [n, c, oh, ow], align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            if cfg.jitter_p > 0 and any(cfg.jitter):
+                x = _color_jitter(x, cfg, g)
+            if cfg.grayscale > 0 and c == 3:
+                gray = (torch.rand(n, generator=g) < cfg.grayscale).to(x.device)
+                x = torch.where(_per_sample(gray), _gray(x).expand_as(x), x)
+            if cfg.blur > 0:
+                x = _gaussian_blur(x, cfg, g)
+        elif self.out_size and self.out_size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return self.normalize(x)

@@ -1,0 +1,71 @@
+"""Training budgets: epochs, optimiser steps, samples seen, or wall-clock seconds."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from harness.errors import UsageError
+
+UNITS = ("epochs", "steps", "samples", "seconds")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A limit on one unit. The harness's loop enforces it; adapters never count."""
+
+    unit: str
+    limit: float
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise UsageError(f"unknown budget unit {self.unit!r} (valid: {', '.join(UNITS)})")
+        if not isinstance(self.limit, (int, float)) or isinstance(self.limit, bool) or not self.limit > 0:
+            raise UsageError(f"budget {self.unit} must be a positive number, got {self.limit!r}")
+
+    @classmethod
+    def parse(cls, value: "str | dict | Budget") -> "Budget":
+        """Accept ``{"epochs": 20}``, ``"epochs=20"`` or ``"20epochs"``."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, dict):
+            if len(value) != 1:
+                raise UsageError(f"budget must name exactly one unit ({', '.join(UNITS)}), got {value!r}")
+            (unit, limit), = value.items()
+            return cls(unit, limit)
+        text = str(value).strip().replace(" ", "")
+        if "=" in text:
+            unit, num = text.split("=", 1)
+        else:
+            i = len(text) - len(text.lstrip("+-0123456789.e"))
+            num, unit = text[:i], text[i:]
+        try:
+            limit = float(num)
+        except ValueError:
+            raise UsageError(f"cannot parse budget {value!r} (expected e.g. epochs=20, steps=500, "
+                             f"samples=100000, seconds=60)") from None
+        return cls(unit, int(limit) if limit.is_integer() else limit)
+
+    def as_dict(self) -> dict:
+        return {self.unit: self.limit}
+
+    def __str__(self) -> str:
+        return f"{self.unit}={self.limit}"
+
+
+@dataclass
+class Usage:
+    """What a run consumed; ``epochs`` counts fractional progress through the data."""
+
+    epochs: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def fraction(self, budget: Budget) -> float:
+        """Progress in [0, 1] towards the budget (drives the lr schedule)."""
+        return min(1.0, getattr(self, budget.unit) / budget.limit)
+
+    def exhausted(self, budget: Budget) -> bool:
+        return getattr(self, budget.unit) >= budget.limit - 1e-9
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,216 @@
+"""``python -m harness``: run suites, rebuild leaderboards, list what exists, evaluate checkpoints."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from harness.errors import UsageError
+
+DEFAULT_RESULTS = Path("results")
+DEFAULT_LEADERBOARDS = Path("leaderboards")
+DEFAULT_DATA = Path.home() / ".cache" / "ssl-harness" / "data"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {value!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, got {value!r}")
+    return seeds
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harness", description="Benchmark representation-learning and deep-clustering methods.")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (registers your own methods, datasets or protocols); repeatable")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train and evaluate a suite's grid, then print its leaderboard")
+    run.add_argument("suite", nargs="?", default=None, help="shipped suite name or path to a YAML file (default: quick)")
+    run.add_argument("--methods", type=_csv, help="comma-separated subset of the suite's methods")
+    run.add_argument("--datasets", type=_csv, help="comma-separated datasets (replaces the suite's)")
+    run.add_argument("--seeds", type=_seeds, help="comma-separated seeds (replaces the suite's)")
+    run.add_argument("--budget", help="override the budget, e.g. epochs=20, steps=500, samples=1e5, seconds=60")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
+    run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"dataset directory (default {DEFAULT_DATA})")
+    run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where records are stored (default results)")
+    run.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+    run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
+
+    lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
+    lb.add_argument("suite", nargs="?", default=None)
+    lb.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    lb.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+
+    sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
+
+    ev = sub.add_parser("eval", help="evaluate an external encoder checkpoint with the protocols")
+    ev.add_argument("--checkpoint", type=Path, required=True, help="a state_dict saved with torch.save")
+    ev.add_argument("--arch", required=True, help="backbone name (see `list`)")
+    ev.add_argument("--dataset", default="digits")
+    ev.add_argument("--protocols", type=_csv, default=["knn", "clustering", "lbfgs"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+
+    bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
+    bench.add_argument("what", choices=["protocols"], help="which benchmark")
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    return p
+
+
+def cmd_run(args) -> int:
+    from harness.budget import Budget
+    from harness.leaderboard import write_leaderboard
+    from harness.runner import Runner, plan
+    from harness.suite import DEFAULT_SUITE, load_suite
+    from harness.data import validate_dataset_name
+    from harness.errors import choices_error
+
+    suite = load_suite(args.suite or DEFAULT_SUITE)
+    if args.methods:
+        known = {e.label: e for e in suite.methods} | {e.name: e for e in suite.methods}
+        for m in args.methods:
+            if m not in known:
+                raise choices_error("method (in this suite)", m, {e.label for e in suite.methods})
+        suite.methods = [e for e in suite.methods if e.label in args.methods or e.name in args.methods]
+    if args.datasets:
+        for d in args.datasets:
+            validate_dataset_name(d)
+        suite.datasets = args.datasets
+    if args.seeds:
+        suite.seeds = args.seeds
+    if args.budget:
+        suite.budgets = [Budget.parse(args.budget)]
+    jobs = plan(suite)
+    print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
+          f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
+    runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet)
+    records = runner.run(jobs, force=args.force)
+    if not records:
+        print("no records yet (all jobs are running elsewhere)")
+        return 0
+    display = write_leaderboard(records, suite.name, args.leaderboard_dir, suite.description)
+    _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.leaderboard import write_leaderboard
+    from harness.store import ResultStore
+    from harness.suite import DEFAULT_SUITE, load_suite
+
+    name = args.suite or DEFAULT_SUITE
+    try:
+        suite = load_suite(name)
+        name, title = suite.name, suite.description
+    except UsageError:
+        if not (args.results_dir / name).is_dir():
+            raise
+        title = name  # records of a suite file that is no longer around
+    records = list(ResultStore(args.results_dir, name).records())
+    if not records:
+        raise UsageError(f"no stored records for suite {name!r} under {args.results_dir / name}; run it first")
+    display = write_leaderboard(records, name, args.leaderboard_dir, title)
+    _print_table(display, args.leaderboard_dir / f"{name}.md")
+    return 0
+
+
+def _print_table(display, path: Path) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 40):
+        print(display.map(lambda s: s.replace("**", "*") if isinstance(s, str) else s).to_string())
+    print(f"\nwritten: {path} (.csv .tex .html beside it)")
+
+
+def cmd_list(args) -> int:
+    from harness.backbones import BACKBONES
+    from harness.data import DATASETS
+    from harness.suite import load_suite, shipped_suites
+    from methods import METHODS
+    from protocols import PROTOCOLS
+
+    print("methods:")
+    for n in METHODS.names():
+        print(f"  {n:18s} {METHODS.get(n).description}")
+    print("datasets:")
+    for n in DATASETS.names():
+        print(f"  {n:18s} {DATASETS.get(n).description}")
+    print(f"  {'imagefolder:PATH':18s} any train/<class>/, test/<class>/ image tree")
+    print("protocols:")
+    for n in PROTOCOLS.names():
+        print(f"  {n:18s} {PROTOCOLS.get(n).description}")
+    print("backbones:")
+    for n in BACKBONES.names():
+        print(f"  {n:18s} {BACKBONES.get(n).description}")
+    print("suites:")
+    for n, path in shipped_suites().items():
+        print(f"  {n:18s} {load_suite(str(path)).description}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from harness.checkpoint import load_encoder
+    from harness.data import load_dataset, load_or_make_manifest
+    from harness.environment import resolve_device
+    from harness.evaluate import RunContext, evaluate
+    from harness.seeding import seed_everything
+    from methods import DataInfo, create_method
+    from protocols import PROTOCOLS
+
+    protocols = {p: dict(PROTOCOLS.get(p).defaults) for p in args.protocols}
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, args.data_dir)
+    manifest = load_or_make_manifest(data, args.data_dir / "manifests")
+    seed_everything(args.seed)
+    backbone = load_encoder(args.checkpoint, args.arch, data.image_shape[0])
+    method = create_method("random", backbone, {}, DataInfo(len(data), data.image_shape))
+    metrics, _ = evaluate(RunContext(method, data, manifest, device, args.seed), protocols)
+    for rep, values in metrics.items():
+        for k, v in sorted(values.items()):
+            print(f"{rep:10s} {k:28s} {v:.4f}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    bench = importlib.import_module("harness.bench")
+    return bench.main(["--quick"] if args.quick else [])
+
+
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        for module in args.plugin:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise UsageError(f"cannot import plugin {module!r}: {exc}") from None
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; stored records are kept, run again to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

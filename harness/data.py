@@ -1,0 +1,384 @@
+"""Dataset registry, in-memory image tensors and identical split manifests.
+
+Every dataset loads once into a :class:`ImageData`: a uint8 tensor (N, C, H, W) of all
+samples (the source's train part first, then its test part), fine labels, coarse labels
+where the literature defines them, and which samples came from the source's train part.
+Splits are a manifest of index lists written once per (dataset, data content) and hashed;
+the hash goes into every result record so that different data never share a leaderboard cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harness.errors import UsageError
+from harness.registry import Registry
+
+#: CIFAR-100 fine label (alphabetical index) -> superclass index, the standard table
+#: (Krizhevsky 2009; as used by SCAN, CC and CD for "CIFAR-100-20").
+CIFAR100_FINE_TO_COARSE = np.array([
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+])
+
+#: CIFAR-10 coarse labels: 0 = vehicles {airplane, automobile, ship, truck}, 1 = animals.
+CIFAR10_FINE_TO_COARSE = np.array([0, 0, 1, 1, 1, 1, 1, 1, 0, 0])
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+#: Digits 0-4 -> 0, 5-9 -> 1 (MNIST and scikit-learn digits).
+DIGITS_FINE_TO_COARSE = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+
+#: The 10 ImageNet classes of ImageNet-10 (Chang et al. 2017, used by CC and CD).
+IMAGENET10_WNIDS = ("n02056570", "n02085936", "n02128757", "n02690373", "n02692877",
+                    "n03095699", "n04254680", "n04285008", "n04467665", "n07747607")
+
+#: Per-channel mean/std used to normalise images of each dataset (computed once, fixed here).
+CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+@dataclass
+class ImageData:
+    """All samples of a dataset in memory. ``images`` is uint8 (N, C, H, W)."""
+
+    name: str
+    images: torch.Tensor
+    labels: np.ndarray
+    coarse_labels: np.ndarray | None
+    is_train: np.ndarray  # bool (N,): sample comes from the source's train part
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    is_labeled: np.ndarray | None = None  # False for unlabeled extra data (STL-10 unlabeled)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_coarse(self) -> int:
+        return 0 if self.coarse_labels is None else int(self.coarse_labels.max()) + 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """sha256 of the pixels and labels: changes whenever the data changes."""
+        h = hashlib.sha256()
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    loader: Callable[[Path, bool], ImageData]
+    description: str
+    needs_download: bool = True
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(name: str, description: str, needs_download: bool = True):
+    def decorator(loader):
+        DATASETS.register(name)(DatasetSpec(name, loader, description, needs_download))
+        return loader
+    return decorator
+
+
+def _stack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Concatenate (images NHWC or NCHW uint8, labels) train/test parts; return NCHW tensor, labels, is_train."""
+    imgs = [torch.as_tensor(np.ascontiguousarray(x)) for x, _ in parts]
+    labels = np.concatenate([np.asarray(y, dtype=np.int64) for _, y in parts])
+    is_train = np.concatenate([np.full(len(y), i == 0) for i, (_, y) in enumerate(parts)])
+    return torch.cat(imgs).contiguous(), labels, is_train
+
+
+def _missing(name: str, root: Path, how: str) -> UsageError:
+    return UsageError(f"dataset {name!r} not found under {root} and could not be downloaded; {how}")
+
+
+def _torchvision(name: str, cls_name: str, root: Path, download: bool, **kw):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    parts = []
+    for split in (True, False):
+        try:
+            ds = cls(str(root), train=split, download=download, **kw)
+        except Exception as exc:  # torchvision raises RuntimeError / URLError when offline
+            raise _missing(name, root, f"run once with internet, or put torchvision's {cls_name} "
+                                       f"files in --data-dir ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
+        if data.ndim == 3:
+            data = data[:, None]
+        else:
+            data = data.transpose(0, 3, 1, 2)
+        parts.append((data, np.asarray(ds.targets)))
+    return parts, tuple(ds.classes)
+
+
+@register_dataset("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download)", needs_download=False)
+def load_digits(root: Path, download: bool) -> ImageData:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    # A fixed 80/20 train/test partition (scikit-learn ships no split); stratified, seed 0.
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(d.target), bool)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(d.target == c))
+        test[idx[: round(0.2 * len(idx))]] = True
+    order = np.concatenate([np.flatnonzero(~test), np.flatnonzero(test)])
+    x, y, is_train = _stack([(images[order][~test[order]], d.target[order][~test[order]]),
+                             (images[order][test[order]], d.target[order][test[order]])])
+    m = float(x.float().mean() / 255)
+    s = float(x.float().std() / 255)
+    return ImageData("digits", x, y, DIGITS_FINE_TO_COARSE[y], is_train, tuple(map(str, range(10))), (m,), (s,))
+
+
+@register_dataset("mnist", "MNIST (70,000 28x28 digits, 10 classes; coarse 0-4 vs 5-9)")
+def load_mnist(root: Path, download: bool) -> ImageData:
+    parts, _ = _torchvision("mnist", "MNIST", root, download)
+    x, y, is_train = _stack(parts)
+    return ImageData("mnist", x, y, DIGITS_FINE_TO_COARSE[y], is_train, tuple(map(str, range(10))),
+                     (0.1307,), (0.3081,))
+
+
+@register_dataset("cifar10", "CIFAR-10 (60,000 32x32, 10 classes; coarse vehicles vs animals)")
+def load_cifar10(root: Path, download: bool) -> ImageData:
+    parts, classes = _torchvision("cifar10", "CIFAR10", root, download)
+    x, y, is_train = _stack(parts)
+    return ImageData("cifar10", x, y, CIFAR10_FINE_TO_COARSE[y], is_train, classes, *CIFAR_MEAN_STD)
+
+
+def _cifar100(name: str, root: Path, download: bool, coarse_as_labels: bool) -> ImageData:
+    parts, classes = _torchvision(name, "CIFAR100", root, download)
+    x, y, is_train = _stack(parts)
+    coarse = CIFAR100_FINE_TO_COARSE[y]
+    mean_std = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    if coarse_as_labels:
+        return ImageData(name, x, coarse, None, is_train, tuple(f"superclass{i}" for i in range(20)), *mean_std)
+    return ImageData(name, x, y, coarse, is_train, classes, *mean_std)
+
+
+@register_dataset("cifar100", "CIFAR-100 (60,000 32x32, 100 fine classes; coarse 20 superclasses)")
+def load_cifar100(root: Path, download: bool) -> ImageData:
+    return _cifar100("cifar100", root, download, coarse_as_labels=False)
+
+
+@register_dataset("cifar100-20", "CIFAR-100 with its 20 superclasses as labels (the clustering benchmark)")
+def load_cifar100_20(root: Path, download: bool) -> ImageData:
+    return _cifar100("cifar100-20", root, download, coarse_as_labels=True)
+
+
+@register_dataset("stl10", "STL-10 train+test (13,000 96x96, 10 classes); unlabeled split via stl10-unlabeled")
+def load_stl10(root: Path, download: bool, unlabeled: bool = False) -> ImageData:
+    import torchvision.datasets as tvd
+
+    splits = ("train", "test", "unlabeled") if unlabeled else ("train", "test")
+    parts = []
+    for split in splits:
+        try:
+            ds = tvd.STL10(str(root), split=split, download=download)
+        except Exception as exc:
+            raise _missing("stl10", root, f"run once with internet or put stl10_binary/ in --data-dir "
+                                          f"({type(exc).__name__})") from None
+        parts.append((ds.data, ds.labels))
+    x, y, is_train = _stack(parts)
+    n_lab = sum(len(p[1]) for p in parts[:2])
+    is_train[n_lab:] = True
+    labeled = np.arange(len(y)) < n_lab
+    y = np.where(labeled, y, 0)
+    name = "stl10-unlabeled" if unlabeled else "stl10"
+    return ImageData(name, x, y, None, is_train, tuple(ds.classes), (0.4467, 0.4398, 0.4066),
+                     (0.2603, 0.2566, 0.2713), is_labeled=labeled)
+
+
+@register_dataset("stl10-unlabeled", "STL-10 train+test plus the 100k unlabeled images (used for training only)")
+def load_stl10_unlabeled(root: Path, download: bool) -> ImageData:
+    return load_stl10(root, download, unlabeled=True)
+
+
+def load_image_folder(root: Path, name: str, image_size: int | None = None,
+                      classes: tuple[str, ...] | None = None) -> ImageData:
+    """Load a ``train/<class>/*``, ``test/<class>/*`` tree (or a .tar.gz of one) into memory.
+
+    Images are decoded with PIL, converted to RGB and resized to ``image_size`` (if given).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise UsageError(f"image folder {str(root)!r} has no train/<class>/ directory; expected "
+                         f"train/<class>/*.jpg and test/<class>/*.jpg")
+    classes = classes or tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    parts = []
+    for split in ("train", "test"):
+        imgs, labels = [], []
+        for c, cls in enumerate(classes):
+            folder = root / split / cls
+            if not folder.is_dir():
+                raise UsageError(f"image folder is missing {folder}")
+            for f in sorted(folder.iterdir()):
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+                    if image_size and im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    imgs.append(np.asarray(im))
+                labels.append(c)
+        parts.append((np.stack(imgs).transpose(0, 3, 1, 2), np.array(labels)))
+    x, y, is_train = _stack(parts)
+    xf = x.float() / 255
+    mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(xf.std(dim=(0, 2, 3)).tolist())
+    coarse = CIFAR10_FINE_TO_COARSE[y] if classes == CIFAR10_CLASSES else None
+    return ImageData(name, x, y, coarse, is_train, classes, mean, std)
+
+
+def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, classes=None) -> ImageData:
+    """Decode an image tree once and cache it as a .pt tensor file next to it (JPEG decode is slow)."""
+    folder = root / sub
+    if not folder.is_dir():
+        archive = root / f"{sub}.tar.gz"
+        if archive.is_file():
+            import tarfile
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
+        if not folder.is_dir():
+            raise UsageError(f"dataset {name!r} not found: looked for {folder} (an ImageFolder tree "
+                             f"train/<class>/, test/<class>/) and {archive}; pass --data-dir")
+    cache = root / f".{sub}-{image_size or 'native'}.pt"
+    if cache.is_file():
+        d = torch.load(cache, weights_only=False)
+        return ImageData(**d)
+    data = load_image_folder(folder, name, image_size, classes)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    torch.save(data.__dict__, tmp)
+    os.replace(tmp, cache)
+    return data
+
+
+@register_dataset("cifar10-jpeg", "CIFAR-10 as JPEG files (ImageFolder tree cifar10-jpeg/ or cifar10-jpeg.tar.gz)",
+                  needs_download=False)
+def load_cifar10_jpeg(root: Path, download: bool) -> ImageData:
+    return _cached_folder("cifar10-jpeg", root, "cifar10-jpeg", None, CIFAR10_CLASSES)
+
+
+@register_dataset("imagenet10", "ImageNet-10 (the 10 wnids of Chang et al. 2017) as an ImageFolder tree imagenet10/, 96 px",
+                  needs_download=False)
+def load_imagenet10(root: Path, download: bool) -> ImageData:
+    return _cached_folder("imagenet10", root, "imagenet10", 96, IMAGENET10_WNIDS)
+
+
+def parse_dataset_name(name: str) -> tuple[str, Path | None]:
+    """``imagefolder:/path/to/tree`` -> ("imagefolder", path); other names pass through."""
+    if name.startswith("imagefolder:"):
+        return "imagefolder", Path(name.split(":", 1)[1]).expanduser()
+    return name, None
+
+
+def validate_dataset_name(name: str) -> None:
+    base, path = parse_dataset_name(name)
+    if base == "imagefolder":
+        return
+    DATASETS.get(base)
+
+
+def load_dataset(name: str, data_dir: str | Path, download: bool = True) -> ImageData:
+    """Load a registered dataset (or ``imagefolder:PATH``) from ``data_dir``, downloading if allowed."""
+    base, path = parse_dataset_name(name)
+    if base == "imagefolder":
+        if not path.is_dir():
+            raise UsageError(f"image folder {str(path)!r} does not exist")
+        return _cached_folder(path.name, path.parent, path.name, None)
+    spec = DATASETS.get(base)
+    root = Path(data_dir).expanduser()
+    if spec.needs_download:
+        root.mkdir(parents=True, exist_ok=True)
+    return spec.loader(root, download)
+
+
+# ---------------------------------------------------------------- split manifests
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """Index lists into :class:`ImageData`, identical for every method. ``sha256`` identifies them."""
+
+    dataset: str
+    data_fingerprint: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    sha256: str
+
+    def split(self, name: str) -> np.ndarray:
+        if name == "train_full":
+            return np.sort(np.concatenate([self.train, self.val]))
+        if name == "all":
+            return np.sort(np.concatenate([self.train, self.val, self.test]))
+        if name in ("train", "val", "test"):
+            return getattr(self, name)
+        raise UsageError(f"unknown split {name!r} (valid: all, test, train, train_full, val)")
+
+
+def _manifest_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def make_manifest(data: ImageData, val_fraction: float = 0.1, seed: int = 0) -> SplitManifest:
+    """Carve a stratified validation split out of train with a fixed seed; test is the source's test part.
+
+    Unlabeled samples (STL-10 unlabeled) stay in train and are never in val or test.
+    """
+    rng = np.random.default_rng(seed)
+    train_idx = np.flatnonzero(data.is_train)
+    labeled = data.is_labeled if data.is_labeled is not None else np.ones(len(data), bool)
+    val = []
+    for c in np.unique(data.labels[train_idx]):
+        members = train_idx[(data.labels[train_idx] == c) & labeled[train_idx]]
+        val.append(rng.permutation(members)[: int(round(val_fraction * len(members)))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], np.int64)
+    train = np.setdiff1d(train_idx, val_idx)
+    test = np.flatnonzero(~data.is_train)
+    fields = {"dataset": data.name, "data": data.fingerprint(), "train": train.tolist(),
+              "val": val_idx.tolist(), "test": test.tolist()}
+    return SplitManifest(data.name, fields["data"], train, val_idx, test, _manifest_hash(fields))
+
+
+def load_or_make_manifest(data: ImageData, manifest_dir: Path, val_fraction: float = 0.1,
+                          seed: int = 0) -> SplitManifest:
+    """Read the manifest of this exact data from ``manifest_dir``, or write it (atomically) once."""
+    fingerprint = data.fingerprint()
+    path = Path(manifest_dir) / f"{data.name}-{fingerprint[:16]}-val{val_fraction}-seed{seed}.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        train, val, test = (np.array(d[k], dtype=np.int64) for k in ("train", "val", "test"))
+        fields = {"dataset": d["dataset"], "data": d["data"], "train": d["train"], "val": d["val"], "test": d["test"]}
+        if _manifest_hash(fields) != d["sha256"]:
+            raise UsageError(f"split manifest {path} is corrupted (hash mismatch); delete it to regenerate")
+        return SplitManifest(d["dataset"], d["data"], train, val, test, d["sha256"])
+    m = make_manifest(data, val_fraction, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"dataset": m.dataset, "data": m.data_fingerprint, "train": m.train.tolist(),
+               "val": m.val.tolist(), "test": m.test.tolist(), "sha256": m.sha256}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+    return m

@@ -1,0 +1,154 @@
+"""Plan a suite's grid, run each job (train, evaluate, store), skip what is stored."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.augment import Augmenter, get_preset
+from harness.backbones import create_backbone
+from harness.budget import Budget
+from harness.data import ImageData, SplitManifest, load_dataset, load_or_make_manifest
+from harness.environment import environment, resolve_device
+from harness.evaluate import RunContext, evaluate
+from harness.seeding import seed_everything
+from harness.store import ResultStore, run_id
+from harness.suite import MethodEntry, Suite
+from harness.train import train
+from methods import METHODS, DataInfo, Method, create_method, resolve_config
+
+#: Bump when the meaning of stored records changes (it is part of every run's spec).
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    suite: str
+    dataset: str
+    entry: MethodEntry
+    seed: int
+    budget: Budget
+    spec: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.spec)
+
+    def describe(self) -> str:
+        return f"{self.entry.label} on {self.dataset} seed {self.seed} ({self.budget})"
+
+
+def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget: Budget) -> dict[str, Any]:
+    """Everything that determines a run's result; its hash names the record."""
+    cls = METHODS.get(entry.name)
+    config = resolve_config(cls, suite.scale, {**entry.config, **entry.dataset_config.get(dataset, {})})
+    return {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
+            "label": entry.label, "config": config, "scale": suite.scale,
+            "backbone": entry.backbone or suite.backbone, "seed": seed, "budget": budget.as_dict(),
+            "protocols": suite.protocols, "val_fraction": suite.val_fraction, "train_split": suite.train_split,
+            "deterministic": suite.deterministic}
+
+
+def plan(suite: Suite) -> list[Job]:
+    """The grid dataset x method x seed x budget, in that nesting order."""
+    return [Job(suite.name, d, e, s, b, make_spec(suite, d, e, s, b))
+            for d in suite.datasets for e in suite.methods for s in suite.seeds for b in suite.budgets]
+
+
+class Runner:
+    """Runs jobs into a :class:`ResultStore`, loading each dataset and manifest once."""
+
+    def __init__(self, results_dir: Path, data_dir: Path, device: str = "auto", quiet: bool = False,
+                 log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0) -> None:
+        self.results_dir, self.data_dir = Path(results_dir), Path(data_dir)
+        self.device = resolve_device(device)
+        self.quiet, self.log, self.checkpoint_seconds = quiet, log, checkpoint_seconds
+        self._data: dict[tuple[str, float], tuple[ImageData, SplitManifest]] = {}
+
+    def dataset(self, name: str, val_fraction: float) -> tuple[ImageData, SplitManifest]:
+        key = (name, val_fraction)
+        if key not in self._data:
+            data = load_dataset(name, self.data_dir)
+            manifest = load_or_make_manifest(data, self.data_dir / "manifests", val_fraction)
+            self._data[key] = (data, manifest)
+        return self._data[key]
+
+    def run(self, jobs: list[Job], force: bool = False) -> list[dict[str, Any]]:
+        """Run every job without a stored record (all of them with ``force``); return all records."""
+        records = []
+        for i, job in enumerate(jobs, 1):
+            store = ResultStore(self.results_dir, job.suite)
+            rid = job.run_id
+            if store.has(rid) and not force:
+                records.append(store.load(rid))
+                continue
+            with store.lock(rid) as acquired:
+                if not acquired:
+                    self.log(f"[{i}/{len(jobs)}] {job.describe()}: running in another process, skipped")
+                    continue
+                if store.has(rid) and not force:  # finished by another process meanwhile
+                    records.append(store.load(rid))
+                    continue
+                self.log(f"[{i}/{len(jobs)}] {job.describe()}")
+                record = self.run_job(job, store)
+                store.write(record)
+                records.append(record)
+                if record["status"] != "ok":
+                    self.log(f"    failed: {record['reason']}")
+        return records
+
+    def build(self, job: Job, data: ImageData, manifest: SplitManifest) -> tuple[Method, torch.Tensor]:
+        """The adapter on a fresh backbone, and the indices it trains on."""
+        spec = job.spec
+        cls = METHODS.get(spec["method"])
+        train_idx = manifest.split(spec["train_split"])
+        info = DataInfo(num_samples=len(train_idx), image_shape=data.image_shape,
+                        num_classes=(data.num_classes if cls.label_level == "fine" else
+                                     data.num_coarse if cls.label_level == "coarse" else None))
+        backbone = create_backbone(spec["backbone"], data.image_shape[0])
+        return create_method(spec["method"], backbone, spec["config"], info), torch.as_tensor(train_idx)
+
+    def run_job(self, job: Job, store: ResultStore) -> dict[str, Any]:
+        spec, seed, device = job.spec, job.seed, self.device
+        data, manifest = self.dataset(job.dataset, spec["val_fraction"])
+        generator = seed_everything(seed, spec["deterministic"])
+        method, train_idx = self.build(job, data, manifest)
+        cfg = spec["config"]
+        record: dict[str, Any] = {"run_id": job.run_id, "suite": job.suite, "spec": spec,
+                                  "split_sha256": manifest.sha256, "data_fingerprint": manifest.data_fingerprint,
+                                  "environment": environment(device)}
+        start = time.perf_counter()
+        if method.trains:
+            images = data.images[train_idx].to(device)
+            level = METHODS.get(spec["method"]).label_level
+            labels = None
+            if level is not None:
+                source = data.labels if level == "fine" else data.coarse_labels
+                labels = torch.as_tensor(source[train_idx.numpy()]).to(device)
+            augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std,
+                                  allow_flip=data.name not in ("digits", "mnist"))
+            result = train(method, images, labels, job.budget, augmenter, cfg, device=device, seed=seed,
+                           generator=generator, checkpoint=store.checkpoint_path(job.run_id),
+                           checkpoint_seconds=self.checkpoint_seconds, quiet=self.quiet,
+                           desc=f"{job.entry.label}/{job.dataset}/s{seed}")
+            record["train"] = {"used": result.usage.as_dict(), "history": result.history,
+                               "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
+                               "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1)}
+            record["status"], record["reason"] = result.status, result.reason
+        else:
+            record["train"] = {"used": None, "history": [], "peak_memory_mb": 0.0, "memory_kind": "",
+                               "images_per_second": None}
+            record["status"], record["reason"] = "ok", ""
+        record["budget"] = {"asked": job.budget.as_dict(), "used": record["train"]["used"]}
+        record["train_seconds"] = round(time.perf_counter() - start, 3)
+        record["metrics"], record["eval_seconds"] = {}, {}
+        if record["status"] == "ok":
+            ctx = RunContext(method, data, manifest, device, seed)
+            record["metrics"], record["eval_seconds"] = evaluate(ctx, spec["protocols"])
+            record["eval_seconds"]["extract"] = round(ctx.extract_seconds, 3)
+        record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return record

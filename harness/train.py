@@ -1,0 +1,210 @@
+"""The training loop. It belongs to the harness: adapters return losses, the loop does the rest.
+
+It enforces the budget (the adapter never counts), builds the optimiser and lr schedule from
+the adapter's config, augments whole batches on the device, uses bf16 autocast on GPU,
+checkpoints periodically so a killed run resumes where it stopped, and stops a run whose
+loss turns non-finite as ``failed`` with the reason.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.augment import Augmenter
+from harness.budget import Budget, Usage
+from harness.errors import choices_error
+from methods.base import Batch, Method
+
+
+@dataclass
+class TrainResult:
+    status: str  # "ok" | "failed"
+    usage: Usage
+    reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
+    peak_memory_mb: float = 0.0
+    memory_kind: str = ""
+
+
+def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    name = cfg["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    raise choices_error("optimizer", name, ("sgd", "adam", "adamw"))
+
+
+def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
+    """Multiplier of the base lr at ``progress`` in [0, 1] of the budget (linear warm-up, then the schedule)."""
+    warmup = cfg["warmup"]
+    if warmup > 0 and progress < warmup:
+        return (progress + 1e-3) / (warmup + 1e-3)
+    t = (progress - warmup) / max(1e-12, 1 - warmup)
+    floor = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0
+    schedule = cfg["schedule"]
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "cosine_restarts":
+        cycle = (t * cfg["restarts"]) % 1.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * cycle))
+    if schedule == "step":
+        return cfg["gamma"] ** sum(progress >= m for m in cfg["milestones"])
+    raise choices_error("schedule", schedule, ("constant", "cosine", "cosine_restarts", "step"))
+
+
+class PlainLoader:
+    """Normalised, unaugmented batches ``(images, index)`` of the training set, in order (for hooks)."""
+
+    def __init__(self, images: torch.Tensor, augmenter: Augmenter, batch_size: int) -> None:
+        self.images, self.augmenter, self.batch_size = images, augmenter, batch_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.images), self.batch_size):
+            index = torch.arange(start, min(start + self.batch_size, len(self.images)), device=self.images.device)
+            yield self.augmenter.normalize(self.images[index]), index
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: writing 5 to clear_refs resets VmHWM, the peak resident set size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, budget: Budget,
+          augmenter: Augmenter, cfg: dict[str, Any], *, device: str, seed: int, generator: torch.Generator,
+          checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, quiet: bool = False,
+          desc: str = "") -> TrainResult:
+    """Train ``method`` on the uint8 ``images`` (already on ``device``) until ``budget`` is spent.
+
+    ``labels`` (on device) are handed to the adapter only if it declares a ``label_level``.
+    Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
+    same batches it would have seen.
+    """
+    n = len(images)
+    batch_size = min(int(cfg["batch_size"]), n)
+    steps_per_epoch = n // batch_size
+    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg)
+    usage, history, epoch, step_in_epoch = Usage(), [], 0, 0
+    resumed = checkpoint is not None and checkpoint.is_file()
+    if resumed:
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        usage, history = Usage(**state["usage"]), state["history"]
+        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        generator.set_state(state["generator"])
+        if state.get("done"):
+            return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
+                               memory_kind=state.get("memory_kind", ""))
+    method.to(device).train()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_rss()
+    plain = PlainLoader(images, augmenter, batch_size)
+    if not resumed:
+        method.on_train_start(plain)
+
+    def save(done: bool = False) -> None:
+        if checkpoint is not None:
+            _save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                          "usage": usage.as_dict(), "history": history, "epoch": epoch,
+                          "step_in_epoch": step_in_epoch, "generator": generator.get_state(), "done": done,
+                          "peak_memory_mb": peak(), "memory_kind": memory_kind}, checkpoint)
+
+    memory_kind = "cuda_max_allocated" if cuda else "process_peak_rss"
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+
+    bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1], disable=True if quiet else None,
+               leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
+    started, last_save = time.perf_counter() - usage.seconds, time.perf_counter()
+    status, reason = "ok", ""
+    epoch_losses: list[float] = []
+    while not usage.exhausted(budget):
+        if step_in_epoch == 0:
+            method.on_epoch_start(epoch, plain)
+            epoch_losses = []
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
+        for step in range(step_in_epoch, steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            raw = images[index]
+            views = [augmenter(raw, generator) for _ in range(cfg["views"])]
+            if cuda:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.get("amp", True)):
+                out = method.training_step(batch)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                status, reason = "failed", f"loss became {loss.item()} at step {usage.steps + 1}"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_optimizer_step()
+            before = getattr(usage, budget.unit)
+            usage.steps += 1
+            usage.samples += len(index)
+            usage.epochs = epoch + (step + 1) / steps_per_epoch
+            usage.seconds = time.perf_counter() - started
+            step_in_epoch = step + 1
+            epoch_losses.append(float(loss.detach()))
+            bar.update(getattr(usage, budget.unit) - before)
+            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
+            if usage.exhausted(budget):
+                break
+            if checkpoint is not None and time.perf_counter() - last_save > checkpoint_seconds:
+                save()
+                last_save = time.perf_counter()
+        if status == "failed":
+            break
+        if step_in_epoch >= steps_per_epoch or usage.exhausted(budget):
+            history.append({"epoch": round(usage.epochs, 4), "loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(usage.seconds, 3), **logs})
+            method.on_epoch_end(epoch)
+            if step_in_epoch >= steps_per_epoch:
+                epoch, step_in_epoch = epoch + 1, 0
+    bar.close()
+    result = TrainResult(status, usage, reason, history, peak(), memory_kind)
+    if status == "ok":
+        save(done=True)
+    return result

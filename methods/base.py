@@ -1,0 +1,151 @@
+"""The method-adapter base class and the method registry.
+
+An adapter declares its hyperparameters at two scales (``paper`` and ``cpu``), builds its
+heads on the backbone the harness gives it, and returns the loss for a batch of augmented
+views. The harness owns everything else: data, augmentation, the optimiser, the schedule,
+the budget, checkpoints and evaluation. Register an adapter with ``@register_method``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from harness.errors import UsageError
+from harness.registry import Registry
+
+#: Training settings every adapter has; ``defaults`` override them per scale. Schedule
+#: positions (``warmup``, ``milestones``) are fractions of the budget, so one config works
+#: for any budget (CLD's 5 warm-up epochs of 200 are ``warmup: 0.025``).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "batch_size": 256,
+    "optimizer": "sgd",       # sgd | adam | adamw
+    "lr": 0.06,
+    "weight_decay": 5e-4,
+    "momentum": 0.9,
+    "schedule": "cosine",     # cosine | constant | step | cosine_restarts
+    "warmup": 0.0,            # fraction of the budget with linear warm-up
+    "min_lr": 0.0,
+    "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
+    "gamma": 0.1,
+    "restarts": 1,            # cosine_restarts: number of equal cycles
+    "views": 2,               # augmented views per sample
+    "augment": "simclr",      # a preset of harness.augment
+    "augment_overrides": {},  # e.g. {"crop_scale": [0.2, 1.0]}
+}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What an adapter may know about its training data. No class count unless it uses labels."""
+
+    num_samples: int
+    image_shape: tuple[int, int, int]
+    num_classes: int | None = None  # only set for methods with ``label_level``
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One training batch: ``views`` are normalised augmented tensors of the same samples.
+
+    ``index`` holds each sample's position in the training set (0..num_samples-1), which
+    memory banks and instance classifiers key on; ``labels`` is set only for methods
+    with a ``label_level``.
+    """
+
+    views: list[torch.Tensor]
+    index: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+class Method(nn.Module):
+    """Base class of method adapters. Subclasses set ``defaults`` and implement ``training_step``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Hyperparameters per scale, merged over TRAINING_DEFAULTS.
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {}}
+    #: Optuna search space: {key: ("float"|"log"|"int"|"categorical", low, high) or ("categorical", [choices])}.
+    search_space: ClassVar[dict[str, tuple]] = {}
+    #: ``None`` for methods without labels; ``"fine"`` or ``"coarse"`` for (weakly) supervised ones.
+    label_level: ClassVar[str | None] = None
+    #: False for baselines evaluated as built (pixels, random init).
+    trains: ClassVar[bool] = True
+
+    def __init__(self, backbone: nn.Module, cfg: dict[str, Any], info: DataInfo) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.info = info
+
+    # ------------------------------------------------------------ training
+    def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one batch (optionally with a dict of scalars to log)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def on_train_start(self, loader: "UnaugmentedLoader") -> None:
+        """Called once before the first step (not on resume); ``loader`` yields plain views of the train set."""
+
+    def on_epoch_start(self, epoch: int, loader: "UnaugmentedLoader") -> None:
+        """Called at the start of every epoch (pseudo-labelling, memory refresh)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called at the end of every epoch."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (momentum encoders, memory-bank updates)."""
+
+    # ------------------------------------------------------------ evaluation
+    def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features evaluated by the protocols. ``backbone`` always; heads where the paper evaluates them."""
+        return {"backbone": self.backbone(x)}
+
+    def cluster_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cluster-head scores (n, K) per head name; the argmax is the assignment. Empty by default."""
+        return {}
+
+
+class UnaugmentedLoader:
+    """Typing stub for the harness's loader of normalised, unaugmented training batches.
+
+    Iterating yields ``(images, index)``; the harness provides the implementation.
+    """
+
+    def __iter__(self):  # pragma: no cover - interface only
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (timm's ``@register_model``)."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        for scale in ("paper", "cpu"):
+            unknown = set(cls.defaults.get(scale, {})) - set(TRAINING_DEFAULTS) - set(cls.defaults.get("method", {}))
+            if unknown:
+                raise ValueError(f"method {name!r}: {scale} defaults set undeclared keys {sorted(unknown)}; "
+                                 f"declare method-specific keys under defaults['method']")
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """TRAINING_DEFAULTS < method-specific defaults < the scale's defaults < suite overrides.
+
+    Unknown override keys are a usage error naming the valid keys.
+    """
+    if scale not in ("paper", "cpu"):
+        raise UsageError(f"unknown scale {scale!r} (valid: cpu, paper)")
+    cfg = {**TRAINING_DEFAULTS, **cls.defaults.get("method", {}), **cls.defaults.get(scale, {})}
+    for key, value in (overrides or {}).items():
+        if key not in cfg:
+            raise UsageError(f"unknown config key {key!r} for method {cls.name!r} (valid: {', '.join(sorted(cfg))})")
+        cfg[key] = value
+    return cfg

@@ -1,0 +1,29 @@
+"""Projection and classification heads shared by methods."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, *, bn: bool = False, bias: bool = True,
+        out_bn: bool = False) -> nn.Sequential:
+    """Linear-(BN)-ReLU-Linear-(BN): SimCLR's projector and its variants."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden, bias=bias and not bn)]
+    if bn:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.ReLU(inplace=True), nn.Linear(hidden, out_dim, bias=bias and not out_bn)]
+    if out_bn:
+        layers.append(nn.BatchNorm1d(out_dim))
+    return nn.Sequential(*layers)
+
+
+class NormLinear(nn.Module):
+    """Linear layer on unit-norm inputs with unit-norm weight rows (cosine classifier; CLD's option)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim).uniform_(-1, 1) / in_dim ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
