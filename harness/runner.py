@@ -46,11 +46,16 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
     """Everything that determines a run's result; its hash names the record."""
     cls = METHODS.get(entry.name)
     config = resolve_config(cls, suite.scale, {**entry.config, **entry.dataset_config.get(dataset, {})})
-    return {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
+    spec = {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
             "label": entry.label, "config": config, "scale": suite.scale,
             "backbone": entry.backbone or suite.backbone, "seed": seed, "budget": budget.as_dict(),
             "protocols": suite.protocols, "val_fraction": suite.val_fraction, "train_split": suite.train_split,
             "deterministic": suite.deterministic}
+    if cls.components:  # an evaluation-time combination of other runs: their specs are part of this one
+        entries = {e.name: e for e in suite.methods}
+        spec["components"] = [make_spec(suite, dataset, entries.get(name, MethodEntry(name, name, {}, {})), seed, budget)
+                              for name in cls.components]
+    return spec
 
 
 def plan(suite: Suite) -> list[Job]:
@@ -101,22 +106,47 @@ class Runner:
                     self.log(f"    failed: {record['reason']}")
         return records
 
-    def build(self, job: Job, data: ImageData, manifest: SplitManifest) -> tuple[Method, torch.Tensor]:
-        """The adapter on a fresh backbone, and the indices it trains on."""
+    def build(self, job: Job, data: ImageData,
+              manifest: SplitManifest) -> tuple[Method, torch.Tensor, torch.Generator]:
+        """The adapter on a freshly seeded backbone, the indices it trains on, and the data-order generator."""
         spec = job.spec
         cls = METHODS.get(spec["method"])
         train_idx = manifest.split(spec["train_split"])
+        extra = {"components": self.components(job)} if cls.components else {}
+        generator = seed_everything(job.seed, spec["deterministic"])
         info = DataInfo(num_samples=len(train_idx), image_shape=data.image_shape,
                         num_classes=(data.num_classes if cls.label_level == "fine" else
-                                     data.num_coarse if cls.label_level == "coarse" else None))
+                                     data.num_coarse if cls.label_level == "coarse" else None), extra=extra)
         backbone = create_backbone(spec["backbone"], data.image_shape[0])
-        return create_method(spec["method"], backbone, spec["config"], info), torch.as_tensor(train_idx)
+        return create_method(spec["method"], backbone, spec["config"], info), torch.as_tensor(train_idx), generator
+
+    def components(self, job: Job) -> dict[str, Method]:
+        """Trained component methods of a combination run, trained and stored first when missing.
+
+        Their final weights come from the components' checkpoints; a component whose record is
+        stored but whose checkpoint is gone (a fresh clone) is retrained in memory, same seed.
+        """
+        out = {}
+        for comp_spec in job.spec["components"]:
+            name = comp_spec["method"]
+            comp = Job(job.suite, job.dataset, MethodEntry(name, comp_spec["label"], {}, {}), job.seed, job.budget,
+                       comp_spec)
+            store = ResultStore(self.results_dir, job.suite)
+            if not store.has(comp.run_id):
+                self.run([comp])
+            ckpt = store.checkpoint_path(comp.run_id)
+            if not ckpt.is_file():
+                self.run_job(comp, store)
+            data, manifest = self.dataset(job.dataset, comp_spec["val_fraction"])
+            method, _, _ = self.build(comp, data, manifest)
+            method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+            out[name] = method.eval().requires_grad_(False)
+        return out
 
     def run_job(self, job: Job, store: ResultStore) -> dict[str, Any]:
         spec, seed, device = job.spec, job.seed, self.device
         data, manifest = self.dataset(job.dataset, spec["val_fraction"])
-        generator = seed_everything(seed, spec["deterministic"])
-        method, train_idx = self.build(job, data, manifest)
+        method, train_idx, generator = self.build(job, data, manifest)
         cfg = spec["config"]
         record: dict[str, Any] = {"run_id": job.run_id, "suite": job.suite, "spec": spec,
                                   "split_sha256": manifest.sha256, "data_fingerprint": manifest.data_fingerprint,
@@ -140,6 +170,7 @@ class Runner:
                                "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1)}
             record["status"], record["reason"] = result.status, result.reason
         else:
+            method.to(device)
             record["train"] = {"used": None, "history": [], "peak_memory_mb": 0.0, "memory_kind": "",
                                "images_per_second": None}
             record["status"], record["reason"] = "ok", ""

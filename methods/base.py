@@ -72,8 +72,11 @@ class Method(nn.Module):
     search_space: ClassVar[dict[str, tuple]] = {}
     #: ``None`` for methods without labels; ``"fine"`` or ``"coarse"`` for (weakly) supervised ones.
     label_level: ClassVar[str | None] = None
-    #: False for baselines evaluated as built (pixels, random init).
+    #: False for baselines evaluated as built (pixels, random init) and for combinations.
     trains: ClassVar[bool] = True
+    #: Names of methods whose trained runs (same dataset, seed, budget) this method combines at
+    #: evaluation time; the harness trains them first and passes them in ``info.extra["components"]``.
+    components: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any], info: DataInfo) -> None:
         super().__init__()
