@@ -1,0 +1,264 @@
+"""The harness end to end on bundled digits: determinism, resume, failures, plugins, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import metric
+from harness.budget import Budget
+from harness.cli import main
+from harness.data import load_dataset
+from methods import METHODS, Batch, Method, register_method
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"knn": {"k": 10}}
+
+
+def _cli(tmp_path: Path, *args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def _suite_file(tmp_path: Path, methods, seeds=(0,), budget="steps=6", name="t") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"name": name, "datasets": ["digits"], "methods": list(methods),
+                                "seeds": list(seeds), "budget": budget, "protocols": FAST}))
+    return path
+
+
+def test_same_seed_same_metrics(run_suite):
+    a = run_suite(["simclr"], seeds=[3], budget="steps=5", protocols=FAST)
+    b = run_suite(["simclr"], seeds=[3], budget="steps=5", protocols=FAST, name="again")
+    assert a[0]["metrics"] == b[0]["metrics"]
+    assert a[0]["train"]["history"][-1]["loss"] == b[0]["train"]["history"][-1]["loss"]
+
+
+def test_budget_is_enforced_and_recorded(run_suite):
+    for budget, unit, limit in (("steps=7", "steps", 7), ("samples=1000", "samples", 1000), ("epochs=1", "epochs", 1)):
+        (rec,) = run_suite(["simclr"], budget=budget, protocols=FAST, name=f"b{unit}")
+        used = rec["budget"]["used"]
+        assert used[unit] >= limit and rec["budget"]["asked"] == {unit: limit}
+        assert used["steps"] == {"steps": 7, "samples": 8, "epochs": 10}[unit]  # batch 128, 1295 train images
+    (rec,) = run_suite(["simclr"], budget="seconds=2", protocols=FAST, name="bsec")
+    assert 2 <= rec["budget"]["used"]["seconds"] < 10
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@register_method("_interruptible_simclr")
+class _InterruptibleSimCLR(METHODS.get("simclr")):
+    """SimCLR that raises once at a chosen step, to simulate a killed process."""
+
+    fail_at: int | None = None
+    calls = 0
+
+    def training_step(self, batch: Batch):
+        type(self).calls += 1
+        if type(self).calls == self.fail_at:
+            raise _Interrupt
+        return super().training_step(batch)
+
+
+def test_killed_training_resumes_exactly(tmp_path):
+    from harness.runner import Runner, plan
+    from conftest import make_suite
+
+    suite = make_suite(["_interruptible_simclr"], budget="steps=12", protocols=FAST)
+    (job,) = plan(suite)
+    straight = Runner(tmp_path / "a", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None)
+    _InterruptibleSimCLR.fail_at, _InterruptibleSimCLR.calls = None, 0
+    ref = straight.run([job])[0]
+    resumed = Runner(tmp_path / "b", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None,
+                     checkpoint_seconds=0.0)
+    _InterruptibleSimCLR.fail_at, _InterruptibleSimCLR.calls = 8, 0
+    with pytest.raises(_Interrupt):
+        resumed.run([job])
+    assert not list((tmp_path / "b" / "test").glob("*.json"))  # no half record
+    state = torch.load(tmp_path / "b" / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)
+    assert state["usage"]["steps"] == 7
+    _InterruptibleSimCLR.fail_at = None
+    out = resumed.run([job])[0]
+    assert out["metrics"] == ref["metrics"]
+    assert out["budget"]["used"]["steps"] == 12
+
+
+@register_method("_nan")
+class _NaNLoss(Method):
+    """Returns a NaN loss: the run must be stored as failed and the suite go on."""
+
+    def __init__(self, backbone, cfg, info):
+        super().__init__(backbone, cfg, info)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch):
+        return self.w * float("nan")
+
+
+def test_nan_loss_fails_the_run_not_the_suite(run_suite):
+    recs = run_suite(["_nan", "random"], protocols=FAST)
+    status = {r["spec"]["method"]: (r["status"], r["reason"]) for r in recs}
+    assert status["_nan"][0] == "failed" and "nan" in status["_nan"][1]
+    assert status["random"] == ("ok", "")
+
+
+PLUGIN = '''
+"""A throwaway adapter written the way README's "Adding a method" section says."""
+import torch.nn.functional as F
+
+from methods import Method, register_method
+from methods.heads import mlp
+
+
+@register_method("toy_byol_lite")
+class ToyAlign(Method):
+    """Aligns two views' projections (cosine); a toy, not a real method."""
+
+    description = "toy: negative cosine between two views' projections"
+    defaults = {"method": {"proj_dim": 32}, "paper": {}, "cpu": {"batch_size": 64, "lr": 0.05}}
+
+    def __init__(self, backbone, cfg, info):
+        super().__init__(backbone, cfg, info)
+        self.projector = mlp(backbone.out_dim, 64, cfg["proj_dim"])
+
+    def training_step(self, batch):
+        z1, z2 = (self.projector(self.backbone(v)) for v in batch.views)
+        return -F.cosine_similarity(z1, z2.detach()).mean()
+
+    def representations(self, x):
+        h = self.backbone(x)
+        return {"backbone": h, "head": self.projector(h)}
+'''
+
+
+def test_plugin_method_runs_through_a_suite_and_reaches_the_leaderboard(tmp_path):
+    (tmp_path / "my_plugin.py").write_text(PLUGIN)
+    suite = _suite_file(tmp_path, ["toy_byol_lite", "random"])
+    out = _cli(tmp_path, "--plugin", "my_plugin", "run", str(suite), "--device", "cpu", "--quiet",
+               "--data-dir", str(tmp_path / "data"))
+    assert out.returncode == 0, out.stderr
+    board = (tmp_path / "leaderboards" / "t.md").read_text()
+    assert "| toy_byol_lite |" in board and "| toy_byol_lite [head] |" in board and "| random |" in board
+    # The second run finds everything stored and only prints the table.
+    again = _cli(tmp_path, "--plugin", "my_plugin", "run", str(suite), "--device", "cpu", "--quiet",
+                 "--data-dir", str(tmp_path / "data"))
+    assert again.returncode == 0 and "seed 0" not in again.stdout and "toy_byol_lite" in again.stdout
+    assert len(list((tmp_path / "results" / "t").glob("*.json"))) == 2
+
+
+def test_sigkill_midway_then_rerun_completes_without_loss_or_duplicates(tmp_path):
+    suite = _suite_file(tmp_path, ["simclr"], seeds=[0, 1, 2, 3], budget="steps=25", name="k")
+    args = ("run", str(suite), "--device", "cpu", "--quiet", "--data-dir", str(tmp_path / "data"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = tmp_path / "results" / "k"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(results.glob("*.json"))) < 1:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name for p in results.glob("*.json")}
+    assert 1 <= len(done_before) < 4
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert sorted(r["spec"]["seed"] for r in records) == [0, 1, 2, 3]
+    assert done_before <= {p.name for p in results.glob("*.json")}
+    assert not list(results.glob(".*.tmp"))
+
+
+def test_two_processes_share_a_results_dir(tmp_path):
+    suite = _suite_file(tmp_path, ["random", "pixels"], seeds=[0, 1, 2], name="c")
+    args = [sys.executable, "-m", "harness", "run", str(suite), "--device", "cpu", "--quiet",
+            "--data-dir", str(tmp_path / "data")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    load_dataset("digits", tmp_path / "data")
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        p.wait(timeout=600)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read() for p in procs]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "c").glob("*.json")]
+    assert len(records) == 6 and len({r["run_id"] for r in records}) == 6
+
+
+@pytest.mark.parametrize("args,match", [
+    (["run", "--methods", "nope"], "unknown method"),
+    (["run", "--datasets", "imagenet22k"], "unknown dataset 'imagenet22k'"),
+    (["run", "--budget", "epochs=-2"], "positive number"),
+    (["run", "no-such-suite"], "unknown suite 'no-such-suite'"),
+    (["run", "--seeds", "a,b"], "seeds must be"),
+    (["leaderboard", "never-run"], "unknown suite"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_usage_errors_are_one_line_exit_2(args, match, capsys, tmp_path):
+    assert main(args + (["--results-dir", str(tmp_path)] if args[0] == "leaderboard" else [])) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_yaml_and_missing_data_dir(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmethods: [simclr\n")
+    assert main(["run", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    suite = _suite_file(tmp_path, ["random"], name="m")
+    suite.write_text(suite.read_text().replace('"digits"', '"cifar10"'))
+    assert main(["run", str(suite), "--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10" in err and "not found" in err and err.count("\n") == 1
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    out = _cli(tmp_path, "run", "--methods", "nope")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+def test_eval_checkpoint(tmp_path, capsys):
+    from harness.backbones import create_backbone
+
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in create_backbone("small_cnn", 1).state_dict().items()}}, good)
+    assert main(["eval", "--checkpoint", str(good), "--arch", "small_cnn", "--protocols", "knn",
+                 "--data-dir", str(tmp_path / "d"), "--device", "cpu"]) == 0
+    assert "knn/top1" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(good), "--arch", "resnet18", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "does not match architecture 'resnet18'" in capsys.readouterr().err
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, evil)
+    assert main(["eval", "--checkpoint", str(evil), "--arch", "small_cnn", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "weights-only" in capsys.readouterr().err and not (tmp_path / "pwned").exists()
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--arch", "small_cnn"]) == 2
+
+
+def test_leaderboard_refuses_mixed_splits_and_marks_best(run_suite, tmp_path):
+    from harness.errors import UsageError
+    from harness.leaderboard import write_leaderboard
+
+    recs = run_suite(["random", "pixels"], seeds=[0, 1], protocols=FAST)
+    board = write_leaderboard(recs, "t", tmp_path / "lb")
+    assert {"random", "pixels"} == set(board.index)
+    assert board["digits knn/top1"].str.contains(r"\*\*").sum() == 1
+    assert "(2)" in board.loc["random", "digits knn/top1"]
+    for ext in ("md", "csv", "tex", "html"):
+        assert (tmp_path / "lb" / f"t.{ext}").stat().st_size > 0
+    recs[0]["split_sha256"] = "0" * 64
+    with pytest.raises(UsageError, match="different data splits"):
+        write_leaderboard(recs, "t", tmp_path / "lb")

@@ -1,0 +1,145 @@
+"""Budgets, suites, datasets, manifests, augmentation, the store: behaviour on known inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from harness.augment import Augmenter, get_preset
+from harness.budget import Budget, Usage
+from harness.data import (CIFAR100_FINE_TO_COARSE, load_dataset, load_image_folder, load_or_make_manifest,
+                          make_manifest)
+from harness.errors import UsageError
+from harness.store import ResultStore, run_id
+from harness.train import lr_factor
+from conftest import make_suite
+
+
+@pytest.mark.parametrize("text,unit,limit", [("epochs=20", "epochs", 20), ("500steps", "steps", 500),
+                                             ({"samples": 1e5}, "samples", 100000), ("seconds=1.5", "seconds", 1.5)])
+def test_budget_parse(text, unit, limit):
+    b = Budget.parse(text)
+    assert (b.unit, b.limit) == (unit, limit)
+
+
+@pytest.mark.parametrize("bad", ["epochs=-1", "epochs=0", "fortnights=2", "abc", {"epochs": 1, "steps": 2}])
+def test_budget_rejects(bad):
+    with pytest.raises(UsageError):
+        Budget.parse(bad)
+
+
+def test_usage_fraction_and_exhaustion():
+    u = Usage(epochs=1.5, steps=30, samples=3000, seconds=2.0)
+    assert u.fraction(Budget("epochs", 3)) == 0.5
+    assert u.exhausted(Budget("steps", 30)) and not u.exhausted(Budget("samples", 3001))
+
+
+def test_lr_schedules():
+    cfg = dict(TRAINING_DEFAULTS_FOR_TEST)
+    assert lr_factor(0.0, cfg) == pytest.approx(1.0)
+    assert lr_factor(1.0, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0.5, cfg) == pytest.approx(0.5)
+    step = {**cfg, "schedule": "step", "milestones": [0.6, 0.8], "gamma": 0.1}
+    assert [lr_factor(p, step) for p in (0.59, 0.6, 0.85)] == pytest.approx([1, 0.1, 0.01])
+    warm = {**cfg, "warmup": 0.1}
+    assert lr_factor(0.05, warm) < lr_factor(0.09, warm) < 1.0
+    restarts = {**cfg, "schedule": "cosine_restarts", "restarts": 2}
+    assert lr_factor(0.25, restarts) == pytest.approx(0.5) and lr_factor(0.5, restarts) == pytest.approx(1.0)
+
+
+TRAINING_DEFAULTS_FOR_TEST = {"warmup": 0.0, "min_lr": 0.0, "lr": 0.1, "schedule": "cosine", "milestones": [],
+                              "gamma": 0.1, "restarts": 1}
+
+
+def test_cifar100_superclass_table():
+    # 100 fine classes, 20 superclasses of exactly 5 each; spot checks from the CIFAR-100 meta file
+    # (alphabetical fine names): apple(0)->fruit_and_vegetables(4), aquarium_fish(1)->fish(1),
+    # bear(3)->large_carnivores(8), whale(95)->aquatic_mammals(0), worm(99)->non-insect_invertebrates(13).
+    assert len(CIFAR100_FINE_TO_COARSE) == 100
+    assert np.bincount(CIFAR100_FINE_TO_COARSE).tolist() == [5] * 20
+    assert [CIFAR100_FINE_TO_COARSE[i] for i in (0, 1, 3, 95, 99)] == [4, 1, 8, 0, 13]
+
+
+def test_digits_dataset_and_manifest(tmp_path):
+    data = load_dataset("digits", tmp_path)
+    assert data.images.shape == (1797, 1, 8, 8) and data.images.dtype == torch.uint8
+    assert set(np.unique(data.coarse_labels)) == {0, 1}
+    assert (data.coarse_labels == (data.labels >= 5)).all()
+    m = load_or_make_manifest(data, tmp_path / "m")
+    again = load_or_make_manifest(data, tmp_path / "m")
+    assert m.sha256 == again.sha256
+    parts = [m.train, m.val, m.test]
+    assert sum(map(len, parts)) == len(data) and len(np.unique(np.concatenate(parts))) == len(data)
+    assert not data.is_train[m.test].any() and data.is_train[m.val].all()
+    assert np.array_equal(m.split("all"), np.arange(len(data)))
+    changed = load_dataset("digits", tmp_path)
+    changed.images[0, 0, 0, 0] ^= 1
+    assert make_manifest(changed).sha256 != m.sha256
+
+
+def test_missing_dataset_offline_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match="not found under"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    data = load_image_folder(tmp_path, "toy")
+    assert data.images.shape == (10, 3, 12, 12) and data.classes == ("cat", "dog")
+    assert data.is_train.sum() == 6 and data.labels.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+
+
+def test_augmenter_is_seeded_and_shaped():
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    aug = Augmenter(get_preset("simclr_blur"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    c = aug(x, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    plain = Augmenter(None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(x, torch.Generator())
+    assert torch.allclose(plain, (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_unknown_augmentation_preset():
+    with pytest.raises(UsageError, match="unknown augmentation 'fancy'"):
+        get_preset("fancy")
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"methods": ["nope"]}, "unknown method 'nope'"),
+    ({"datasets": ["imagenet22k"]}, "unknown dataset 'imagenet22k'"),
+    ({"protocols": {"telepathy": {}}}, "unknown protocol 'telepathy'"),
+    ({"budget": {"epochs": -3}}, "must be a positive number"),
+    ({"seeds": [-1]}, "non-negative integers"),
+    ({"colour": "blue"}, "unknown key"),
+    ({"methods": [{"name": "simclr", "config": {"temprature": 0.2}}]}, "unknown config key 'temprature'"),
+    ({"protocols": {"knn": {"kk": 3}}}, "unknown parameter"),
+])
+def test_suite_validation(patch, match):
+    base = {"methods": ["simclr"], "seeds": [0], "budget": "epochs=1", "protocols": {"knn": {}}}
+    base.update(patch)
+    methods = base.pop("methods")
+    with pytest.raises(UsageError, match=match):
+        make_suite(methods, **{k: v for k, v in base.items()})
+
+
+def test_store_is_atomic_and_ids_stable(tmp_path):
+    spec = {"b": 1, "a": [1, 2]}
+    assert run_id(spec) == run_id({"a": [1, 2], "b": 1})
+    store = ResultStore(tmp_path, "s")
+    store.write({"run_id": "abc", "x": 1})
+    assert json.loads(store.record_path("abc").read_text()) == {"run_id": "abc", "x": 1}
+    assert [p.name for p in store.dir.iterdir()] == ["abc.json"]
+    lock = store.lock("abc")
+    assert lock.acquire() and not store.lock("abc").acquire()
+    lock.release()
+    assert store.lock("abc").acquire()
