@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
 
     bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
-    bench.add_argument("what", choices=["protocols"], help="which benchmark")
-    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    bench.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark (try --help)")
     return p
 
 
@@ -187,9 +187,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
+BENCHMARKS = {"protocols": "harness.bench", "train": "harness.bench_train"}
+
+
 def cmd_bench(args) -> int:
-    bench = importlib.import_module("harness.bench")
-    return bench.main(["--quick"] if args.quick else [])
+    return importlib.import_module(BENCHMARKS[args.what]).main(args.options)
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench}

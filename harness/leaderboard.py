@@ -110,8 +110,8 @@ def protocol_notes(records: list[dict[str, Any]]) -> list[str]:
 def to_markdown(df: pd.DataFrame) -> str:
     cols = [df.index.name or "method", *map(str, df.columns)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx), *map(str, row.values)]) + " |")
+    for row in df.itertuples():
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
 
 
