@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.errors import choices_error
+
 
 def mlp(in_dim: int, hidden: int, out_dim: int, *, bn: bool = False, bias: bool = True,
         out_bn: bool = False) -> nn.Sequential:
@@ -27,3 +29,14 @@ class NormLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def make_head(kind: str, in_dim: int, out_dim: int, hidden: int = 512) -> nn.Module:
+    """A projection head by name: ``linear`` (NPID), ``normlinear`` (CLD's NormedLinear option), ``mlp`` (MoCo v2)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "normlinear":
+        return NormLinear(in_dim, out_dim)
+    if kind == "mlp":
+        return mlp(in_dim, hidden, out_dim)
+    raise choices_error("head", kind, ("linear", "mlp", "normlinear"))
