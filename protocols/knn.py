@@ -1,0 +1,133 @@
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, NPID).
+
+Features are L2-normalised; each test sample's k most cosine-similar training samples
+vote for their class with weight ``exp(s / temperature)`` and the class with the largest
+sum wins. The search is exact, by FAISS (``IndexFlatIP``) or by a chunked torch matmul +
+top-k, queries in chunks so memory stays bounded however many there are.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protocols._common import (ArrayLike, check_choice, check_classes, check_count,
+                               check_features, check_labels, check_positive, check_positive_int,
+                               check_same_dim, check_same_length, topk_accuracy)
+from protocols.base import EvalContext, register_protocol
+
+SIMILARITY_BLOCK = 2**26  # floats in one torch similarity block (256 MB): sets the default chunk
+
+Search = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _faiss_search(train: torch.Tensor, k: int, device: str, required: bool) -> Search | None:
+    """Exact inner-product search with FAISS (GPU index on a CUDA device), None without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        if required:
+            raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)") from None
+        return None
+    index = faiss.IndexFlatIP(train.shape[1])
+    if device.startswith("cuda") and faiss.get_num_gpus() > 0:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, torch.device(device).index or 0, index)
+        index.resources = resources  # keep alive as long as the index
+    index.add(train.cpu().numpy())
+
+    def search(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sims, idx = index.search(queries.cpu().numpy(), k)
+        return torch.from_numpy(sims).to(device), torch.from_numpy(idx).to(device)
+
+    return search
+
+
+def _torch_search(train: torch.Tensor, k: int, chunk: int) -> Search:
+    """Exact search by matmul + topk, into one reused similarity buffer (a fresh block per
+    chunk costs page faults on CPU)."""
+    buffer = torch.empty(chunk, len(train), device=train.device)
+
+    def search(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.mm(queries, train.T, out=buffer[:len(queries)]).topk(k, dim=1)
+
+    return search
+
+
+def _ranked_classes(train_x: np.ndarray, train_idx: np.ndarray, test_x: np.ndarray,
+                    num_classes: int, k: int, temperature: float, backend: str,
+                    chunk_size: int | None, device: str, top: int) -> np.ndarray:
+    """The ``top`` classes (indices into the training classes) of each test sample, best first."""
+    train = F.normalize(torch.from_numpy(train_x).to(device), dim=1)
+    labels = torch.from_numpy(train_idx).to(device)
+    chunk = min(len(test_x), chunk_size or max(1, SIMILARITY_BLOCK // len(train_x)))
+    search = None if backend == "torch" else _faiss_search(train, k, device, backend == "faiss")
+    search = search or _torch_search(train, k, chunk)
+    ranked = []
+    for start in range(0, len(test_x), chunk):
+        queries = F.normalize(torch.from_numpy(test_x[start:start + chunk]).to(device), dim=1)
+        sims, idx = search(queries)
+        # exp((s - s_max) / T): the per-query factor exp(-s_max / T) leaves the ranking
+        # unchanged and keeps small temperatures from overflowing
+        weights = ((sims - sims.max(dim=1, keepdim=True).values) / temperature).exp()
+        votes = torch.zeros(len(queries), num_classes, device=device).scatter_add_(1, labels[idx], weights)
+        ranked.append(votes.topk(top, dim=1).indices.cpu())
+    return torch.cat(ranked).numpy()
+
+
+def _check_knn_inputs(train_x, train_y, test_x, k, temperature, backend, chunk_size):
+    train_x, test_x = check_features(train_x, "train_x"), check_features(test_x, "test_x")
+    train_y = check_labels(train_y, "train_y")
+    check_same_length(train_x, train_y, "train_x", "train_y")
+    check_same_dim(train_x, test_x, "train_x", "test_x")
+    check_count(k, len(train_x), "k", "the training set")
+    check_positive(temperature, "temperature")
+    check_choice(backend, "backend", ("auto", "faiss", "torch"))
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size")
+    classes, train_idx = check_classes(train_y, "train_y")
+    return train_x, test_x, classes, train_idx
+
+
+def weighted_knn_predict(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, k: int = 200,
+                         temperature: float = 0.1, backend: str = "auto",
+                         chunk_size: int | None = None, device: str = "cpu") -> np.ndarray:
+    """Predicted labels (n_test,) by NPID's weighted kNN rule (Wu et al. 2018, eq. 9 and §3.5).
+
+    Cosine similarity ``s`` on L2-normalised features; the ``k`` nearest training samples
+    vote for their class with weight ``exp(s / temperature)``. ``backend``: ``"faiss"``
+    (exact ``IndexFlatIP``, a GPU index on a CUDA ``device``), ``"torch"`` (matmul + topk on
+    ``device``) or ``"auto"`` (FAISS if installed). Queries go ``chunk_size`` at a time
+    (default: a 256 MB similarity block). Labels may be any ints or strings.
+    """
+    train_x, test_x, classes, train_idx = _check_knn_inputs(train_x, train_y, test_x, k,
+                                                            temperature, backend, chunk_size)
+    ranked = _ranked_classes(train_x, train_idx, test_x, len(classes), k, temperature, backend,
+                             chunk_size, device, top=1)
+    return classes[ranked[:, 0]]
+
+
+def knn_accuracy(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike,
+                 k: int = 200, temperature: float = 0.1, backend: str = "auto",
+                 chunk_size: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """``top1`` (and ``top5`` with at least 5 classes) of :func:`weighted_knn_predict`,
+    as fractions in [0, 1]; top-5 ranks classes by their summed vote, as NPID's code does."""
+    train_x, test_x, classes, train_idx = _check_knn_inputs(train_x, train_y, test_x, k,
+                                                            temperature, backend, chunk_size)
+    test_y = check_labels(test_y, "test_y")
+    check_same_length(test_x, test_y, "test_x", "test_y")
+    ranked = _ranked_classes(train_x, train_idx, test_x, len(classes), k, temperature, backend,
+                             chunk_size, device, top=min(5, len(classes)))
+    return topk_accuracy(test_y, classes[ranked])
+
+
+@register_protocol("knn", defaults={"k": 200, "temperature": 0.1, "backend": "auto"})
+def knn_protocol(ctx: EvalContext, rep: str, *, k: int, temperature: float,
+                 backend: str) -> dict[str, float]:
+    """Weighted kNN (NPID) top-1/top-5: train+val features vote for each test sample's fine label."""
+    x, y = ctx.features(rep), ctx.labels("fine")
+    train, test = ctx.split("train_full"), ctx.split("test")
+    return knn_accuracy(x[train], y[train], x[test], y[test], k=k, temperature=temperature,
+                        backend=backend, device=ctx.device)

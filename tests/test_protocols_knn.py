@@ -1,0 +1,102 @@
+import importlib.util
+
+import numpy as np
+import pytest
+
+import protocols  # noqa: F401  (registers the wrappers)
+from protocol_context import BlobContext
+from protocols.knn import knn_accuracy, knn_protocol, weighted_knn_predict
+
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss not installed")
+BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
+
+
+def numpy_weighted_knn(train_x, train_y, test_x, k, temperature):
+    """NPID's rule written out directly: cosine top-k, each votes exp(s / T) for its class."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(test_x.astype(np.float64)) @ unit(train_x.astype(np.float64)).T
+    classes = np.unique(train_y)
+    predictions = []
+    for row in sims:
+        nearest = np.argsort(-row)[:k]
+        votes = [np.exp(row[nearest][train_y[nearest] == c] / temperature).sum() for c in classes]
+        predictions.append(classes[np.argmax(votes)])
+    return np.array(predictions)
+
+
+def random_problem(seed=0, n_train=600, n_test=150, dim=16, num_classes=7):
+    rng = np.random.default_rng(seed)
+    train_x = rng.normal(size=(n_train, dim)).astype(np.float32)
+    test_x = rng.normal(size=(n_test, dim)).astype(np.float32)
+    train_y = rng.integers(0, num_classes, n_train) * 10 - 30  # non-contiguous, negative ids
+    return train_x, train_y, test_x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,temperature", [(1, 0.1), (20, 0.07), (200, 0.1), (50, 1.0)])
+def test_equals_direct_numpy_formula(backend, k, temperature):
+    train_x, train_y, test_x = random_problem()
+    expected = numpy_weighted_knn(train_x, train_y, test_x, k, temperature)
+    got = weighted_knn_predict(train_x, train_y, test_x, k=k, temperature=temperature,
+                               backend=backend, chunk_size=64)
+    assert np.array_equal(got, expected)
+
+
+@needs_faiss
+def test_backends_agree_on_larger_input():
+    train_x, train_y, test_x = random_problem(seed=1, n_train=5000, n_test=1000, dim=64, num_classes=20)
+    torch_pred = weighted_knn_predict(train_x, train_y, test_x, backend="torch")
+    faiss_pred = weighted_knn_predict(train_x, train_y, test_x, backend="faiss", chunk_size=333)
+    assert (torch_pred == faiss_pred).mean() >= 0.999  # ties aside
+
+
+def test_temperature_weighs_close_neighbours():
+    # one very close neighbour of class "a" against two orthogonal ones of class "b"
+    train_x = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    train_y = np.array(["a", "b", "b"])
+    test_x = np.array([[1.0, 0.0]])
+    # T=0.1: exp(10) for "a" beats 2 * exp(0) for "b"; T=10: exp(0.1) = 1.1 loses to 2
+    assert weighted_knn_predict(train_x, train_y, test_x, k=3, temperature=0.1).tolist() == ["a"]
+    assert weighted_knn_predict(train_x, train_y, test_x, k=3, temperature=10.0).tolist() == ["b"]
+
+
+def test_tiny_temperature_does_not_overflow_and_is_nearest_neighbour():
+    train_x, train_y, test_x = random_problem(seed=2)
+    got = weighted_knn_predict(train_x, train_y, test_x, k=50, temperature=1e-4)
+    assert np.array_equal(got, numpy_weighted_knn(train_x, train_y, test_x, k=1, temperature=1.0))
+
+
+def test_accuracy_fractions_and_top5():
+    train_x, train_y, test_x = random_problem(seed=3, num_classes=10)
+    truth = numpy_weighted_knn(train_x, train_y, test_x, 20, 0.1)
+    acc = knn_accuracy(train_x, train_y, test_x, truth, k=20)
+    assert acc == {"top1": 1.0, "top5": 1.0}
+    wrong = np.full(len(test_x), 12345)  # a class no training sample has
+    assert knn_accuracy(train_x, train_y, test_x, wrong, k=20) == {"top1": 0.0, "top5": 0.0}
+    few = knn_accuracy(train_x, train_y % 4, test_x, truth % 4, k=20)
+    assert set(few) == {"top1"}  # top-5 is only reported with at least 5 classes
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(k=601), "k=601 is larger than the training set (600 samples)"),
+    (dict(k=0), "k must be a positive integer, got 0"),
+    (dict(temperature=0.0), "temperature must be positive, got 0.0"),
+    (dict(train_y=np.zeros(600)), "train_y has a single class (0.0)"),
+    (dict(train_y=np.zeros(599)), "train_x and train_y have different lengths: 600 != 599"),
+    (dict(test_x=np.zeros((5, 3))), "train_x and test_x have different feature dims: 16 != 3"),
+    (dict(test_x=np.zeros(16)), "test_x must be 2-D, got shape (16,)"),
+    (dict(test_x=np.zeros((0, 16))), "test_x is empty"),
+    (dict(test_x=np.full((2, 16), np.inf)), "test_x contains 32 NaN or inf values"),
+    (dict(backend="annoy"), "backend must be one of auto, faiss, torch; got 'annoy'"),
+    (dict(test_y=np.zeros(3)), "test_x and test_y have different lengths: 150 != 3"),
+])
+def test_bad_input_raises(change, message):
+    train_x, train_y, test_x = random_problem()
+    args = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=np.zeros(150)) | change
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        knn_accuracy(**args)
+
+
+def test_knn_wrapper():
+    ctx = BlobContext()
+    assert knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="auto") == {"top1": 1.0, "top5": 1.0}
