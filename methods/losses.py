@@ -35,3 +35,41 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
 def entropy(p: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     """Shannon entropy (nats) of probability vectors along ``dim``."""
     return -(p * torch.log(p.clamp_min(eps))).sum(dim)
+
+
+def _class_logits(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine logits s[i, j] = cos(anchor_i, candidate_j) / T and the same-label mask (diagonal included)."""
+    sim = F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).t() / temperature
+    return sim, labels[:, None] == labels[None, :]
+
+
+def supcon_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, temperature: float,
+                clip_pos: float | None = 1.0) -> torch.Tensor:
+    """SupCon as in Chen, Fu et al. 2022 (Perfectly Balanced; their official ``ContrastiveLoss``, type sup_con).
+
+    Row i of ``anchors`` and row i of ``candidates`` are two views of sample i with label
+    ``labels[i]``; only anchors -> candidates is contrasted (the official code: anchors from
+    view 1, candidates from view 0). With s = cosine / T, P(i) the candidates of i's class
+    (i itself included) and N(i) the others, each positive is contrasted against itself plus
+    the negatives:  L_i = 1/|P(i)| sum_{p in P(i)} [ -min(s_ip, clip_pos) + log(e^{s_ip} + sum_{n in N(i)} e^{s_in}) ].
+    ``clip_pos`` clamps the numerator's logit only (the official default 1.0: with T=0.5 the
+    numerator stops pulling positives closer than cosine 0.5); ``None`` disables it. Mean over anchors.
+    """
+    sim, pos = _class_logits(anchors, candidates, labels, temperature)
+    neg_lse = sim.masked_fill(pos, float("-inf")).logsumexp(1, keepdim=True)  # -inf without negatives
+    numerator = sim if clip_pos is None else sim.clamp(max=clip_pos)
+    per_pair = torch.logaddexp(sim, neg_lse) - numerator
+    return ((per_pair * pos).sum(1) / pos.sum(1)).mean()
+
+
+def class_conditional_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
+                               temperature: float) -> torch.Tensor:
+    """Class-conditional InfoNCE (Chen, Fu et al. 2022: the spread term of their L_spread = SupCon + this).
+
+    Instance discrimination inside the class: anchor i's positive is its own other view and
+    the contrast set is the candidates of its class, L_i = -s_ii + log sum_{p in P(i)} e^{s_ip},
+    s = cosine / T, anchors -> candidates only as in :func:`supcon_loss`. Mean over anchors.
+    """
+    sim, pos = _class_logits(anchors, candidates, labels, temperature)
+    return (sim.masked_fill(~pos, float("-inf")).logsumexp(1) - sim.diagonal()).mean()
