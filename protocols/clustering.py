@@ -230,9 +230,12 @@ def kmeans(features: ArrayLike, k: int, seed: int, *, n_init: int = 1, niter: in
     return _kmeans_faiss(faiss, x, k, seed, n_init, niter, spherical, gpu)
 
 
-def _is_cluster_head(rep: str) -> bool:
-    """Cluster-head representations (``cluster_head``, ...) carry assignments, not features."""
-    return rep.startswith("cluster")
+def _head_assignments(ctx: EvalContext, rep: str) -> np.ndarray | None:
+    """The assignments of ``rep`` if it is a cluster head, None if it is a feature representation."""
+    try:
+        return ctx.assignments(rep)
+    except KeyError:
+        return None
 
 
 @register_protocol("clustering", defaults={"split": "all", "k": None, "coarse": False,
@@ -250,14 +253,15 @@ def clustering_protocol(ctx: EvalContext, rep: str, *, split: str, k, coarse: bo
     targets = {"": ctx.labels("fine")[idx]}
     if coarse:
         targets["coarse_"] = ctx.labels("coarse")[idx]
-    if _is_cluster_head(rep):
-        predictions = {"": ctx.assignments(rep)[idx]}
+    assignments = _head_assignments(ctx, rep)
+    if assignments is not None:
+        predictions = {"": assignments[idx]}
     else:
         x = ctx.features(rep)[idx]
-        ks = list(k) if isinstance(k, (list, tuple)) else [ctx.num_classes("fine") if k is None else k]
-        suffix = isinstance(k, (list, tuple))
-        predictions = {f"@k{kk}" if suffix else "": kmeans(x, kk, ctx.seed, n_init=n_init, niter=niter,
-                                                           device=ctx.device) for kk in ks}
+        sweep = isinstance(k, (list, tuple))
+        ks = list(k) if sweep else [ctx.num_classes("fine") if k is None else k]
+        predictions = {f"@k{kk}" if sweep else "": kmeans(x, kk, ctx.seed, n_init=n_init, niter=niter,
+                                                          device=ctx.device) for kk in ks}
     return {f"{prefix}{name}{suffix}": value
             for suffix, y_pred in predictions.items()
             for prefix, y_true in targets.items()

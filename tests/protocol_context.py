@@ -56,6 +56,8 @@ class BlobContext:
         return self._data[kind]
 
     def assignments(self, kind: str) -> np.ndarray:
+        if kind != "cluster_head":
+            raise KeyError(kind)
         return self._data[kind]
 
     def images(self, indices: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Protocol benchmarks: each evaluation protocol's time against its floor and a baseline.
+
+``python -m harness bench protocols`` times, on this machine's CPU threads:
+
+* weighted kNN (10,000 queries, k=200, 512-d, 10k/50k/200k training rows), torch and FAISS
+  backends, against the bare float32 matmul of the same shapes (floor, in 1 GB output blocks
+  so 200k rows fit in memory; target <= 1.5x) and
+  scikit-learn's brute-force cosine ``KNeighborsClassifier`` (target >= 2x faster);
+* the L-BFGS probe on 50,000 x 512, 10 learnable Gaussian classes, one L2 value against
+  scikit-learn's ``LogisticRegression(solver="lbfgs")`` at the same strength (target: no
+  slower at equal accuracy), and the full sweep + refit;
+* ``hungarian_accuracy`` and ``cluster_metrics`` on 1.2M labels, K = C = 1000 (target < 2 s;
+  floor: building the contingency table; baseline: scikit-learn's NMI + AMI + ARI);
+* FAISS k-means (and the torch fallback), k=1000 on 100,000 x 128, 25 iterations, against 25
+  bare assignment matmuls (floor).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from protocols.clustering import cluster_metrics, contingency_table, hungarian_accuracy, kmeans
+from protocols.knn import knn_accuracy
+from protocols.linear import lbfgs_probe
+
+SIZES = {
+    False: dict(queries=10_000, train=(10_000, 50_000, 200_000), dim=512, k=200,
+                probe=(50_000, 512, 10), labels=(1_200_000, 1000), kmeans=(100_000, 128, 1000)),
+    True: dict(queries=500, train=(1_000, 2_000, 5_000), dim=64, k=50,
+               probe=(2_000, 32, 10), labels=(20_000, 50), kmeans=(2_000, 16, 20)),
+}
+KMEANS_ITERS = 25
+
+
+def _seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> None:
+    """``a @ b.T`` in float32, in row blocks of at most 2**28 outputs (1 GB) into one buffer."""
+    rows = max(1, min(len(a), 2**28 // len(b)))
+    out = torch.empty(rows, len(b))
+    for i in range(0, len(a), rows):
+        torch.mm(a[i:i + rows], b.T, out=out[:len(a[i:i + rows])])
+
+
+def _row(benchmark: str, size: str, seconds: float, floor: str = "", floor_s: float = math.nan,
+         baseline: str = "", baseline_s: float = math.nan, target: str = "", note: str = "") -> dict:
+    return {"benchmark": benchmark, "size": size, "seconds": seconds, "floor": floor, "floor_s": floor_s,
+            "x_floor": seconds / floor_s, "baseline": baseline, "baseline_s": baseline_s,
+            "speedup": baseline_s / seconds, "target": target, "note": note}
+
+
+def _gaussian_classes(rng: np.random.Generator, n: int, dim: int, num_classes: int,
+                      means: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Learnable synthetic features: Gaussian noise around per-class means."""
+    means = rng.normal(size=(num_classes, dim)) * 0.1 if means is None else means
+    y = rng.integers(0, num_classes, n)
+    return (means[y] + rng.normal(size=(n, dim))).astype(np.float32), y, means
+
+
+def knn_rows(rng: np.random.Generator, queries: int, train: tuple[int, ...], dim: int, k: int) -> list[dict]:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rows = []
+    test_x, test_y, means = _gaussian_classes(rng, queries, dim, 100)
+    for n in train:
+        train_x, train_y, _ = _gaussian_classes(rng, n, dim, 100, means)
+        floor_s, _ = _seconds(lambda: _matmul(torch.from_numpy(test_x), torch.from_numpy(train_x)))
+        sk = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine")
+        sk_s, _ = _seconds(lambda: sk.fit(train_x, train_y).predict(test_x))
+        for backend in ("torch", "faiss"):
+            s, acc = _seconds(lambda: knn_accuracy(train_x, train_y, test_x, test_y, k=k, backend=backend))
+            rows.append(_row(f"knn {backend}", f"{queries} queries x {n} train x {dim}, k={k}", s,
+                             "matmul", floor_s, "sklearn brute cosine kNN", sk_s,
+                             "<= 1.5x floor, >= 2x sklearn", f"top1 {acc['top1']:.3f}"))
+    return rows
+
+
+def probe_rows(rng: np.random.Generator, n: int, dim: int, num_classes: int) -> list[dict]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, means = _gaussian_classes(rng, n, dim, num_classes)
+    xt, yt, _ = _gaussian_classes(rng, n // 5, dim, num_classes, means)
+    l2, fit = 1e-3, n * 4 // 5
+    ours_s, ours = _seconds(lambda: lbfgs_probe(x[:fit], y[:fit], xt, yt, val_x=x[fit:], val_y=y[fit:],
+                                               l2_grid=(l2,)))
+
+    def sklearn_probe() -> float:  # the same model: standardised train+val, C = 1 / (l2 n)
+        mean, std = x.mean(0), x.std(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(C=1 / (l2 * n), max_iter=1000).fit((x - mean) / std, y)
+        return clf.score((xt - mean) / std, yt)
+
+    sk_s, sk_top1 = _seconds(sklearn_probe)
+    sweep_s, sweep = _seconds(lambda: lbfgs_probe(x, y, xt, yt))
+    return [_row("lbfgs_probe (one l2)", f"{n} x {dim}, {num_classes} classes, l2={l2:g}", ours_s,
+                 baseline="sklearn LogisticRegression lbfgs", baseline_s=sk_s, target="no slower than sklearn",
+                 note=f"top1 {ours['top1']:.4f} vs sklearn {sk_top1:.4f}; fit on 80%, refit on all"),
+            _row("lbfgs_probe (sweep + refit)", f"{n} x {dim}, 7 l2 values, val 20%", sweep_s,
+                 note=f"top1 {sweep['top1']:.4f}, chose l2={sweep['l2']:g}")]
+
+
+def label_rows(rng: np.random.Generator, n: int, num_classes: int) -> list[dict]:
+    from sklearn import metrics
+
+    y_true = rng.integers(0, num_classes, n)
+    noisy = np.where(rng.random(n) < 0.5, y_true, rng.integers(0, num_classes, n))
+    y_pred = rng.permutation(num_classes)[noisy]  # a half-right clustering under shuffled ids
+    floor_s, _ = _seconds(lambda: contingency_table(y_true, y_pred))
+    hung_s, acc = _seconds(lambda: hungarian_accuracy(y_true, y_pred))
+    ours_s, ours = _seconds(lambda: cluster_metrics(y_true, y_pred))
+    sk_s, sk_ami = _seconds(lambda: (metrics.normalized_mutual_info_score(y_true, y_pred),
+                                     metrics.adjusted_rand_score(y_true, y_pred),
+                                     metrics.adjusted_mutual_info_score(y_true, y_pred))[2])
+    size = f"{n} labels, K=C={num_classes}"
+    return [_row("hungarian_accuracy", size, hung_s, "contingency table", floor_s, target="< 2 s",
+                 note=f"acc {acc:.4f}"),
+            _row("cluster_metrics", size, ours_s, "contingency table", floor_s,
+                 "sklearn NMI + ARI + AMI", sk_s, "< 2 s", f"ami {ours['ami']:.6f} vs sklearn {sk_ami:.6f}")]
+
+
+def kmeans_rows(rng: np.random.Generator, n: int, dim: int, k: int) -> list[dict]:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    a, c = torch.from_numpy(x), torch.from_numpy(x[:k].copy())
+    floor_s, _ = _seconds(lambda: [a @ c.T for _ in range(KMEANS_ITERS)])
+    rows = []
+    for backend in ("faiss", "torch"):
+        s, _ = _seconds(lambda: kmeans(x, k, seed=0, niter=KMEANS_ITERS, backend=backend))
+        rows.append(_row(f"kmeans {backend}", f"{n} x {dim}, k={k}, {KMEANS_ITERS} iterations, 1 init", s,
+                         f"{KMEANS_ITERS} assignment matmuls", floor_s))
+    return rows
+
+
+def _warm_up() -> None:
+    """Pay one-time costs outside the timings: the first torch optimiser imports torch._dynamo
+    (seconds), FAISS and torch start their thread pools."""
+    x, y, _ = _gaussian_classes(np.random.default_rng(1), 200, 8, 4)
+    for backend in ("torch", "faiss"):
+        knn_accuracy(x, y, x, y, k=5, backend=backend)
+        kmeans(x, 4, seed=0, backend=backend)
+    lbfgs_probe(x, y, x, y, l2_grid=(1e-2,))
+
+
+def protocol_benchmarks(quick: bool = False) -> pd.DataFrame:
+    """One row per timed protocol: seconds, floor and baseline seconds, their ratios, the target."""
+    _warm_up()
+    size, rng = SIZES[quick], np.random.default_rng(0)
+    rows = (knn_rows(rng, size["queries"], size["train"], size["dim"], size["k"])
+            + probe_rows(rng, *size["probe"]) + label_rows(rng, *size["labels"])
+            + kmeans_rows(rng, *size["kmeans"]))
+    return pd.DataFrame(rows)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """The table with 3 significant digits, ratios as ``1.2x`` and blanks for what does not apply."""
+    def cell(column: str, value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.3g}x" if column in ("x_floor", "speedup") else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in row.items()) + " |" for _, row in df.iterrows()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="harness bench protocols", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    p.add_argument("--out", type=Path, default=Path("leaderboards") / "bench-protocols.md")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    table = to_markdown(protocol_benchmarks(args.quick))
+    print(table)
+    import faiss  # a dependency of the benchmark: its kNN and k-means rows time FAISS
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        f"# Protocol benchmarks{' (quick sizes)' if args.quick else ''}\n\n"
+        f"CPU only: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads; "
+        f"{time.perf_counter() - start:.0f} s in all. One run each, wall-clock seconds.\n\n"
+        "x_floor = seconds / floor_s (the floor is the unavoidable core: one float32 matmul of the same "
+        "shapes for kNN, building the contingency table for the label metrics, the assignment matmuls "
+        "for k-means). speedup = baseline_s / seconds.\n\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import protocols  # noqa: F401  (registers the wrappers)
+from protocol_context import BlobContext
+from protocols.linear import lbfgs_probe, lbfgs_protocol, sgd_probe, sgd_protocol
+
+
+def overlapping_blobs(n, seed, num_classes=5, dim=20, means_seed=0):
+    """Gaussian classes close enough that accuracy is well below 1 (so it can disagree)."""
+    means = np.random.default_rng(means_seed).normal(size=(num_classes, dim)) * 0.4
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    return (means[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("l2", [1e-3, 3e-2])
+def test_matches_sklearn_at_equal_l2(l2):
+    (x, y), (xv, yv), (xt, yt) = overlapping_blobs(1200, 1), overlapping_blobs(400, 2), overlapping_blobs(2000, 3)
+    ours = lbfgs_probe(x, y, xt, yt, val_x=xv, val_y=yv, l2_grid=(l2,))
+    # our refit is on train+val standardised with its statistics; sklearn's C = 1 / (l2 n)
+    xa, ya = np.concatenate([x, xv]), np.concatenate([y, yv])
+    mean, std = xa.mean(0), xa.std(0)
+    ref = LogisticRegression(C=1 / (l2 * len(xa)), max_iter=2000).fit((xa - mean) / std, ya)
+    sk_top1 = ref.score((xt - mean) / std, yt)
+    assert 0.5 < sk_top1 < 0.95  # a problem where the probes can disagree
+    assert ours["top1"] == pytest.approx(sk_top1, abs=0.005)
+    assert ours["l2"] == l2 and set(ours) == {"top1", "top5", "l2", "val_top1", f"val_top1@l2={l2:g}"}
+
+
+def test_sweep_picks_validation_best_and_carves_val_with_seed():
+    (x, y), (xt, yt) = overlapping_blobs(600, 1, dim=40), overlapping_blobs(600, 3, dim=40)
+    grid = (1e-4, 1e-2, 1.0, 100.0)
+    out = lbfgs_probe(x, y, xt, yt, l2_grid=grid, seed=5)
+    sweep = {l2: out[f"val_top1@l2={l2:g}"] for l2 in grid}
+    assert out["l2"] == max(sorted(grid, reverse=True), key=sweep.get)
+    assert out["val_top1"] == sweep[out["l2"]]
+    assert sweep[100.0] < max(sweep.values())  # heavy L2 underfits
+    assert out == lbfgs_probe(x, y, xt, yt, l2_grid=grid, seed=5)
+
+
+def test_two_views_and_string_labels():
+    (x, y), (xt, yt) = overlapping_blobs(400, 1), overlapping_blobs(400, 3)
+    names = np.array(["ant", "bee", "cat", "dog", "eel"])
+    views = np.stack([x, x + 0.05 * np.random.default_rng(0).normal(size=x.shape).astype(np.float32)])
+    one = lbfgs_probe(x, names[y], xt, names[yt], l2_grid=(1e-2,))
+    two = lbfgs_probe(views, names[y], xt, names[yt], l2_grid=(1e-2,))
+    assert two["top1"] == pytest.approx(one["top1"], abs=0.03)
+
+
+def test_separable_blobs_score_one():
+    ctx = BlobContext()
+    out = lbfgs_protocol(ctx, "backbone", l2_grid=[1e-3, 1e-1], max_iter=200)
+    assert out["top1"] == 1.0 and out["top5"] == 1.0
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(train_x=np.zeros(10)), "train_x must be 2-D, got shape (10,)"),
+    (dict(train_y=np.zeros(9)), "train_x and train_y have different lengths: 10 != 9"),
+    (dict(train_y=np.ones(10)), "train_y has a single class (1.0)"),
+    (dict(test_x=np.zeros((0, 3))), "test_x is empty"),
+    (dict(test_x=np.full((4, 3), np.nan)), "test_x contains 12 NaN or inf values"),
+    (dict(test_x=np.zeros((4, 2))), "train_x and test_x have different feature dims: 3 != 2"),
+    (dict(val_x=np.zeros((4, 3))), "give both val_x and val_y, or neither"),
+    (dict(l2_grid=(1.0, 0.0)), "every l2 in l2_grid must be positive, got 0.0"),
+    (dict(l2_grid=()), "l2_grid is empty"),
+    (dict(val_fraction=1.5), "val_fraction must be in (0, 1), got 1.5"),
+])
+def test_bad_input_raises(change, message):
+    rng = np.random.default_rng(0)
+    args = dict(train_x=rng.normal(size=(10, 3)), train_y=np.arange(10) % 2,
+                test_x=rng.normal(size=(4, 3)), test_y=np.arange(4) % 2) | change
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        lbfgs_probe(args.pop("train_x"), args.pop("train_y"), args.pop("test_x"), args.pop("test_y"), **args)
+
+
+def test_sgd_probe_freezes_encoder_and_reports_best_val_epoch():
+    ctx = BlobContext()
+    encoder = ctx.encoder().train()  # the probe must switch BatchNorm to eval and back
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    y = ctx.labels()
+    train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
+    out = sgd_probe(encoder, ctx.images(train), y[train], ctx.images(test), y[test],
+                    normalize=ctx.normalize, augment=ctx.probe_augment, epochs=5, lr=0.5,
+                    batch_size=32, val_images=ctx.images(val), val_y=y[val])
+    assert encoder.training
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert out["top1"] == 1.0 and out["top1@best_val"] == 1.0 and out["val_top1"] == 1.0
+    assert set(out) == {"top1", "top5", "val_top1", "best_epoch", "top1@best_val", "top5@best_val"}
+    assert 1 <= out["best_epoch"] <= 5
+
+
+def test_sgd_wrapper_is_seeded():
+    ctx = BlobContext()
+    params = dict(epochs=5, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32, augment=True)
+    first = sgd_protocol(ctx, "backbone", **params)
+    assert first == sgd_protocol(ctx, "backbone", **params)
+    assert first["top1"] > 0.9
+
+
+def test_sgd_bad_input_raises():
+    ctx = BlobContext()
+    images, y = ctx.images(np.arange(10)), ctx.labels()[:10]
+    with pytest.raises(ValueError, match="train_images and train_y have different lengths: 10 != 9"):
+        sgd_probe(ctx.encoder(), images, y[:9], images, y, normalize=ctx.normalize)
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        sgd_probe(ctx.encoder(), images, y, images, y, normalize=ctx.normalize, epochs=0)

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+import protocols
+from protocol_context import BlobContext
+from protocols.transfer import coarse_to_fine, coarse_to_fine_protocol
+
+
+def coarse_only_features(n, seed, num_coarse=3, fine_per_coarse=2, dim=8):
+    """Features that separate the coarse classes perfectly and say nothing about fine ones."""
+    rng = np.random.default_rng(seed)
+    fine = rng.integers(0, num_coarse * fine_per_coarse, n)
+    coarse = fine // fine_per_coarse
+    means = np.random.default_rng(0).normal(size=(num_coarse, dim)) * 6
+    return (means[coarse] + rng.normal(size=(n, dim))).astype(np.float32), fine, coarse
+
+
+def test_coarse_features_score_coarse_labels_not_fine_ones():
+    (x, fine, coarse), (xt, fine_t, coarse_t) = coarse_only_features(600, 1), coarse_only_features(600, 2)
+    out = coarse_to_fine(x, fine, coarse, xt, fine_t, coarse_t, k=20, l2_grid=(1e-3, 1e-1))
+    assert out["coarse_lbfgs_top1"] == 1.0 and out["coarse_knn_top1"] == 1.0
+    # two fine classes per coarse blob, indistinguishable: fine accuracy is a coin flip
+    assert 0.35 < out["fine_lbfgs_top1"] < 0.65 and 0.35 < out["fine_knn_top1"] < 0.65
+    assert out["fine_lbfgs_top5"] == 1.0  # the top 5 of 6 classes always holds both candidates
+    assert set(out) == {"fine_lbfgs_top1", "fine_lbfgs_top5", "fine_lbfgs_l2", "fine_knn_top1",
+                        "fine_knn_top5", "coarse_lbfgs_top1", "coarse_lbfgs_l2", "coarse_knn_top1"}
+
+
+def test_coarse_to_fine_wrapper_on_separable_blobs():
+    out = coarse_to_fine_protocol(BlobContext(), "backbone", k=20, temperature=0.1,
+                                  l2_grid=[1e-2], max_iter=200)
+    assert [out[key] for key in ("fine_lbfgs_top1", "fine_knn_top1", "coarse_lbfgs_top1",
+                                 "coarse_knn_top1")] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_bad_input_raises():
+    (x, fine, coarse), (xt, fine_t, coarse_t) = coarse_only_features(60, 1), coarse_only_features(60, 2)
+    with pytest.raises(ValueError, match="train_x and train_y have different lengths: 60 != 59"):
+        coarse_to_fine(x, fine, coarse[:59], xt, fine_t, coarse_t, k=5, l2_grid=(1e-2,))
+    with pytest.raises(ValueError, match="k=100 is larger than the training set"):
+        coarse_to_fine(x, fine, coarse, xt, fine_t, coarse_t, k=100, l2_grid=(1e-2,))
+
+
+def test_registry_lists_every_protocol_with_inputs_and_description():
+    specs = {name: protocols.PROTOCOLS.get(name) for name in protocols.PROTOCOLS}
+    assert {"knn", "clustering", "lbfgs", "sgd", "coarse_to_fine"} <= set(specs)
+    assert specs["clustering"].inputs == {"features", "assignments"}
+    assert specs["sgd"].inputs == {"encoder"} and specs["knn"].inputs == {"features"}
+    assert specs["knn"].defaults == {"k": 200, "temperature": 0.1, "backend": "auto"}
+    assert all(spec.description for spec in specs.values())
+
+
+def test_protocol_benchmarks_quick_has_every_row():
+    from harness.bench import protocol_benchmarks
+
+    table = protocol_benchmarks(quick=True)
+    assert table["benchmark"].tolist() == [
+        "knn torch", "knn faiss", "knn torch", "knn faiss", "knn torch", "knn faiss",
+        "lbfgs_probe (one l2)", "lbfgs_probe (sweep + refit)", "hungarian_accuracy",
+        "cluster_metrics", "kmeans faiss", "kmeans torch"]
+    assert (table["seconds"] > 0).all()
