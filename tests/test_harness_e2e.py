@@ -158,7 +158,7 @@ def test_plugin_method_runs_through_a_suite_and_reaches_the_leaderboard(tmp_path
 
 
 def test_sigkill_midway_then_rerun_completes_without_loss_or_duplicates(tmp_path):
-    suite = _suite_file(tmp_path, ["simclr"], seeds=[0, 1, 2, 3], budget="steps=25", name="k")
+    suite = _suite_file(tmp_path, ["simclr"], seeds=[0, 1, 2, 3], budget="steps=10", name="k")
     args = ("run", str(suite), "--device", "cpu", "--quiet", "--data-dir", str(tmp_path / "data"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env,
