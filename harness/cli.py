@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from harness.budget import Budget
-    from harness.leaderboard import write_leaderboard
+    from harness.leaderboard import write_leaderboards
     from harness.runner import Runner, plan
     from harness.suite import DEFAULT_SUITE, load_suite
     from harness.data import validate_dataset_name
@@ -104,28 +104,28 @@ def cmd_run(args) -> int:
     if not records:
         print("no records yet (all jobs are running elsewhere)")
         return 0
-    display = write_leaderboard(records, suite.name, args.leaderboard_dir, suite.description)
+    display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables)
     _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
     return 0
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import write_leaderboard
+    from harness.leaderboard import write_leaderboards
     from harness.store import ResultStore
     from harness.suite import DEFAULT_SUITE, load_suite
 
     name = args.suite or DEFAULT_SUITE
     try:
         suite = load_suite(name)
-        name, title = suite.name, suite.description
+        name, title, tables = suite.name, suite.description, suite.tables
     except UsageError:
         if not (args.results_dir / name).is_dir():
             raise
-        title = name  # records of a suite file that is no longer around
+        title, tables = name, {}  # records of a suite file that is no longer around
     records = list(ResultStore(args.results_dir, name).records())
     if not records:
         raise UsageError(f"no stored records for suite {name!r} under {args.results_dir / name}; run it first")
-    display = write_leaderboard(records, name, args.leaderboard_dir, title)
+    display = write_leaderboards(records, name, args.leaderboard_dir, title, tables)
     _print_table(display, args.leaderboard_dir / f"{name}.md")
     return 0
 

@@ -22,8 +22,9 @@ SCORE_SUFFIXES = ("top1", "top5", "acc", "nmi", "ami", "ari", "acc_majority")
 
 
 def is_score(metric: str) -> bool:
+    """Test-set scores only: validation accuracies used for model selection are not ranked."""
     leaf = metric.split("/")[-1]
-    return any(leaf == s or leaf.endswith("_" + s) or leaf.startswith(s + "@") for s in SCORE_SUFFIXES)
+    return not leaf.startswith("val_") and any(leaf == s or leaf.endswith("_" + s) or leaf.startswith(s + "@") for s in SCORE_SUFFIXES)
 
 
 def row_label(record: dict[str, Any], rep: str) -> str:
@@ -113,6 +114,28 @@ def to_markdown(df: pd.DataFrame) -> str:
     for row in df.itertuples():
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
+
+
+def select_metrics(records: list[dict[str, Any]], keep) -> list[dict[str, Any]]:
+    """Copies of ``records`` holding only the metrics for which ``keep(metric)`` is true."""
+    return [{**r, "metrics": {rep: {k: v for k, v in m.items() if keep(k)} for rep, m in r.get("metrics", {}).items()}}
+            for r in records]
+
+
+def write_leaderboards(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "",
+                       tables: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """The main table ``<suite>.*`` plus one ``<suite>-<name>.*`` per entry of ``tables``.
+
+    ``tables`` maps a table name to metric prefixes (``{"transfer": ["coarse_to_fine/"]}``); those
+    metrics move from the main table to their own. Returns the main display table.
+    """
+    tables = tables or {}
+    claimed = tuple(p for prefixes in tables.values() for p in prefixes)
+    for name, prefixes in tables.items():
+        write_leaderboard(select_metrics(records, lambda k, p=tuple(prefixes): k.startswith(p)), f"{suite}-{name}",
+                          out_dir, f"{title or suite}: {name}")
+    main = select_metrics(records, lambda k: not k.startswith(claimed)) if claimed else records
+    return write_leaderboard(main, suite, out_dir, title)
 
 
 def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "") -> pd.DataFrame:

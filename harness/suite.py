@@ -23,7 +23,7 @@ SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_SUITE = "quick"
 
 TOP_KEYS = {"name", "description", "scale", "backbone", "datasets", "methods", "seeds", "budget",
-            "protocols", "val_fraction", "deterministic", "train_split", "device"}
+            "protocols", "val_fraction", "deterministic", "train_split", "tables"}
 METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone"}
 SPLITS = ("train", "train_full", "all")
 
@@ -51,6 +51,7 @@ class Suite:
     val_fraction: float = 0.1
     deterministic: bool = True
     train_split: str = "train"
+    tables: dict[str, list[str]] = field(default_factory=dict)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -134,6 +135,10 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     _expect(split in SPLITS, f"{where}: unknown train_split {split!r} (valid: {', '.join(SPLITS)})")
     vf = data.get("val_fraction", 0.1)
     _expect(isinstance(vf, (int, float)) and 0 <= vf < 1, f"{where}: val_fraction must be in [0, 1), got {vf!r}")
+    tables = data.get("tables") or {}
+    _expect(isinstance(tables, dict) and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
+                                             for v in tables.values()),
+            f"{where}: 'tables' must map a table name to a list of metric prefixes, got {tables!r}")
     methods = _method_entries(data["methods"], where)
     for entry in methods:  # config keys are checked now, not after hours of training
         resolve_config(METHODS.get(entry.name), scale, entry.config)
@@ -141,7 +146,7 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
             resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
     return Suite(str(data.get("name", name)), str(data.get("description", "")), scale, backbone,
                  [str(d) for d in datasets], methods, seeds, budgets, resolved, float(vf),
-                 bool(data.get("deterministic", True)), split, source)
+                 bool(data.get("deterministic", True)), split, {str(k): v for k, v in tables.items()}, source)
 
 
 def load_suite(name_or_path: str) -> Suite:
