@@ -1,0 +1,104 @@
+"""State shared by instance-discrimination methods: NPID's memory bank, MoCo's queue and momentum encoder.
+
+Everything that must survive a checkpoint (bank, queue, queue pointer, NCE constant) is a
+registered buffer, so a resumed run continues with the same negatives.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MemoryBank(nn.Module):
+    """N x d L2-normalised features, one per training image (NPID, Wu et al. 2018, Sec. 3.1-3.2).
+
+    Initialised uniform in +-1/sqrt(d/3) as in the official code; entries are read detached
+    and updated after each step by ``M[i] <- normalise(m M[i] + (1 - m) f_i)`` (Eq. 2's proximal
+    update, m = 0.5).
+    """
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5) -> None:
+        super().__init__()
+        self.momentum = momentum
+        bound = 1 / math.sqrt(dim / 3)
+        self.register_buffer("memory", torch.rand(size, dim).mul_(2 * bound).sub_(bound))
+        self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE's normaliser, estimated once
+
+    def logits(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Non-parametric softmax logits f M^T / T over the whole bank (NPID Eq. 2)."""
+        return f @ self.memory.t().to(f.dtype) / temperature
+
+    def nce_loss(self, f: torch.Tensor, index: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+        """NCE approximation of the full softmax (NPID Sec. 3.2, Eqs. 5-8) with K uniform noise samples.
+
+        P(i|v) = exp(v.f_i / T) / Z, Z estimated once from the first batch as N mean(exp(v.f_j / T));
+        h(i, v) = P(i|v) / (P(i|v) + K/N). ``noise`` (n, K) holds bank indices drawn uniformly.
+        Loss: -[log h(i, v_i) + sum_noise log(1 - h(j, v_i))], averaged over the batch.
+        """
+        n_data = len(self.memory)
+        weight = self.memory[torch.cat([index[:, None], noise], 1)].to(f.dtype)  # (n, K+1, d)
+        scores = torch.einsum("nkd,nd->nk", weight, f).float() / temperature
+        if torch.isnan(self.log_z):
+            self.log_z.copy_(torch.logsumexp(scores.detach().flatten(), 0) - math.log(scores.numel()) + math.log(n_data))
+        log_p = scores - self.log_z  # log P(j|v)
+        log_noise = math.log(noise.shape[1] / n_data)  # log(K P_n)
+        log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, log_noise))
+        log_h = log_p[:, 0] - log_denominator[:, 0]
+        log_one_minus_h = log_noise - log_denominator[:, 1:]
+        return -(log_h + log_one_minus_h.sum(1)).mean()
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, f: torch.Tensor) -> None:
+        """M[i] <- normalise(m M[i] + (1 - m) f_i)."""
+        mixed = self.momentum * self.memory[index] + (1 - self.momentum) * f.float()
+        self.memory[index] = F.normalize(mixed, dim=1)
+
+
+class Queue(nn.Module):
+    """A ring buffer of L2-normalised keys: MoCo's dictionary of negatives (He et al. 2020, Sec. 3.2)."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        """Enqueue the newest keys over the oldest ones (wrapping around the end)."""
+        size = len(self.keys)
+        slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.keys[slots] = keys.float()
+        self.ptr.copy_((self.ptr + len(keys)) % size)
+
+
+class MomentumEncoder(nn.Module):
+    """An EMA copy of ``modules`` run in sequence, without gradients (MoCo Eq. 2).
+
+    ``update`` sets theta_k <- m theta_k + (1 - m) theta_q for the parameters; the copy keeps
+    its own BatchNorm statistics, as MoCo's key encoder does.
+    """
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(nn.Sequential(*modules)).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, *modules: nn.Module, momentum: float) -> None:
+        for key, query in zip(self.net.parameters(), nn.Sequential(*modules).parameters(), strict=True):
+            key.lerp_(query.detach(), 1 - momentum)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, bn_splits: int = 1) -> torch.Tensor:
+        """Keys with shuffle-and-split BatchNorm on one device (MoCo Sec. 3.3, official CIFAR demo).
+
+        The batch is shuffled and cut into ``bn_splits`` groups that each get their own BN
+        statistics, so a query and its key never share batch statistics (the single-device
+        equivalent of shuffling BN across GPUs); outputs are returned in the input order.
+        """
+        perm = torch.randperm(len(x), device=x.device)
+        out = torch.cat([self.net(group) for group in x[perm].chunk(bn_splits)])
+        return out[perm.argsort()]
