@@ -1,0 +1,156 @@
+"""Executors: a local process pool and submitit's local backend give the records an in-process run
+gives; only jobs without a record are submitted; a preempted submitit job resumes from its checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from conftest import make_suite
+from harness.errors import UsageError
+from harness.executors import (SLURM_KEYS, SubmititJob, gpu_assignment, make_submitit_executor, pending_jobs,
+                               run_jobs, slurm_options)
+from harness.runner import plan
+
+FAST = {"knn": {"k": 10}}
+LOCAL = {"cluster": "local", "timeout_min": 10}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on shared, oversubscribed cores OpenMP's spinning threads make
+    small CPU runs several times slower (and workers get one thread each anyway)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _kwargs(root: Path, data: Path, **kw) -> dict:
+    return {"results_dir": root / "results", "data_dir": data, "device": "cpu", "quiet": True,
+            "log": lambda s: None, **kw}
+
+
+def _metrics(records) -> dict:
+    return {r["run_id"]: (r["status"], r["metrics"]) for r in records}
+
+
+PLUGIN = '''
+"""SimCLR that sends itself Slurm's preemption signal once, at its 2nd step, and logs its steps."""
+import os
+import signal
+from pathlib import Path
+
+from methods import METHODS, register_method
+
+
+@register_method("_preempted_simclr")
+class PreemptedSimCLR(METHODS.get("simclr")):
+    calls = 0
+
+    def training_step(self, batch):
+        type(self).calls += 1
+        marker = os.environ.get("PREEMPT_MARKER")
+        if marker:
+            with open(marker + ".steps", "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            if type(self).calls == 2 and not Path(marker).exists():
+                Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint() and requeue
+        return super().training_step(batch)
+'''
+
+
+def test_pool_and_submitit_match_in_process_with_preemption_and_rerun_submits_only_missing(tmp_path, monkeypatch):
+    (tmp_path / "preempt_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # submitit's job processes import the plugin too
+    import preempt_plugin  # noqa: F401  (registers the method here)
+
+    data = tmp_path / "data"
+    simclr = {"name": "_preempted_simclr", "config": {"batch_size": 32}}
+    jobs = plan(make_suite(["random", "pixels", simclr], budget="steps=3", protocols=FAST))
+    ref = run_jobs(jobs, _kwargs(tmp_path / "a", data), "local", workers=1)  # in this process, no preemption
+    assert [r["run_id"] for r in ref] == [j.run_id for j in jobs] and all(r["status"] == "ok" for r in ref)
+
+    pool = run_jobs(jobs, _kwargs(tmp_path / "b", data), "local", workers=2)  # two worker processes
+    assert _metrics(pool) == _metrics(ref)
+
+    # submitit's local backend: two records are stored already, so only the SimCLR run is submitted;
+    # it is preempted in step 2, requeued by submitit and resumes from its step-1 checkpoint.
+    root, marker = tmp_path / "c", tmp_path / "preempted"
+    (root / "results" / "test").mkdir(parents=True)
+    for r in ref[:2]:
+        shutil.copy(tmp_path / "a" / "results" / "test" / f"{r['run_id']}.json", root / "results" / "test")
+    monkeypatch.setenv("PREEMPT_MARKER", str(marker))
+    logs: list[str] = []
+    sub = run_jobs(jobs, _kwargs(root, data, checkpoint_seconds=0.0), "submitit", workers=2, slurm=LOCAL,
+                   plugins=["preempt_plugin"], log=logs.append)
+    assert _metrics(sub) == _metrics(ref) and [r["run_id"] for r in sub] == [j.run_id for j in jobs]
+    assert "2 of 3 runs already stored; 1 to run" in logs
+    folder = root / "results" / ".submitit" / "test"
+    assert len([p for p in folder.iterdir() if p.name.isdigit()]) == 1  # one submitit job
+    assert len(list((root / "results" / "test").glob("*.json"))) == 3  # it wrote its own record
+    assert marker.exists() and "requeued 1x: resuming" in "".join(p.read_text() for p in folder.rglob("*_log.out"))
+    pids = (tmp_path / "preempted.steps").read_text().split()
+    attempts = [pids.count(p) for p in dict.fromkeys(pids)]
+    assert attempts == [2, 2]  # killed in step 2; the requeued process ran steps 2-3 only: it resumed
+    assert sub[2]["budget"]["used"]["steps"] == 3
+
+    logs.clear()
+    again = run_jobs(jobs, _kwargs(root, data), "submitit", workers=2, slurm=LOCAL, log=logs.append)
+    assert _metrics(again) == _metrics(ref) and logs == ["3 of 3 runs already stored; 0 to run"]
+    assert len([p for p in folder.iterdir() if p.name.isdigit()]) == 1  # nothing submitted
+
+
+def test_submitit_callable_is_checkpointable_and_requeues_itself():
+    (job,) = plan(make_suite(["random"], protocols=FAST))
+    fn = SubmititJob(job, {"results_dir": "r", "data_dir": "d"}, force=True)
+    assert isinstance(fn, submitit.helpers.Checkpointable)
+    delayed = fn.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is fn
+    assert fn.requeues == 1  # a requeued attempt resumes instead of forcing a retrain
+
+
+def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "srun"  # submitit only checks that Slurm's commands exist; nothing is submitted
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    opts = slurm_options({"partition": "suite-part", "array_parallelism": 4}, cluster="slurm", partition="gpu",
+                         gpus_per_job=1, timeout_min=720, array_parallelism=None, setup=["module load cuda"])
+    assert opts["partition"] == "gpu" and opts["array_parallelism"] == 4  # flags given win, None is "not given"
+    ex = make_submitit_executor(tmp_path / "%j", opts, name="harness-quick")
+    assert ex.cluster == "slurm"
+    params = ex._executor.parameters
+    assert params["partition"] == "gpu" and params["gpus_per_node"] == 1 and params["time"] == 720
+    assert params["array_parallelism"] == 4 and params["setup"] == ["module load cuda"]
+    script = ex._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --time=720" in script and "module load cuda" in script
+    with pytest.raises(UsageError, match="unknown slurm option 'gpus'"):
+        slurm_options(gpus=2)
+    assert {"partition", "gpus_per_job", "timeout_min", "array_parallelism"} <= set(SLURM_KEYS)
+
+
+def test_gpu_assignment_pending_and_bad_arguments(tmp_path):
+    assert gpu_assignment(2, ["3", "5"]) == ["3", "5"]
+    assert gpu_assignment(3, ["0", "1"]) == ["0", "1", "0"] and gpu_assignment(2, []) == []
+    jobs = plan(make_suite(["random", "pixels"], seeds=[0, 1], protocols=FAST))
+    results = tmp_path / "results"
+    (results / "test").mkdir(parents=True)
+    (results / "test" / f"{jobs[1].run_id}.json").write_text(json.dumps({"run_id": jobs[1].run_id}))
+    assert pending_jobs(jobs + jobs, results) == [jobs[0], jobs[2], jobs[3]]
+    assert pending_jobs(jobs, results, force=True) == jobs
+    kw = {"results_dir": results, "data_dir": tmp_path / "data"}
+    with pytest.raises(UsageError, match="unknown executor 'ray'"):
+        run_jobs(jobs, kw, "ray")
+    with pytest.raises(UsageError, match="workers"):
+        run_jobs(jobs, kw, "local", workers=0)
+    with pytest.raises(UsageError, match="unknown slurm option"):
+        run_jobs(jobs, kw, "submitit", slurm={"partitoin": "gpu"})

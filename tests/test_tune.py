@@ -1,0 +1,139 @@
+"""harness.tune: an Optuna study of simclr on digits scored on the validation split, resumed after a
+stop, with its best trial written to results/tune/<study>.json."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from harness.budget import Budget
+from harness.errors import UsageError
+from methods import Method, register_method
+from harness.tune import _final_epoch, suggest, tune, val_knn_protocol
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on shared, oversubscribed cores OpenMP's spinning threads make
+    small CPU runs several times slower (and workers get one thread each anyway)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_study_resumes_counts_finished_trials_and_writes_best(tmp_path):
+    kw = dict(results_dir=tmp_path / "results", data_dir=tmp_path / "data", seed=0, scale="cpu", device="cpu",
+              config={"batch_size": 32}, knn={"k": 20}, log=lambda s: None)
+    first = tune("simclr", "digits", 2, "steps=3", study_name="s", **kw)
+    assert first["n_trials"] == 2 and first["counts"]["complete"] == 2
+    storage = f"sqlite:///{(tmp_path / 'results' / 'tune' / 's.db').resolve()}"
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.ask()  # a trial left RUNNING, as by a killed process: not counted as finished
+
+    second = tune("simclr", "digits", 4, "steps=3", study_name="s", **kw)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and second["n_trials"] == 4  # only two more ran
+    assert [t.params for t in complete[:2]] == [t["params"] for t in first["trials"]]
+    assert complete[2].params != complete[0].params  # the resumed sampler draws new points
+    for t in complete:
+        assert set(t.params) == {"lr", "temperature"} and 0.01 <= t.params["lr"] <= 1.0
+
+    saved = json.loads((tmp_path / "results" / "tune" / "s.json").read_text())
+    assert saved["n_trials"] == 4 and saved["trials_asked"] == 4 and saved["counts"]["running"] == 1
+    best = max(complete, key=lambda t: t.value)
+    assert saved["best"]["number"] == best.number and saved["best"]["value"] == best.value
+    assert saved["best"]["params"] == best.params and saved["best"]["config"]["batch_size"] == 32
+    assert saved["best"]["config"]["lr"] == best.params["lr"]
+    # trials are stored runs scored on the validation split only: no test metric was computed
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "tune-s").glob("*.json")]
+    assert len(records) == 4
+    assert all(set(r["metrics"]["backbone"]) == {"val_knn/top1", "val_knn/top5"} for r in records)
+    assert all(list(r["spec"]["protocols"]) == ["val_knn"] for r in records)
+
+    again = tune("simclr", "digits", 4, "steps=3", study_name="s", **kw)  # nothing left to do
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 5 and again["best"] == saved["best"]
+
+
+@register_method("_tune_toy")
+class _Toy(Method):
+    """Trains one scalar (nearly free); its backbone stays at its random initialisation."""
+
+    search_space = {"lr": ("log", 0.01, 0.1)}
+
+    def __init__(self, backbone, cfg, info):
+        super().__init__(backbone, cfg, info)
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch):
+        return (self.w ** 2).sum()
+
+
+def test_median_pruning_on_intermediate_val_knn(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    study = optuna.create_study(storage=storage, study_name="p", direction="maximize")
+    for _ in range(5):  # five finished trials that scored a perfect 1.0 after epoch 1
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": 0.05}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 0.1, log=True)},
+            value=1.0, intermediate_values={1: 1.0}))
+    # one step per epoch (batch >= 1,295 training images): epoch 1 is reported, then pruned below the median
+    out = tune("_tune_toy", "digits", 6, "epochs=2", storage=storage, study_name="p", results_dir=tmp_path / "r",
+               data_dir=tmp_path / "data", device="cpu", config={"batch_size": 2048}, knn={"k": 20},
+               log=lambda s: None)
+    last = optuna.load_study(study_name="p", storage=storage).trials[-1]
+    assert last.state == optuna.trial.TrialState.PRUNED and list(last.intermediate_values) == [1]
+    assert out["counts"]["pruned"] == 1 and out["n_trials"] == 6 and out["best"]["value"] == 1.0
+    assert not list((tmp_path / "r" / "tune-p").rglob("*.json")) and not list((tmp_path / "r").rglob("*.pt"))
+
+
+class _Ctx:
+    """An EvalContext whose test split must not be read."""
+
+    device = "cpu"
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.y = np.repeat(np.arange(3), 20)
+        self.x = (np.eye(3)[self.y] + 0.1 * rng.standard_normal((60, 3))).astype(np.float32)
+
+    def features(self, rep):
+        return self.x
+
+    def labels(self, level="fine"):
+        return self.y
+
+    def split(self, name):
+        if name == "test":
+            raise AssertionError("tuning read the test split")
+        return {"train": np.arange(0, 60, 2), "val": np.arange(1, 60, 4)}[name]
+
+
+def test_val_knn_scores_val_against_train_never_test():
+    out = val_knn_protocol(_Ctx(), "backbone", k=5, temperature=0.1, backend="torch")
+    assert out["top1"] == 1.0
+
+
+def test_suggest_maps_every_kind_of_search_space():
+    space = {"lr": ("log", 1e-3, 1.0), "temperature": ("float", 0.1, 1.0), "views": ("int", 2, 4),
+             "augment_overrides": ("categorical", [{}, {"crop_scale": [0.2, 1.0]}])}
+    trial = optuna.trial.FixedTrial({"lr": 0.01, "temperature": 0.5, "views": 3,
+                                     "augment_overrides": repr({"crop_scale": [0.2, 1.0]})})
+    assert suggest(trial, space) == {"lr": 0.01, "temperature": 0.5, "views": 3,
+                                     "augment_overrides": {"crop_scale": [0.2, 1.0]}}
+    with pytest.raises(UsageError, match="unknown kind"):
+        suggest(trial, {"lr": ("uniform", 0, 1)})
+
+
+def test_final_epoch_and_bad_arguments(tmp_path):
+    assert _final_epoch(Budget("epochs", 20), 1295, 128) == 19
+    assert _final_epoch(Budget("steps", 3), 1295, 512) == 1 and _final_epoch(Budget("steps", 3), 1295, 128) == 0
+    assert _final_epoch(Budget("samples", 2560), 1295, 128) == 1 and _final_epoch(Budget("seconds", 9), 10, 2) is None
+    kw = dict(results_dir=tmp_path, data_dir=tmp_path / "data")
+    with pytest.raises(UsageError, match="does not train"):
+        tune("pixels", "digits", 2, "steps=3", **kw)
+    with pytest.raises(UsageError, match="trials"):
+        tune("simclr", "digits", 0, "steps=3", **kw)
