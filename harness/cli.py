@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
     run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
     run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
+    run.add_argument("--executor", choices=["local", "submitit"], default="local",
+                     help="local process pool, or submitit (Slurm; its local backend without Slurm)")
+    run.add_argument("--workers", type=int, help="jobs at once (default: one per visible GPU, else 1)")
+    run.add_argument("--slurm-partition", dest="partition")
+    run.add_argument("--gpus-per-job", type=int)
+    run.add_argument("--timeout-min", type=int)
+    run.add_argument("--array-parallelism", type=int)
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
     lb.add_argument("suite", nargs="?", default=None)
@@ -57,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
 
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
+
+    tune = sub.add_parser("tune", help="Optuna study of a method's search space, scored on the validation split")
+    tune.add_argument("method")
+    tune.add_argument("dataset")
+    tune.add_argument("--trials", type=int, required=True)
+    tune.add_argument("--budget", required=True, help="the fixed budget of every trial, e.g. epochs=20")
+    tune.add_argument("--storage", help="Optuna storage URL (default sqlite:///results/tune/<study>.db)")
+    tune.add_argument("--study", help="study name (default derived from method, dataset, budget, scale, seed)")
+    tune.add_argument("--scale", default="cpu", choices=["cpu", "paper"])
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", default="auto")
+    tune.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    tune.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
 
     ev = sub.add_parser("eval", help="evaluate an external encoder checkpoint with the protocols")
     ev.add_argument("--checkpoint", type=Path, required=True, help="a state_dict saved with torch.save")
@@ -99,8 +119,21 @@ def cmd_run(args) -> int:
     jobs = plan(suite)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
           f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
-    runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet)
-    records = runner.run(jobs, force=args.force)
+    if args.executor == "local" and not args.workers:
+        records = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet).run(jobs, force=args.force)
+    else:
+        from harness.executors import ExecutorError, run_jobs, slurm_options
+
+        slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
+                              timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
+        kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
+                  "quiet": args.quiet}
+        try:
+            records = run_jobs(jobs, kwargs, args.executor, args.workers, slurm, force=args.force,
+                               plugins=args.plugin)
+        except ExecutorError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            records = exc.records
     if not records:
         print("no records yet (all jobs are running elsewhere)")
         return 0
@@ -164,6 +197,21 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from harness.tune import tune
+
+    best = tune(args.method, args.dataset, args.trials, args.budget, storage=args.storage, study_name=args.study,
+                results_dir=args.results_dir, data_dir=args.data_dir, seed=args.seed, scale=args.scale,
+                device=args.device, quiet=False)
+    if best["best"] is None:
+        print(f"study {best['study']}: no trial completed ({best['counts']})")
+        return 0
+    params = ", ".join(f"{k}={v}" for k, v in sorted(best["best"]["params"].items()))
+    print(f"study {best['study']}: best of {best['n_trials']} trials is #{best['best']['number']} ({params}): "
+          f"{best['metric']} = {best['best']['value']:.4f}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from harness.checkpoint import load_encoder
     from harness.data import load_dataset, load_or_make_manifest
@@ -194,7 +242,8 @@ def cmd_bench(args) -> int:
     return importlib.import_module(BENCHMARKS[args.what]).main(args.options)
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
+            "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,8 @@ class Runner:
                     records.append(store.load(rid))
                     continue
                 self.log(f"[{i}/{len(jobs)}] {job.describe()}")
+                if force:  # a forced rerun trains from scratch, not from the finished checkpoint
+                    store.checkpoint_path(rid).unlink(missing_ok=True)
                 record = self.run_job(job, store)
                 store.write(record)
                 records.append(record)

@@ -23,7 +23,7 @@ SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_SUITE = "quick"
 
 TOP_KEYS = {"name", "description", "scale", "backbone", "datasets", "methods", "seeds", "budget",
-            "protocols", "val_fraction", "deterministic", "train_split", "tables"}
+            "protocols", "val_fraction", "deterministic", "train_split", "tables", "slurm"}
 METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone"}
 SPLITS = ("train", "train_full", "all")
 
@@ -146,7 +146,8 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
             resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
     return Suite(str(data.get("name", name)), str(data.get("description", "")), scale, backbone,
                  [str(d) for d in datasets], methods, seeds, budgets, resolved, float(vf),
-                 bool(data.get("deterministic", True)), split, {str(k): v for k, v in tables.items()}, source)
+                 bool(data.get("deterministic", True)), split, {str(k): v for k, v in tables.items()}, source,
+                 {"slurm": data["slurm"]} if data.get("slurm") else {})
 
 
 def load_suite(name_or_path: str) -> Suite:
