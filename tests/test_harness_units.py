@@ -143,3 +143,12 @@ def test_store_is_atomic_and_ids_stable(tmp_path):
     assert lock.acquire() and not store.lock("abc").acquire()
     lock.release()
     assert store.lock("abc").acquire()
+
+
+def test_train_benchmark_table(tmp_path):
+    from harness.bench_train import train_benchmarks
+
+    df = train_benchmarks(steps=2, device="cpu", methods=["simclr", "pixels"], data_dir=tmp_path)
+    assert df["method"].tolist() == ["simclr"]  # pixels does not train
+    row = df.iloc[0]
+    assert row["views"] == 2 and row["images/s"] > 0 and row["ratio"] == pytest.approx(row["images/s"] / row["floor images/s"], rel=1e-2)
