@@ -1,0 +1,252 @@
+"""The HTML report (harness.report) on records of a tiny real run, and the optional training loggers."""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import make_suite
+from harness.errors import UsageError
+from harness.leaderboard import leaderboard_table
+from harness.logging_backends import NullLogger, check_backend, make_logger
+from harness.report import metric_definition, write_report
+from methods import METHODS, register_method
+
+FAST = {"knn": {"k": 10}, "clustering": {}}
+EMBED = 150  # a smaller t-SNE subsample than the default 500 keeps the test quick
+
+
+@register_method("_report_clusterer")
+class _Clusterer(METHODS.get("simclr")):
+    """SimCLR plus a 10-way cluster head and a projector representation (a deep-clustering stand-in)."""
+
+    description = "test double: SimCLR with a cluster head"
+
+    def __init__(self, backbone, cfg, info) -> None:
+        super().__init__(backbone, cfg, info)
+        self.cluster = nn.Linear(backbone.out_dim, 10)
+
+    def training_step(self, batch):
+        loss = super().training_step(batch)
+        p = F.softmax(self.cluster(self.backbone(batch.views[0])), 1).mean(0)
+        return loss + (p * p.clamp_min(1e-8).log()).sum()  # minus the entropy of the mean assignment
+
+    def representations(self, x):
+        h = self.backbone(x)
+        return {"backbone": h, "head": self.projector(h)}
+
+    def cluster_heads(self, x):
+        return {"cluster_head": self.cluster(self.backbone(x))}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Records (and checkpoints) of random, pixels, simclr and the clusterer, 2 seeds, 3 steps; one report."""
+    from harness.runner import Runner, plan
+
+    root = tmp_path_factory.mktemp("report")
+    suite = make_suite(["random", "pixels", "simclr", "_report_clusterer"], seeds=(0, 1), budget="steps=3",
+                       protocols=FAST, name="tiny")
+    records = Runner(root / "results", root / "data", device="cpu", quiet=True, log=lambda s: None).run(plan(suite))
+    index = write_report("tiny", root / "results", root / "out", root / "data", embed_samples=EMBED)
+    return types.SimpleNamespace(root=root, records=records, index=index)
+
+
+def _figures(index: Path) -> set[str]:
+    return {p.name for p in (index.parent / "figures").glob("*.png")}
+
+
+def _img_srcs(page: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', page)
+
+
+def test_report_writes_page_and_every_figure(tiny):
+    index = tiny.index
+    assert index == tiny.root / "out" / "tiny" / "index.html"
+    page = index.read_text()
+    display, stats = leaderboard_table(tiny.records)
+    # the table: one row per leaderboard row, in rank order, with mean ± std and the seed count
+    table = page.split('<table id="leaderboard"', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr><td>([^<]*)</td>", table)
+    assert rows == [html.escape(r) for r in display.index]
+    assert "_report_clusterer [cluster_head]" in display.index and "_report_clusterer [head]" in display.index
+    assert re.search(r"\d+\.\d ± \d+\.\d \(2\)", table)
+    # definitions, protocol parameters, environment and split hashes
+    for metric in stats["metric"].unique():
+        assert f"<dt>{metric}</dt>" in page
+    assert "<code>k=10</code>" in page and "<code>temperature=0.1</code>" in page
+    assert tiny.records[0]["split_sha256"] in page and tiny.records[0]["environment"]["packages"]["torch"] in page
+    # every figure the page references exists, and every figure written is referenced
+    srcs = _img_srcs(page)
+    assert len(srcs) == len(set(srcs)) and {Path(s).name for s in srcs} == _figures(index)
+    figures = _figures(index)
+    assert len([f for f in figures if f.startswith("bar_")]) == stats["column"].nunique()
+    assert {"curve_simclr_digits.png", "curve__report_clusterer_digits.png"} <= figures
+    assert not any(f.startswith(("curve_random", "curve_pixels")) for f in figures)  # baselines do not train
+    assert {f"embed_{m}_digits.png" for m in ("random", "pixels", "simclr", "_report_clusterer")} <= figures
+    assert [f for f in figures if f.startswith("gallery_")] == ["gallery__report_clusterer_cluster_head_digits.png"]
+    # backbone, head and the cluster-coloured backbone side by side: three panels wide
+    from matplotlib.image import imread
+
+    wide = imread(index.parent / "figures" / "embed__report_clusterer_digits.png").shape[1]
+    narrow = imread(index.parent / "figures" / "embed_simclr_digits.png").shape[1]
+    assert wide == 3 * narrow
+    for name in figures:
+        assert (index.parent / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_records_give_byte_identical_files(tiny):
+    again = write_report("tiny", tiny.root / "results", tiny.root / "again", tiny.root / "data", embed_samples=EMBED)
+    first, second = tiny.index.parent, again.parent
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), f"{name} differs between two reports"
+
+
+def test_missing_checkpoint_is_a_note_and_baselines_still_embed(tiny, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(tiny.root / "results", results)
+    shutil.rmtree(results / "tiny" / ".ckpt")  # a fresh clone: records only
+    index = write_report("tiny", results, tmp_path / "out", tiny.root / "data", embed_samples=EMBED)
+    page, figures = index.read_text(), _figures(index)
+    assert "no checkpoint of run" in page and "rerun it to see its features" in page
+    assert {"embed_random_digits.png", "embed_pixels_digits.png"} <= figures
+    assert not any(f.startswith(("embed_simclr", "embed__report", "gallery_")) for f in figures)
+    assert "curve_simclr_digits.png" in figures  # curves come from the records alone
+
+
+def test_report_without_records_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no stored records"):
+        write_report("nothing", tmp_path / "results", tmp_path / "out", tmp_path / "data")
+
+
+def test_metric_definitions():
+    assert "Hungarian" in metric_definition("clustering/acc")
+    assert "coarse" in metric_definition("clustering/coarse_nmi@k20") and "20 clusters" in metric_definition(
+        "clustering/coarse_nmi@k20")
+    assert "top-1" in metric_definition("knn/top1").lower()
+    assert metric_definition("lbfgs/something_new")  # unknown leaves still get a sentence
+
+
+# ------------------------------------------------------------------------- the page in a real browser
+def _browser() -> str | None:
+    for name in (os.environ.get("HARNESS_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome",
+                 "google-chrome-stable", "/usr/bin/chromium"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_page_in_headless_chromium(tiny, tmp_path):
+    """The page's own ``?selftest`` script sorts a column twice and checks images; --dump-dom returns its report."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set HARNESS_CHROMIUM to a Chrome binary)")
+    url = tiny.index.resolve().as_uri() + "?selftest"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+           "--disable-extensions", "--mute-audio", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=10000", "--dump-dom", url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="selftest">(.*?)</pre>', proc.stdout, re.DOTALL)
+    assert found and found.group(1), f"selftest did not run (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["done"]
+
+    display, stats = leaderboard_table(tiny.records)
+    assert result["rows"] == list(display.index)  # every row, in rank order
+    assert result["headers"] == ["method", *display.columns]
+    # a click on the first metric column sorts it descending, a second click ascending; missing values last
+    column = next(c for c in display.columns if c not in ("rank", "train s", "peak MB"))
+    means = stats[stats["column"] == column].set_index("row")["mean"]
+    original = list(display.index)
+
+    def expected(sign: int) -> list[str]:
+        return sorted(original, key=lambda r: (r not in means or math.isnan(means[r]),
+                                               sign * means.get(r, 0.0), original.index(r)))
+
+    down, up = result["clicks"]
+    assert down["column"] == column and down["direction"] == "descending" and down["rows"] == expected(-1)
+    assert up["direction"] == "ascending" and up["rows"] == expected(+1)
+    assert down["rows"] != up["rows"]
+    values = [float(v) for v in down["values"] if v]
+    assert values == sorted(values, reverse=True)
+    # every image loaded
+    images = result["images"]
+    assert {Path(i["src"]).name for i in images} == _figures(tiny.index)
+    broken = [i["src"] for i in images if not i["complete"] or i["width"] <= 0]
+    assert not broken, f"images that did not load: {broken}"
+
+
+# ------------------------------------------------------------------------- training loggers
+def test_logging_is_off_by_default_and_validated():
+    for kind in (None, "none"):
+        logger = make_logger(kind, Path("/nonexistent"), {})
+        assert isinstance(logger, NullLogger)
+        logger.log_scalars(1, {"loss": 1.0})
+        logger.close()
+        check_backend(kind)
+    with pytest.raises(UsageError, match="unknown log backend 'mlflow'"):
+        make_logger("mlflow", Path("."), {})
+    with pytest.raises(UsageError, match="unknown log backend"):
+        check_backend("mlflow")
+
+
+def test_missing_backend_package_is_a_usage_error_with_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UsageError, match="pip install wandb"):
+        make_logger("wandb", tmp_path, {})
+    with pytest.raises(UsageError, match="pip install tensorboard"):
+        check_backend("tensorboard")
+    assert not any(tmp_path.iterdir())
+
+
+def test_wandb_logger_calls(monkeypatch, tmp_path):
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = make_logger("wandb", tmp_path / "abc123", {"label": "simclr", "seed": 0})
+    logger.log_scalars(3, {"train/loss": torch.tensor(1.5), "train/lr": np.float32(0.1), "bad": float("nan"),
+                           "text": "x"})
+    logger.close()
+    assert calls[0][0] == "init" and calls[0][1]["id"] == "abc123" and calls[0][1]["config"]["seed"] == 0
+    assert calls[1] == ("log", {"train/loss": 1.5, "train/lr": pytest.approx(0.1)}, 3)
+    assert calls[2] == ("finish",)
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = make_logger("tensorboard", tmp_path / "run", {"label": "simclr"})
+    for step in (1, 2, 3):
+        logger.log_scalars(step, {"train/loss": 1.0 / step, "skip": float("inf")})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["train/loss"]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
