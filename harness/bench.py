@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--out", type=Path, default=Path("leaderboards") / "bench-protocols.md")
     args = p.parse_args(argv)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     table = to_markdown(protocol_benchmarks(args.quick))
     print(table)
     import faiss  # a dependency of the benchmark: its kNN and k-means rows time FAISS
@@ -192,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         f"# Protocol benchmarks{' (quick sizes)' if args.quick else ''}\n\n"
         f"CPU only: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
         f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads; "
-        f"{time.perf_counter() - start:.0f} s in all. One run each, wall-clock seconds.\n\n"
-        "x_floor = seconds / floor_s (the floor is the unavoidable core: one float32 matmul of the same "
-        "shapes for kNN, building the contingency table for the label metrics, the assignment matmuls "
+        f"{time.perf_counter() - start:.0f} s in all; load average {load:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end (other processes share the cores). "
+        "One run each, wall-clock seconds.\n\n"
+        "x_floor = seconds / floor_s (the floor is the unavoidable core: the float32 matmul of the same "
+        "shapes for kNN (in 1 GB output blocks), building the contingency table for the label metrics, the assignment matmuls "
         "for k-means). speedup = baseline_s / seconds.\n\n" + table + "\n")
     return 0
 

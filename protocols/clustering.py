@@ -122,7 +122,7 @@ def _clamp_away_from_zero(x: float) -> float:
 def _adjusted_rand(table: np.ndarray) -> float:
     """ARI (Hubert & Arabie 1985) from pair counts in exact integer arithmetic, as sklearn."""
     n = int(table.sum())
-    sum_squares = int((table.astype(np.int64) ** 2).sum())
+    sum_squares = int((table ** 2).sum())
     rows, cols = int((table.sum(axis=1) ** 2).sum()), int((table.sum(axis=0) ** 2).sum())
     tp, fp, fn = sum_squares - n, cols - sum_squares, rows - sum_squares
     tn = n * n - fp - fn - sum_squares
@@ -136,7 +136,8 @@ def cluster_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     predicted clusters K differs from the number of classes C, ``acc_majority``.
 
     NMI and AMI use the arithmetic mean of the two entropies as normaliser (Vinh et al.
-    2010; scikit-learn's default since 0.22, before which NMI used the geometric mean).
+    2010; scikit-learn's default since 0.22, before which NMI used the geometric mean and
+    AMI the maximum).
     All values equal scikit-learn's ``normalized_mutual_info_score``,
     ``adjusted_mutual_info_score`` and ``adjusted_rand_score`` (to float rounding) and are
     computed from one contingency table. Accuracies are fractions in [0, 1].
@@ -209,7 +210,7 @@ def _kmeans_torch(x: np.ndarray, k: int, seed: int, n_init: int, niter: int,
 
 def kmeans(features: ArrayLike, k: int, seed: int, *, n_init: int = 1, niter: int = 25,
            spherical: bool = False, backend: str = "auto", device: str = "cpu") -> np.ndarray:
-    """k-means labels (n,) of ``features`` (n, D): Lloyd's algorithm with FAISS
+    """k-means labels (n,) of ``features`` (n, D): Lloyd's algorithm (Lloyd 1982) with FAISS
     (``faiss.Kmeans``, Johnson et al. 2017; the GPU version on a CUDA ``device``), best of
     ``n_init`` seeded runs of ``niter`` iterations, on all points (FAISS's subsampling is
     off). ``spherical`` L2-normalises the centroids after each update. ``backend`` is

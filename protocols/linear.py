@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from protocols._common import (ArrayLike, check_classes, check_features, check_labels,
                                check_positive, check_positive_int, check_same_dim,
-                               check_same_length, to_numpy, topk_accuracy)
+                               check_same_length, topk_accuracy)
 from protocols.base import EvalContext, register_protocol
 
 L2_GRID = tuple(float(v) for v in np.logspace(-6, 0, 7))
