@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f} at the end (other processes share the cores). "
         "One run each, wall-clock seconds.\n\n"
         "x_floor = seconds / floor_s (the floor is the unavoidable core: the float32 matmul of the same "
-        "shapes for kNN (in 1 GB output blocks), building the contingency table for the label metrics, the assignment matmuls "
-        "for k-means). speedup = baseline_s / seconds.\n\n" + table + "\n")
+        "shapes for kNN (in 1 GB output blocks), building the contingency table for the label metrics, "
+        "the assignment matmuls for k-means). speedup = baseline_s / seconds.\n\n" + table + "\n")
     return 0
 
 
