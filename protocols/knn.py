@@ -35,7 +35,7 @@ def _faiss_search(train: torch.Tensor, k: int, device: str, required: bool) -> S
     if device.startswith("cuda") and faiss.get_num_gpus() > 0:
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, torch.device(device).index or 0, index)
-        index.resources = resources  # keep alive as long as the index
+        index.referenced_objects = [resources]  # faiss's idiom: the resources outlive the index
     index.add(train.cpu().numpy())
 
     def search(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -215,7 +215,8 @@ def lbfgs_protocol(ctx: EvalContext, rep: str, *, l2_grid: list[float],
     """L-BFGS logistic-regression probe on frozen features, L2 chosen on val, refit on train+val."""
     x, y = ctx.features(rep), ctx.labels("fine")
     train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
-    return lbfgs_probe(x[train], y[train], x[test], y[test], val_x=x[val], val_y=y[val],
+    val_x, val_y = (x[val], y[val]) if len(val) else (None, None)  # no val split: carve one from train
+    return lbfgs_probe(x[train], y[train], x[test], y[test], val_x=val_x, val_y=val_y,
                        l2_grid=tuple(l2_grid), seed=ctx.seed, max_iter=max_iter, device=ctx.device)
 
 
@@ -227,8 +228,9 @@ def sgd_protocol(ctx: EvalContext, rep: str, *, epochs: int, lr: float, momentum
     """SGD linear evaluation of the frozen encoder on augmented train images (val picks the epoch)."""
     y = ctx.labels("fine")
     train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
+    val_images, val_y = (ctx.images(val), y[val]) if len(val) else (None, None)
     return sgd_probe(ctx.encoder(), ctx.images(train), y[train], ctx.images(test), y[test],
                      normalize=ctx.normalize, augment=ctx.probe_augment if augment else None,
                      epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      batch_size=batch_size, seed=ctx.seed, device=ctx.device,
-                     val_images=ctx.images(val), val_y=y[val])
+                     val_images=val_images, val_y=val_y)

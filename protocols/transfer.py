@@ -51,7 +51,9 @@ def coarse_to_fine_protocol(ctx: EvalContext, rep: str, *, k: int, temperature: 
     """Fine- vs coarse-label accuracy of the features by the L-BFGS probe and weighted kNN."""
     x, fine, coarse = ctx.features(rep), ctx.labels("fine"), ctx.labels("coarse")
     train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
+    # no val split: the probe carves one from train
+    val_x, val_fine, val_coarse = (x[val], fine[val], coarse[val]) if len(val) else (None, None, None)
     return coarse_to_fine(x[train], fine[train], coarse[train], x[test], fine[test], coarse[test],
-                          val_x=x[val], val_fine=fine[val], val_coarse=coarse[val], k=k,
+                          val_x=val_x, val_fine=val_fine, val_coarse=val_coarse, k=k,
                           temperature=temperature, l2_grid=tuple(l2_grid), seed=ctx.seed,
                           max_iter=max_iter, device=ctx.device)

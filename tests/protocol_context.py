@@ -20,6 +20,7 @@ class BlobContext:
     num_fine: int = 6
     per_class: int = 40
     dim: int = 8
+    with_val: bool = True  # False: an empty val split (its samples stay in train)
     _data: dict = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -31,6 +32,8 @@ class BlobContext:
         images = np.clip(patterns[fine] + rng.normal(0, 10, size=(n, 3, 4, 4)), 0, 255)
         order = rng.permutation(n)
         train, val, test = order[: n // 2], order[n // 2: 3 * n // 4], order[3 * n // 4:]
+        if not self.with_val:
+            train, val = order[: 3 * n // 4], order[:0]
         torch.manual_seed(self.seed)
         self._encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16),
                                             torch.nn.BatchNorm1d(16)).eval()

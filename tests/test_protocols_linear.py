@@ -50,8 +50,9 @@ def test_two_views_and_string_labels():
     assert two["top1"] == pytest.approx(one["top1"], abs=0.03)
 
 
-def test_separable_blobs_score_one():
-    ctx = BlobContext()
+@pytest.mark.parametrize("with_val", [True, False])
+def test_separable_blobs_score_one(with_val):
+    ctx = BlobContext(with_val=with_val)  # without a val split the probe carves one from train
     out = lbfgs_protocol(ctx, "backbone", l2_grid=[1e-3, 1e-1], max_iter=200)
     assert out["top1"] == 1.0 and out["top5"] == 1.0
 
@@ -98,6 +99,7 @@ def test_sgd_wrapper_is_seeded():
     first = sgd_protocol(ctx, "backbone", **params)
     assert first == sgd_protocol(ctx, "backbone", **params)
     assert first["top1"] > 0.9
+    assert set(sgd_protocol(BlobContext(with_val=False), "backbone", **params)) == {"top1", "top5"}
 
 
 def test_sgd_bad_input_raises():

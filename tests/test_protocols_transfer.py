@@ -26,8 +26,9 @@ def test_coarse_features_score_coarse_labels_not_fine_ones():
                         "fine_knn_top5", "coarse_lbfgs_top1", "coarse_lbfgs_l2", "coarse_knn_top1"}
 
 
-def test_coarse_to_fine_wrapper_on_separable_blobs():
-    out = coarse_to_fine_protocol(BlobContext(), "backbone", k=20, temperature=0.1,
+@pytest.mark.parametrize("with_val", [True, False])
+def test_coarse_to_fine_wrapper_on_separable_blobs(with_val):
+    out = coarse_to_fine_protocol(BlobContext(with_val=with_val), "backbone", k=20, temperature=0.1,
                                   l2_grid=[1e-2], max_iter=200)
     assert [out[key] for key in ("fine_lbfgs_top1", "fine_knn_top1", "coarse_lbfgs_top1",
                                  "coarse_knn_top1")] == [1.0, 1.0, 1.0, 1.0]
