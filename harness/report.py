@@ -232,6 +232,8 @@ def embedding_chart(panels: list[tuple[str, np.ndarray, np.ndarray, list[str]]],
         ax.scatter(xy[:, 0], xy[:, 1], c=palette[colors], s=7, linewidths=0)
         ax.set_xticks([])
         ax.set_yticks([])
+        for side in ("left", "bottom"):
+            ax.spines[side].set_visible(False)
         ax.set_title(name)
         if len(names) <= 20:
             from matplotlib.lines import Line2D
