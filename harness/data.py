@@ -255,22 +255,22 @@ def load_image_folder(root: Path, name: str, image_size: int | None = None,
 def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, classes=None) -> ImageData:
     """Decode an image tree once and cache it as a .pt tensor file next to it (JPEG decode is slow)."""
     folder = root / sub
-    if not folder.is_dir():
-        archive = root / f"{sub}.tar.gz"
-        if archive.is_file():
-            import tarfile
-            with tarfile.open(archive) as tar:
-                tar.extractall(root, filter="data")
-        if not folder.is_dir():
-            raise UsageError(f"dataset {name!r} not found: looked for {folder} (an ImageFolder tree "
-                             f"train/<class>/, test/<class>/) and {archive}; pass --data-dir")
+    archive = root / f"{sub}.tar.gz"
+    if not folder.is_dir() and archive.is_file():
+        import tarfile
+        with tarfile.open(archive) as tar:
+            top = {m.name.split("/")[0] for m in tar.getmembers()}
+            tar.extractall(root if top == {sub} else folder, filter="data")
+    if not (folder / "train").is_dir():
+        raise UsageError(f"dataset {name!r} not found: looked for {folder} (an ImageFolder tree "
+                         f"train/<class>/, test/<class>/) and {archive}; pass --data-dir")
     cache = root / f".{sub}-{image_size or 'native'}.pt"
-    if cache.is_file():
-        d = torch.load(cache, weights_only=False)
-        return ImageData(**d)
+    if cache.is_file():  # arrays are stored as tensors so the cache loads with weights_only=True
+        d = torch.load(cache, weights_only=True)
+        return ImageData(**{k: v.numpy() if k != "images" and torch.is_tensor(v) else v for k, v in d.items()})
     data = load_image_folder(folder, name, image_size, classes)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data.__dict__, tmp)
+    torch.save({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.__dict__.items()}, tmp)
     os.replace(tmp, cache)
     return data
 
@@ -279,6 +279,25 @@ def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, clas
                   needs_download=False)
 def load_cifar10_jpeg(root: Path, download: bool) -> ImageData:
     return _cached_folder("cifar10-jpeg", root, "cifar10-jpeg", None, CIFAR10_CLASSES)
+
+
+def stratified_subset(data: ImageData, name: str, per_class_train: int, per_class_test: int) -> ImageData:
+    """The first ``per_class_*`` samples of each class from the train and test parts (deterministic)."""
+    keep = []
+    for part in (data.is_train, ~data.is_train):
+        n = per_class_train if part is data.is_train else per_class_test
+        for c in range(data.num_classes):
+            keep.append(np.flatnonzero(part & (data.labels == c))[:n])
+    idx = np.sort(np.concatenate(keep))
+    coarse = None if data.coarse_labels is None else data.coarse_labels[idx]
+    return ImageData(name, data.images[torch.as_tensor(idx)].clone(), data.labels[idx], coarse, data.is_train[idx],
+                     data.classes, data.mean, data.std)
+
+
+@register_dataset("cifar10-jpeg-10k", "10,000-image stratified subset of cifar10-jpeg (800 train + 200 test per class)",
+                  needs_download=False)
+def load_cifar10_jpeg_10k(root: Path, download: bool) -> ImageData:
+    return stratified_subset(load_cifar10_jpeg(root, download), "cifar10-jpeg-10k", 800, 200)
 
 
 @register_dataset("imagenet10", "ImageNet-10 (the 10 wnids of Chang et al. 2017) as an ImageFolder tree imagenet10/, 96 px",
