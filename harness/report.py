@@ -185,22 +185,34 @@ def bar_chart(stats_rows, frame_rows, column: str, path: Path) -> None:
 
 
 def curve_chart(runs: list[dict], title: str, path: Path) -> None:
-    """Loss and learning rate per epoch, one line per seed (failed runs dashed)."""
-    fig = _figure(8.0, 3.0)
-    ax_loss, ax_lr = fig.subplots(1, 2)
-    colors = _class_colors(max(10, len(runs)))
-    for i, r in enumerate(sorted(runs, key=lambda r: r["spec"]["seed"])):
+    """Loss and learning rate per epoch, one line per seed (failed runs dashed), and a third panel
+    with the other scalars the method logged (their values at the epoch's last step) if any."""
+    runs = sorted(runs, key=lambda r: r["spec"]["seed"])
+    extras = sorted({k for r in runs for h in r["train"]["history"] for k, v in h.items()
+                     if k not in ("epoch", "loss", "lr", "seconds") and isinstance(v, (int, float))})
+    fig = _figure(12.0 if extras else 8.0, 3.0)
+    axes = fig.subplots(1, 3 if extras else 2)
+    ax_loss, ax_lr = axes[0], axes[1]
+    colors = _class_colors(max(10, len(runs), len(extras)))
+    for i, r in enumerate(runs):
         hist = r["train"]["history"]
         epochs = [h["epoch"] for h in hist]
         style = "-" if r["status"] == "ok" else "--"
         label = f"seed {r['spec']['seed']}" + ("" if r["status"] == "ok" else " (failed)")
         ax_loss.plot(epochs, [h["loss"] for h in hist], style, marker="o", ms=3, color=colors[i], label=label)
         ax_lr.plot(epochs, [h.get("lr", float("nan")) for h in hist], style, marker="o", ms=3, color=colors[i])
+        for j, key in enumerate(extras):
+            axes[2].plot(epochs, [h.get(key, float("nan")) for h in hist], style, marker="o", ms=2, color=colors[j],
+                         alpha=1.0 if i == 0 else 0.5, label=key if i == 0 else None)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss (mean over the epoch)")
     ax_loss.legend(fontsize=7, frameon=False)
     ax_lr.set_xlabel("epoch")
     ax_lr.set_ylabel("learning rate (end of the epoch)")
+    if extras:
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("logged by the method (epoch's last step)")
+        axes[2].legend(fontsize=7, frameon=False)
     fig.suptitle(title)
     _save(fig, path)
 
@@ -736,8 +748,9 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                 "One chart per leaderboard column: bars are the mean over seeds, whiskers ±1 std, dots the seeds.",
                 "no scores to chart"),
         section("Training curves", "curves", sections["curves"],
-                "Training loss (mean over each epoch's steps) and learning rate per epoch, one line per seed; "
-                "failed runs dashed.", "no method with a training history"),
+                "Training loss (mean over each epoch's steps) and learning rate per epoch, one line per seed "
+                "(failed runs dashed), and the other scalars a method logs, at each epoch's last step.",
+                "no method with a training history"),
         section("Embeddings", "embeddings", sections["embeddings"],
                 f"t-SNE (scikit-learn, perplexity 30, PCA to 50 dimensions first, seed {TSNE_SEED}) of the same fixed "
                 f"random subsample (seed {SUBSAMPLE_SEED}) for every method, from the lowest-seed successful run's "
