@@ -42,9 +42,16 @@ KMEANS_ITERS = 25
 
 
 def _seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+    """Wall-clock seconds of ``fn()`` and its result: the best of two runs when the first takes
+    under a minute (the cores may be shared with other processes)."""
+    best = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+        if best >= 60:
+            break
+    return best, out
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads; "
         f"{time.perf_counter() - start:.0f} s in all; load average {load:.1f} at the start and "
         f"{os.getloadavg()[0]:.1f} at the end (other processes share the cores). "
-        "One run each, wall-clock seconds.\n\n"
+        "Wall-clock seconds, the best of two runs for anything under a minute.\n\n"
         "x_floor = seconds / floor_s (the floor is the unavoidable core: the float32 matmul of the same "
         "shapes for kNN (in 1 GB output blocks), building the contingency table for the label metrics, "
         "the assignment matmuls for k-means). speedup = baseline_s / seconds.\n\n" + table + "\n")
