@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
     run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
     run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
+    run.add_argument("--log", choices=["none", "tensorboard", "wandb"], default="none",
+                     help="also stream training scalars to TensorBoard or W&B (off by default)")
     run.add_argument("--executor", choices=["local", "submitit"], default="local",
                      help="local process pool, or submitit (Slurm; its local backend without Slurm)")
     run.add_argument("--workers", type=int, help="jobs at once (default: one per visible GPU, else 1)")
@@ -64,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
 
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
+
+    rep = sub.add_parser("report", help="HTML page and figures of a suite from its stored records (no training)")
+    rep.add_argument("suite", nargs="?", default=None)
+    rep.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    rep.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+    rep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--no-features", action="store_true", help="skip embeddings and galleries (no model rebuilt)")
 
     tune = sub.add_parser("tune", help="Optuna study of a method's search space, scored on the validation split")
     tune.add_argument("method")
@@ -119,15 +129,19 @@ def cmd_run(args) -> int:
     jobs = plan(suite)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
           f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
+    from harness.logging_backends import check_backend
+
+    check_backend(args.log)
     if args.executor == "local" and not args.workers:
-        records = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet).run(jobs, force=args.force)
+        runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log)
+        records = runner.run(jobs, force=args.force)
     else:
         from harness.executors import ExecutorError, run_jobs, slurm_options
 
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
-                  "quiet": args.quiet}
+                  "quiet": args.quiet, "log_backend": args.log}
         try:
             records = run_jobs(jobs, kwargs, args.executor, args.workers, slurm, force=args.force,
                                plugins=args.plugin)
@@ -197,6 +211,17 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from harness.environment import resolve_device
+    from harness.report import write_report
+    from harness.suite import DEFAULT_SUITE
+
+    page = write_report(args.suite or DEFAULT_SUITE, args.results_dir, args.leaderboard_dir, args.data_dir,
+                        resolve_device(args.device), features=not args.no_features, log=print)
+    print(f"written: {page}")
+    return 0
+
+
 def cmd_tune(args) -> int:
     from harness.tune import tune
 
@@ -243,7 +268,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
-            "tune": cmd_tune}
+            "tune": cmd_tune, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

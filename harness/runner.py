@@ -14,6 +14,7 @@ from harness.backbones import create_backbone
 from harness.budget import Budget
 from harness.data import ImageData, SplitManifest, load_dataset, load_or_make_manifest
 from harness.environment import environment, resolve_device
+from harness.logging_backends import make_logger
 from harness.evaluate import RunContext, evaluate
 from harness.seeding import seed_everything
 from harness.store import ResultStore, run_id
@@ -68,8 +69,10 @@ class Runner:
     """Runs jobs into a :class:`ResultStore`, loading each dataset and manifest once."""
 
     def __init__(self, results_dir: Path, data_dir: Path, device: str = "auto", quiet: bool = False,
-                 log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0) -> None:
+                 log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
+                 log_backend: str = "none") -> None:
         self.results_dir, self.data_dir = Path(results_dir), Path(data_dir)
+        self.log_backend = log_backend
         self.device = resolve_device(device)
         self.quiet, self.log, self.checkpoint_seconds = quiet, log, checkpoint_seconds
         self._data: dict[tuple[str, float], tuple[ImageData, SplitManifest]] = {}
@@ -163,10 +166,11 @@ class Runner:
                 labels = torch.as_tensor(source[train_idx.numpy()]).to(device)
             augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std,
                                   allow_flip=data.name not in ("digits", "mnist"))
-            result = train(method, images, labels, job.budget, augmenter, cfg, device=device, seed=seed,
-                           generator=generator, checkpoint=store.checkpoint_path(job.run_id),
-                           checkpoint_seconds=self.checkpoint_seconds, quiet=self.quiet,
-                           desc=f"{job.entry.label}/{job.dataset}/s{seed}")
+            with make_logger(self.log_backend, store.dir / ".logs" / job.run_id, spec) as logger:
+                result = train(method, images, labels, job.budget, augmenter, cfg, device=device, seed=seed,
+                               generator=generator, checkpoint=store.checkpoint_path(job.run_id),
+                               checkpoint_seconds=self.checkpoint_seconds, quiet=self.quiet,
+                               desc=f"{job.entry.label}/{job.dataset}/s{seed}", logger=logger)
             record["train"] = {"used": result.usage.as_dict(), "history": result.history,
                                "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                                "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1)}

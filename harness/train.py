@@ -108,7 +108,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
 def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, budget: Budget,
           augmenter: Augmenter, cfg: dict[str, Any], *, device: str, seed: int, generator: torch.Generator,
           checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, quiet: bool = False,
-          desc: str = "") -> TrainResult:
+          desc: str = "", logger=None) -> TrainResult:
     """Train ``method`` on the uint8 ``images`` (already on ``device``) until ``budget`` is spent.
 
     ``labels`` (on device) are handed to the adapter only if it declares a ``label_level``.
@@ -174,6 +174,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.get("amp", True)):
                 out = method.training_step(batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
+            logs = {k: float(v) for k, v in logs.items()}
             if not torch.isfinite(loss):
                 status, reason = "failed", f"loss became {loss.item()} at step {usage.steps + 1}"
                 break
@@ -190,6 +191,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             epoch_losses.append(float(loss.detach()))
             bar.update(getattr(usage, budget.unit) - before)
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
+            if logger is not None:
+                logger.log_scalars(usage.steps, {"train/loss": epoch_losses[-1], "train/lr": optimizer.param_groups[0]["lr"],
+                                                 **{f"train/{k}": v for k, v in logs.items()}})
             if usage.exhausted(budget):
                 break
             if checkpoint is not None and time.perf_counter() - last_save > checkpoint_seconds:
