@@ -1,4 +1,4 @@
-"""InvCls (Liu et al., AAAI 2021, "Train a One-Million-Way Instance Classifier"): a parametric N-way instance classifier.
+"""InvCls (Liu et al., AAAI 2021): a one-million-way instance classifier for unsupervised representations.
 
 Every training image is a class. Logits are cosines between the MLP head's 128-d output and
 the class weights W (N x 128), divided by tau = 0.15. Three pieces from the paper:
@@ -114,7 +114,8 @@ def sharded_instance_loss(z: torch.Tensor, targets: torch.Tensor, weight_shard: 
     """InvCls's loss with W sharded by class across the ranks of ``group`` (hybrid parallelism).
 
     Each rank passes its local batch (``z`` (n, d) head outputs, ``targets`` global image ids; the
-    same n on every rank) and its shard of W, rows ``offset .. offset + len(weight_shard)``.
+    same n on every rank) and its shard of W, rows ``offset .. offset + len(weight_shard)``
+    (at least ``k`` rows per shard).
     Features and targets are all-gathered, each rank computes the cosine logits of the whole
     batch against its classes, and the softmax normaliser comes from an all-reduce of the row max
     and the sum of exponentials. Returns the global batch mean, equal on every rank to the dense

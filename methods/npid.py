@@ -28,8 +28,11 @@ class NPID(Method):
         # 5 warm-up epochs then cosine per iteration; NPID's weight decay 5e-4 and single view.
         "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 5e-4, "warmup": 0.025, "min_lr": 1e-6,
                   "views": 1, "augment": "cld"},
-        "cpu": {"batch_size": 128, "lr": 0.06, "weight_decay": 5e-4, "warmup": 0.05, "views": 1,
-                "augment": "mild"},
+        # Digits (1,300 images, 15 epochs): at T=0.1 and lr 0.06 the randomly initialised bank's targets
+        # wreck the encoder before the bank holds real features (kNN 75.8 vs 95.5 for the random encoder),
+        # so a softer softmax, a smaller lr and a warm-up of 3 epochs while the bank fills.
+        "cpu": {"batch_size": 128, "lr": 0.02, "weight_decay": 5e-4, "warmup": 0.2, "views": 1,
+                "augment": "mild", "temperature": 0.5},
     }
     search_space = {"lr": ("log", 0.01, 0.5), "temperature": ("float", 0.05, 0.5)}
 
