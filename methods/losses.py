@@ -54,7 +54,8 @@ def supcon_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.T
     (i itself included) and N(i) the others, each positive is contrasted against itself plus
     the negatives:  L_i = 1/|P(i)| sum_{p in P(i)} [ -min(s_ip, clip_pos) + log(e^{s_ip} + sum_{n in N(i)} e^{s_in}) ].
     ``clip_pos`` clamps the numerator's logit only (the official default 1.0: with T=0.5 the
-    numerator stops pulling positives closer than cosine 0.5); ``None`` disables it. Mean over anchors.
+    numerator gives no gradient once a positive's cosine exceeds 0.5, only the denominators
+    still pull it closer); ``None`` disables it. Mean over anchors.
     """
     sim, pos = _class_logits(anchors, candidates, labels, temperature)
     neg_lse = sim.masked_fill(pos, float("-inf")).logsumexp(1, keepdim=True)  # -inf without negatives

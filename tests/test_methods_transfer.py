@@ -1,0 +1,244 @@
+"""Coarse-to-fine transfer methods (Chen, Fu et al. 2022): supcon, supcon_spread, cond_autoencoder, thanos.
+
+Each loss is checked against a direct, loop-by-loop computation of its equation on small
+tensors; the training check compares the fine-label kNN accuracy of supcon_spread and supcon
+trained on digits' coarse labels (0-4 vs 5-9) on the same seeds.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from harness.store import run_id
+from harness.vit import ViT
+from methods import METHODS, Batch, DataInfo, create_method, resolve_config
+from methods.autoencoder import ConvDecoder
+from methods.losses import class_conditional_info_nce, supcon_loss
+from methods.thanos import ConcatEncoder
+from tests.conftest import metric
+
+TAU = 0.5
+
+
+# ----------------------------------------------------------------------------- direct computations
+def cos(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u @ v) / (u.norm() * v.norm())
+
+
+def direct_supcon(anchors, candidates, labels, tau, clip):
+    """1/n sum_i 1/|P(i)| sum_{p in P(i)} [ -min(s_ip, clip) + log(e^{s_ip} + sum_{k in N(i)} e^{s_ik}) ]."""
+    n = len(labels)
+    total = 0.0
+    for i in range(n):
+        s = [cos(anchors[i], candidates[j]) / tau for j in range(n)]
+        positives = [j for j in range(n) if labels[j] == labels[i]]
+        negatives = [j for j in range(n) if labels[j] != labels[i]]
+        per_anchor = 0.0
+        for p in positives:
+            numerator = s[p] if clip is None else torch.clamp(s[p], max=clip)
+            denominator = torch.log(torch.exp(s[p]) + sum(torch.exp(s[k]) for k in negatives))
+            per_anchor = per_anchor - numerator + denominator
+        total = total + per_anchor / len(positives)
+    return total / n
+
+
+def direct_spread(anchors, candidates, labels, tau):
+    """1/n sum_i [ -s_ii + log sum_{p in P(i)} e^{s_ip} ]  (P(i) includes i)."""
+    n = len(labels)
+    total = 0.0
+    for i in range(n):
+        s = [cos(anchors[i], candidates[j]) / tau for j in range(n)]
+        positives = [j for j in range(n) if labels[j] == labels[i]]
+        total = total - s[i] + torch.log(sum(torch.exp(s[p]) for p in positives))
+    return total / n
+
+
+def direct_ce(logits, labels):
+    return sum(-torch.log(torch.exp(logits[i, labels[i]]) / torch.exp(logits[i]).sum())
+               for i in range(len(labels))) / len(labels)
+
+
+def views_pair(n=8, d=5, noise=0.3, seed=0):
+    """Two correlated views of n samples: anchors (view 1) and candidates (view 0)."""
+    g = torch.Generator().manual_seed(seed)
+    v0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    v1 = v0 + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return v1.requires_grad_(), v0.requires_grad_()  # anchors (view 1), candidates (view 0)
+
+
+LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
+
+
+# ----------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_supcon_matches_equation_and_its_gradient(clip):
+    anchors, candidates = views_pair()
+    loss = supcon_loss(anchors, candidates, LABELS, TAU, clip_pos=clip)
+    expected = direct_supcon(anchors, candidates, LABELS, TAU, clip)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    got = torch.autograd.grad(loss, (anchors, candidates))
+    want = torch.autograd.grad(expected, (anchors, candidates))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_supcon_clamp_removes_the_numerator_gradient_above_cosine_half():
+    """With every positive logit above 1 (cosine > T = 0.5), clamped SupCon = unclamped SupCon +
+    mean_i 1/|P(i)| sum_p (s_ip - 1): the same value shift and the same gradient shift, i.e. only
+    the denominators still pull positives together."""
+    g = torch.Generator().manual_seed(5)
+    centroids = 3 * torch.eye(5, dtype=torch.float64)[LABELS]  # classes along different axes
+    anchors = (centroids + 0.3 * torch.randn(8, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    candidates = (centroids + 0.3 * torch.randn(8, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    n = len(LABELS)
+    positive_logits = [[cos(anchors[i], candidates[p]) / TAU for p in range(n) if LABELS[p] == LABELS[i]]
+                       for i in range(n)]
+    assert min(float(s.detach()) for row in positive_logits for s in row) > 1, "test data must put every positive above the clamp"
+    shift = sum(sum(s - 1 for s in row) / len(row) for row in positive_logits) / n
+    clamped = supcon_loss(anchors, candidates, LABELS, TAU, clip_pos=1.0)
+    unclamped_plus_shift = supcon_loss(anchors, candidates, LABELS, TAU, clip_pos=None) + shift
+    assert clamped.item() == pytest.approx(unclamped_plus_shift.item(), rel=1e-10)
+    assert clamped.item() > unclamped_plus_shift.item() - shift.item()
+    for g1, g2 in zip(torch.autograd.grad(clamped, (anchors, candidates)),
+                      torch.autograd.grad(unclamped_plus_shift, (anchors, candidates))):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+def test_class_conditional_info_nce_matches_equation_and_its_gradient():
+    anchors, candidates = views_pair(seed=1)
+    loss = class_conditional_info_nce(anchors, candidates, LABELS, TAU)
+    expected = direct_spread(anchors, candidates, LABELS, TAU)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    for g, w in zip(torch.autograd.grad(loss, (anchors, candidates)), torch.autograd.grad(expected, (anchors, candidates))):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- adapters
+class FlattenEncoder(nn.Module):
+    """Identity encoder on flattened pixels, so adapter losses can be recomputed from the views."""
+
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def adapter(name, image_shape=(1, 2, 2), num_classes=3, **overrides):
+    torch.manual_seed(0)
+    cfg = resolve_config(METHODS.get(name), "cpu", overrides)
+    info = DataInfo(num_samples=8, image_shape=image_shape, num_classes=num_classes)
+    return create_method(name, FlattenEncoder(math.prod(image_shape)), cfg, info).double()
+
+
+def batch_of(seed=2):
+    v1, v0 = views_pair(seed=seed, d=4)
+    views = [v0.detach().view(-1, 1, 2, 2), v1.detach().view(-1, 1, 2, 2)]
+    return Batch(views, torch.arange(len(LABELS)), LABELS)
+
+
+def test_supcon_adapter_pairs_view1_anchors_with_view0_candidates():
+    m, batch = adapter("supcon"), batch_of()
+    loss, logs = m.training_step(batch)
+    v0, v1 = (v.flatten(1) for v in batch.views)
+    ce = direct_ce(m.classifier(torch.cat([v0, v1])), LABELS.repeat(2))
+    forward = direct_supcon(v1, v0, LABELS, TAU, clip=1.0)
+    assert loss.item() == pytest.approx((ce + forward).item(), rel=1e-10)
+    assert logs["supcon"] == pytest.approx(forward.item(), rel=1e-10)
+    backward = direct_supcon(v0, v1, LABELS, TAU, clip=1.0)
+    assert abs(forward.item() - backward.item()) > 1e-3  # the direction matters on this batch
+    assert m.label_level == "coarse" and m.cfg["temperature"] == 0.5 and m.cfg["clip_pos"] == 1.0
+
+
+def test_supcon_spread_adapter_is_ce_plus_equal_weight_mean_of_supcon_and_spread():
+    m, batch = adapter("supcon_spread"), batch_of(seed=3)
+    loss, logs = m.training_step(batch)
+    v0, v1 = (v.flatten(1) for v in batch.views)
+    ce = direct_ce(m.classifier(torch.cat([v0, v1])), LABELS.repeat(2))
+    expected = ce + (direct_supcon(v1, v0, LABELS, TAU, 1.0) + direct_spread(v1, v0, LABELS, TAU)) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert logs["spread"] == pytest.approx(direct_spread(v1, v0, LABELS, TAU).item(), rel=1e-10)
+    assert m.cfg["a_lc"] == m.cfg["a_spread"] == 1.0
+
+
+def test_cond_autoencoder_loss_is_coarse_ce_plus_reconstruction_mse():
+    m, batch = adapter("cond_autoencoder", recon_weight=0.5), batch_of(seed=4)
+    loss, _ = m.training_step(batch)
+    x = torch.cat(batch.views)
+    z = x.flatten(1)
+    ce = direct_ce(m.classifier(z), LABELS.repeat(2))
+    recon = m.decoder(z)
+    mse = sum(((recon[i] - x[i]) ** 2).sum() for i in range(len(x))) / x.numel()
+    assert loss.item() == pytest.approx((ce + 0.5 * mse).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (3, 96, 96), (1, 28, 28)])
+def test_decoder_reconstructs_the_input_shape(shape):
+    assert ConvDecoder(16, shape, 32)(torch.randn(2, 16)).shape == (2, *shape)
+
+
+# ----------------------------------------------------------------------------- thanos and the ViT
+def test_thanos_concatenates_the_frozen_component_backbones():
+    class Affine(nn.Module):
+        def __init__(self, scale, out_dim):
+            super().__init__()
+            self.lin, self.out_dim = nn.Linear(4, out_dim), out_dim
+            nn.init.constant_(self.lin.weight, scale)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1))
+
+    info = DataInfo(num_samples=8, image_shape=(1, 2, 2), num_classes=2)
+    comps = {name: create_method(name, Affine(s, d), resolve_config(METHODS.get(name), "cpu"), info).eval()
+             for name, s, d in (("supcon_spread", 1.0, 3), ("cond_autoencoder", -2.0, 5))}
+    thanos_cls = METHODS.get("thanos")
+    assert thanos_cls.components == ("supcon_spread", "cond_autoencoder") and not thanos_cls.trains
+    thanos = create_method("thanos", Affine(0.0, 7), resolve_config(thanos_cls, "cpu"),
+                           DataInfo(8, (1, 2, 2), extra={"components": comps}))
+    x = torch.randn(6, 1, 2, 2)
+    rep = thanos.representations(x)
+    assert list(rep) == ["backbone"] and thanos.backbone.out_dim == 8
+    expected = torch.cat([comps["supcon_spread"].backbone(x), comps["cond_autoencoder"].backbone(x)], 1)
+    torch.testing.assert_close(rep["backbone"], expected)
+    assert not any(p.requires_grad for p in thanos.parameters())
+    concat = ConcatEncoder([Affine(1.0, 2), Affine(3.0, 4)])
+    assert concat.out_dim == 6 and concat(x).shape == (6, 6)
+
+
+def test_vit_small_patch4_is_the_papers_encoder():
+    from harness.backbones import BACKBONES, create_backbone
+
+    assert "vit_small_patch4" in BACKBONES.names()
+    vit = create_backbone("vit_small_patch4", 3).eval()
+    assert vit.out_dim == 256 and len(vit.blocks) == 7
+    block = vit.blocks[0]
+    assert block.attn.num_heads == 8 and block.mlp[0].out_features == 512
+    assert vit.embed[0].in_features == 3 * 4 * 4
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 256)
+    assert ViT(1)(torch.randn(2, 1, 8, 8)).shape == (2, 256)
+
+
+# ----------------------------------------------------------------------------- harness runs
+def test_thanos_run_evaluates_the_stored_component_runs(run_suite):
+    records = run_suite(["supcon_spread", "cond_autoencoder", "thanos"], seeds=(0,), budget="epochs=1")
+    assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
+    by_method = {r["spec"]["method"]: r for r in records}
+    thanos = by_method["thanos"]
+    assert [run_id(s) for s in thanos["spec"]["components"]] == [by_method["supcon_spread"]["run_id"],
+                                                                 by_method["cond_autoencoder"]["run_id"]]
+    assert thanos["train"]["used"] is None and "knn/top1" in thanos["metrics"]["backbone"]
+
+
+def test_spread_keeps_more_fine_structure_than_supcon_on_digits(run_suite):
+    """digits 2->10 (trained on 0-4 vs 5-9), CPU scale, 15 epochs, seeds 0-2: mean fine-label kNN top-1."""
+    records = run_suite(["supcon", "supcon_spread"], seeds=(0, 1, 2), budget="epochs=15",
+                        protocols={"knn": {"k": 20, "temperature": 0.1}})
+    assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
+    knn = {m: metric(records, m, "knn/top1") for m in ("supcon", "supcon_spread")}
+    report = ", ".join(f"{m} {[round(x, 3) for x in v]} mean {sum(v) / len(v):.3f}" for m, v in knn.items())
+    print("fine kNN top-1:", report)
+    assert sum(knn["supcon_spread"]) > sum(knn["supcon"]), f"fine kNN top-1: {report}"
