@@ -76,3 +76,7 @@ class Flatten(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+
+# The paper-specific ViT lives in its own module and registers itself on import.
+from harness import vit  # noqa: E402,F401
