@@ -22,6 +22,18 @@ def make_suite(methods: list[Any], *, seeds=(0,), budget: Any = "epochs=2",
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on shared, oversubscribed cores OpenMP's spinning threads make
+    small CPU runs several times slower (and pool workers get one thread each anyway)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def run_suite(tmp_path: Path):
     """``run_suite(methods, seeds=..., budget=..., protocols=...) -> list of records`` on digits."""
     from harness.runner import Runner, plan

@@ -21,14 +21,7 @@ FAST = {"knn": {"k": 10}}
 LOCAL = {"cluster": "local", "timeout_min": 10}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on shared, oversubscribed cores OpenMP's spinning threads make
-    small CPU runs several times slower (and workers get one thread each anyway)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _kwargs(root: Path, data: Path, **kw) -> dict:

@@ -15,14 +15,7 @@ from methods import Method, register_method
 from harness.tune import _final_epoch, suggest, tune, val_knn_protocol
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on shared, oversubscribed cores OpenMP's spinning threads make
-    small CPU runs several times slower (and workers get one thread each anyway)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_study_resumes_counts_finished_trials_and_writes_best(tmp_path):
