@@ -74,3 +74,10 @@ def class_conditional_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, 
     """
     sim, pos = _class_logits(anchors, candidates, labels, temperature)
     return (sim.masked_fill(~pos, float("-inf")).logsumexp(1) - sim.diagonal()).mean()
+
+
+def column_nt_xent(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent between the columns of two views' head outputs (n, K) (CC's cluster-level contrast,
+    Li et al. 2021, Eq. 4-5; CD's feature heads): column k of one view is positive with column k
+    of the other, the other 2K-2 columns are negatives. Mean over the 2K columns."""
+    return nt_xent(p1.t(), p2.t(), temperature)

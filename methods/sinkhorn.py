@@ -52,6 +52,9 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         return torch.add(log_r.to(dtype), x, alpha=lam, out=x)
 
     tiny = torch.finfo(dtype).tiny
+    # entries are floored at exp(cutoff) ~ K * tiny times their row's largest (1e-34 in float32):
+    # no subnormal numbers (slow on CPUs), even after the matvec's division by row sums of up to K
+    cutoff = math.log(tiny) + math.log(k) + 1
     iterations, error = 0, math.inf
     while iterations < max_iter and error >= tol:
         log_c_new = torch.empty(n, **acc)
@@ -59,7 +62,7 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         for start in range(0, n, chunk_size):
             t = exponents(start)
             t_max = t.amax(1, keepdim=True)
-            t = t.sub_(t_max).exp_()
+            t = t.sub_(t_max).clamp_min_(cutoff).exp_()
             t_sum = t.sum(1)
             col += (t.t() @ t_sum.reciprocal()).double()
             log_c_new[start:start + chunk_size] = -math.log(n) - (t_max.squeeze(1) + t_sum.log()).double()

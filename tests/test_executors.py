@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import submitit
-import torch
 
 from conftest import make_suite
 from harness.errors import UsageError

@@ -250,3 +250,30 @@ def test_tensorboard_logger_writes_events(tmp_path):
     events.Reload()
     assert events.Tags()["scalars"] == ["train/loss"]
     assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+
+
+def test_cli_report_without_features(tiny, tmp_path, capsys):
+    from harness.cli import main
+
+    rc = main(["report", "tiny", "--results-dir", str(tiny.root / "results"), "--leaderboard-dir", str(tmp_path),
+               "--data-dir", str(tiny.root / "data"), "--no-features"])
+    assert rc == 0
+    index = tmp_path / "tiny" / "index.html"
+    assert f"written: {index}" in capsys.readouterr().out
+    assert "embeddings and cluster galleries were not drawn" in index.read_text()
+    assert not any(f.startswith(("embed_", "gallery_")) for f in _figures(index))
+
+
+def test_training_streams_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from harness.runner import Runner, plan
+
+    suite = make_suite(["simclr"], budget="steps=3", protocols={"knn": {"k": 10}}, name="tb")
+    (job,) = plan(suite)
+    Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None,
+           log_backend="tensorboard").run([job])
+    events = EventAccumulator(str(tmp_path / "results" / "tb" / ".logs" / job.run_id))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
