@@ -51,10 +51,9 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         x = logits[start:start + chunk_size].to(dtype) - row_max[start:start + chunk_size, None]
         return torch.add(log_r.to(dtype), x, alpha=lam, out=x)
 
-    tiny = torch.finfo(dtype).tiny
     # entries are floored at exp(cutoff) ~ K * tiny times their row's largest (1e-34 in float32):
     # no subnormal numbers (slow on CPUs), even after the matvec's division by row sums of up to K
-    cutoff = math.log(tiny) + math.log(k) + 1
+    cutoff = math.log(torch.finfo(dtype).tiny) + math.log(k) + 1
     iterations, error = 0, math.inf
     while iterations < max_iter and error >= tol:
         log_c_new = torch.empty(n, **acc)
@@ -69,8 +68,8 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         if iterations % check_every == 0:
             error = (log_c - log_c_new).exp().sub_(1).abs_().sum().item()
         log_c = log_c_new
-        # r <- (1/K) / (P^T c); col = N r (P^T c). A column without mass grows until it gets some.
-        log_r -= math.log(k) + (col / n).clamp_min(tiny).log()
+        # r <- (1/K) / (P^T c), as col = N r (P^T c): a column with little mass grows until it gets its share
+        log_r -= math.log(k) + (col / n).log()
         iterations += 1
     labels = torch.cat([exponents(s).argmax(1) for s in range(0, n, chunk_size)])
     return SinkhornResult(labels, log_r, log_c, iterations, error)
