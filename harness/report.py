@@ -129,11 +129,11 @@ def _save(fig, path: Path) -> None:
     _write_bytes(path, buf.getvalue())
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -279,11 +279,16 @@ def gallery_chart(images: np.ndarray, assignments: np.ndarray, labels: np.ndarra
         ticks.append(pad + row * (h + pad) + h / 2)
         names.append(f"cluster {ids[i]}: n={counts[i]}, mostly '{classes[major]}' ({100 * purity:.0f}%)")
     scale = (0.55 if h <= 32 else 0.9) / h  # inches per image pixel: small images enlarged, large ones reduced
-    fig = _figure(2.8 + per_cluster * (w + pad) * scale, 0.8 + len(order) * (h + pad) * scale)
-    ax = fig.add_subplot()
+    width, height = mosaic.shape[1] * scale, mosaic.shape[0] * scale
+    left = 0.25 + 0.056 * max(map(len, names), default=0)  # room for the row labels (7 pt DejaVu Sans)
+    top = 0.4
+    fig = _figure(left + width + 0.1, height + top + 0.1, layout=None)
+    fw, fh = fig.get_size_inches()
+    ax = fig.add_axes((left / fw, 0.1 / fh, width / fw, height / fh))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks(ticks, names, fontsize=7)
     ax.set_xticks([])
+    ax.tick_params(length=0)
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
     ax.set_title(title)
