@@ -451,6 +451,8 @@ table.sortable th { cursor: pointer; background: #f4f4f4; user-select: none; }
 table.sortable th:hover { background: #e8eefc; }
 th[aria-sort="ascending"]::after { content: " \\25B2"; } th[aria-sort="descending"]::after { content: " \\25BC"; }
 td.best { font-weight: bold; }
+#leaderboard td:first-child { position: sticky; left: 0; background: #fff; }
+#leaderboard th:first-child { position: sticky; left: 0; z-index: 1; }
 .wrap { overflow-x: auto; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #eee; }
