@@ -26,13 +26,15 @@ L2_GRID = tuple(float(v) for v in np.logspace(-6, 0, 7))
 TOL = 1e-4  # L-BFGS stops when the largest |gradient| entry is below this (scikit-learn's tol)
 
 
-def _standardize(fit: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Scale every feature to zero mean and unit variance with ``fit``'s statistics
-    (two passes: torch's Welford ``std_mean`` is several times slower on CPU)."""
-    mean = fit.mean(0)
-    std = (fit - mean).pow(2).mean(0).sqrt()
+def _standardize_(x: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``x`` in place to zero mean and unit variance per feature with the statistics of
+    ``x[rows]`` (two passes, no copies); returns that mean and standard deviation."""
+    mean = x[rows].mean(0)
+    x.sub_(mean)
+    std = torch.linalg.vector_norm(x[rows], dim=0) / math.sqrt(len(x[rows]))
     std[std == 0] = 1
-    return [(x - mean) / std for x in (fit, *others)]
+    x.div_(std)
+    return mean, std
 
 
 def _fit_softmax(x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int,
@@ -107,18 +109,24 @@ def lbfgs_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_
     classes, y_all = check_classes(np.concatenate([fit_y, val_y]), "train_y and val_y")
     top = min(5, len(classes))
 
-    fit_x, val_x, test_x, y_all = (torch.as_tensor(a, device=device) for a in (fit_x, val_x, test_x, y_all))
-    fit_t, val_t = _standardize(fit_x, val_x)
-    params = (torch.zeros(len(classes), fit_x.shape[1], device=device),
+    # one copy of train+val, standardised in place with the train statistics for the sweep
+    n_fit, data = len(fit_y), torch.from_numpy(np.concatenate([fit_x, val_x])).to(device)
+    y_all = torch.as_tensor(y_all, device=device)
+    mean, std = _standardize_(data, slice(0, n_fit))
+    params = (torch.zeros(len(classes), data.shape[1], device=device),
               torch.zeros(len(classes), device=device))
     val_top1, fitted = {}, {}
     for l2 in sorted(map(float, l2_grid), reverse=True):
-        params = fitted[l2] = _fit_softmax(fit_t, y_all[:len(fit_t)], l2, max_iter, params)
-        val_top1[l2] = float((classes[_ranked(val_t, params, 1)[:, 0]] == val_y).mean())
+        params = fitted[l2] = _fit_softmax(data[:n_fit], y_all[:n_fit], l2, max_iter, params)
+        val_top1[l2] = float((classes[_ranked(data[n_fit:], params, 1)[:, 0]] == val_y).mean())
     best = max(val_top1, key=val_top1.get)
 
-    all_t, test_t = _standardize(torch.cat([fit_x, val_x]), test_x)
-    params = _fit_softmax(all_t, y_all, best, max_iter, fitted[best])
+    # refit on train+val re-standardised with its own statistics: z = scale z' + shift, so the
+    # chosen model (w, b) on z is (w scale, b + w shift) on z', an exact warm start
+    shift, scale = _standardize_(data, slice(None))
+    w, b = fitted[best]
+    params = _fit_softmax(data, y_all, best, max_iter, (w * scale, b + w @ shift))
+    test_t = ((torch.as_tensor(test_x, device=device) - mean) / std - shift) / scale
     out = topk_accuracy(test_y, classes[_ranked(test_t, params, top)])
     out |= {"l2": best, "val_top1": val_top1[best]}
     return out | {f"val_top1@l2={l2:g}": acc for l2, acc in val_top1.items()}

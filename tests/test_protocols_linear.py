@@ -20,7 +20,9 @@ def overlapping_blobs(n, seed, num_classes=5, dim=20, means_seed=0):
 @pytest.mark.parametrize("l2", [1e-3, 3e-2])
 def test_matches_sklearn_at_equal_l2(l2):
     (x, y), (xv, yv), (xt, yt) = overlapping_blobs(1200, 1), overlapping_blobs(400, 2), overlapping_blobs(2000, 3)
+    x_before = x.copy()
     ours = lbfgs_probe(x, y, xt, yt, val_x=xv, val_y=yv, l2_grid=(l2,))
+    assert np.array_equal(x, x_before)  # standardised in a copy, never in the caller's array
     # our refit is on train+val standardised with its statistics; sklearn's C = 1 / (l2 n)
     xa, ya = np.concatenate([x, xv]), np.concatenate([y, yv])
     mean, std = xa.mean(0), xa.std(0)

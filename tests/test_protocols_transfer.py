@@ -57,6 +57,6 @@ def test_protocol_benchmarks_quick_has_every_row():
     table = protocol_benchmarks(quick=True)
     assert table["benchmark"].tolist() == [
         "knn torch", "knn faiss", "knn torch", "knn faiss", "knn torch", "knn faiss",
-        "lbfgs_probe (one l2)", "lbfgs_probe (sweep + refit)", "hungarian_accuracy",
+        "lbfgs_probe (one l2)", "lbfgs_probe (7-value sweep)", "hungarian_accuracy",
         "cluster_metrics", "kmeans faiss", "kmeans torch"]
     assert (table["seconds"] > 0).all()
