@@ -71,7 +71,8 @@ def lbfgs_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_
     training rows. The sweep runs ``l2_grid`` from strongest to weakest, each fit warm-started
     from the previous one, on the validation split (``val_x``/``val_y``, or a stratified
     ``val_fraction`` of train drawn with ``seed``); ties go to the stronger L2. The chosen
-    model is refit on train+val and scored on test.
+    model is refit on train+val (standardised with their statistics, warm-started from the
+    chosen model) and scored on test.
 
     ``train_x`` may be (V, n, D): V augmented views of each of the n training images, all
     used as training rows (a carved validation split holds out whole images).
