@@ -9,6 +9,7 @@ itself (1.0 = no overhead). Peak memory is recorded alongside.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -111,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     table = to_markdown(df.set_index("method"))
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     args.out.write_text(f"# Training throughput ({args.dataset}, {args.backbone}, {args.scale} scale, {device}, "
                         f"{torch.get_num_threads()} threads, {args.steps} timed steps)\n\n"
+                        f"Load average at the end of the run: {load} (other processes share the cores: "
+                        "compare ratios only between runs on an idle machine).\n\n"
                         "images/s: full training step (indexing, on-device augmentation, forward, backward, "
                         "optimiser, method bookkeeping). floor: bare backbone forward+backward on random "
                         "tensors with the same views per image. ratio = images/s / floor.\n\n" + table + "\n")
