@@ -47,8 +47,11 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
     log_r = torch.zeros(k, **acc)
     log_c = torch.full((n,), -math.log(n), **acc)
 
+    buffer = torch.empty(min(chunk_size, n), k, dtype=dtype, device=logits.device)  # reused: no page faults
+
     def exponents(start: int) -> torch.Tensor:
-        x = logits[start:start + chunk_size].to(dtype) - row_max[start:start + chunk_size, None]
+        x = buffer[:min(chunk_size, n - start)]
+        torch.sub(logits[start:start + chunk_size], row_max[start:start + chunk_size, None], out=x)
         return torch.add(log_r.to(dtype), x, alpha=lam, out=x)
 
     # entries are floored at exp(cutoff) ~ K * tiny times their row's largest (1e-34 in float32):
