@@ -12,7 +12,7 @@ from methods.losses import column_nt_xent, entropy, nt_xent
 
 
 def cluster_loss(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CC's cluster-level loss (Sec. 3, Eq. 5-7) on soft assignments p1, p2 (n, M).
+    """CC's cluster-level loss (its "cluster-level contrastive head") on soft assignments p1, p2 (n, M).
 
     NT-Xent over the 2M cluster columns (cosine, ``temperature``) plus, per view, the
     marginal's entropy gap log M - H(p_v), p_v the column sums normalised to 1 (the

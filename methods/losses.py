@@ -78,6 +78,6 @@ def class_conditional_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, 
 
 def column_nt_xent(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent between the columns of two views' head outputs (n, K) (CC's cluster-level contrast,
-    Li et al. 2021, Eq. 4-5; CD's feature heads): column k of one view is positive with column k
-    of the other, the other 2K-2 columns are negatives. Mean over the 2K columns."""
+    Li et al. 2021; CD's feature heads): column k of one view is positive with column k of the
+    other, the other 2K-2 columns are negatives. Mean over the 2K columns."""
     return nt_xent(p1.t(), p2.t(), temperature)
