@@ -261,7 +261,12 @@ def digits_records(tmp_path_factory):
     suite = make_suite(["random", *INSTANCE_METHODS], seeds=(0, 1), budget="epochs=15")
     root = tmp_path_factory.mktemp("instance")
     runner = Runner(root / "results", root / "data", device="cpu", quiet=True, log=lambda s: None)
-    return runner.run(plan(suite))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small CPU runs: one thread avoids OpenMP spinning on busy cores
+    try:
+        return runner.run(plan(suite))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", INSTANCE_METHODS)
