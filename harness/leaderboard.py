@@ -130,6 +130,7 @@ def write_leaderboards(records: list[dict[str, Any]], suite: str, out_dir: Path,
     metrics move from the main table to their own. Returns the main display table.
     """
     tables = tables or {}
+    records = sorted(records, key=lambda r: r["run_id"])  # same input order, same float sums, same files
     claimed = tuple(p for prefixes in tables.values() for p in prefixes)
     for name, prefixes in tables.items():
         write_leaderboard(select_metrics(records, lambda k, p=tuple(prefixes): k.startswith(p)), f"{suite}-{name}",
