@@ -57,26 +57,37 @@ def get_preset(name: str, **overrides) -> AugmentConfig | None:
     return replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g)
+class _Draws:
+    """Per-sample random numbers from the CPU generator ``g``, drawn for a batch of ``total`` rows
+    and cut to ``rows``: a rank of a data-parallel run that augments its share of the global
+    batch gets exactly the parameters a single process draws for those rows."""
+
+    def __init__(self, g: torch.Generator, total: int, rows: slice) -> None:
+        self.g, self.total, self.rows = g, total, rows
+        self.n = len(range(total)[rows])
+
+    def rand(self) -> torch.Tensor:
+        return torch.rand(self.total, generator=self.g)[self.rows]
+
+    def uniform(self, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * self.rand()
 
 
-def _crop_flip_grid(n: int, h: int, w: int, cfg: AugmentConfig, allow_flip: bool,
-                    g: torch.Generator) -> torch.Tensor:
+def _crop_flip_grid(h: int, w: int, cfg: AugmentConfig, allow_flip: bool, draw: _Draws) -> torch.Tensor:
     """Affine matrices (n, 2, 3) of a random resized crop (torchvision's sampling, 10 tries) plus flip."""
-    area = h * w
+    n, area = draw.n, h * w
     scale = torch.empty(n, 2)
     centre = torch.empty(n, 2)
     todo = torch.ones(n, dtype=torch.bool)
     log_r = (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
     for _ in range(10):
-        target = _uniform(n, *cfg.crop_scale, g) * area
-        ratio = torch.exp(_uniform(n, *log_r, g))
+        target = draw.uniform(*cfg.crop_scale) * area
+        ratio = torch.exp(draw.uniform(*log_r))
         cw = torch.sqrt(target * ratio).round()
         ch = torch.sqrt(target / ratio).round()
         ok = todo & (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
-        x0 = (torch.rand(n, generator=g) * (w - cw + 1)).floor()
-        y0 = (torch.rand(n, generator=g) * (h - ch + 1)).floor()
+        x0 = (draw.rand() * (w - cw + 1)).floor()
+        y0 = (draw.rand() * (h - ch + 1)).floor()
         scale[ok] = torch.stack([cw / w, ch / h], 1)[ok]
         centre[ok] = torch.stack([(x0 + cw / 2) / w * 2 - 1, (y0 + ch / 2) / h * 2 - 1], 1)[ok]
         todo &= ~ok
@@ -85,7 +96,7 @@ def _crop_flip_grid(n: int, h: int, w: int, cfg: AugmentConfig, allow_flip: bool
     theta = torch.zeros(n, 2, 3)
     sign = torch.ones(n)
     if allow_flip and cfg.flip > 0:
-        sign = torch.where(torch.rand(n, generator=g) < cfg.flip, -1.0, 1.0)
+        sign = torch.where(draw.rand() < cfg.flip, -1.0, 1.0)
     theta[:, 0, 0] = scale[:, 0] * sign
     theta[:, 1, 1] = scale[:, 1]
     theta[:, :, 2] = centre
@@ -120,34 +131,34 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
     """Brightness, contrast, saturation, hue (in that fixed order), each factor drawn per sample."""
-    n, dev = x.shape[0], x.device
-    apply = _per_sample((torch.rand(n, generator=g) < cfg.jitter_p).float().to(dev))
+    dev = x.device
+    apply = _per_sample((draw.rand() < cfg.jitter_p).float().to(dev))
     b, c, s, hue = cfg.jitter
     y = x
     if b > 0:
-        y = (y * _per_sample(_uniform(n, max(0, 1 - b), 1 + b, g).to(dev))).clamp(0, 1)
+        y = (y * _per_sample(draw.uniform(max(0, 1 - b), 1 + b).to(dev))).clamp(0, 1)
     if c > 0:
         mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = ((y - mean) * _per_sample(_uniform(n, max(0, 1 - c), 1 + c, g).to(dev)) + mean).clamp(0, 1)
+        y = ((y - mean) * _per_sample(draw.uniform(max(0, 1 - c), 1 + c).to(dev)) + mean).clamp(0, 1)
     if x.shape[1] == 3 and s > 0:
         gray = _gray(y)
-        y = ((y - gray) * _per_sample(_uniform(n, max(0, 1 - s), 1 + s, g).to(dev)) + gray).clamp(0, 1)
+        y = ((y - gray) * _per_sample(draw.uniform(max(0, 1 - s), 1 + s).to(dev)) + gray).clamp(0, 1)
     if x.shape[1] == 3 and hue > 0:
         hsv = _rgb_to_hsv(y)
-        shift = _uniform(n, -hue, hue, g).to(dev).view(-1, 1, 1)
+        shift = draw.uniform(-hue, hue).to(dev).view(-1, 1, 1)
         hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
         y = _hsv_to_rgb(hsv).clamp(0, 1)
     return apply * y + (1 - apply) * x
 
 
-def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
     """Per-sample Gaussian blur, kernel ~10% of the image side (SimCLR), sigma ~ U(blur_sigma)."""
     n, c, h, w = x.shape
     size = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
-    sigma = _uniform(n, *cfg.blur_sigma, g).to(x.device)
-    apply = (torch.rand(n, generator=g) < cfg.blur).to(x.device)
+    sigma = draw.uniform(*cfg.blur_sigma).to(x.device)
+    apply = (draw.rand() < cfg.blur).to(x.device)
     r = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
     k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)
@@ -176,23 +187,31 @@ class Augmenter:
             x = x.float() / 255
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Augment a uint8 batch with parameters drawn from the CPU generator ``g``."""
+    def __call__(self, images: torch.Tensor, g: torch.Generator, rows: slice | None = None,
+                 total: int | None = None) -> torch.Tensor:
+        """Augment a uint8 batch with parameters drawn from the CPU generator ``g``.
+
+        ``images`` may be rows ``rows`` of a batch of ``total`` (one rank's share in data-parallel
+        training): the parameters are drawn for the whole batch and cut to those rows.
+        """
         x = images.float() / 255
         cfg = self.cfg
         if cfg is not None:
             n, c, h, w = x.shape
-            theta = _crop_flip_grid(n, h, w, cfg, self.allow_flip, g).to(x.device)
+            draw = _Draws(g, n if total is None else total, slice(None) if rows is None else rows)
+            if draw.n != n:
+                raise ValueError(f"rows {rows} of a batch of {total} hold {draw.n} images, got {n}")
+            theta = _crop_flip_grid(h, w, cfg, self.allow_flip, draw).to(x.device)
             oh = ow = self.out_size or h
             grid = F.affine_grid(theta, [n, c, oh, ow], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
             if cfg.jitter_p > 0 and any(cfg.jitter):
-                x = _color_jitter(x, cfg, g)
+                x = _color_jitter(x, cfg, draw)
             if cfg.grayscale > 0 and c == 3:
-                gray = (torch.rand(n, generator=g) < cfg.grayscale).to(x.device)
+                gray = (draw.rand() < cfg.grayscale).to(x.device)
                 x = torch.where(_per_sample(gray), _gray(x).expand_as(x), x)
             if cfg.blur > 0:
-                x = _gaussian_blur(x, cfg, g)
+                x = _gaussian_blur(x, cfg, draw)
         elif self.out_size and self.out_size != x.shape[-1]:
             x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
         return self.normalize(x)

@@ -127,6 +127,11 @@ def cmd_run(args) -> int:
     if args.budget:
         suite.budgets = [Budget.parse(args.budget)]
     jobs = plan(suite)
+    from harness import distributed
+
+    ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks
+    if ranks.distributed:
+        return _run_data_parallel(args, suite, jobs, ranks)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
           f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
     from harness.logging_backends import check_backend
@@ -153,6 +158,31 @@ def cmd_run(args) -> int:
         return 0
     display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables)
     _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
+    return 0
+
+
+def _run_data_parallel(args, suite, jobs, ranks) -> int:
+    """One process of a torchrun (or Slurm multi-task) launch: all ranks train each job together."""
+    from harness import distributed
+    from harness.leaderboard import write_leaderboards
+    from harness.runner import Runner
+
+    if args.executor != "local" or args.workers:
+        raise UsageError(f"--executor {args.executor} / --workers cannot be combined with a {ranks.world_size}-process "
+                         f"{ranks.source} launch; launch with torchrun, or use --gpus-per-job on a Slurm executor")
+    main = distributed.is_main()
+    if main:
+        print(f"suite {suite.name}: {len(jobs)} runs, each data-parallel over {ranks.world_size} processes", flush=True)
+    try:
+        runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet or not main,
+                        log=print if main else (lambda message: None), log_backend=args.log if main else "none")
+        records = runner.run(jobs, force=args.force)
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
+    if main and records:
+        display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables)
+        _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
     return 0
 
 

@@ -1,20 +1,19 @@
-"""Helpers for multi-GPU training with ``torch.distributed`` (one process per GPU).
+"""Multi-GPU training with ``torch.distributed``: one process per GPU, DDP on a global batch.
 
-What is here: reading the process layout from torchrun's or Slurm's environment and
-initialising the process group (:func:`init_distributed`), rank queries (:func:`is_main`,
-:func:`get_rank`, :func:`get_world_size`), per-rank sharding of a split's training indices
-that is deterministic per epoch and covers every index exactly once (:func:`shard_indices`),
-a check that every rank uses the same split manifest (:func:`assert_same_everywhere`), and
-:func:`gather_with_grad`, an all-gather whose result keeps gradients so contrastive losses
-see the negatives of every rank.
+Launch any ``python -m harness run ...`` under ``torchrun --nproc-per-node G`` (or under
+Slurm with one task per GPU; ``--executor submitit --gpus-per-job G`` does that): every rank
+runs the same jobs, rank 0 alone takes the locks, writes checkpoints and records and
+evaluates. The training loop (``harness.train``) then trains data-parallel at the suite's
+global batch size: each rank takes its contiguous share of every global batch, augments it
+with the parameters a single process would draw for those rows, BatchNorm layers become
+global (:func:`sync_batchnorm`), adapters gather what their losses couple across samples
+(:func:`gather_with_grad`) and DDP averages the gradients. A deterministic method therefore
+follows the single-process run at the same global batch up to float reduction order.
 
-The harness's training loop (``harness.train``) does not use these yet: it trains one run
-per process. Wiring DDP into it is future work; these pieces are tested on their own (two
-gloo processes on CPU) so that a multi-GPU adapter or loop can be built on them.
-
-Launch a script that uses them with ``torchrun --nproc-per-node 4 script.py`` or, on Slurm,
-``srun --ntasks-per-node 4 --gpus-per-node 4 python script.py``; :func:`init_distributed`
-reads either environment.
+Also here: the process layout from torchrun's or Slurm's environment and the process group
+(:func:`init_distributed`), rank queries, per-rank sharding of a split's indices
+(:func:`shard_indices`), a check that every rank uses the same split manifest
+(:func:`assert_same_everywhere`) and small collectives the runner uses.
 """
 from __future__ import annotations
 
@@ -28,6 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 #: Same seed mixing as ``harness.train`` uses for its per-epoch data order.
 EPOCH_SEED_STRIDE = 1_000_003
@@ -80,7 +81,7 @@ def env_from(environ: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def init_distributed(backend: str | None = None, init_method: str | None = None,
-                     environ: Mapping[str, str] | None = None, timeout_s: float = 1800.0) -> DistEnv:
+                     environ: Mapping[str, str] | None = None, timeout_s: float = 7200.0) -> DistEnv:
     """Initialise the default process group from the environment (see :func:`env_from`).
 
     ``backend`` defaults to ``nccl`` with CUDA and ``gloo`` without; with CUDA each process
@@ -206,3 +207,116 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def all_gather_cat(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """All-gather without gradient of equal-shaped tensors, concatenated along ``dim`` in rank
+    order (``x`` itself with one process): memory-bank updates, queue keys, labels."""
+    if get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
+def own_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """This rank's ``n`` rows of a tensor gathered over ranks in rank order (all of ``x`` with one process)."""
+    rank = get_rank()
+    return x[rank * n:(rank + 1) * n]
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (decisions only rank 0 may take: locks, what is stored)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over ranks (no gradient); ``x`` itself with one process."""
+    if get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / get_world_size()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients over ranks too (every rank's loss
+    depends on every rank's input), which DDP's gradient averaging then divides by the world size."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (all ranks' rows).
+
+    The mean and variance come from differentiable all-reduces of per-channel sums (every rank
+    holds the same number of rows; :class:`_AllReduceSum`'s backward sums the gradients over
+    ranks, the same convention as :func:`gather_with_grad`), so the
+    forward and the gradients are those of a single process holding the whole batch. Works
+    on CPU (gloo), where ``torch.nn.SyncBatchNorm`` does not; on CUDA :func:`sync_batchnorm`
+    uses ``SyncBatchNorm``. Evaluation mode is plain BatchNorm with the running statistics.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input with at least 2 dimensions (N, C, ...), got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not self.training or get_world_size() == 1:
+            return super().forward(x)
+        dims, c = [0, *range(2, x.dim())], x.shape[1]
+        xf = x.float()
+        count = x.numel() // c * get_world_size()
+        # two passes (mean, then squared deviations) as BatchNorm does: E[x^2] - E[x]^2 loses digits
+        # whenever a channel's mean is large against its spread
+        mean = _AllReduceSum.apply(xf.sum(dims)) / count
+        shape = [1, c] + [1] * (x.dim() - 2)
+        var = _AllReduceSum.apply((xf - mean.view(shape)).pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                unbiased = var.detach() * count / max(count - 1, 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by one over the global batch, in place; returns ``module``.
+
+    ``torch.nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` elsewhere; parameters, buffers
+    and state-dict keys are kept, so checkpoints load into the plain model. Sub-modules with
+    ``sync_batchnorm = False`` (MoCo's key encoder, whose shuffled BN must stay per group)
+    are left alone.
+    """
+    for name, child in module.named_children():
+        if getattr(child, "sync_batchnorm", True) is False:
+            continue
+        if isinstance(child, _BatchNorm) and not isinstance(child, (GlobalBatchNorm, nn.SyncBatchNorm)):
+            on_cuda = any(t.is_cuda for t in child.state_dict().values())
+            new = (nn.SyncBatchNorm if on_cuda else GlobalBatchNorm)(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new._parameters, new._buffers = child._parameters, child._buffers  # the same tensors, not copies
+            setattr(module, name, new.train(child.training))
+        else:
+            sync_batchnorm(child)
+    return module

@@ -35,6 +35,8 @@ SLURM_KEYS = {
     "cluster": "submitit backend: 'slurm', 'local' (subprocesses on this machine), or None: slurm where srun exists",
     "partition": "Slurm partition",
     "gpus_per_job": "GPUs per job (default 1 on Slurm, 0 on the local backend)",
+    "ranks_per_job": "processes per job, each one rank of data-parallel training (default: gpus_per_job on Slurm; "
+                     "with the local backend, CPU ranks on gloo)",
     "cpus_per_task": "CPU cores per job",
     "mem_gb": "memory per job in GB",
     "timeout_min": "time limit per job in minutes (default 720); a job that reaches it is requeued",
@@ -277,13 +279,34 @@ class SubmititJob(submitit.helpers.Checkpointable):
         _setup_process(self.plugins, self.threads, self.gpu)
         if self.requeues:
             print(f"requeued {self.requeues}x: resuming {self.job.describe()} from its checkpoint", flush=True)
-        # a requeued attempt must resume, not retrain: force applies to the first attempt only
-        return _run_in_process(self.job, self.runner_kwargs, self.force and not self.requeues, self.gpu)
+        ranks = _init_job_ranks()
+        try:
+            # a requeued attempt must resume, not retrain: force applies to the first attempt only
+            record = _run_in_process(self.job, self.runner_kwargs, self.force and not self.requeues, self.gpu)
+        finally:
+            if ranks > 1:
+                from harness import distributed
+                distributed.cleanup()
+        return record
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Requeue this same callable; training state lives in the harness checkpoint file."""
         self.requeues += 1
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _init_job_ranks() -> int:
+    """Join the job's tasks into one process group when submitit started several (``ranks_per_job``)."""
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return 1
+    from harness import distributed
+
+    port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
+    distributed.init_distributed(environ={"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
+                                          "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.hostnames[0],
+                                          "MASTER_PORT": str(port)})
+    return env.num_tasks
 
 
 def make_submitit_executor(folder: Path, slurm: dict[str, Any], name: str = "harness"):
@@ -298,8 +321,9 @@ def make_submitit_executor(folder: Path, slurm: dict[str, Any], name: str = "har
                                      local_max_num_timeout=int(opts["max_num_timeout"]))
     # the local backend pins each job to one GPU itself (CUDA_VISIBLE_DEVICES in the job, see _local_window)
     gpus = opts.get("gpus_per_job", 1) if cluster == "slurm" else 0
+    ranks = int(opts.get("ranks_per_job") or max(1, int(gpus)))  # one task per GPU: a DDP rank each
     params: dict[str, Any] = {"name": name, "timeout_min": int(opts["timeout_min"]), "gpus_per_node": int(gpus),
-                              "tasks_per_node": 1, "nodes": 1}
+                              "tasks_per_node": ranks, "nodes": 1}
     if opts.get("cpus_per_task"):
         params["cpus_per_task"] = int(opts["cpus_per_task"])
     if opts.get("mem_gb"):
@@ -363,7 +387,7 @@ def _collect(pairs: list, log: Callable[[str], None], done: int = 0, total: int 
     errors = []
     for n, (sjob, job) in enumerate(pairs, done + 1):
         try:
-            rec = sjob.result()
+            rec = sjob.results()[0]  # task 0 (rank 0 of a data-parallel job) holds the record
             state = "skipped (running elsewhere)" if rec is None else rec["status"]
         except Exception as exc:  # submitit raises FailedJobError / UncompletedJobError with the log tail
             state = f"error (log: {sjob.paths.stderr})"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from harness import distributed
 from harness.augment import Augmenter, get_preset
 from harness.backbones import create_backbone
 from harness.budget import Budget
@@ -66,7 +68,11 @@ def plan(suite: Suite) -> list[Job]:
 
 
 class Runner:
-    """Runs jobs into a :class:`ResultStore`, loading each dataset and manifest once."""
+    """Runs jobs into a :class:`ResultStore`, loading each dataset and manifest once.
+
+    Under ``torch.distributed`` every rank runs the same jobs together (data-parallel training);
+    rank 0 alone decides what to run, holds the locks, evaluates and writes the records.
+    """
 
     def __init__(self, results_dir: Path, data_dir: Path, device: str = "auto", quiet: bool = False,
                  log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
@@ -74,6 +80,8 @@ class Runner:
         self.results_dir, self.data_dir = Path(results_dir), Path(data_dir)
         self.log_backend = log_backend
         self.device = resolve_device(device)
+        if distributed.get_world_size() > 1 and self.device == "cuda":  # this rank's GPU, set by init_distributed
+            self.device = f"cuda:{torch.cuda.current_device()}"
         self.quiet, self.log, self.checkpoint_seconds = quiet, log, checkpoint_seconds
         self._data: dict[tuple[str, float], tuple[ImageData, SplitManifest]] = {}
 
@@ -88,24 +96,32 @@ class Runner:
     def run(self, jobs: list[Job], force: bool = False) -> list[dict[str, Any]]:
         """Run every job without a stored record (all of them with ``force``); return all records."""
         records = []
+        main = distributed.is_main()
         for i, job in enumerate(jobs, 1):
             store = ResultStore(self.results_dir, job.suite)
             rid = job.run_id
-            if store.has(rid) and not force:
-                records.append(store.load(rid))
-                continue
-            with store.lock(rid) as acquired:
-                if not acquired:
-                    self.log(f"[{i}/{len(jobs)}] {job.describe()}: running in another process, skipped")
-                    continue
-                if store.has(rid) and not force:  # finished by another process meanwhile
+            with ExitStack() as held:
+                action = "run"
+                if main:
+                    if store.has(rid) and not force:
+                        action = "stored"
+                    elif not held.enter_context(store.lock(rid)):
+                        action = "busy"
+                    elif store.has(rid) and not force:  # finished by another process meanwhile
+                        action = "stored"
+                    elif force:  # a forced rerun trains from scratch, not from the finished checkpoint
+                        store.checkpoint_path(rid).unlink(missing_ok=True)
+                action = distributed.broadcast_object(action)
+                if action == "stored":
                     records.append(store.load(rid))
                     continue
+                if action == "busy":
+                    self.log(f"[{i}/{len(jobs)}] {job.describe()}: running in another process, skipped")
+                    continue
                 self.log(f"[{i}/{len(jobs)}] {job.describe()}")
-                if force:  # a forced rerun trains from scratch, not from the finished checkpoint
-                    store.checkpoint_path(rid).unlink(missing_ok=True)
                 record = self.run_job(job, store)
-                store.write(record)
+                if main:
+                    store.write(record)
                 records.append(record)
                 if record["status"] != "ok":
                     self.log(f"    failed: {record['reason']}")
@@ -153,6 +169,7 @@ class Runner:
         data, manifest = self.dataset(job.dataset, spec["val_fraction"])
         method, train_idx, generator = self.build(job, data, manifest)
         cfg = spec["config"]
+        distributed.assert_same_everywhere(manifest.sha256)
         record: dict[str, Any] = {"run_id": job.run_id, "suite": job.suite, "spec": spec,
                                   "split_sha256": manifest.sha256, "data_fingerprint": manifest.data_fingerprint,
                                   "environment": environment(device)}
@@ -173,7 +190,8 @@ class Runner:
                                desc=f"{job.entry.label}/{job.dataset}/s{seed}", logger=logger)
             record["train"] = {"used": result.usage.as_dict(), "history": result.history,
                                "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
-                               "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1)}
+                               "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1),
+                               "ranks": distributed.get_world_size()}
             record["status"], record["reason"] = result.status, result.reason
         else:
             method.to(device)
@@ -183,7 +201,7 @@ class Runner:
         record["budget"] = {"asked": job.budget.as_dict(), "used": record["train"]["used"]}
         record["train_seconds"] = round(time.perf_counter() - start, 3)
         record["metrics"], record["eval_seconds"] = {}, {}
-        if record["status"] == "ok":
+        if record["status"] == "ok" and distributed.is_main():
             ctx = RunContext(method, data, manifest, device, seed)
             record["metrics"], record["eval_seconds"] = evaluate(ctx, spec["protocols"])
             record["eval_seconds"]["extract"] = round(ctx.extract_seconds, 3)

@@ -3,10 +3,13 @@
 It enforces the budget (the adapter never counts), builds the optimiser and lr schedule from
 the adapter's config, augments whole batches on the device, uses bf16 autocast on GPU,
 checkpoints periodically so a killed run resumes where it stopped, and stops a run whose
-loss turns non-finite as ``failed`` with the reason.
+loss turns non-finite as ``failed`` with the reason. Under ``torch.distributed`` (see
+``harness.distributed``) it trains data-parallel at the same global batch: every rank takes
+its share of each batch, BatchNorm is global and DDP averages the gradients.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -16,11 +19,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from harness import distributed
 from harness.augment import Augmenter
 from harness.budget import Budget, Usage
-from harness.errors import choices_error
+from harness.errors import UsageError, choices_error
 from methods.base import Batch, Method
 
 
@@ -105,6 +110,24 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _data_parallel(method: Method) -> DistributedDataParallel:
+    """DDP around the adapter. Buffers (memory banks, queues, BN statistics) are kept equal on all
+    ranks by the adapters' gathered updates and global BN, so they are not re-broadcast every step;
+    some adapters leave parameters unused in a step (SeLa's heads), hence ``find_unused_parameters``."""
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(method, find_unused_parameters=True, **no_buffer_sync)
+
+
+def _rank0_clock(elapsed: float, device: str) -> float:
+    """Rank 0's elapsed seconds on every rank, so that all ranks agree when a seconds budget is spent."""
+    if distributed.get_world_size() == 1:
+        return elapsed
+    t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t)
+
+
 def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, budget: Budget,
           augmenter: Augmenter, cfg: dict[str, Any], *, device: str, seed: int, generator: torch.Generator,
           checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, quiet: bool = False,
@@ -113,11 +136,18 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
 
     ``labels`` (on device) are handed to the adapter only if it declares a ``label_level``.
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
-    same batches it would have seen.
+    same batches it would have seen. With several ranks, ``batch_size`` is the global batch and
+    rank r trains on rows [r b, (r + 1) b) of each, b = batch_size / world size.
     """
     n = len(images)
     batch_size = min(int(cfg["batch_size"]), n)
     steps_per_epoch = n // batch_size
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if batch_size % world:
+        raise UsageError(f"batch_size {batch_size} does not split over {world} ranks; use a multiple of {world}")
+    rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    if world > 1:
+        distributed.sync_batchnorm(method)
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg)
     usage, history, epoch, step_in_epoch = Usage(), [], 0, 0
     resumed = checkpoint is not None and checkpoint.is_file()
@@ -132,6 +162,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
                                memory_kind=state.get("memory_kind", ""))
     method.to(device).train()
+    model = _data_parallel(method) if world > 1 else method
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -141,7 +172,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         method.on_train_start(plain)
 
     def save(done: bool = False) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             _save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                           "usage": usage.as_dict(), "history": history, "epoch": epoch,
                           "step_in_epoch": step_in_epoch, "generator": generator.get_state(), "done": done,
@@ -152,7 +183,8 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     def peak() -> float:
         return torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
 
-    bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1], disable=True if quiet else None,
+    bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1],
+               disable=True if quiet or rank > 0 else None,
                leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
     started, last_save = time.perf_counter() - usage.seconds, time.perf_counter()
     status, reason = "ok", ""
@@ -163,20 +195,21 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             epoch_losses = []
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
         for step in range(step_in_epoch, steps_per_epoch):
-            index = order[step * batch_size:(step + 1) * batch_size]
+            index = order[step * batch_size:(step + 1) * batch_size][rows]
             raw = images[index]
-            views = [augmenter(raw, generator) for _ in range(cfg["views"])]
+            views = [augmenter(raw, generator, rows, batch_size) for _ in range(cfg["views"])]
             if cuda:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
             for group in optimizer.param_groups:
                 group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.get("amp", True)):
-                out = method.training_step(batch)
+                out = model(batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             logs = {k: float(v) for k, v in logs.items()}
-            if not torch.isfinite(loss):
-                status, reason = "failed", f"loss became {loss.item()} at step {usage.steps + 1}"
+            loss_value = float(distributed.all_reduce_mean(loss.detach()))  # the same on every rank
+            if not math.isfinite(loss_value):
+                status, reason = "failed", f"loss became {loss_value} at step {usage.steps + 1}"
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -184,11 +217,11 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             method.after_optimizer_step()
             before = getattr(usage, budget.unit)
             usage.steps += 1
-            usage.samples += len(index)
+            usage.samples += batch_size
             usage.epochs = epoch + (step + 1) / steps_per_epoch
-            usage.seconds = time.perf_counter() - started
+            usage.seconds = _rank0_clock(time.perf_counter() - started, device)
             step_in_epoch = step + 1
-            epoch_losses.append(float(loss.detach()))
+            epoch_losses.append(loss_value)
             bar.update(getattr(usage, budget.unit) - before)
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
             if logger is not None:

@@ -85,6 +85,10 @@ class Method(nn.Module):
         self.info = info
 
     # ------------------------------------------------------------ training
+    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        """``training_step``; the loop calls the adapter this way so that DDP can wrap it."""
+        return self.training_step(batch)
+
     def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         """Loss for one batch (optionally with a dict of scalars to log)."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
+from harness.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
 from methods.losses import column_nt_xent, entropy, nt_xent
@@ -49,8 +50,10 @@ class ContrastiveClustering(Method):
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         h1, h2 = (self.backbone(v) for v in batch.views[:2])
-        instance = nt_xent(self.instance_head(h1), self.instance_head(h2), self.cfg["instance_temperature"])
-        cluster = cluster_loss(self.cluster_head(h1), self.cluster_head(h2), self.cfg["cluster_temperature"])
+        # both losses couple the samples of the batch: under DDP they see the global batch
+        z1, z2, p1, p2 = (gather_with_grad(head(h)) for head in (self.instance_head, self.cluster_head) for h in (h1, h2))
+        instance = nt_xent(z1, z2, self.cfg["instance_temperature"])
+        cluster = cluster_loss(p1, p2, self.cfg["cluster_temperature"])
         return instance + cluster, {"instance_loss": instance.item(), "cluster_loss": cluster.item()}
 
     def cluster_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

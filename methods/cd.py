@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
+from harness.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
 from methods.losses import column_nt_xent, entropy, nt_xent
@@ -49,8 +50,9 @@ class ContrastiveDisentangling(Method):
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         z1, z2 = (self.instance_head(self.backbone(v)) for v in batch.views[:2])
-        instance = nt_xent(z1, z2, self.cfg["instance_temperature"])
-        feature = feature_loss(self.feature_head(z1), self.feature_head(z2), self.cfg["feature_temperature"])
+        f1, f2 = (gather_with_grad(self.feature_head(z)) for z in (z1, z2))  # global batch under DDP
+        instance = nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.cfg["instance_temperature"])
+        feature = feature_loss(f1, f2, self.cfg["feature_temperature"])
         return instance + feature, {"instance_loss": instance.item(), "feature_loss": feature.item()}
 
     def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, register_method
 from methods.heads import make_head
 from methods.moco import MoCo
@@ -50,7 +51,7 @@ class CLDBranch(nn.Module):
         self.head = make_head(cfg["group_head"], in_dim, cfg["feat_dim"], cfg["head_hidden"])
 
     def forward(self, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
-        g1, g2 = (F.normalize(self.head(h), dim=1) for h in (h1, h2))
+        g1, g2 = (gather_with_grad(F.normalize(self.head(h), dim=1)) for h in (h1, h2))  # global batch under DDP
         return cld_loss(g1, g2, self.cfg["clusters"], self.cfg["cld_temperature"], self.cfg["kmeans_iters"])
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.distributed import all_gather_cat
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
 
@@ -43,20 +44,13 @@ def smoothed_instance_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: f
     return (logits.logsumexp(1) - target_logit).mean()
 
 
-def _gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """All-gather (no gradient) of equal-shaped tensors, concatenated along ``dim``."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim)
-
-
 class _GatherRows(torch.autograd.Function):
     """All-gather of equal-sized row blocks; the backward sums the gradient over ranks and keeps this rank's rows."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group, ctx.rows = group, len(x)
-        return _gather_cat(x, group, dim=0)
+        return all_gather_cat(x, group, dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -86,7 +80,7 @@ class _ShardedSmoothedCE(torch.autograd.Function):
             candidates = logits.clone()
             candidates[own_rows, own_cols] = float("-inf")
             values, columns = candidates.topk(k, dim=1)
-            values, columns = _gather_cat(values, group, dim=1), _gather_cat(columns + offset, group, dim=1)
+            values, columns = all_gather_cat(values, group, dim=1), all_gather_cat(columns + offset, group, dim=1)
             hard = columns.gather(1, values.topk(k, dim=1).indices) - offset
             mine = (hard >= 0) & (hard < width)
             q[rows[:, None].expand_as(hard)[mine], hard[mine]] = alpha / k
@@ -123,7 +117,7 @@ def sharded_instance_loss(z: torch.Tensor, targets: torch.Tensor, weight_shard: 
     backbone gradients are to be summed over ranks, not averaged).
     """
     z_all = _GatherRows.apply(F.normalize(z, dim=1), group)
-    targets_all = _gather_cat(targets, group, dim=0)
+    targets_all = all_gather_cat(targets, group, dim=0)
     logits = z_all @ F.normalize(weight_shard, dim=1).t() / temperature
     return _ShardedSmoothedCE.apply(logits, targets_all, offset, alpha, k, group)
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness import distributed
+
 
 class MemoryBank(nn.Module):
     """N x d L2-normalised features, one per training image (NPID, Wu et al. 2018, Sec. 3.1-3.2).
@@ -79,8 +81,10 @@ class MomentumEncoder(nn.Module):
     """An EMA copy of ``modules`` run in sequence, without gradients (MoCo Eq. 2).
 
     ``update`` sets theta_k <- m theta_k + (1 - m) theta_q for the parameters; the copy keeps
-    its own BatchNorm statistics, as MoCo's key encoder does.
+    its own BatchNorm statistics, as MoCo's key encoder does (DDP leaves its BN per group).
     """
+
+    sync_batchnorm = False
 
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__()
@@ -93,12 +97,20 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, bn_splits: int = 1) -> torch.Tensor:
-        """Keys with shuffle-and-split BatchNorm on one device (MoCo Sec. 3.3, official CIFAR demo).
+        """Keys of the global batch with shuffle-and-split BatchNorm (MoCo Sec. 3.3, official CIFAR demo).
 
-        The batch is shuffled and cut into ``bn_splits`` groups that each get their own BN
-        statistics, so a query and its key never share batch statistics (the single-device
-        equivalent of shuffling BN across GPUs); outputs are returned in the input order.
+        The batch (gathered over ranks under DDP) is shuffled and cut into ``bn_splits`` groups
+        that each get their own BN statistics, so a query and its key never share batch
+        statistics; under DDP rank r encodes groups r, r + world, ... (MoCo's shuffling BN across
+        GPUs) when the groups split evenly over the ranks. Keys come back in the global batch's order.
         """
+        x = distributed.all_gather_cat(x)
         perm = torch.randperm(len(x), device=x.device)
-        out = torch.cat([self.net(group) for group in x[perm].chunk(bn_splits)])
+        groups = x[perm].chunk(bn_splits)
+        world, rank = distributed.get_world_size(), distributed.get_rank()
+        if world > 1 and len(groups) % world == 0 and len({len(g) for g in groups}) == 1:
+            mine = torch.stack([self.net(g) for g in groups[rank::world]])  # (groups per rank, group size, d)
+            out = distributed.all_gather_cat(mine[None]).transpose(0, 1).reshape(len(x), -1)  # back in group order
+        else:
+            out = torch.cat([self.net(group) for group in groups])
         return out[perm.argsort()]

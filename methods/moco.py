@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.distributed import own_rows
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import make_head
 from methods.losses import info_nce
@@ -44,9 +45,11 @@ class MoCo(Method):
         return F.normalize(self.head(h), dim=1)
 
     def contrast(self, queries: list[torch.Tensor], key_view: torch.Tensor) -> torch.Tensor:
-        """Mean InfoNCE of the queries against the key of ``key_view``; the key is enqueued after the step."""
+        """Mean InfoNCE of the queries against the key of ``key_view``; the keys (of the global batch
+        under DDP) are enqueued after the step."""
         self._keys = F.normalize(self.key_encoder(key_view, self.cfg["bn_splits"]), dim=1)
-        return sum(info_nce(q, self._keys, self.queue.keys, self.cfg["temperature"]) for q in queries) / len(queries)
+        keys = own_rows(self._keys, len(key_view))
+        return sum(info_nce(q, keys, self.queue.keys, self.cfg["temperature"]) for q in queries) / len(queries)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         return self.contrast([self.embed(self.backbone(batch.views[0]))], batch.views[1])

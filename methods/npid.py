@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.distributed import all_gather_cat
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import make_head
 from methods.memory import MemoryBank
@@ -46,8 +47,8 @@ class NPID(Method):
         return F.normalize(self.head(h), dim=1)
 
     def instance_loss(self, f: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """NPID's loss for one view; the bank update waits for ``after_optimizer_step``."""
-        self._pending.append((index, f.detach()))
+        """NPID's loss for one view; the bank update (of the global batch under DDP) waits for ``after_optimizer_step``."""
+        self._pending.append((all_gather_cat(index), all_gather_cat(f.detach())))
         if self.cfg["nce_k"] > 0:
             noise = torch.randint(len(self.bank.memory), (len(f), self.cfg["nce_k"]), device=f.device)
             return self.bank.nce_loss(f, index, noise, self.cfg["temperature"])

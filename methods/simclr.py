@@ -1,9 +1,13 @@
-"""SimCLR (Chen et al., ICML 2020): NT-Xent between two augmented views through an MLP projector."""
+"""SimCLR (Chen et al., ICML 2020): NT-Xent between two augmented views through an MLP projector.
+
+Under DDP the projections are gathered, so the negatives are those of the global batch (Sec. 2.2).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from harness.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
 from methods.losses import nt_xent
@@ -27,5 +31,5 @@ class SimCLR(Method):
         self.projector = mlp(backbone.out_dim, cfg["proj_hidden"], cfg["proj_dim"])
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        z1, z2 = (self.projector(self.backbone(v)) for v in batch.views[:2])
+        z1, z2 = (gather_with_grad(self.projector(self.backbone(v))) for v in batch.views[:2])
         return nt_xent(z1, z2, self.cfg["temperature"])

@@ -51,7 +51,7 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
 
     def exponents(start: int) -> torch.Tensor:
         x = buffer[:min(chunk_size, n - start)]
-        torch.sub(logits[start:start + chunk_size], row_max[start:start + chunk_size, None], out=x)
+        x.copy_(logits[start:start + chunk_size]).sub_(row_max[start:start + chunk_size, None])  # no temporaries
         return torch.add(log_r.to(dtype), x, alpha=lam, out=x)
 
     # entries are floored at exp(cutoff) ~ K * tiny times their row's largest (1e-34 in float32):

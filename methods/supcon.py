@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.distributed import all_gather_cat, gather_with_grad
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.losses import class_conditional_info_nce, supcon_loss
 
@@ -62,8 +63,9 @@ class SupCon(CoarseLabelMethod):
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, labels = self.cfg, batch.labels
         z = self.embed_views(batch)
-        z0, z1 = z.split(len(labels))[:2]
         ce = self.coarse_ce(z, labels)
+        z0, z1 = (gather_with_grad(v) for v in z.split(len(labels))[:2])  # contrast the global batch under DDP
+        labels = all_gather_cat(labels)
         con = supcon_loss(z1, z0, labels, cfg["temperature"], cfg["clip_pos"])
         logs = {"ce": float(ce.detach()), "supcon": float(con.detach())}
         if cfg["a_spread"] > 0:

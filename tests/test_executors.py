@@ -146,3 +146,26 @@ def test_gpu_assignment_pending_and_bad_arguments(tmp_path):
         run_jobs(jobs, kw, "local", workers=0)
     with pytest.raises(UsageError, match="unknown slurm option"):
         run_jobs(jobs, kw, "submitit", slurm={"partitoin": "gpu"})
+
+
+def test_multi_gpu_slurm_jobs_get_one_task_per_gpu(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "srun"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    ex = make_submitit_executor(tmp_path / "%j", slurm_options(cluster="slurm", gpus_per_job=4), name="ddp")
+    script = ex._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --ntasks-per-node=4" in script
+
+
+def test_submitit_job_with_two_ranks_trains_data_parallel(tmp_path):
+    """submitit's local backend starts the job as two tasks; they train it as two gloo ranks."""
+    data = tmp_path / "data"
+    jobs = plan(make_suite(["simclr"], budget="steps=4", protocols=FAST))
+    single = run_jobs(jobs, _kwargs(tmp_path / "single", data), "local", workers=1, slurm={})
+    records = run_jobs(jobs, _kwargs(tmp_path / "ddp", data), "submitit", workers=1,
+                       slurm={**LOCAL, "ranks_per_job": 2})
+    assert [r["train"]["ranks"] for r in records] == [2] and [r["train"]["ranks"] for r in single] == [1]
+    assert records[0]["run_id"] == single[0]["run_id"]
+    assert abs(records[0]["metrics"]["backbone"]["knn/top1"] - single[0]["metrics"]["backbone"]["knn/top1"]) <= 0.6
