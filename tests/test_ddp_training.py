@@ -122,3 +122,20 @@ def test_rank_zero_alone_evaluates_and_writes_and_a_rerun_trains_nothing(runs):
     for ref in single:  # same weights, same evaluation: kNN accuracy within a couple of test images
         ddp = stored[ref["run_id"]]
         assert abs(ddp["metrics"]["backbone"]["knn/top1"] - ref["metrics"]["backbone"]["knn/top1"]) <= 0.6
+
+
+def test_torchrun_launch_of_the_cli_trains_each_run_over_two_ranks(tmp_path):
+    """``torchrun -m harness run``: one record per run, trained by 2 ranks, and the leaderboard printed once."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+           "-m", "harness", "run", "--methods", "simclr", "--seeds", "0", "--budget", "steps=3", "--device", "cpu",
+           "--quiet", "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
+           "--data-dir", str(tmp_path / "data")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("written: ") == 1 and "data-parallel over 2 processes" in out.stdout
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "quick").glob("*.json")]
+    assert len(records) == 1 and records[0]["train"]["ranks"] == WORLD and records[0]["status"] == "ok"
