@@ -219,6 +219,33 @@ def all_gather_cat(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
+def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient of row blocks whose lengths differ by rank, concatenated in rank order."""
+    if get_world_size() == 1:
+        return x
+    sizes = all_gather_cat(torch.tensor([len(x)], device=x.device)).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    blocks = all_gather_cat(padded[None])
+    return torch.cat([block[:size] for block, size in zip(blocks, sizes)])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient multiplied by ``factor`` (identity with one process and factor 1)."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
 def own_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """This rank's ``n`` rows of a tensor gathered over ranks in rank order (all of ``x`` with one process)."""
     rank = get_rank()

@@ -116,6 +116,10 @@ def _data_parallel(method: Method) -> DistributedDataParallel:
     some adapters leave parameters unused in a step (SeLa's heads), hence ``find_unused_parameters``."""
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                       inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    local = method.rank_local_parameters()
+    # DDP's reducer spells a top-level parameter ".name" (module name "" + "."), its other checks "name"
+    ignore = local + [f".{name}" for name in local if "." not in name]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignore)
     return DistributedDataParallel(method, find_unused_parameters=True, **no_buffer_sync)
 
 
@@ -154,7 +158,11 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     if resumed:
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        per_rank = state.get("optimizer_per_rank")
+        if per_rank is not None and len(per_rank) != world:
+            raise UsageError(f"{checkpoint} was trained with sharded parameters over {len(per_rank)} ranks; "
+                             f"resume it with {len(per_rank)} ranks, not {world}")
+        optimizer.load_state_dict(state["optimizer"] if per_rank is None else per_rank[rank])
         usage, history = Usage(**state["usage"]), state["history"]
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         generator.set_state(state["generator"])
@@ -172,8 +180,16 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         method.on_train_start(plain)
 
     def save(done: bool = False) -> None:
-        if checkpoint is not None and rank == 0:
-            _save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+        if checkpoint is None:
+            return
+        model_state = method.state_dict()  # every rank: adapters with sharded parameters gather them here
+        optimizer_state = optimizer.state_dict()
+        per_rank = None
+        if world > 1 and method.rank_local_parameters():  # their optimizer state differs by rank too
+            per_rank = [None] * world
+            torch.distributed.all_gather_object(per_rank, optimizer_state)
+        if rank == 0:
+            _save_atomic({"model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
                           "usage": usage.as_dict(), "history": history, "epoch": epoch,
                           "step_in_epoch": step_in_epoch, "generator": generator.get_state(), "done": done,
                           "peak_memory_mb": peak(), "memory_kind": memory_kind}, checkpoint)
@@ -186,7 +202,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1],
                disable=True if quiet or rank > 0 else None,
                leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
-    started, last_save = time.perf_counter() - usage.seconds, time.perf_counter()
+    started, last_save = time.perf_counter() - usage.seconds, usage.seconds
     status, reason = "ok", ""
     epoch_losses: list[float] = []
     while not usage.exhausted(budget):
@@ -229,9 +245,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                                                  **{f"train/{k}": v for k, v in logs.items()}})
             if usage.exhausted(budget):
                 break
-            if checkpoint is not None and time.perf_counter() - last_save > checkpoint_seconds:
+            if checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds:  # same on every rank
                 save()
-                last_save = time.perf_counter()
+                last_save = usage.seconds
         if status == "failed":
             break
         if step_in_epoch >= steps_per_epoch or usage.exhausted(budget):

@@ -93,6 +93,10 @@ class Method(nn.Module):
         """Loss for one batch (optionally with a dict of scalars to log)."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
+    def rank_local_parameters(self) -> list[str]:
+        """Names of parameters that hold a different shard on every rank (DDP must not average them)."""
+        return []
+
     def on_train_start(self, loader: "UnaugmentedLoader") -> None:
         """Called once before the first step (not on resume); ``loader`` yields plain views of the train set."""
 

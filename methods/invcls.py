@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness import distributed
 from harness.distributed import all_gather_cat
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
@@ -128,11 +129,15 @@ class InvCls(Method):
 
     ``smooth_k`` is ours to choose (the paper ablates it on ImageNet): 10 hardest classes at
     CIFAR scale, a small fraction of the ~5,000 images that share a CIFAR-10 class; 5 on digits.
+    With ``shard_classifier`` and several ranks, each rank holds a contiguous block of W's rows and
+    trains with :func:`sharded_instance_loss`; checkpoints still hold the whole W (gathered on save,
+    sliced on load), so evaluation and single-process loading do not change.
     """
 
     description = "InvCls: N-way parametric instance classifier, raw-feature init, hardest-class smoothing"
     defaults = {
-        "method": {"temperature": 0.15, "feat_dim": 128, "head_hidden": 512, "smooth_alpha": 0.2, "smooth_k": 10},
+        "method": {"temperature": 0.15, "feat_dim": 128, "head_hidden": 512, "smooth_alpha": 0.2, "smooth_k": 10,
+                   "shard_classifier": False},
         # The paper's optimiser: SGD momentum 0.9, wd 1e-4, lr 0.48, warm-up then cosine; SimCLR augmentation.
         "paper": {"batch_size": 256, "lr": 0.48, "weight_decay": 1e-4, "warmup": 0.05, "views": 1,
                   "augment": "simclr"},
@@ -144,7 +149,26 @@ class InvCls(Method):
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)
         self.head = mlp(backbone.out_dim, cfg["head_hidden"], cfg["feat_dim"])
-        self.classifier = nn.Parameter(F.normalize(torch.randn(info.num_samples, cfg["feat_dim"]), dim=1))
+        weight = F.normalize(torch.randn(info.num_samples, cfg["feat_dim"]), dim=1)
+        self.sharded = bool(cfg["shard_classifier"]) and distributed.get_world_size() > 1
+        rows = torch.arange(info.num_samples).tensor_split(distributed.get_world_size())[distributed.get_rank()]
+        self.rows = slice(int(rows[0]), int(rows[-1]) + 1) if self.sharded else slice(0, info.num_samples)
+        self.classifier = nn.Parameter(weight[self.rows].clone())
+        if self.sharded:  # checkpoints hold the whole W: gathered on save, this rank's rows taken on load
+            self.register_state_dict_post_hook(self._gather_classifier)
+            self.register_load_state_dict_pre_hook(self._take_rows)
+
+    @staticmethod
+    def _gather_classifier(module: "InvCls", state: dict, prefix: str, local_metadata) -> None:
+        state[prefix + "classifier"] = distributed.all_gather_uneven(module.classifier.detach())
+
+    def _take_rows(self, state: dict, prefix: str, *args) -> None:
+        key = prefix + "classifier"
+        if key in state and len(state[key]) == self.info.num_samples:
+            state[key] = state[key][self.rows]
+
+    def rank_local_parameters(self) -> list[str]:
+        return ["classifier"] if self.sharded else []
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(h), dim=1)
@@ -154,12 +178,20 @@ class InvCls(Method):
         """Contrastive prior: one pass in train mode (BatchNorm statistics update, nothing else), w_i <- z_i."""
         self.train()
         for x, index in loader:
-            self.classifier[index] = self.embed(self.backbone(x)).float()
+            mine = (index >= self.rows.start) & (index < self.rows.stop)
+            self.classifier[index[mine] - self.rows.start] = self.embed(self.backbone(x))[mine].float()
 
     def training_step(self, batch: Batch) -> torch.Tensor:
+        cfg = self.cfg
         z = self.embed(self.backbone(batch.views[0]))
-        logits = z @ F.normalize(self.classifier, dim=1).t() / self.cfg["temperature"]
-        return smoothed_instance_loss(logits, batch.index, self.cfg["smooth_alpha"], self.cfg["smooth_k"])
+        if self.sharded:
+            # the sharded loss gives each rank the whole gradient of its own rows; DDP then averages the
+            # backbone's gradients over ranks, so scale them by the world size to keep the sum
+            z = distributed.scale_grad(z, distributed.get_world_size())
+            return sharded_instance_loss(z, batch.index, self.classifier, self.rows.start, cfg["temperature"],
+                                         cfg["smooth_alpha"], cfg["smooth_k"])
+        logits = z @ F.normalize(self.classifier, dim=1).t() / cfg["temperature"]
+        return smoothed_instance_loss(logits, batch.index, cfg["smooth_alpha"], cfg["smooth_k"])
 
     def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)

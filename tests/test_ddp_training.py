@@ -19,7 +19,10 @@ from tests.conftest import make_suite
 WORLD = 2
 #: Every method family that trains (baselines without training and evaluation-time combinations excluded).
 METHODS = ["simclr", "moco", "npid_cld", "moco_cld", "invcls", "cc", "cd", "sela", "supcon", "supcon_spread",
-           "cond_autoencoder", "supervised"]
+           "cond_autoencoder", "supervised",
+           # InvCls with W split by rows over the ranks (hybrid parallelism); one process holds all of W
+           {"name": "invcls", "as": "invcls_sharded", "config": {"shard_classifier": True}}]
+LABELS = [m if isinstance(m, str) else m["as"] for m in METHODS]
 BUDGET = "steps=4"
 
 
@@ -73,10 +76,10 @@ def _weights(root: Path, which: str, run_id: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LABELS)
 def test_two_ranks_train_the_same_weights_as_one_process(runs, method):
     root, single, _ = runs
-    record = next(r for r in single if r["spec"]["method"] == method)
+    record = next(r for r in single if r["spec"]["label"] == method)
     assert record["status"] == "ok" and record["budget"]["used"]["steps"] == 4
     ref, ddp = _weights(root, "single", record["run_id"]), _weights(root, "ddp", record["run_id"])
     initial = _initial_weights(root, record)
@@ -104,7 +107,8 @@ def _initial_weights(root: Path, record: dict) -> dict[str, torch.Tensor]:
 
     spec = record["spec"]
     runner = Runner(root / "single", root / "data", device="cpu", quiet=True)
-    job = Job("ddp", spec["dataset"], MethodEntry(spec["method"], spec["label"], {}, {}), spec["seed"], None, spec)
+    job = Job("ddp", spec["dataset"], MethodEntry(spec["method"], spec["label"], spec["config"], {}), spec["seed"], None,
+              spec)
     method, _, _ = runner.build(job, *runner.dataset(spec["dataset"], spec["val_fraction"]))
     return method.state_dict()
 
