@@ -162,10 +162,11 @@ class InvCls(Method):
     def _gather_classifier(module: "InvCls", state: dict, prefix: str, local_metadata) -> None:
         state[prefix + "classifier"] = distributed.all_gather_uneven(module.classifier.detach())
 
-    def _take_rows(self, state: dict, prefix: str, *args) -> None:
+    @staticmethod
+    def _take_rows(module: "InvCls", state: dict, prefix: str, *args) -> None:
         key = prefix + "classifier"
-        if key in state and len(state[key]) == self.info.num_samples:
-            state[key] = state[key][self.rows]
+        if key in state and len(state[key]) == module.info.num_samples:
+            state[key] = state[key][module.rows]
 
     def rank_local_parameters(self) -> list[str]:
         return ["classifier"] if self.sharded else []

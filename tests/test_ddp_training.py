@@ -30,11 +30,35 @@ def _suite():
     return make_suite(METHODS, budget=BUDGET, protocols={"knn": {"k": 20}}, name="ddp")
 
 
-def _run(results: Path, data: Path) -> list[dict]:
+def _run(results: Path, data: Path, only: str | None = None, checkpoint_seconds: float = 60.0) -> list[dict]:
     from harness.runner import Runner, plan
 
-    runner = Runner(results, data, device="cpu", quiet=True, log=lambda s: None)
-    return runner.run(plan(_suite()))
+    runner = Runner(results, data, device="cpu", quiet=True, log=lambda s: None, checkpoint_seconds=checkpoint_seconds)
+    return runner.run([job for job in plan(_suite()) if only in (None, job.entry.label)])
+
+
+def _interrupted_then_resumed(results: Path, data: Path) -> int:
+    """The sharded InvCls run dies at its 3rd step on both ranks (checkpoints every step), then reruns;
+    returns how many steps the rerun trained."""
+    from methods.invcls import InvCls
+
+    original, calls = InvCls.training_step, []
+
+    def dies_once(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return original(self, batch)
+
+    InvCls.training_step = dies_once
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            _run(results, data, "invcls_sharded", checkpoint_seconds=0.0)
+        calls.clear()
+        _run(results, data, "invcls_sharded", checkpoint_seconds=0.0)
+        return len(calls)
+    finally:
+        InvCls.training_step = original
 
 
 def _worker(rank: int, init_file: str, results: str, data: str, out: str) -> None:
@@ -46,8 +70,10 @@ def _worker(rank: int, init_file: str, results: str, data: str, out: str) -> Non
     try:
         first = _run(Path(results), Path(data))
         again = _run(Path(results), Path(data))  # everything is stored now: nothing retrains
+        steps_after_restart = _interrupted_then_resumed(Path(results + "-resumed"), Path(data))
         summary = {"ranks": [r["train"].get("ranks") for r in first],
                    "metrics_on_this_rank": [bool(r["metrics"]) for r in first],
+                   "steps_after_restart": steps_after_restart,
                    "stored_on_rerun": [r["created"] for r in again] == [r["created"] for r in first] if rank == 0 else None}
         Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
     finally:
@@ -76,12 +102,14 @@ def _weights(root: Path, which: str, run_id: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("method", LABELS)
+@pytest.mark.parametrize("method", LABELS + ["invcls_sharded killed and resumed"])
 def test_two_ranks_train_the_same_weights_as_one_process(runs, method):
     root, single, _ = runs
-    record = next(r for r in single if r["spec"]["label"] == method)
+    label, _, resumed = method.partition(" ")
+    record = next(r for r in single if r["spec"]["label"] == label)
     assert record["status"] == "ok" and record["budget"]["used"]["steps"] == 4
-    ref, ddp = _weights(root, "single", record["run_id"]), _weights(root, "ddp", record["run_id"])
+    ref = _weights(root, "single", record["run_id"])
+    ddp = _weights(root, "ddp-resumed" if resumed else "ddp", record["run_id"])
     initial = _initial_weights(root, record)
     assert ref.keys() == ddp.keys()
     for key, value in ref.items():
@@ -123,6 +151,7 @@ def test_rank_zero_alone_evaluates_and_writes_and_a_rerun_trains_nothing(runs):
     assert ranks[0]["metrics_on_this_rank"] == [True] * len(METHODS)
     assert ranks[1]["metrics_on_this_rank"] == [False] * len(METHODS)
     assert ranks[0]["stored_on_rerun"] is True
+    assert [r["steps_after_restart"] for r in ranks] == [2, 2]  # resumed after its 2 checkpointed steps
     for ref in single:  # same weights, same evaluation: kNN accuracy within a couple of test images
         ddp = stored[ref["run_id"]]
         assert abs(ddp["metrics"]["backbone"]["knn/top1"] - ref["metrics"]["backbone"]["knn/top1"]) <= 0.6
