@@ -5,12 +5,18 @@ indexing, on-device augmentation, forward, backward, optimiser, method bookkeepi
 floor: the bare backbone's forward and backward on random tensors already on the device, for the
 same number of views per image. The ratio full / floor is the share of time spent on the model
 itself (1.0 = no overhead). Peak memory is recorded alongside.
+
+The ``loader`` columns time the same training step fed by the old per-image path instead: a
+DataLoader whose worker processes augment every image on its own with the torchvision transforms
+on PIL images (:mod:`harness.pil_augment`), ``--loader-workers`` of them (default min(4, CPUs)).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +27,7 @@ from harness.backbones import create_backbone
 from harness.budget import Budget
 from harness.data import load_dataset
 from harness.environment import resolve_device
+from harness.pil_augment import LoaderAugmenter, TrainOrderSampler, default_workers, per_image_loader
 from harness.seeding import seed_everything
 from harness.train import _peak_rss_mb, _reset_peak_rss, train
 from methods import METHODS, DataInfo, create_method, resolve_config
@@ -50,9 +57,8 @@ def floor_images_per_second(backbone_name: str, shape: tuple[int, int, int], bat
     return batch * steps / (time.perf_counter() - start)
 
 
-def method_images_per_second(name: str, dataset: str, backbone_name: str, scale: str, device: str, steps: int,
-                             data_dir: Path) -> tuple[float, int, int, float]:
-    """(images/s of the full training step, batch size, views, peak MB) for ``name``."""
+def _setup(name: str, dataset: str, scale: str, device: str, data_dir: Path):
+    """(data, method config, training images on device, labels, DataInfo) as the runner builds them."""
     data = load_dataset(dataset, data_dir)
     cls = METHODS.get(name)
     cfg = resolve_config(cls, scale)
@@ -61,6 +67,13 @@ def method_images_per_second(name: str, dataset: str, backbone_name: str, scale:
                              else data.coarse_labels[data.is_train]).to(device)
     info = DataInfo(len(images), data.image_shape,
                     data.num_classes if cls.label_level == "fine" else data.num_coarse if cls.label_level else None)
+    return data, cfg, images, labels, info
+
+
+def method_images_per_second(name: str, dataset: str, backbone_name: str, scale: str, device: str, steps: int,
+                             data_dir: Path) -> tuple[float, int, int, float]:
+    """(images/s of the full training step, batch size, views, peak MB) for ``name``."""
+    data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
     augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
     results = []
     for budget in (Budget("steps", 2), Budget("steps", steps)):  # the first run is warm-up
@@ -77,10 +90,49 @@ def method_images_per_second(name: str, dataset: str, backbone_name: str, scale:
     return last.usage.samples / last.usage.seconds, min(cfg["batch_size"], len(images)), cfg["views"], peak
 
 
+def loader_images_per_second(name: str, dataset: str, backbone_name: str, scale: str, device: str, steps: int,
+                             data_dir: Path, workers: int) -> float:
+    """Images/s of the full training step when the views come from the per-image DataLoader path.
+
+    ``workers`` DataLoader processes run the torchvision transform of the same augmentation preset
+    on PIL images (``harness.pil_augment``) and prefetch batches in the order train() draws them;
+    train() takes them through a :class:`~harness.pil_augment.LoaderAugmenter`. One run of
+    ``warm-up + steps`` steps; the clock starts when step ``warm-up`` asks for its views (the first
+    steps pay for starting the workers) and stops when train() returns.
+    """
+    data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
+    batch, views = min(cfg["batch_size"], len(images)), cfg["views"]
+    warmup = 2 + workers  # every worker has delivered a batch before the clock starts
+    sampler = TrainOrderSampler(len(images), batch, seed=0, runs=[warmup + steps])
+    loader = per_image_loader(images.cpu(), get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean,
+                              data.std, views=views, batch_sampler=sampler, num_workers=workers,
+                              pin_memory=device.startswith("cuda"))
+    augmenter = LoaderAugmenter(loader, images, data.mean, data.std, views)
+    try:
+        generator = seed_everything(0, deterministic=False)
+        method = create_method(name, create_backbone(backbone_name, data.image_shape[0]), cfg, info)
+        result = train(method, images, labels, Budget("steps", warmup + steps), augmenter, cfg, device=device,
+                       seed=0, generator=generator, quiet=True)
+        _sync(device)
+        end = time.perf_counter()
+    finally:
+        augmenter.close()
+    if result.status != "ok":
+        raise RuntimeError(f"{name}: training on the DataLoader path failed: {result.reason}")
+    return steps * batch / (end - augmenter.step_times[warmup])
+
+
 def train_benchmarks(dataset: str = "digits", backbone: str = "small_cnn", scale: str = "cpu", steps: int = 20,
                      device: str = "auto", methods: list[str] | None = None,
-                     data_dir: Path = Path.home() / ".cache" / "ssl-harness" / "data") -> pd.DataFrame:
+                     data_dir: Path = Path.home() / ".cache" / "ssl-harness" / "data",
+                     loader_workers: int | None = None) -> pd.DataFrame:
+    """One row per training method: on-device path, floor, ratio, per-image DataLoader path and its ratio.
+
+    ``loader_workers``: DataLoader worker processes of the per-image path (default min(4, CPUs));
+    a negative number leaves the loader columns out.
+    """
     device = resolve_device(device)
+    workers = default_workers() if loader_workers is None else loader_workers
     rows = []
     for name in methods or METHODS.names():
         cls = METHODS.get(name)
@@ -89,9 +141,29 @@ def train_benchmarks(dataset: str = "digits", backbone: str = "small_cnn", scale
         ips, batch, views, peak = method_images_per_second(name, dataset, backbone, scale, device, steps, data_dir)
         data = load_dataset(dataset, data_dir)
         floor = floor_images_per_second(backbone, data.image_shape, batch, views, device, steps)
-        rows.append({"method": name, "batch": batch, "views": views, "images/s": round(ips, 1),
-                     "floor images/s": round(floor, 1), "ratio": round(ips / floor, 3), "peak MB": round(peak)})
+        row = {"method": name, "batch": batch, "views": views, "images/s": round(ips, 1),
+               "floor images/s": round(floor, 1), "ratio": round(ips / floor, 3), "peak MB": round(peak)}
+        if workers >= 0:
+            loader_ips = loader_images_per_second(name, dataset, backbone, scale, device, steps, data_dir, workers)
+            row |= {"loader images/s": round(loader_ips, 1), "loader ratio": round(loader_ips / floor, 3)}
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _machine(device: str) -> str:
+    """The machine in words: CPU model and count, and the GPU when one ran the benchmark."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPUs"
+    if device.startswith("cuda"):
+        text = f"{torch.cuda.get_device_name(torch.device(device))}; {text}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", default=None)
+    p.add_argument("--loader-workers", type=int, default=default_workers(),
+                   help="DataLoader workers of the per-image path (default min(4, CPUs)); -1 leaves it out")
     p.add_argument("--out", type=Path, default=Path("leaderboards") / "bench-train.md")
     args = p.parse_args(argv)
+    started = time.perf_counter()
     df = train_benchmarks(args.dataset, args.backbone, args.scale, args.steps, args.device,
-                          args.methods.split(",") if args.methods else None)
+                          args.methods.split(",") if args.methods else None, loader_workers=args.loader_workers)
     from harness.leaderboard import to_markdown
 
     device = resolve_device(args.device)
@@ -113,11 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    loader = ("" if args.loader_workers < 0 else
+              f" loader images/s: the same step with the views made by the old per-image path instead, a "
+              f"DataLoader with {args.loader_workers} worker processes running torchvision's transforms of the "
+              "same preset on PIL images (harness/pil_augment.py), timed after its warm-up steps; loader ratio "
+              f"= loader images/s / floor. The loader path runs in {1 + args.loader_workers} processes, the "
+              "others in one: on cores shared with other work it gets a larger share of them, which favours it.")
     args.out.write_text(f"# Training throughput ({args.dataset}, {args.backbone}, {args.scale} scale, {device}, "
                         f"{torch.get_num_threads()} threads, {args.steps} timed steps)\n\n"
-                        f"Load average at the end of the run: {load} (other processes share the cores: "
-                        "compare ratios only between runs on an idle machine).\n\n"
+                        f"Machine: {_machine(device)}. Run finished {date} after "
+                        f"{time.perf_counter() - started:.0f} s; load average at the end (1, 5, 15 min): {load} "
+                        "(other processes share the cores: compare ratios only between runs on an idle "
+                        "machine).\n\n"
                         "images/s: full training step (indexing, on-device augmentation, forward, backward, "
                         "optimiser, method bookkeeping). floor: bare backbone forward+backward on random "
-                        "tensors with the same views per image. ratio = images/s / floor.\n\n" + table + "\n")
+                        "tensors with the same views per image. ratio = images/s / floor." + loader + "\n\n"
+                        + table + "\n")
     return 0
