@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
     run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
     run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
+    run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                     help="training autocast: auto = bfloat16 on CUDA, float32 on CPU (recorded in each result)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the backbone for training")
     run.add_argument("--log", choices=["none", "tensorboard", "wandb"], default="none",
                      help="also stream training scalars to TensorBoard or W&B (off by default)")
     run.add_argument("--executor", choices=["local", "submitit"], default="local",
@@ -138,7 +141,8 @@ def cmd_run(args) -> int:
 
     check_backend(args.log)
     if args.executor == "local" and not args.workers:
-        runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log)
+        runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
+                        precision=args.precision, compile=args.compile)
         records = runner.run(jobs, force=args.force)
     else:
         from harness.executors import ExecutorError, run_jobs, slurm_options
@@ -146,7 +150,7 @@ def cmd_run(args) -> int:
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
-                  "quiet": args.quiet, "log_backend": args.log}
+                  "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile}
         try:
             records = run_jobs(jobs, kwargs, args.executor, args.workers, slurm, force=args.force,
                                plugins=args.plugin)
@@ -175,7 +179,8 @@ def _run_data_parallel(args, suite, jobs, ranks) -> int:
         print(f"suite {suite.name}: {len(jobs)} runs, each data-parallel over {ranks.world_size} processes", flush=True)
     try:
         runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet or not main,
-                        log=print if main else (lambda message: None), log_backend=args.log if main else "none")
+                        log=print if main else (lambda message: None), log_backend=args.log if main else "none",
+                        precision=args.precision, compile=args.compile)
         records = runner.run(jobs, force=args.force)
         distributed.barrier()
     finally:

@@ -21,7 +21,7 @@ from harness.evaluate import RunContext, evaluate
 from harness.seeding import seed_everything
 from harness.store import ResultStore, run_id
 from harness.suite import MethodEntry, Suite
-from harness.train import train
+from harness.train import resolve_precision, train
 from methods import METHODS, DataInfo, Method, create_method, resolve_config
 
 #: Bump when the meaning of stored records changes (it is part of every run's spec).
@@ -76,10 +76,11 @@ class Runner:
 
     def __init__(self, results_dir: Path, data_dir: Path, device: str = "auto", quiet: bool = False,
                  log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
-                 log_backend: str = "none") -> None:
+                 log_backend: str = "none", precision: str = "auto", compile: bool = False) -> None:
         self.results_dir, self.data_dir = Path(results_dir), Path(data_dir)
         self.log_backend = log_backend
         self.device = resolve_device(device)
+        self.precision, self.compile = resolve_precision(precision, self.device), compile
         if distributed.get_world_size() > 1 and self.device == "cuda":  # this rank's GPU, set by init_distributed
             self.device = f"cuda:{torch.cuda.current_device()}"
         self.quiet, self.log, self.checkpoint_seconds = quiet, log, checkpoint_seconds
@@ -187,11 +188,13 @@ class Runner:
                 result = train(method, images, labels, job.budget, augmenter, cfg, device=device, seed=seed,
                                generator=generator, checkpoint=store.checkpoint_path(job.run_id),
                                checkpoint_seconds=self.checkpoint_seconds, quiet=self.quiet,
-                               desc=f"{job.entry.label}/{job.dataset}/s{seed}", logger=logger)
+                               desc=f"{job.entry.label}/{job.dataset}/s{seed}", logger=logger,
+                               precision=self.precision, compile_backbone=self.compile)
             record["train"] = {"used": result.usage.as_dict(), "history": result.history,
                                "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                                "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1),
-                               "ranks": distributed.get_world_size()}
+                               "ranks": distributed.get_world_size(), "precision": self.precision,
+                               "channels_last": device.startswith("cuda"), "compile": self.compile}
             record["status"], record["reason"] = result.status, result.reason
         else:
             method.to(device)

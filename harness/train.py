@@ -29,6 +29,18 @@ from harness.errors import UsageError, choices_error
 from methods.base import Batch, Method
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` is bfloat16 autocast on CUDA and float32 elsewhere; ``bf16``/``fp32`` force one."""
+    if precision not in PRECISIONS:
+        raise choices_error("precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
 @dataclass
 class TrainResult:
     status: str  # "ok" | "failed"
@@ -135,12 +147,14 @@ def _rank0_clock(elapsed: float, device: str) -> float:
 def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, budget: Budget,
           augmenter: Augmenter, cfg: dict[str, Any], *, device: str, seed: int, generator: torch.Generator,
           checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, quiet: bool = False,
-          desc: str = "", logger=None) -> TrainResult:
+          desc: str = "", logger=None, precision: str = "auto", compile_backbone: bool = False) -> TrainResult:
     """Train ``method`` on the uint8 ``images`` (already on ``device``) until ``budget`` is spent.
 
     ``labels`` (on device) are handed to the adapter only if it declares a ``label_level``.
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
-    same batches it would have seen. With several ranks, ``batch_size`` is the global batch and
+    same batches it would have seen. ``precision`` (see :func:`resolve_precision`) sets autocast;
+    on CUDA the model and views are channels-last; ``compile_backbone`` runs ``torch.compile`` on
+    the backbone in place (state-dict keys unchanged). With several ranks, ``batch_size`` is the global batch and
     rank r trains on rows [r b, (r + 1) b) of each, b = batch_size / world size.
     """
     n = len(images)
@@ -169,9 +183,14 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         if state.get("done"):
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
                                memory_kind=state.get("memory_kind", ""))
-    method.to(device).train()
-    model = _data_parallel(method) if world > 1 else method
     cuda = device.startswith("cuda")
+    method.to(device).train()
+    if cuda:
+        method.to(memory_format=torch.channels_last)
+    if compile_backbone:
+        method.backbone.compile()
+    autocast_bf16 = resolve_precision(precision, device) == "bf16"
+    model = _data_parallel(method) if world > 1 else method
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     _reset_peak_rss()
@@ -219,7 +238,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
             for group in optimizer.param_groups:
                 group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.get("amp", True)):
+            with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
                 out = model(batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             logs = {k: float(v) for k, v in logs.items()}

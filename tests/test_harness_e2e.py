@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import metric
+from conftest import make_suite, metric
 from harness.budget import Budget
 from harness.cli import main
 from harness.data import load_dataset
+from harness.errors import UsageError
 from methods import METHODS, Batch, Method, register_method
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,3 +263,17 @@ def test_leaderboard_refuses_mixed_splits_and_marks_best(run_suite, tmp_path):
     recs[0]["split_sha256"] = "0" * 64
     with pytest.raises(UsageError, match="different data splits"):
         write_leaderboard(recs, "t", tmp_path / "lb")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("options,expected", [({"precision": "bf16"}, {"precision": "bf16", "compile": False}),
+                                              ({"compile": True}, {"precision": "fp32", "compile": True})])
+def test_precision_and_compile_are_applied_and_recorded(tmp_path, options, expected):
+    from harness.runner import Runner, plan
+
+    runner = Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None, **options)
+    (record,) = runner.run(plan(make_suite(["simclr"], budget="steps=2", protocols={"knn": {"k": 10}})))
+    assert record["status"] == "ok" and record["metrics"]["backbone"]["knn/top1"] > 0.5
+    assert {k: record["train"][k] for k in expected} == expected and record["train"]["channels_last"] is False
+    with pytest.raises(UsageError, match="unknown precision 'fp8'"):
+        Runner(tmp_path / "results", tmp_path / "data", device="cpu", precision="fp8")

@@ -109,6 +109,17 @@ def test_augmenter_is_seeded_and_shaped():
     assert torch.allclose(plain, (x.float() / 255 - 0.5) / 0.25)
 
 
+def test_augmenting_a_share_of_a_batch_gives_those_rows_of_the_whole():
+    """What a data-parallel rank does: its rows of the batch, with the parameters of those rows."""
+    x = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    aug = Augmenter(get_preset("simclr_blur"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    whole = aug(x, torch.Generator().manual_seed(3))
+    parts = [aug(x[i:i + 4], torch.Generator().manual_seed(3), slice(i, i + 4), 12) for i in (0, 4, 8)]
+    assert torch.equal(torch.cat(parts), whole)
+    with pytest.raises(ValueError, match="hold 4 images, got 5"):
+        aug(x[:5], torch.Generator(), slice(0, 4), 12)
+
+
 def test_unknown_augmentation_preset():
     with pytest.raises(UsageError, match="unknown augmentation 'fancy'"):
         get_preset("fancy")
