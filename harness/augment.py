@@ -131,26 +131,46 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
+def _brightness(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (y * _per_sample(f)).clamp(0, 1)
+
+
+def _contrast(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    return ((y - mean) * _per_sample(f) + mean).clamp(0, 1)
+
+
+def _saturation(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    gray = _gray(y)
+    return ((y - gray) * _per_sample(f) + gray).clamp(0, 1)
+
+
+def _hue(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(y)
+    hsv = torch.stack([(hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+    return _hsv_to_rgb(hsv).clamp(0, 1)
+
+
 def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
-    """Brightness, contrast, saturation, hue (in that fixed order), each factor drawn per sample."""
-    dev = x.device
-    apply = _per_sample((draw.rand() < cfg.jitter_p).float().to(dev))
+    """Brightness, contrast, saturation and hue with factors drawn per sample, applied in a random
+    order per sample, as torchvision's ColorJitter permutes its four ops on every call (saturation
+    and hue do not commute). Each op runs only on the samples that take it at that position."""
+    apply = draw.rand() < cfg.jitter_p
     b, c, s, hue = cfg.jitter
-    y = x
-    if b > 0:
-        y = (y * _per_sample(draw.uniform(max(0, 1 - b), 1 + b).to(dev))).clamp(0, 1)
-    if c > 0:
-        mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = ((y - mean) * _per_sample(draw.uniform(max(0, 1 - c), 1 + c).to(dev)) + mean).clamp(0, 1)
-    if x.shape[1] == 3 and s > 0:
-        gray = _gray(y)
-        y = ((y - gray) * _per_sample(draw.uniform(max(0, 1 - s), 1 + s).to(dev)) + gray).clamp(0, 1)
-    if x.shape[1] == 3 and hue > 0:
-        hsv = _rgb_to_hsv(y)
-        shift = draw.uniform(-hue, hue).to(dev).view(-1, 1, 1)
-        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-        y = _hsv_to_rgb(hsv).clamp(0, 1)
-    return apply * y + (1 - apply) * x
+    colour = x.shape[1] == 3
+    ops = [(op, draw.uniform(lo, hi)) for op, strength, lo, hi in (
+        (_brightness, b, max(0, 1 - b), 1 + b), (_contrast, c, max(0, 1 - c), 1 + c),
+        (_saturation, s if colour else 0, max(0, 1 - s), 1 + s), (_hue, hue if colour else 0, -hue, hue))
+        if strength > 0]
+    order = torch.stack([draw.rand() for _ in range(4)], 1).argsort(1)  # a permutation of the 4 slots per sample
+    y = x.clone()
+    for position in range(4):
+        for slot, (op, factor) in enumerate(ops):
+            rows = apply & (order[:, position] == slot)
+            if rows.any():
+                idx = rows.nonzero().squeeze(1).to(x.device)
+                y[idx] = op(y[idx], factor[rows].to(x.device))
+    return y
 
 
 def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
