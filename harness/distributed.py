@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-#: Same seed mixing as ``harness.train`` uses for its per-epoch data order.
-EPOCH_SEED_STRIDE = 1_000_003
+from harness.seeding import epoch_order
+
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
-    """The permutation of ``range(n)`` for ``epoch``: the one ``harness.train`` uses, identical on every rank."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch))
 
 
 def shard_indices(indices: Any, epoch: int, rank: int | None = None, world_size: int | None = None,

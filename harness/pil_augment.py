@@ -38,6 +38,7 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import to_pil_image
 
 from harness.augment import AugmentConfig, Augmenter
+from harness.seeding import epoch_order
 
 #: Every AugmentConfig field this module maps to a torchvision transform. A field added to
 #: AugmentConfig without a mapping here makes :func:`per_image_transform` raise, so the two
@@ -214,8 +215,8 @@ class PerImageAugmenter(Augmenter):
 class TrainOrderSampler(Sampler):
     """Index batches in the order :func:`harness.train.train` draws them.
 
-    train() takes, in epoch ``e``, the permutation ``randperm(n, Generator().manual_seed(seed *
-    1_000_003 + e))`` in ``n // batch_size`` full batches. ``runs`` lists the number of steps of
+    train() takes, in epoch ``e``, the permutation ``harness.seeding.epoch_order(n, e, seed)`` in
+    ``n // batch_size`` full batches. ``runs`` lists the number of steps of
     consecutive train() calls that each start at epoch 0 (a warm-up run and a timed run, say);
     after the last run the sampler stops.
     """
@@ -224,7 +225,7 @@ class TrainOrderSampler(Sampler):
         self.n, self.batch_size, self.seed, self.runs = n, min(batch_size, n), seed, list(runs)
 
     def order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return epoch_order(self.n, epoch, self.seed)
 
     def __iter__(self) -> Iterator[list[int]]:
         per_epoch = self.n // self.batch_size

@@ -23,3 +23,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
     return torch.Generator().manual_seed(seed)
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    """The training loop's data order for ``epoch``: a permutation of ``range(n)`` seeded by (seed, epoch),
+    so a resumed run, every rank of a data-parallel run and a DataLoader feed all see the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))

@@ -26,6 +26,7 @@ from harness import distributed
 from harness.augment import Augmenter
 from harness.budget import Budget, Usage
 from harness.errors import UsageError, choices_error
+from harness.seeding import epoch_order
 from methods.base import Batch, Method
 
 
@@ -228,7 +229,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         if step_in_epoch == 0:
             method.on_epoch_start(epoch, plain)
             epoch_losses = []
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
+        order = epoch_order(n, epoch, seed).to(device)
         for step in range(step_in_epoch, steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size][rows]
             raw = images[index]

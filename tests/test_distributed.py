@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness import distributed as hd
+from harness.seeding import epoch_order
 from methods.losses import nt_xent
 
 WORLD = 2
@@ -99,7 +100,7 @@ def test_shard_indices_without_process_group():
         again = [hd.shard_indices(idx, 4, rank=r, world_size=world, seed=1) for r in range(world)]
         assert all((a == b).all() for a, b in zip(shards, again))
     # world 1 is the order harness.train uses for that epoch
-    assert (hd.shard_indices(idx, 2, rank=0, world_size=1, seed=5) == idx[hd.epoch_order(1000, 2, 5).numpy()]).all()
+    assert (hd.shard_indices(idx, 2, rank=0, world_size=1, seed=5) == idx[epoch_order(1000, 2, 5).numpy()]).all()
     with pytest.raises(ValueError, match="outside"):
         hd.shard_indices(idx, 0, rank=2, world_size=2)
 
