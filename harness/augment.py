@@ -201,6 +201,14 @@ class Augmenter:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
+    def start(self, epoch: int, step: int) -> None:
+        """Called by the training loop before its first step, at the (epoch, step) it starts from
+        (not (0, 0) after a resume). A feed that prefetches batches (the per-image DataLoader
+        path) starts there; on-device augmentation needs nothing."""
+
+    def close(self) -> None:
+        """Called by the training loop when it ends: stop any worker processes."""
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 or [0,1] float batch -> (x - mean) / std."""
         if x.dtype == torch.uint8:

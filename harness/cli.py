@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="training autocast: auto = bfloat16 on CUDA, float32 on CPU (recorded in each result)")
     run.add_argument("--compile", action="store_true", help="torch.compile the backbone for training")
+    run.add_argument("--pipeline", choices=["batched", "per_image"], default="batched",
+                     help="training views: batches augmented on the device (default), or per-image torchvision "
+                          "transforms in DataLoader workers (recorded in each result)")
     run.add_argument("--log", choices=["none", "tensorboard", "wandb"], default="none",
                      help="also stream training scalars to TensorBoard or W&B (off by default)")
     run.add_argument("--executor", choices=["local", "submitit"], default="local",
@@ -142,7 +145,7 @@ def cmd_run(args) -> int:
     check_backend(args.log)
     if args.executor == "local" and not args.workers:
         runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
-                        precision=args.precision, compile=args.compile)
+                        precision=args.precision, compile=args.compile, pipeline=args.pipeline)
         records = runner.run(jobs, force=args.force)
     else:
         from harness.executors import ExecutorError, run_jobs, slurm_options
@@ -150,7 +153,8 @@ def cmd_run(args) -> int:
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
-                  "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile}
+                  "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile,
+                  "pipeline": args.pipeline}
         try:
             records = run_jobs(jobs, kwargs, args.executor, args.workers, slurm, force=args.force,
                                plugins=args.plugin)
@@ -180,7 +184,7 @@ def _run_data_parallel(args, suite, jobs, ranks) -> int:
     try:
         runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet or not main,
                         log=print if main else (lambda message: None), log_backend=args.log if main else "none",
-                        precision=args.precision, compile=args.compile)
+                        precision=args.precision, compile=args.compile, pipeline=args.pipeline)
         records = runner.run(jobs, force=args.force)
         distributed.barrier()
     finally:

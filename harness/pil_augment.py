@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import fields
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -218,26 +218,36 @@ class TrainOrderSampler(Sampler):
     train() takes, in epoch ``e``, the permutation ``harness.seeding.epoch_order(n, e, seed)`` in
     ``n // batch_size`` full batches. ``runs`` lists the number of steps of
     consecutive train() calls that each start at epoch 0 (a warm-up run and a timed run, say);
-    after the last run the sampler stops.
+    after the last run the sampler stops. ``runs=None`` is one endless run (train() stops it);
+    ``start=(epoch, step)`` is where the first run begins (a resumed run).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, runs: Sequence[int]) -> None:
-        self.n, self.batch_size, self.seed, self.runs = n, min(batch_size, n), seed, list(runs)
+    def __init__(self, n: int, batch_size: int, seed: int, runs: Sequence[int] | None,
+                 start: tuple[int, int] = (0, 0)) -> None:
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.runs, self.start = None if runs is None else list(runs), start
 
     def order(self, epoch: int) -> torch.Tensor:
         return epoch_order(self.n, epoch, self.seed)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _run(self, first: int, steps: int | None) -> Iterator[list[int]]:
         per_epoch = self.n // self.batch_size
-        for steps in self.runs:
-            order, order_epoch = None, -1
-            for step in range(steps):
-                epoch, k = divmod(step, per_epoch)
-                if epoch != order_epoch:
-                    order, order_epoch = self.order(epoch), epoch
-                yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        order, order_epoch, step = None, -1, first
+        while steps is None or step < first + steps:
+            epoch, k = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.order(epoch), epoch
+            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+            step += 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.start[0] * (self.n // self.batch_size) + self.start[1]
+        for i, steps in enumerate([None] if self.runs is None else self.runs):
+            yield from self._run(first if i == 0 else 0, steps)
 
     def __len__(self) -> int:
+        if self.runs is None:
+            raise TypeError("an endless TrainOrderSampler has no length")
         return sum(self.runs)
 
 
@@ -251,14 +261,18 @@ class LoaderAugmenter(Augmenter):
     calls return views 2..V. The generator is not used: the workers' own seeded streams drive the
     augmentation. ``step_times[k]`` is when step k asked for its views (for steady-state timing).
 
-    This stands in for a batch-source hook that train() lacks: with one, train could iterate the
-    loader directly instead of going through the augmenter argument.
+    ``loader`` is a DataLoader (its workers start at once) or a function ``(epoch, step) ->
+    DataLoader`` that train() calls through :meth:`start` with the position it starts from, so a
+    resumed run gets the batches it stopped at (:func:`training_feed`).
     """
 
-    def __init__(self, loader: DataLoader, images: torch.Tensor, mean, std, views: int) -> None:
+    def __init__(self, loader: DataLoader | Callable[[int, int], DataLoader], images: torch.Tensor, mean, std,
+                 views: int) -> None:
         super().__init__(None, mean, std)
-        self.loader, self.images, self.views = loader, images, views
-        self._it = iter(loader)  # workers start now and begin prefetching
+        self.images, self.views = images, views
+        self._make = None if isinstance(loader, DataLoader) else loader
+        self.loader = loader if self._make is None else None
+        self._it = iter(loader) if self._make is None else None  # workers start now and begin prefetching
         self._batch: list[torch.Tensor] = []
         self._k = 0
         self.step_times: list[float] = []
@@ -285,8 +299,36 @@ class LoaderAugmenter(Augmenter):
         self._k = (self._k + 1) % self.views
         return view
 
+    def start(self, epoch: int, step: int) -> None:
+        """Build the loader from the factory at train()'s starting position (nothing for a given loader)."""
+        if self._make is not None:
+            self.close()
+            self.loader = self._make(epoch, step)
+            self._it, self._k = iter(self.loader), 0
+
     def close(self) -> None:
         """Stop the worker processes."""
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+
+
+def training_feed(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequence[float], std: Sequence[float], *,
+                  views: int, batch_size: int, seed: int, allow_flip: bool = True, num_workers: int | None = None,
+                  backend: str = "pil") -> LoaderAugmenter:
+    """The per-image DataLoader path as the training loop's view source (``run --pipeline per_image``).
+
+    ``num_workers`` processes (default :func:`default_workers`) transform the images one by one
+    with torchvision and prefetch whole batches in train()'s order; train() starts the loader at
+    its starting step. The workers' random streams are seeded from (seed, epoch, step) of that
+    start, so a resumed run sees the right images with freshly drawn augmentations.
+    """
+    cpu_images = images.cpu()
+
+    def make(epoch: int, step: int) -> DataLoader:
+        sampler = TrainOrderSampler(len(images), batch_size, seed, runs=None, start=(epoch, step))
+        return per_image_loader(cpu_images, cfg, mean, std, views=views, allow_flip=allow_flip,
+                                num_workers=num_workers, seed=hash((seed, epoch, step)) % 2**62,
+                                batch_sampler=sampler, pin_memory=images.is_cuda, backend=backend)
+
+    return LoaderAugmenter(make, images, mean, std, views)

@@ -16,8 +16,10 @@ from harness.backbones import create_backbone
 from harness.budget import Budget
 from harness.data import ImageData, SplitManifest, load_dataset, load_or_make_manifest
 from harness.environment import environment, resolve_device
+from harness.errors import choices_error
 from harness.logging_backends import make_logger
 from harness.evaluate import RunContext, evaluate
+from harness.pil_augment import training_feed
 from harness.seeding import seed_everything
 from harness.store import ResultStore, run_id
 from harness.suite import MethodEntry, Suite
@@ -26,6 +28,9 @@ from methods import METHODS, DataInfo, Method, create_method, resolve_config
 
 #: Bump when the meaning of stored records changes (it is part of every run's spec).
 RECORD_VERSION = 1
+#: Where training views come from: whole batches augmented on the device, or the classic per-image
+#: torchvision transforms in DataLoader workers (``harness.pil_augment``); the same distribution.
+PIPELINES = ("batched", "per_image")
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,15 @@ class Runner:
 
     def __init__(self, results_dir: Path, data_dir: Path, device: str = "auto", quiet: bool = False,
                  log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
-                 log_backend: str = "none", precision: str = "auto", compile: bool = False) -> None:
+                 log_backend: str = "none", precision: str = "auto", compile: bool = False,
+                 pipeline: str = "batched", loader_workers: int | None = None) -> None:
         self.results_dir, self.data_dir = Path(results_dir), Path(data_dir)
         self.log_backend = log_backend
         self.device = resolve_device(device)
         self.precision, self.compile = resolve_precision(precision, self.device), compile
+        if pipeline not in PIPELINES:
+            raise choices_error("pipeline", pipeline, PIPELINES)
+        self.pipeline, self.loader_workers = pipeline, loader_workers
         if distributed.get_world_size() > 1 and self.device == "cuda":  # this rank's GPU, set by init_distributed
             self.device = f"cuda:{torch.cuda.current_device()}"
         self.quiet, self.log, self.checkpoint_seconds = quiet, log, checkpoint_seconds
@@ -182,8 +191,13 @@ class Runner:
             if level is not None:
                 source = data.labels if level == "fine" else data.coarse_labels
                 labels = torch.as_tensor(source[train_idx.numpy()]).to(device)
-            augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std,
-                                  allow_flip=data.name not in ("digits", "mnist"))
+            preset, allow_flip = get_preset(cfg["augment"], **cfg["augment_overrides"]), data.name not in ("digits", "mnist")
+            if self.pipeline == "per_image":
+                augmenter = training_feed(images, preset, data.mean, data.std, views=cfg["views"],
+                                          batch_size=min(int(cfg["batch_size"]), len(images)), seed=seed,
+                                          allow_flip=allow_flip, num_workers=self.loader_workers)
+            else:
+                augmenter = Augmenter(preset, data.mean, data.std, allow_flip=allow_flip)
             with make_logger(self.log_backend, store.dir / ".logs" / job.run_id, spec) as logger:
                 result = train(method, images, labels, job.budget, augmenter, cfg, device=device, seed=seed,
                                generator=generator, checkpoint=store.checkpoint_path(job.run_id),
@@ -194,7 +208,8 @@ class Runner:
                                "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                                "images_per_second": round(result.usage.samples / max(result.usage.seconds, 1e-9), 1),
                                "ranks": distributed.get_world_size(), "precision": self.precision,
-                               "channels_last": device.startswith("cuda"), "compile": self.compile}
+                               "channels_last": device.startswith("cuda"), "compile": self.compile,
+                               "pipeline": self.pipeline}
             record["status"], record["reason"] = result.status, result.reason
         else:
             method.to(device)

@@ -219,65 +219,69 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     def peak() -> float:
         return torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
 
-    bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1],
-               disable=True if quiet or rank > 0 else None,
-               leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
-    started, last_save = time.perf_counter() - usage.seconds, usage.seconds
-    status, reason = "ok", ""
-    epoch_losses: list[float] = []
-    while not usage.exhausted(budget):
-        if step_in_epoch == 0:
-            method.on_epoch_start(epoch, plain)
-            epoch_losses = []
-        order = epoch_order(n, epoch, seed).to(device)
-        for step in range(step_in_epoch, steps_per_epoch):
-            index = order[step * batch_size:(step + 1) * batch_size][rows]
-            raw = images[index]
-            views = [augmenter(raw, generator, rows, batch_size) for _ in range(cfg["views"])]
-            if cuda:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
-            with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-                out = model(batch)
-            loss, logs = out if isinstance(out, tuple) else (out, {})
-            logs = {k: float(v) for k, v in logs.items()}
-            loss_value = float(distributed.all_reduce_mean(loss.detach()))  # the same on every rank
-            if not math.isfinite(loss_value):
-                status, reason = "failed", f"loss became {loss_value} at step {usage.steps + 1}"
+    augmenter.start(epoch, step_in_epoch)
+    try:
+        bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1],
+                   disable=True if quiet or rank > 0 else None,
+                   leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
+        started, last_save = time.perf_counter() - usage.seconds, usage.seconds
+        status, reason = "ok", ""
+        epoch_losses: list[float] = []
+        while not usage.exhausted(budget):
+            if step_in_epoch == 0:
+                method.on_epoch_start(epoch, plain)
+                epoch_losses = []
+            order = epoch_order(n, epoch, seed).to(device)
+            for step in range(step_in_epoch, steps_per_epoch):
+                index = order[step * batch_size:(step + 1) * batch_size][rows]
+                raw = images[index]
+                views = [augmenter(raw, generator, rows, batch_size) for _ in range(cfg["views"])]
+                if cuda:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
+                with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+                    out = model(batch)
+                loss, logs = out if isinstance(out, tuple) else (out, {})
+                logs = {k: float(v) for k, v in logs.items()}
+                loss_value = float(distributed.all_reduce_mean(loss.detach()))  # the same on every rank
+                if not math.isfinite(loss_value):
+                    status, reason = "failed", f"loss became {loss_value} at step {usage.steps + 1}"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                method.after_optimizer_step()
+                before = getattr(usage, budget.unit)
+                usage.steps += 1
+                usage.samples += batch_size
+                usage.epochs = epoch + (step + 1) / steps_per_epoch
+                usage.seconds = _rank0_clock(time.perf_counter() - started, device)
+                step_in_epoch = step + 1
+                epoch_losses.append(loss_value)
+                bar.update(getattr(usage, budget.unit) - before)
+                bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
+                if logger is not None:
+                    logger.log_scalars(usage.steps, {"train/loss": epoch_losses[-1], "train/lr": optimizer.param_groups[0]["lr"],
+                                                     **{f"train/{k}": v for k, v in logs.items()}})
+                if usage.exhausted(budget):
+                    break
+                if checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds:  # same on every rank
+                    save()
+                    last_save = usage.seconds
+            if status == "failed":
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            method.after_optimizer_step()
-            before = getattr(usage, budget.unit)
-            usage.steps += 1
-            usage.samples += batch_size
-            usage.epochs = epoch + (step + 1) / steps_per_epoch
-            usage.seconds = _rank0_clock(time.perf_counter() - started, device)
-            step_in_epoch = step + 1
-            epoch_losses.append(loss_value)
-            bar.update(getattr(usage, budget.unit) - before)
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
-            if logger is not None:
-                logger.log_scalars(usage.steps, {"train/loss": epoch_losses[-1], "train/lr": optimizer.param_groups[0]["lr"],
-                                                 **{f"train/{k}": v for k, v in logs.items()}})
-            if usage.exhausted(budget):
-                break
-            if checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds:  # same on every rank
-                save()
-                last_save = usage.seconds
-        if status == "failed":
-            break
-        if step_in_epoch >= steps_per_epoch or usage.exhausted(budget):
-            history.append({"epoch": round(usage.epochs, 4), "loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
-                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(usage.seconds, 3), **logs})
-            method.on_epoch_end(epoch)
-            if step_in_epoch >= steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
-    bar.close()
-    result = TrainResult(status, usage, reason, history, peak(), memory_kind)
-    if status == "ok":
-        save(done=True)
-    return result
+            if step_in_epoch >= steps_per_epoch or usage.exhausted(budget):
+                history.append({"epoch": round(usage.epochs, 4), "loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+                                "lr": optimizer.param_groups[0]["lr"], "seconds": round(usage.seconds, 3), **logs})
+                method.on_epoch_end(epoch)
+                if step_in_epoch >= steps_per_epoch:
+                    epoch, step_in_epoch = epoch + 1, 0
+        bar.close()
+        result = TrainResult(status, usage, reason, history, peak(), memory_kind)
+        if status == "ok":
+            save(done=True)
+        return result
+    finally:
+        augmenter.close()

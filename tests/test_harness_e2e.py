@@ -277,3 +277,34 @@ def test_precision_and_compile_are_applied_and_recorded(tmp_path, options, expec
     assert {k: record["train"][k] for k in expected} == expected and record["train"]["channels_last"] is False
     with pytest.raises(UsageError, match="unknown precision 'fp8'"):
         Runner(tmp_path / "results", tmp_path / "data", device="cpu", precision="fp8")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_per_image_dataloader_pipeline_trains_and_resumes_at_its_step(tmp_path, monkeypatch):
+    """``--pipeline per_image``: views come from the DataLoader path in train()'s order; a run killed
+    at its 3rd step resumes with the batches it had not trained on (the feed checks the images)."""
+    from harness.runner import Runner, plan
+    from methods.simclr import SimCLR
+
+    calls = []
+    original = SimCLR.training_step
+
+    def dies_once(self, batch):
+        calls.append(batch.index.clone())
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(SimCLR, "training_step", dies_once)
+    runner = Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None,
+                    checkpoint_seconds=0.0, pipeline="per_image", loader_workers=1)
+    jobs = plan(make_suite(["simclr"], budget="steps=12", protocols={"knn": {"k": 10}}))  # 10 steps per epoch
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(jobs)
+    (record,) = runner.run(jobs)
+    assert record["status"] == "ok" and record["train"]["pipeline"] == "per_image"
+    assert record["budget"]["used"]["steps"] == 12 and len(calls) == 3 + 10  # steps 3..12 after the restart
+    assert torch.equal(calls[3], calls[2])  # the step that died is the first one trained after the resume
+    assert record["metrics"]["backbone"]["knn/top1"] > 0.5
+    with pytest.raises(UsageError, match="unknown pipeline 'pil'"):
+        Runner(tmp_path / "results", tmp_path / "data", device="cpu", pipeline="pil")
