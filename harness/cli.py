@@ -200,7 +200,7 @@ def cmd_leaderboard(args) -> int:
     from harness.store import ResultStore
     from harness.suite import DEFAULT_SUITE, load_suite
 
-    name = args.suite or DEFAULT_SUITE
+    name, suite = args.suite or DEFAULT_SUITE, None
     try:
         suite = load_suite(name)
         name, title, tables = suite.name, suite.description, suite.tables
@@ -209,11 +209,32 @@ def cmd_leaderboard(args) -> int:
             raise
         title, tables = name, {}  # records of a suite file that is no longer around
     records = list(ResultStore(args.results_dir, name).records())
+    if suite is not None:
+        records = _drop_superseded(records, suite)
     if not records:
         raise UsageError(f"no stored records for suite {name!r} under {args.results_dir / name}; run it first")
     display = write_leaderboards(records, name, args.leaderboard_dir, title, tables)
     _print_table(display, args.leaderboard_dir / f"{name}.md")
     return 0
+
+
+def _drop_superseded(records: list[dict], suite) -> list[dict]:
+    """Leave out records of an older configuration of a run the suite still plans (same dataset,
+    method label, seed and budget, another spec), so they are not averaged in as extra seeds."""
+    import json
+
+    from harness.runner import plan
+
+    def cell(dataset, label, seed, budget) -> tuple:
+        return dataset, label, seed, json.dumps(budget, sort_keys=True)
+
+    planned = {cell(j.dataset, j.entry.label, j.seed, j.budget.as_dict()): j.run_id for j in plan(suite)}
+    keep = [r for r in records if planned.get(cell(r["spec"]["dataset"], r["spec"]["label"], r["spec"]["seed"],
+                                                   r["spec"]["budget"]), r["run_id"]) == r["run_id"]]
+    if len(keep) < len(records):
+        print(f"left out {len(records) - len(keep)} records of older configurations of runs this suite plans "
+              f"(rerun the suite, or delete them)", file=sys.stderr)
+    return keep
 
 
 def _print_table(display, path: Path) -> None:

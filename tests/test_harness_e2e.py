@@ -308,3 +308,22 @@ def test_per_image_dataloader_pipeline_trains_and_resumes_at_its_step(tmp_path, 
     assert record["metrics"]["backbone"]["knn/top1"] > 0.5
     with pytest.raises(UsageError, match="unknown pipeline 'pil'"):
         Runner(tmp_path / "results", tmp_path / "data", device="cpu", pipeline="pil")
+
+
+def test_leaderboard_leaves_out_records_of_an_older_configuration(tmp_path, capsys):
+    """A record whose run the suite now plans under another spec is not averaged in as a second seed."""
+    import yaml
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text(yaml.safe_dump({"name": "s", "datasets": ["digits"], "methods": ["random"], "seeds": [0],
+                                          "budget": "epochs=1", "protocols": FAST}))
+    dirs = ["--results-dir", str(tmp_path / "r"), "--leaderboard-dir", str(tmp_path / "lb")]
+    assert main(["run", str(suite_file), "--quiet", "--data-dir", str(tmp_path / "d"), *dirs]) == 0
+    (stored,) = (tmp_path / "r" / "s").glob("*.json")
+    old = json.loads(stored.read_text())
+    old["run_id"], old["spec"]["config"]["batch_size"] = "0" * 16, 1  # as if written before a config change
+    (stored.parent / f"{old['run_id']}.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(["leaderboard", str(suite_file), *dirs]) == 0
+    out, err = capsys.readouterr()
+    assert "left out 1 records of older configurations" in err and "(1)" in out and "(2)" not in out
