@@ -57,7 +57,8 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
     spec = {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
             "label": entry.label, "config": config, "scale": suite.scale,
             "backbone": entry.backbone or suite.backbone, "seed": seed, "budget": budget.as_dict(),
-            "protocols": suite.protocols, "val_fraction": suite.val_fraction, "train_split": suite.train_split,
+            "protocols": {p: {**params, **entry.protocols.get(p, {})} for p, params in suite.protocols.items()},
+            "val_fraction": suite.val_fraction, "train_split": suite.train_split,
             "deterministic": suite.deterministic}
     if cls.components:  # an evaluation-time combination of other runs: their specs are part of this one
         entries = {e.name: e for e in suite.methods}

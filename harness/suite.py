@@ -24,7 +24,7 @@ DEFAULT_SUITE = "quick"
 
 TOP_KEYS = {"name", "description", "scale", "backbone", "datasets", "methods", "seeds", "budget",
             "protocols", "val_fraction", "deterministic", "train_split", "tables", "slurm"}
-METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone"}
+METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone", "protocols"}
 SPLITS = ("train", "train_full", "all")
 
 
@@ -35,6 +35,8 @@ class MethodEntry:
     config: dict[str, Any]
     dataset_config: dict[str, dict[str, Any]]
     backbone: str | None = None
+    #: Per-method protocol parameters over the suite's (MoCo's kNN at its own temperature, say).
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +79,17 @@ def _expect(cond: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def _protocol_params(pname: str, params: Any, where: str) -> dict[str, Any]:
+    """``params`` for protocol ``pname``, checked against the protocol's declared parameters."""
+    spec = PROTOCOLS.get(pname)
+    _expect(params is None or isinstance(params, dict), f"{where}: parameters of protocol {pname!r} must be a mapping")
+    params = dict(params or {})
+    bad = sorted(set(params) - set(spec.defaults))
+    _expect(not bad, f"{where}: unknown parameter {bad[:1]} for protocol {pname!r} "
+                     f"(valid: {', '.join(sorted(spec.defaults)) or 'none'})")
+    return params
+
+
 def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
     if raw == "all":
         return [MethodEntry(n, n, {}, {}) for n in METHODS.names()]
@@ -92,8 +105,11 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
         METHODS.get(item["name"])
         if item.get("backbone") is not None:
             BACKBONES.get(item["backbone"])
+        overrides = item.get("protocols") or {}
+        _expect(isinstance(overrides, dict), f"{where}: a method's 'protocols' must map protocol names to parameters")
         entries.append(MethodEntry(item["name"], str(item.get("as", item["name"])), dict(item.get("config") or {}),
-                                   dict(item.get("dataset_config") or {}), item.get("backbone")))
+                                   dict(item.get("dataset_config") or {}), item.get("backbone"),
+                                   {p: _protocol_params(p, params, where) for p, params in overrides.items()}))
     labels = [e.label for e in entries]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     _expect(not dup, f"{where}: method row {dup[:1]} appears twice; give one an 'as' label")
@@ -123,14 +139,8 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     budgets = [Budget.parse(b) for b in budgets_raw]
     protocols = data["protocols"]
     _expect(isinstance(protocols, dict) and protocols, f"{where}: 'protocols' must be a non-empty mapping")
-    resolved = {}
-    for pname, params in protocols.items():
-        spec = PROTOCOLS.get(pname)
-        params = dict(params or {})
-        bad = sorted(set(params) - set(spec.defaults))
-        _expect(not bad, f"{where}: unknown parameter {bad[:1]} for protocol {pname!r} "
-                         f"(valid: {', '.join(sorted(spec.defaults)) or 'none'})")
-        resolved[pname] = {**spec.defaults, **params}
+    resolved = {pname: {**PROTOCOLS.get(pname).defaults, **_protocol_params(pname, params, where)}
+                for pname, params in protocols.items()}
     split = data.get("train_split", "train")
     _expect(split in SPLITS, f"{where}: unknown train_split {split!r} (valid: {', '.join(SPLITS)})")
     vf = data.get("val_fraction", 0.1)
@@ -140,6 +150,10 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
                                              for v in tables.values()),
             f"{where}: 'tables' must map a table name to a list of metric prefixes, got {tables!r}")
     methods = _method_entries(data["methods"], where)
+    for entry in methods:
+        extra = sorted(set(entry.protocols) - set(resolved))
+        _expect(not extra, f"{where}: method {entry.label!r} sets protocol {extra[:1]} that the suite does not run "
+                           f"(suite protocols: {', '.join(resolved)})")
     for entry in methods:  # config keys are checked now, not after hours of training
         resolve_config(METHODS.get(entry.name), scale, entry.config)
         for overrides in entry.dataset_config.values():

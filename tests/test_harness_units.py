@@ -120,6 +120,16 @@ def test_augmenting_a_share_of_a_batch_gives_those_rows_of_the_whole():
         aug(x[:5], torch.Generator(), slice(0, 4), 12)
 
 
+def test_method_protocol_overrides_reach_only_that_methods_spec():
+    from harness.runner import plan
+
+    suite = make_suite(["npid", {"name": "moco", "protocols": {"knn": {"temperature": 0.07}}}],
+                       protocols={"knn": {"k": 20, "temperature": 0.1}})
+    knn = {job.entry.label: job.spec["protocols"]["knn"] for job in plan(suite)}
+    assert knn["npid"]["temperature"] == 0.1 and knn["moco"]["temperature"] == 0.07
+    assert knn["npid"]["k"] == knn["moco"]["k"] == 20
+
+
 def test_unknown_augmentation_preset():
     with pytest.raises(UsageError, match="unknown augmentation 'fancy'"):
         get_preset("fancy")
@@ -133,6 +143,8 @@ def test_unknown_augmentation_preset():
     ({"seeds": [-1]}, "non-negative integers"),
     ({"colour": "blue"}, "unknown key"),
     ({"methods": [{"name": "simclr", "config": {"temprature": 0.2}}]}, "unknown config key 'temprature'"),
+    ({"methods": [{"name": "moco", "protocols": {"lbfgs": {}}}]}, "sets protocol \\['lbfgs'\\] that the suite does not run"),
+    ({"methods": [{"name": "moco", "protocols": {"knn": {"temprature": 0.07}}}]}, "unknown parameter \\['temprature'\\]"),
     ({"protocols": {"knn": {"kk": 3}}}, "unknown parameter"),
 ])
 def test_suite_validation(patch, match):
