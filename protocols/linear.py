@@ -141,15 +141,19 @@ def _encode(encoder: torch.nn.Module, images: Any, prepare: Callable[[Any], Any]
                           for i in range(0, len(images), batch_size)])
 
 
+PROBE_OPTIMIZERS = ("sgd", "adamw")
+
+
 def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, test_images: Any,
               test_y: ArrayLike, *, normalize: Callable[[Any], Any],
               augment: Callable[[Any], Any] | None = None, epochs: int = 10, lr: float = 0.1,
               momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256,
               seed: int = 0, device: str = "cpu", val_images: Any | None = None,
-              val_y: ArrayLike | None = None) -> dict[str, float]:
+              val_y: ArrayLike | None = None, optimizer: str = "sgd") -> dict[str, float]:
     """Standard linear evaluation: a linear head on the frozen ``encoder`` (eval mode, so
-    BatchNorm statistics stay frozen; no gradients), trained with SGD + momentum and a
-    per-step cosine learning-rate schedule for ``epochs`` epochs on ``augment(images)``
+    BatchNorm statistics stay frozen; no gradients), trained with SGD + momentum (or AdamW with
+    ``optimizer="adamw"``, as Thanos' head; ``momentum`` unused) and a per-step cosine
+    learning-rate schedule for ``epochs`` epochs on ``augment(images)``
     (``normalize(images)``, features cached once, when ``augment`` is None).
 
     ``normalize``/``augment`` map a uint8 image batch to the encoder's float input.
@@ -169,6 +173,8 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
     for value, name in ((epochs, "epochs"), (batch_size, "batch_size")):
         check_positive_int(value, name)
     check_positive(lr, "lr")
+    if optimizer not in PROBE_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r} (valid: {', '.join(PROBE_OPTIMIZERS)})")
     classes, y_idx = check_classes(train_y, "train_y")
     top = min(5, len(classes))
 
@@ -184,7 +190,8 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
             head = torch.nn.Linear(test_f.shape[1], len(classes)).to(device)
             torch.nn.init.normal_(head.weight, std=0.01)
             torch.nn.init.zeros_(head.bias)
-            opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+            opt = (torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+                   if optimizer == "sgd" else torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay))
             steps = epochs * math.ceil(len(train_y) / batch_size)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
             labels = torch.as_tensor(y_idx, device=device)
@@ -230,10 +237,10 @@ def lbfgs_protocol(ctx: EvalContext, rep: str, *, l2_grid: list[float],
 
 
 @register_protocol("sgd", defaults={"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
-                                    "batch_size": 256, "augment": True},
+                                    "batch_size": 256, "augment": True, "optimizer": "sgd"},
                    inputs=("encoder",))
 def sgd_protocol(ctx: EvalContext, rep: str, *, epochs: int, lr: float, momentum: float,
-                 weight_decay: float, batch_size: int, augment: bool) -> dict[str, float]:
+                 weight_decay: float, batch_size: int, augment: bool, optimizer: str) -> dict[str, float]:
     """SGD linear evaluation of the frozen encoder on augmented train images (val picks the epoch)."""
     y = ctx.labels("fine")
     train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
@@ -242,4 +249,4 @@ def sgd_protocol(ctx: EvalContext, rep: str, *, epochs: int, lr: float, momentum
                      normalize=ctx.normalize, augment=ctx.probe_augment if augment else None,
                      epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      batch_size=batch_size, seed=ctx.seed, device=ctx.device,
-                     val_images=val_images, val_y=val_y)
+                     val_images=val_images, val_y=val_y, optimizer=optimizer)

@@ -98,10 +98,12 @@ def test_sgd_probe_freezes_encoder_and_reports_best_val_epoch():
 
 def test_sgd_wrapper_is_seeded():
     ctx = BlobContext()
-    params = dict(epochs=5, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32, augment=True)
+    params = dict(epochs=5, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32, augment=True, optimizer="sgd")
     first = sgd_protocol(ctx, "backbone", **params)
     assert first == sgd_protocol(ctx, "backbone", **params)
     assert first["top1"] > 0.9
+    adamw = sgd_protocol(ctx, "backbone", **(params | {"optimizer": "adamw", "lr": 5e-2}))  # Thanos' head
+    assert adamw["top1"] > 0.9 and adamw != first
     assert set(sgd_protocol(BlobContext(with_val=False), "backbone", **params)) == {"top1", "top5"}
 
 
@@ -112,3 +114,5 @@ def test_sgd_bad_input_raises():
         sgd_probe(ctx.encoder(), images, y[:9], images, y, normalize=ctx.normalize)
     with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
         sgd_probe(ctx.encoder(), images, y, images, y, normalize=ctx.normalize, epochs=0)
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb' \\(valid: sgd, adamw\\)"):
+        sgd_probe(ctx.encoder(), images, y, images, y, normalize=ctx.normalize, optimizer="lamb")
