@@ -118,12 +118,13 @@ def test_two_ranks_train_the_same_weights_as_one_process(runs, method):
         if not value.is_floating_point():
             assert torch.equal(ddp[key], value), f"{method} {key}"
             continue
-        # float reduction order differs between 1 and 2 processes: the runs may differ by a tiny
-        # fraction of what training changed, never by a share of it
+        # float reduction order differs between 1 and 2 processes: the runs may differ by a small
+        # fraction of what training changed (Adam amplifies it where gradients are near zero: CC's
+        # cluster head ends 1.6e-3 apart), never by a share of it (CC without its gathers: 4e-2 and more)
         assert torch.equal(value.isnan(), ddp[key].isnan()), f"{method} {key}"  # e.g. NPID's unused NCE constant
         value, other, start = (torch.nan_to_num(t.float()) for t in (value, ddp[key], initial[key]))
         moved, apart = float((value - start).norm()), float((other - value).norm())
-        assert apart <= 1e-3 * moved + 1e-6, f"{method} {key}: runs {apart:.2e} apart, training moved it {moved:.2e}"
+        assert apart <= 1e-2 * moved + 1e-6, f"{method} {key}: runs {apart:.2e} apart, training moved it {moved:.2e}"
     assert max(float((ref[k] - v).norm()) for k, v in initial.items()  # training did move the backbone
                if k.startswith("backbone.") and v.is_floating_point()) > 1e-2
 
