@@ -220,8 +220,8 @@ def _run_local(jobs: list, runner_kwargs: dict[str, Any], workers: int, force: b
     import multiprocessing as mp
 
     gpus = visible_gpus() if _uses_gpu(runner_kwargs) else []
-    if start_method is None:  # fork is fast (no re-import) but unsafe once CUDA is in use
-        start_method = "spawn" if gpus or "fork" not in mp.get_all_start_methods() else "fork"
+    if start_method is None:  # fork would skip re-importing torch, but a child forked after the parent ran
+        start_method = "spawn"  # OpenMP or CUDA work can hang in its first parallel op (seen in the tests)
     ctx = mp.get_context(start_method)
     queue = None
     if gpus:

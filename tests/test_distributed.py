@@ -77,10 +77,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    # fork where there is one: the children need not import torch again (seconds on busy cores)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method=method)
+    # spawn, not fork: a child forked after this process ran OpenMP work can hang in its first parallel op
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     torch.testing.assert_close(out["loss"], _single_process()[0])
     train_idx = list(range(3, 3 + 2 * 101, 2))

@@ -70,7 +70,8 @@ def test_pool_and_submitit_match_in_process_with_preemption_and_rerun_submits_on
     ref = run_jobs(jobs, _kwargs(tmp_path / "a", data), "local", workers=1)  # in this process, no preemption
     assert [r["run_id"] for r in ref] == [j.run_id for j in jobs] and all(r["status"] == "ok" for r in ref)
 
-    pool = run_jobs(jobs, _kwargs(tmp_path / "b", data), "local", workers=2)  # two worker processes
+    pool = run_jobs(jobs, _kwargs(tmp_path / "b", data), "local", workers=2,  # two spawned worker processes
+                    plugins=["preempt_plugin"])
     assert _metrics(pool) == _metrics(ref)
 
     # submitit's local backend: two records are stored already, so only the SimCLR run is submitted;
