@@ -173,10 +173,15 @@ def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Te
     return y
 
 
+def blur_kernel_size(side: int) -> int:
+    """Gaussian-blur kernel size for images of ``side`` pixels: ~10% of the side, odd, at least 3 (SimCLR)."""
+    return max(3, int(0.1 * side) // 2 * 2 + 1)
+
+
 def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
-    """Per-sample Gaussian blur, kernel ~10% of the image side (SimCLR), sigma ~ U(blur_sigma)."""
+    """Per-sample Gaussian blur, kernel :func:`blur_kernel_size`, sigma ~ U(blur_sigma)."""
     n, c, h, w = x.shape
-    size = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
+    size = blur_kernel_size(min(h, w))
     sigma = draw.uniform(*cfg.blur_sigma).to(x.device)
     apply = (draw.rand() < cfg.blur).to(x.device)
     r = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2

@@ -27,7 +27,7 @@ from harness.backbones import create_backbone
 from harness.budget import Budget
 from harness.data import load_dataset
 from harness.environment import resolve_device
-from harness.pil_augment import LoaderAugmenter, TrainOrderSampler, default_workers, per_image_loader
+from harness.pil_augment import default_workers, training_feed
 from harness.seeding import seed_everything
 from harness.train import _peak_rss_mb, _reset_peak_rss, train
 from methods import METHODS, DataInfo, create_method, resolve_config
@@ -103,11 +103,8 @@ def loader_images_per_second(name: str, dataset: str, backbone_name: str, scale:
     data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
     batch, views = min(cfg["batch_size"], len(images)), cfg["views"]
     warmup = 2 + workers  # every worker has delivered a batch before the clock starts
-    sampler = TrainOrderSampler(len(images), batch, seed=0, runs=[warmup + steps])
-    loader = per_image_loader(images.cpu(), get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean,
-                              data.std, views=views, batch_sampler=sampler, num_workers=workers,
-                              pin_memory=device.startswith("cuda"))
-    augmenter = LoaderAugmenter(loader, images, data.mean, data.std, views)
+    augmenter = training_feed(images, get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std,
+                              views=views, batch_size=batch, seed=0, num_workers=workers)
     try:
         generator = seed_everything(0, deterministic=False)
         method = create_method(name, create_backbone(backbone_name, data.image_shape[0]), cfg, info)

@@ -279,15 +279,14 @@ class SubmititJob(submitit.helpers.Checkpointable):
         _setup_process(self.plugins, self.threads, self.gpu)
         if self.requeues:
             print(f"requeued {self.requeues}x: resuming {self.job.describe()} from its checkpoint", flush=True)
-        ranks = _init_job_ranks()
+        from harness import distributed
+
+        _init_job_ranks()
         try:
             # a requeued attempt must resume, not retrain: force applies to the first attempt only
-            record = _run_in_process(self.job, self.runner_kwargs, self.force and not self.requeues, self.gpu)
+            return _run_in_process(self.job, self.runner_kwargs, self.force and not self.requeues, self.gpu)
         finally:
-            if ranks > 1:
-                from harness import distributed
-                distributed.cleanup()
-        return record
+            distributed.cleanup()  # a no-op unless the job's tasks formed a process group
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Requeue this same callable; training state lives in the harness checkpoint file."""
@@ -295,18 +294,17 @@ class SubmititJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def _init_job_ranks() -> int:
+def _init_job_ranks() -> None:
     """Join the job's tasks into one process group when submitit started several (``ranks_per_job``)."""
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
-        return 1
+        return
     from harness import distributed
 
     port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
     distributed.init_distributed(environ={"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
                                           "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.hostnames[0],
                                           "MASTER_PORT": str(port)})
-    return env.num_tasks
 
 
 def make_submitit_executor(folder: Path, slurm: dict[str, Any], name: str = "harness"):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms.functional import to_pil_image
 
-from harness.augment import AugmentConfig, Augmenter
+from harness.augment import AugmentConfig, Augmenter, blur_kernel_size
 from harness.seeding import epoch_order
 
 #: Every AugmentConfig field this module maps to a torchvision transform. A field added to
@@ -50,12 +50,6 @@ MAPPED_FIELDS = frozenset({"crop_scale", "crop_ratio", "flip", "jitter", "jitter
 def default_workers() -> int:
     """DataLoader worker processes by default: min(4, CPU count)."""
     return min(4, os.cpu_count() or 1)
-
-
-def blur_kernel_size(side: int) -> int:
-    """Gaussian-blur kernel size for images of ``side`` pixels: ~10% of the side, odd, at least 3
-    (SimCLR's rule; the same expression as in :func:`harness.augment._gaussian_blur`)."""
-    return max(3, int(0.1 * side) // 2 * 2 + 1)
 
 
 def check_mappable(cfg: AugmentConfig) -> None:
@@ -216,39 +210,29 @@ class TrainOrderSampler(Sampler):
     """Index batches in the order :func:`harness.train.train` draws them.
 
     train() takes, in epoch ``e``, the permutation ``harness.seeding.epoch_order(n, e, seed)`` in
-    ``n // batch_size`` full batches. ``runs`` lists the number of steps of
-    consecutive train() calls that each start at epoch 0 (a warm-up run and a timed run, say);
-    after the last run the sampler stops. ``runs=None`` is one endless run (train() stops it);
-    ``start=(epoch, step)`` is where the first run begins (a resumed run).
+    ``n // batch_size`` full batches. The sampler yields ``steps`` batches (endless with ``None``:
+    train() stops at its budget) from ``start=(epoch, step)``, where a resumed run begins.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, runs: Sequence[int] | None,
+    def __init__(self, n: int, batch_size: int, seed: int, steps: int | None = None,
                  start: tuple[int, int] = (0, 0)) -> None:
-        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
-        self.runs, self.start = None if runs is None else list(runs), start
+        self.n, self.batch_size, self.seed, self.steps, self.start = n, min(batch_size, n), seed, steps, start
 
-    def order(self, epoch: int) -> torch.Tensor:
-        return epoch_order(self.n, epoch, self.seed)
-
-    def _run(self, first: int, steps: int | None) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         per_epoch = self.n // self.batch_size
+        first = self.start[0] * per_epoch + self.start[1]
         order, order_epoch, step = None, -1, first
-        while steps is None or step < first + steps:
+        while self.steps is None or step < first + self.steps:
             epoch, k = divmod(step, per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = self.order(epoch), epoch
+                order, order_epoch = epoch_order(self.n, epoch, self.seed), epoch
             yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
             step += 1
 
-    def __iter__(self) -> Iterator[list[int]]:
-        first = self.start[0] * (self.n // self.batch_size) + self.start[1]
-        for i, steps in enumerate([None] if self.runs is None else self.runs):
-            yield from self._run(first if i == 0 else 0, steps)
-
     def __len__(self) -> int:
-        if self.runs is None:
+        if self.steps is None:
             raise TypeError("an endless TrainOrderSampler has no length")
-        return sum(self.runs)
+        return self.steps
 
 
 class LoaderAugmenter(Augmenter):
@@ -287,7 +271,7 @@ class LoaderAugmenter(Augmenter):
                 *views, index = next(self._it)
             except StopIteration:
                 raise RuntimeError("LoaderAugmenter: the loader has no batch left for this step (its "
-                                   "TrainOrderSampler's runs are shorter than the training budget)") from None
+                                   "TrainOrderSampler's steps are fewer than the training budget)") from None
             if len(views) != self.views:
                 raise ValueError(f"loader gives {len(views)} views per image, train asks for {self.views}")
             index = index.to(images.device)[rows]
@@ -326,7 +310,7 @@ def training_feed(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequenc
     cpu_images = images.cpu()
 
     def make(epoch: int, step: int) -> DataLoader:
-        sampler = TrainOrderSampler(len(images), batch_size, seed, runs=None, start=(epoch, step))
+        sampler = TrainOrderSampler(len(images), batch_size, seed, start=(epoch, step))
         return per_image_loader(cpu_images, cfg, mean, std, views=views, allow_flip=allow_flip,
                                 num_workers=num_workers, seed=hash((seed, epoch, step)) % 2**62,
                                 batch_sampler=sampler, pin_memory=images.is_cuda, backend=backend)

@@ -151,12 +151,14 @@ class InvCls(Method):
         self.head = mlp(backbone.out_dim, cfg["head_hidden"], cfg["feat_dim"])
         weight = F.normalize(torch.randn(info.num_samples, cfg["feat_dim"]), dim=1)
         self.sharded = bool(cfg["shard_classifier"]) and distributed.get_world_size() > 1
-        rows = torch.arange(info.num_samples).tensor_split(distributed.get_world_size())[distributed.get_rank()]
-        self.rows = slice(int(rows[0]), int(rows[-1]) + 1) if self.sharded else slice(0, info.num_samples)
-        self.classifier = nn.Parameter(weight[self.rows].clone())
-        if self.sharded:  # checkpoints hold the whole W: gathered on save, this rank's rows taken on load
+        self.rows = slice(0, info.num_samples)
+        if self.sharded:  # this rank's block of W; checkpoints hold the whole W (gathered on save, sliced on load)
+            block = torch.arange(info.num_samples).tensor_split(distributed.get_world_size())[distributed.get_rank()]
+            self.rows = slice(int(block[0]), int(block[-1]) + 1)
+            weight = weight[self.rows].clone()
             self.register_state_dict_post_hook(self._gather_classifier)
             self.register_load_state_dict_pre_hook(self._take_rows)
+        self.classifier = nn.Parameter(weight)
 
     @staticmethod
     def _gather_classifier(module: "InvCls", state: dict, prefix: str, local_metadata) -> None:

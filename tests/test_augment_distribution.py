@@ -329,7 +329,7 @@ def test_loader_augmenter_feeds_train_in_its_order(tmp_path):
 
     images = (torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     cfg = resolve_config(SimCLR, "cpu", {"batch_size": 16})
-    sampler = TrainOrderSampler(len(images), 16, seed=5, runs=[5])  # 2 steps per epoch: crosses epochs
+    sampler = TrainOrderSampler(len(images), 16, seed=5, steps=5)  # 2 steps per epoch: crosses epochs
     loader = per_image_loader(images, get_preset("mild"), (0.5,), (0.25,), views=2, batch_sampler=sampler,
                               num_workers=0)
     aug = LoaderAugmenter(loader, images, (0.5,), (0.25,), views=2)
@@ -338,7 +338,7 @@ def test_loader_augmenter_feeds_train_in_its_order(tmp_path):
                    generator=torch.Generator().manual_seed(0), quiet=True)
     assert result.status == "ok" and len(aug.step_times) == 5
     wrong = LoaderAugmenter(per_image_loader(images, None, (0.5,), (0.25,), views=2, num_workers=0,
-                                             batch_sampler=TrainOrderSampler(40, 16, seed=6, runs=[1])),
+                                             batch_sampler=TrainOrderSampler(40, 16, seed=6, steps=1)),
                             images, (0.5,), (0.25,), views=2)
     with pytest.raises(RuntimeError, match="order"):
         train(create_method("simclr", create_backbone("small_cnn", 1), cfg, DataInfo(40, (1, 8, 8))), images, None,
