@@ -1,28 +1,102 @@
-"""The result store: one JSON record per run, written atomically, named by the hash of its spec."""
+"""The result store: one JSON record per run, written atomically, named by a portable hash of its spec.
+
+A run id must name the same run on every machine, so it hashes a canonical form of the spec
+(:func:`canonical_spec`): keys sorted, floats rounded to :data:`SIGNIFICANT_DIGITS` significant
+digits. Floats computed at run time (``np.logspace(-6, 0, 7)`` gives ``9.999999999999999e-06`` on
+one CPU and ``1e-05`` on another) then hash alike, and nothing about the environment enters it.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import secrets
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
+#: Floats in a spec are compared at this many significant digits (a float64 holds 15-17).
+SIGNIFICANT_DIGITS = 12
+#: Temporary files of atomic writes are named ``.<target>~<host>~<pid>.tmp``.
+TMP_SEPARATOR = "~"
+
+
+def canonical_spec(value: Any) -> Any:
+    """``value`` with floats rounded to :data:`SIGNIFICANT_DIGITS`, numpy scalars and tuples made plain,
+    and mapping keys made strings, so that equal specs serialise to equal JSON on any machine."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): canonical_spec(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [canonical_spec(v) for v in value]
+    return value
+
 
 def run_id(spec: dict[str, Any]) -> str:
-    """Stable id of a run: sha256 of its canonical JSON spec (first 16 hex digits)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Portable id of a run: sha256 of its canonical JSON spec (first 16 hex digits)."""
+    text = json.dumps(canonical_spec(spec), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}{TMP_SEPARATOR}{socket.gethostname()}{TMP_SEPARATOR}{os.getpid()}.tmp"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a unique temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    On any failure (full or read-only disk) the temporary file is removed and the error re-raised:
+    ``path`` keeps its old content or stays absent, never half-written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_json_atomic` for text files (tables)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temporary files in ``directory`` left by killed writers on this host (owner pid gone)."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for tmp in directory.glob(f".*{TMP_SEPARATOR}*{TMP_SEPARATOR}*.tmp"):
+        host, pid = tmp.name[:-len(".tmp")].rsplit(TMP_SEPARATOR, 2)[1:]
+        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid), None):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 class ResultStore:
@@ -48,60 +122,144 @@ class ResultStore:
         write_json_atomic(path, record)
         return path
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self, warn=None) -> Iterator[dict[str, Any]]:
+        """Every readable record. A file that is not JSON, or JSON that is not a run record, is skipped
+        with one line naming it (through ``warn``, default stderr)."""
         if not self.dir.is_dir():
             return
+        warn = warn or (lambda message: print(message, file=sys.stderr))
         for path in sorted(self.dir.glob("*.json")):
-            yield json.loads(path.read_text())
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                warn(f"warning: skipped {path}: not a readable JSON record ({str(exc).splitlines()[0]})")
+                continue
+            if not (isinstance(record, dict) and isinstance(record.get("spec"), dict) and "run_id" in record):
+                warn(f"warning: skipped {path}: JSON but not a run record (no 'run_id' and 'spec')")
+                continue
+            yield record
 
     def lock(self, rid: str) -> "RunLock":
         return RunLock(self.dir / ".locks" / f"{rid}.lock")
+
+    def migrate_run_ids(self) -> list[tuple[str, str]]:
+        """Rename records (and their checkpoints) whose file name is not the run id of their spec, as
+        computed now; returns the ``(old, new)`` pairs. For stores written by older versions."""
+        renamed = []
+        for record in list(self.records()):
+            old, new = record["run_id"], run_id(record["spec"])
+            if old == new and self.has(new):
+                continue
+            record["run_id"] = new
+            self.write(record)
+            if old != new:
+                self.record_path(old).unlink(missing_ok=True)
+                if self.checkpoint_path(old).is_file():
+                    os.replace(self.checkpoint_path(old), self.checkpoint_path(new))
+                renamed.append((old, new))
+        return renamed
+
+    def clean_temp_files(self) -> list[Path]:
+        """Remove temporary files of killed writers (records, checkpoints) in this store."""
+        return remove_stale_temp_files(self.dir) + remove_stale_temp_files(self.dir / ".ckpt")
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux ``/proc``), to tell a live owner from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat, counted after the "(comm)" field
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    if start is None:
+        return True
+    now = _process_start(pid)
+    return now is None or now == start
 
 
 class RunLock:
     """An exclusive claim on a run, so two processes sharing a results directory never train it twice.
 
-    Created with O_EXCL; a lock whose process no longer exists on this host is stale and taken over.
+    The lock file appears atomically with its owner already in it: the owner line (host, pid,
+    process start time, a random token) is written to a private temporary file, which is then
+    hard-linked to the lock's name; ``link`` fails if that name exists, also on NFS. A lock is stale
+    only when its owner is provably gone: same host, and that pid is not running (or is another
+    process with the same pid). A stale lock is broken by renaming it to a private name and checking
+    that what was renamed is the stale file that was judged (its token); a lock from another host
+    is never broken.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.held = False
+        pid = os.getpid()
+        self.owner = f"{socket.gethostname()} {pid} {_process_start(pid) or '-'} {secrets.token_hex(8)}"
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
+        tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(8)}.claim"
+        tmp.write_text(self.owner)
+        try:
+            for _ in range(8):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    content = self._read()
+                    if content is None:  # released in the meantime
+                        continue
+                    if not self._stale(content) or not self._break(content):
+                        return False
                     continue
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}")
-            self.held = True
-            return True
-        return False
+                self.held = True
+                return True
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _stale(self) -> bool:
+    def _read(self) -> str | None:
         try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return True
-        if host != socket.gethostname():
-            return False
+            return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _stale(content: str) -> bool:
+        fields = content.split()  # "host pid start token"; locks of older versions hold "host pid"
+        if len(fields) not in (2, 4) or not fields[1].isdigit():
+            return False  # not a lock this code wrote: never broken
+        start = fields[2] if len(fields) == 4 and fields[2] != "-" else None
+        return fields[0] == socket.gethostname() and not _process_alive(int(fields[1]), start)
+
+    def _break(self, content: str) -> bool:
+        """Remove the stale lock whose content is ``content``; False if it was replaced meanwhile."""
+        aside = self.path.parent / f".{self.path.name}.{secrets.token_hex(8)}.stale"
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # another process broke it first
+        if aside.read_text() == content:
+            aside.unlink(missing_ok=True)
             return True
-        except PermissionError:
-            return False
+        try:  # we moved a live owner's fresh lock: put it back
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
         return False
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._read() == self.owner:
+                self.path.unlink(missing_ok=True)
             self.held = False
 
     def __enter__(self) -> bool:
