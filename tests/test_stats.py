@@ -1,0 +1,92 @@
+"""harness.stats against known answers: Demšar (2006)'s worked example, hand computation and scipy."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from harness import stats
+
+
+def test_t_interval_by_hand():
+    """[1, 2, 3]: mean 2, std 1, t_{0.975, 2} = 4.302653 -> 2 ± 4.302653 / sqrt(3) = 2 ± 2.484138.
+    Catches a z quantile (1.96), std with ddof=0 or sqrt(n-1) in the denominator."""
+    low, high = stats.t_interval([1.0, 2.0, 3.0])
+    assert low == pytest.approx(2 - 2.484138, abs=1e-6) and high == pytest.approx(2 + 2.484138, abs=1e-6)
+
+
+def test_bootstrap_interval_is_seeded_and_agrees_with_scipy():
+    """The percentile bootstrap matches scipy.stats.bootstrap(method='percentile') to resampling noise, and the
+    same values give the same bounds twice. Catches basic/BCa bounds, swapped tails or an unseeded generator."""
+    values = [0.61, 0.64, 0.58, 0.70, 0.66]
+    ours = stats.bootstrap_interval(values)
+    assert ours == stats.bootstrap_interval(values)
+    ref = st.bootstrap((np.array(values),), np.mean, method="percentile", n_resamples=100_000,
+                       rng=np.random.default_rng(1)).confidence_interval
+    assert ours == pytest.approx((ref.low, ref.high), abs=0.004)
+
+
+def test_fewer_than_three_values_have_no_interval():
+    """Two seeds give (nan, nan), not a zero- or absurd-width interval. Catches a missing n<3 guard."""
+    for method in stats.CI_METHODS:
+        assert np.isnan(stats.mean_interval([0.5, 0.6], method)).all()
+        assert np.isfinite(stats.mean_interval([0.5, 0.6, 0.7], method)).all()
+
+
+def test_paired_t_and_wilcoxon_against_scipy():
+    """Below 6 pairs the p-value is scipy's ttest_rel, from 6 on scipy's wilcoxon, and the interval is the t
+    interval of the differences. Catches an unpaired test (ttest_ind: p = 0.14 here, paired: 0.011) or the wrong switch."""
+    a, b = np.array([0.71, 0.69, 0.74, 0.70, 0.72]), np.array([0.70, 0.66, 0.71, 0.69, 0.70])
+    res = stats.paired_test(a, b)
+    assert res.test == "paired t" and res.p_value == pytest.approx(st.ttest_rel(a, b).pvalue)
+    assert st.ttest_ind(a, b).pvalue > 0.1 > 0.05 > res.p_value
+    d = a - b
+    half = st.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    assert (res.ci_low, res.ci_high) == pytest.approx((d.mean() - half, d.mean() + half))
+    a6, b6 = np.append(a, 0.75), np.append(b, 0.70)
+    res6 = stats.paired_test(a6, b6)
+    assert res6.test == "wilcoxon" and res6.p_value == pytest.approx(st.wilcoxon(a6, b6).pvalue)
+    assert res6.p_value == pytest.approx(2 / 2 ** 6)  # every difference positive: exact two-sided p = 2 / 2^n
+
+
+def test_paired_edge_cases():
+    """Identical runs: p = 1; a constant non-zero shift under the t-test: p = 0 (scipy gives nan or inf)."""
+    assert stats.paired_test([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]).p_value == 1.0
+    assert stats.paired_test([0.6, 0.7, 0.8], [0.5, 0.6, 0.7]).p_value == 0.0
+
+
+def test_holm_by_hand():
+    """p = (0.01, 0.04, 0.03, 0.005): sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04,
+    made monotone -> 0.02, 0.03, 0.06, 0.06, returned in input order. Catches Bonferroni (0.04, 0.16, ...),
+    a missing running maximum (0.04 for the largest) or results in sorted order."""
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_friedman_of_demsar_2006_section_3_2_4():
+    """Demšar's worked example: average ranks 3.143, 2.000, 2.893, 1.964 of 4 classifiers over 14 data sets give
+    chi2_F = 9.28 and F_F = 3.69, and the Nemenyi critical difference is 1.25 (his §3.2.4 and Table 5)."""
+    res = stats.friedman_from_ranks([3.143, 2.000, 2.893, 1.964], 14)
+    assert res.chi2 == pytest.approx(9.28, abs=0.01) and res.iman_davenport_f == pytest.approx(3.69, abs=0.01)
+    assert stats.nemenyi_critical_difference(4, 14) == pytest.approx(1.25, abs=0.005)
+    for k, q in {2: 1.960, 3: 2.343, 5: 2.728, 10: 3.164}.items():  # Table 5(a), alpha = 0.05
+        assert stats.nemenyi_critical_difference(k, 6) == pytest.approx(q * np.sqrt(k * (k + 1) / 36), abs=1e-3)
+
+
+def test_friedman_matches_scipy_without_ties():
+    """On tie-free scores the statistic equals scipy.stats.friedmanchisquare and ranks are 1 for the best."""
+    scores = np.random.default_rng(0).normal(size=(9, 4)) + np.array([0.0, 0.5, 1.0, 1.5])
+    res = stats.friedman(scores)
+    ref = st.friedmanchisquare(*scores.T)
+    assert res.chi2 == pytest.approx(ref.statistic) and res.p_value == pytest.approx(ref.pvalue)
+    assert np.argmin(res.average_ranks) == 3 and res.average_ranks.sum() == pytest.approx(4 * 5 / 2)
+
+
+def test_kendall_tau_by_pair_count():
+    """tau = (concordant - discordant) / pairs on tie-free scores, counted by hand; 1 for the same order, -1 reversed."""
+    a, b = [0.9, 0.8, 0.7, 0.6, 0.5], [0.8, 0.9, 0.7, 0.5, 0.6]
+    signs = [np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i, j in itertools.combinations(range(5), 2)]
+    assert stats.kendall_tau(a, b) == pytest.approx(sum(signs) / len(signs)) == pytest.approx(0.6)
+    assert stats.kendall_tau(a, a) == pytest.approx(1.0) and stats.kendall_tau(a, a[::-1]) == pytest.approx(-1.0)
