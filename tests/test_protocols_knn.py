@@ -98,6 +98,30 @@ def test_bad_input_raises(change, message):
         knn_accuracy(**args)
 
 
-def test_knn_wrapper():
-    ctx = BlobContext()
-    assert knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="auto") == {"top1": 1.0, "top5": 1.0}
+def nearest_neighbour_top1(memory_x, memory_y, query_x, query_y) -> float:
+    """Top-1 of the cosine 1-nearest neighbour, written out in NumPy: what kNN with k=1 must score."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    nearest = np.argmax(unit(query_x.astype(np.float64)) @ unit(memory_x.astype(np.float64)).T, axis=1)
+    return float(np.mean(memory_y[nearest] == query_y))
+
+
+def test_knn_wrapper_votes_with_train_and_val_for_test_samples_only():
+    """The wrapper's memory bank is train+val and its queries are the test samples, nothing else.
+
+    Validation and test labels are redrawn at random, so the wirings score differently:
+    1-NN (NumPy) with train+val voting for test scores 0.183 here, train alone 0.150, a bank
+    holding the test samples 1.0 (each finds itself), val queried instead of test 1.0. Breakage
+    tried (a patched wrapper, see the report of issue 18): bank ``all``, bank ``train``, queries
+    ``val``; each fails this test (the old check, 1.0 on separable blobs, passed all three).
+    """
+    ctx = BlobContext(relabel=("val", "test"))
+    x, y = ctx.features("backbone"), ctx.labels()
+    train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
+    right = nearest_neighbour_top1(x[np.r_[train, val]], y[np.r_[train, val]], x[test], y[test])
+    wrong = [nearest_neighbour_top1(x[bank], y[bank], x[queries], y[queries])
+             for bank, queries in ((train, test), (ctx.split("all"), test), (np.r_[train, val], val))]
+    assert right not in wrong  # every wiring error changes the score on this data
+    assert knn_protocol(ctx, "backbone", k=1, temperature=0.1, backend="torch")["top1"] == right
+    # at the usual k, the wrapper gives what the pure function gives on the right splits
+    by_hand = knn_accuracy(x[np.r_[train, val]], y[np.r_[train, val]], x[test], y[test], k=20, backend="torch")
+    assert knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="torch") == by_hand
