@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.errors import missing_dependency
 from protocols.clustering import cluster_metrics, contingency_table, hungarian_accuracy, kmeans
 from protocols.knn import knn_accuracy
 from protocols.linear import L2_GRID, lbfgs_probe
@@ -204,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--out", type=Path, default=Path("leaderboards") / "bench-protocols.md")
     args = p.parse_args(argv)
+    try:
+        import faiss  # a dependency of the benchmark: its kNN and k-means rows time FAISS
+    except ImportError:
+        raise missing_dependency("faiss", "bench protocols", "faiss-cpu") from None
     start, load = time.perf_counter(), os.getloadavg()[0]
     table = to_markdown(protocol_benchmarks(args.quick))
     print(table)
-    import faiss  # a dependency of the benchmark: its kNN and k-means rows time FAISS
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -8,3 +8,9 @@ class UsageError(ValueError):
 def choices_error(kind: str, value: object, valid) -> UsageError:
     """Build the standard 'unknown X: Y (valid: a, b, c)' error."""
     return UsageError(f"unknown {kind} {value!r} (valid: {', '.join(sorted(map(str, valid)))})")
+
+
+def missing_dependency(package: str, needed_by: str, install: str | None = None) -> UsageError:
+    """The one-line error for an optional package that is not installed but was asked for."""
+    return UsageError(f"{needed_by} needs the {package} package, which is not installed "
+                      f"(pip install {install or package})")

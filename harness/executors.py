@@ -24,9 +24,12 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import submitit
+from harness.errors import UsageError, missing_dependency
 
-from harness.errors import UsageError
+try:
+    import submitit
+except ImportError:  # optional: only --executor submitit needs it; the local process pool runs without
+    submitit = None
 
 EXECUTORS = ("local", "submitit")
 
@@ -260,7 +263,7 @@ def _run_local(jobs: list, runner_kwargs: dict[str, Any], workers: int, force: b
 # ---------------------------------------------------------------- submitit
 
 
-class SubmititJob(submitit.helpers.Checkpointable):
+class SubmititJob(submitit.helpers.Checkpointable if submitit else object):
     """One harness job as a submitit callable.
 
     Calling it runs ``Runner.run([job])`` (lock, train, evaluate, atomic record) and returns
@@ -310,6 +313,8 @@ def _init_job_ranks() -> None:
 def make_submitit_executor(folder: Path, slurm: dict[str, Any], name: str = "harness"):
     """A configured ``submitit.AutoExecutor``: Slurm, or its local backend with ``cluster='local'``
     (the default where there is no ``srun``)."""
+    if submitit is None:
+        raise missing_dependency("submitit", "--executor submitit")
     opts = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if v is not None}}
     cluster = opts.get("cluster") or ("slurm" if shutil.which("srun") else "local")
     if cluster not in ("slurm", "local"):
