@@ -52,6 +52,9 @@ class TrainResult:
     memory_kind: str = ""
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     name = cfg["optimizer"]
     if name == "sgd":
@@ -60,31 +63,49 @@ def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    raise choices_error("optimizer", name, ("sgd", "adam", "adamw"))
+    raise choices_error("optimizer", name, OPTIMIZERS)
+
+
+SCHEDULES = ("constant", "cosine", "cosine_restarts", "cosine_annealing", "step")
 
 
 def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
-    """Multiplier of the base lr at ``progress`` in [0, 1] of the budget (linear warm-up, then the schedule)."""
+    """Multiplier of the base lr at ``progress`` in [0, 1] of the budget (linear warm-up, then the schedule).
+
+    After warm-up, t in [0, 1] is the progress through the rest of the budget and ``floor`` =
+    min_lr / lr: ``cosine`` anneals once from 1 to the floor; ``cosine_restarts`` does so
+    ``restarts`` times, jumping back to 1 (SGDR); ``cosine_annealing`` is torch's
+    ``CosineAnnealingLR`` continued past T_max, floor + (1 - floor)(1 + cos(pi t / T))/2 with
+    T = 1 / ``half_periods``: down to the floor, back up, ... (Thanos's official run steps
+    ``CosineAnnealingLR(T_max=100)`` each epoch for 600 epochs: half_periods 6, ending at the top);
+    ``step`` multiplies by ``gamma`` at each of ``milestones`` (fractions of the whole budget).
+    """
     warmup = cfg["warmup"]
     if warmup > 0 and progress < warmup:
         return (progress + 1e-3) / (warmup + 1e-3)
     t = (progress - warmup) / max(1e-12, 1 - warmup)
     floor = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0
     schedule = cfg["schedule"]
+
+    def anneal(x: float) -> float:  # 1 at x = 0, the floor at x = 1, back to 1 at x = 2, ...
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x))
+
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return anneal(t)
     if schedule == "cosine_restarts":
-        cycle = (t * cfg["restarts"]) % 1.0
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * cycle))
+        return anneal((t * cfg["restarts"]) % 1.0)
+    if schedule == "cosine_annealing":
+        return anneal(t * cfg["half_periods"])
     if schedule == "step":
         return cfg["gamma"] ** sum(progress >= m for m in cfg["milestones"])
-    raise choices_error("schedule", schedule, ("constant", "cosine", "cosine_restarts", "step"))
+    raise choices_error("schedule", schedule, SCHEDULES)
 
 
 class PlainLoader:
-    """Normalised, unaugmented batches ``(images, index)`` of the training set, in order (for hooks)."""
+    """Normalised, unaugmented batches ``(images, index)`` of the training set, in order (for hooks),
+    resized to the augmenter's ``out_size`` as the training views are (:meth:`Augmenter.plain`)."""
 
     def __init__(self, images: torch.Tensor, augmenter: Augmenter, batch_size: int) -> None:
         self.images, self.augmenter, self.batch_size = images, augmenter, batch_size
@@ -95,7 +116,7 @@ class PlainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.images), self.batch_size):
             index = torch.arange(start, min(start + self.batch_size, len(self.images)), device=self.images.device)
-            yield self.augmenter.normalize(self.images[index]), index
+            yield self.augmenter.plain(self.images[index]), index
 
 
 def _reset_peak_rss() -> None:

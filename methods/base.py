@@ -7,14 +7,15 @@ the budget, checkpoints and evaluation. Register an adapter with ``@register_met
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from harness.errors import UsageError
+from harness.errors import UsageError, choices_error
 from harness.registry import Registry
+from harness.validate import coerce_like, number_in_range
 
 #: Training settings every adapter has; ``defaults`` override them per scale. Schedule
 #: positions (``warmup``, ``milestones``) are fractions of the budget, so one config works
@@ -25,12 +26,13 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lr": 0.06,
     "weight_decay": 5e-4,
     "momentum": 0.9,
-    "schedule": "cosine",     # cosine | constant | step | cosine_restarts
+    "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (harness.train.lr_factor)
     "warmup": 0.0,            # fraction of the budget with linear warm-up
     "min_lr": 0.0,
     "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
     "gamma": 0.1,
     "restarts": 1,            # cosine_restarts: number of equal cycles
+    "half_periods": 1,        # cosine_annealing: budget / T_max of torch's CosineAnnealingLR (6 = T_max 100 of 600 epochs)
     "views": 2,               # augmented views per sample
     "augment": "simclr",      # a preset of harness.augment
     "augment_overrides": {},  # e.g. {"crop_scale": [0.2, 1.0]}
@@ -147,10 +149,37 @@ def register_method(name: str):
     return decorator
 
 
+#: Valid ranges (low, high; None is unbounded) of the shared training keys, checked with the types
+#: before any training (a batch of 0 images or a momentum of 2 stops with one line).
+TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None), "momentum": (0, 1), "warmup": (0, 1),
+    "min_lr": (0, None), "milestones": (0, 1), "gamma": (0, None), "restarts": (1, None), "half_periods": (1, None),
+    "views": (1, None),
+}
+
+
+def _check_training_names(cfg: dict[str, Any], method: str) -> None:
+    """The optimiser, schedule and augmentation preset (and its overrides) name things that exist."""
+    # Imported here: harness.train imports this module.
+    from harness.augment import PRESETS, AugmentConfig
+    from harness.train import OPTIMIZERS, SCHEDULES
+
+    override_keys = [f.name for f in fields(AugmentConfig)]
+    checks = [("optimizer", cfg["optimizer"], OPTIMIZERS), ("schedule", cfg["schedule"], SCHEDULES),
+              ("augment", cfg["augment"], PRESETS)]
+    checks += [("augment_overrides key", key, override_keys) for key in cfg["augment_overrides"]]
+    for kind, value, valid in checks:
+        if value not in valid:
+            raise UsageError(f"method {method!r}: {choices_error(kind, value, valid)}")
+
+
 def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """TRAINING_DEFAULTS < method-specific defaults < the scale's defaults < suite overrides.
 
-    Unknown override keys are a usage error naming the valid keys.
+    Checked here, before any training, each with one line naming the bad value: an unknown key, a
+    value not of its declared default's type (numeric strings, as PyYAML reads ``1e-3``, become
+    numbers), a shared training key outside :data:`TRAINING_RANGES`, and an optimiser, schedule or
+    augmentation preset that does not exist.
     """
     if scale not in ("paper", "cpu"):
         raise UsageError(f"unknown scale {scale!r} (valid: cpu, paper)")
@@ -158,5 +187,9 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
     for key, value in (overrides or {}).items():
         if key not in cfg:
             raise UsageError(f"unknown config key {key!r} for method {cls.name!r} (valid: {', '.join(sorted(cfg))})")
-        cfg[key] = value
+        cfg[key] = coerce_like(value, cfg[key], f"config key {key!r} of method {cls.name!r}")
+    for key, (low, high) in TRAINING_RANGES.items():
+        if key in cfg:
+            cfg[key] = number_in_range(cfg[key], low, high, f"config key {key!r} of method {cls.name!r}")
+    _check_training_names(cfg, cls.name)
     return cfg

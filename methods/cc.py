@@ -31,9 +31,11 @@ class ContrastiveClustering(Method):
     description = "CC: instance NT-Xent + cluster-column NT-Xent with a balance term; argmax cluster head"
     defaults = {
         # num_clusters (M) is a hyperparameter; suites set it per dataset (dataset_config).
+        # config/config.yaml: feature_dim 128, instance_temperature 0.5, cluster_temperature 1.0.
         "method": {"num_clusters": 10, "instance_dim": 128, "instance_temperature": 0.5,
                    "cluster_temperature": 1.0},
-        # The official recipe: Adam 3e-4, no weight decay, batch 256, 1000 epochs, constant lr.
+        # Yunfan-Li/Contrastive-Clustering config/config.yaml: Adam (train.py, no scheduler) lr 3e-4,
+        # weight_decay 0, batch 256, 1000 epochs; s=0.5 on CIFAR (train.py): the "cc" jitter.
         "paper": {"optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0, "batch_size": 256,
                   "schedule": "constant", "augment": "cc"},
         "cpu": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,

@@ -31,11 +31,14 @@ class ContrastiveDisentangling(Method):
 
     description = "CD: instance NT-Xent + NT-Xent over sigmoid feature-head columns with a binary-entropy bonus"
     defaults = {
+        # config/config.yaml: feature_num 128, hidden_dim 128, instance_temperature 0.5, feature_temperature 1.0
         "method": {"num_features": 128, "instance_dim": 128, "instance_temperature": 0.5,
                    "feature_temperature": 1.0},
-        # The official config: Adam 3e-4, no weight decay, batch 128, 1000 epochs, cosine annealing.
+        # Hoper-J/Contrastive-Disentangling config/config.yaml: Adam (train.py) lr 3e-4, weight_decay 0,
+        # batch 128, 1000 epochs, use_scheduler false (constant lr since commit 79560b4, 2024-08-12; true
+        # would mean CosineAnnealingLR(T_max=epochs)); s=0.5 on CIFAR: the "cc" jitter (dataset.py).
         "paper": {"optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0, "batch_size": 128,
-                  "schedule": "cosine", "augment": "cc"},
+                  "schedule": "constant", "augment": "cc"},
         "cpu": {"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0, "batch_size": 128,
                 "schedule": "cosine", "augment": "mild"},
     }

@@ -37,27 +37,48 @@ def entropy(p: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(eps))).sum(dim)
 
 
-def _class_logits(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine logits s[i, j] = cos(anchor_i, candidate_j) / T and the same-label mask (diagonal included)."""
-    sim = F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).t() / temperature
-    return sim, labels[:, None] == labels[None, :]
+#: Similarities of the coarse-label losses: ``cosine`` as the paper writes it; ``official`` as
+#: HazyResearch/thanos-code computes it (unagi/tasks/loss_fns/contrastive_loss.py, ``lc_norm``).
+THANOS_SIMILARITIES = ("official", "cosine")
+
+
+def thanos_similarity(anchors: torch.Tensor, candidates: torch.Tensor, similarity: str = "cosine") -> torch.Tensor:
+    """Similarity matrix of anchors (n, d) and candidates (n, d) for :func:`supcon_loss` and
+    :func:`class_conditional_info_nce`.
+
+    ``cosine``: cos(a_i, c_j). ``official``: <a_i, c_j> / (|a_j| |c_j|), the official code's
+    ``einsum("b d, c d -> b c", vi, vj).div(norm(vi) * norm(vj))``, whose (n,) divisor broadcasts
+    over columns, so entry (i, j) is divided by the norms of sample j in both views. The two
+    agree on unit vectors; the official encoder's outputs are not normalised.
+    """
+    if similarity == "cosine":
+        return F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).t()
+    if similarity == "official":
+        return anchors @ candidates.t() / (anchors.norm(dim=1) * candidates.norm(dim=1))
+    raise ValueError(f"unknown similarity {similarity!r} (valid: {', '.join(THANOS_SIMILARITIES)})")
+
+
+def _class_logits(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, temperature: float,
+                  similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits s[i, j] = sim(anchor_i, candidate_j) / T and the same-label mask (diagonal included)."""
+    return thanos_similarity(anchors, candidates, similarity) / temperature, labels[:, None] == labels[None, :]
 
 
 def supcon_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, temperature: float,
-                clip_pos: float | None = 1.0) -> torch.Tensor:
+                clip_pos: float | None = 1.0, similarity: str = "cosine") -> torch.Tensor:
     """SupCon as in Chen, Fu et al. 2022 (Perfectly Balanced; their official ``ContrastiveLoss``, type sup_con).
 
     Row i of ``anchors`` and row i of ``candidates`` are two views of sample i with label
     ``labels[i]``; only anchors -> candidates is contrasted (the official code: anchors from
-    view 1, candidates from view 0). With s = cosine / T, P(i) the candidates of i's class
+    view 1, candidates from view 0). With s = :func:`thanos_similarity` / T, P(i) the candidates of i's class
     (i itself included) and N(i) the others, each positive is contrasted against itself plus
     the negatives:  L_i = 1/|P(i)| sum_{p in P(i)} [ -min(s_ip, clip_pos) + log(e^{s_ip} + sum_{n in N(i)} e^{s_in}) ].
     ``clip_pos`` clamps the numerator's logit only (the official default 1.0: with T=0.5 the
     numerator gives no gradient once a positive's cosine exceeds 0.5, only the denominators
-    still pull it closer); ``None`` disables it. Mean over anchors.
+    still pull it closer); ``None`` disables it (the official code clamps only when clip_pos == 1.0,
+    enforced by methods.supcon.SupCon with the ``official`` similarity). Mean over anchors.
     """
-    sim, pos = _class_logits(anchors, candidates, labels, temperature)
+    sim, pos = _class_logits(anchors, candidates, labels, temperature, similarity)
     neg_lse = sim.masked_fill(pos, float("-inf")).logsumexp(1, keepdim=True)  # -inf without negatives
     numerator = sim if clip_pos is None else sim.clamp(max=clip_pos)
     per_pair = torch.logaddexp(sim, neg_lse) - numerator
@@ -65,14 +86,14 @@ def supcon_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.T
 
 
 def class_conditional_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
-                               temperature: float) -> torch.Tensor:
+                               temperature: float, similarity: str = "cosine") -> torch.Tensor:
     """Class-conditional InfoNCE (Chen, Fu et al. 2022: the spread term of their L_spread = SupCon + this).
 
     Instance discrimination inside the class: anchor i's positive is its own other view and
     the contrast set is the candidates of its class, L_i = -s_ii + log sum_{p in P(i)} e^{s_ip},
-    s = cosine / T, anchors -> candidates only as in :func:`supcon_loss`. Mean over anchors.
+    s = :func:`thanos_similarity` / T, anchors -> candidates only as in :func:`supcon_loss`. Mean over anchors.
     """
-    sim, pos = _class_logits(anchors, candidates, labels, temperature)
+    sim, pos = _class_logits(anchors, candidates, labels, temperature, similarity)
     return (sim.masked_fill(~pos, float("-inf")).logsumexp(1) - sim.diagonal()).mean()
 
 
