@@ -73,7 +73,10 @@ def _ranked_classes(train_x: np.ndarray, train_idx: np.ndarray, test_x: np.ndarr
         # unchanged and keeps small temperatures from overflowing
         weights = ((sims - sims.max(dim=1, keepdim=True).values) / temperature).exp()
         votes = torch.zeros(len(queries), num_classes, device=device).scatter_add_(1, labels[idx], weights)
-        ranked.append(votes.topk(top, dim=1).indices.cpu())
+        # classes by summed vote, as lemniscate's test.py (probs.sort(1, True)); its sort is not stable, so
+        # classes with equal votes (those without any when fewer than ``top`` got votes) came in an
+        # unspecified order: here a stable sort puts them in class order
+        ranked.append(votes.sort(dim=1, descending=True, stable=True).indices[:, :top].cpu())
     return torch.cat(ranked).numpy()
 
 
