@@ -35,8 +35,9 @@ PRESETS: dict[str, AugmentConfig | None] = {
     "simclr": AugmentConfig(),
     # SimCLR/BYOL ImageNet recipe with blur (p=0.5).
     "simclr_blur": AugmentConfig(blur=0.5),
-    # CLD's CIFAR scripts: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.4) p=0.8, gray 0.2.
-    "cld": AugmentConfig(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4)),
+    # CLD's CIFAR scripts (datasets/dataloader.py), lemniscate's and SeLa's cifar.py: RandomResizedCrop
+    # (scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.4) on every image (no RandomApply), gray 0.2, flip.
+    "cld": AugmentConfig(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0),
     # Contrastive Clustering (Li et al. 2021): ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with s=0.5, p=0.8.
     "cc": AugmentConfig(jitter=(0.4, 0.4, 0.4, 0.1)),
     # Linear-evaluation augmentation: crop and flip only.
