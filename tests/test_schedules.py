@@ -1,0 +1,145 @@
+"""Learning-rate schedules (harness.train.lr_factor) pinned at hand-computed values and against torch.
+
+Each test names the plausible breakage it catches. The torch references are torch's own
+schedulers stepped in a loop, as the official codes step them.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from harness.augment import Augmenter
+from harness.budget import Budget
+from harness.errors import UsageError
+from harness.train import SCHEDULES, lr_factor, train
+from methods.base import TRAINING_DEFAULTS, Batch, DataInfo, Method
+
+
+def config(**overrides) -> dict:
+    return {**TRAINING_DEFAULTS, "lr": 0.1, **overrides}
+
+
+def torch_lrs(scheduler_factory, epochs: int, base_lr: float) -> list[float]:
+    """The lr in force during each epoch 0..epochs of a torch scheduler stepped once per epoch."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler = scheduler_factory(optimizer)
+    lrs = []
+    for _ in range(epochs + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_then_cosine_known_values():
+    """Warm-up 0.1 then cosine over the remaining 0.9: f(0.1) = 1, f(0.55) = 0.5 (half-way through
+    the cosine), f(1) = 0, and half-way through the warm-up half the lr. Catches a cosine on the raw
+    progress (f(0.55) = 0.42), a warm-up that does not end at 1, and a quadratic warm-up."""
+    cfg = config(schedule="cosine", warmup=0.1)
+    assert lr_factor(0.1, cfg) == pytest.approx(1.0)
+    assert lr_factor(0.55, cfg) == pytest.approx(0.5)
+    assert lr_factor(0.325, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(1.0, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0.05, cfg) == pytest.approx(0.5, abs=0.01)
+    assert lr_factor(0.0, cfg) == pytest.approx(0.0, abs=0.01)
+
+
+def test_min_lr_is_the_floor_of_the_cosine():
+    """lr 0.1, min_lr 0.01: the factor goes 1 -> 0.1 and is 0.55 half-way (floor + (1 - floor)/2).
+    Catches an ignored floor (0 and 0.5) and a floor added unscaled (1.1 at the start)."""
+    cfg = config(schedule="cosine", min_lr=0.01)
+    assert [lr_factor(p, cfg) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.55, 0.1])
+    restarts = config(schedule="cosine_restarts", restarts=2, min_lr=0.01)
+    assert [lr_factor(p, restarts) for p in (0.25, 0.4999999, 0.5)] == pytest.approx([0.55, 0.1, 1.0], abs=1e-6)
+
+
+def test_step_milestones_are_fractions_of_the_whole_budget():
+    """Milestones 0.5 and 0.75, gamma 0.1, with a 0.1 warm-up: x0.1 from exactly 0.5, x0.01 from 0.75.
+    Catches a strict comparison (f(0.5) = 1) and milestones measured after the warm-up
+    (f(0.5) = 1, since t = 0.44 there)."""
+    cfg = config(schedule="step", milestones=[0.5, 0.75], gamma=0.1, warmup=0.1)
+    assert [lr_factor(p, cfg) for p in (0.3, 0.4999, 0.5, 0.7, 0.75, 1.0)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_cosine_restarts_jump_back_to_the_top():
+    """Three restarts: each third anneals 1 -> 0, then the lr jumps back to 1 (SGDR)."""
+    cfg = config(schedule="cosine_restarts", restarts=3)
+    assert [lr_factor(p, cfg) for p in (0.0, 1 / 6, 1 / 3 - 1e-9, 1 / 3, 0.5)] == pytest.approx(
+        [1, 0.5, 0, 1, 0.5], abs=1e-6)
+
+
+@pytest.mark.parametrize("eta_min", [0.0, 1e-5])
+def test_cosine_annealing_equals_torch_cosine_annealing_lr(eta_min):
+    """Thanos's official run: CosineAnnealingLR(T_max=100) stepped once per epoch for 600 epochs.
+    At every epoch boundary e, lr * lr_factor(e / 600) equals torch's lr for epoch e: down to eta_min
+    at 100, back up at 200, ..., at the top at 600. Catches a restarting cosine (epoch 199: 0.0002
+    instead of 0.9998 of the range), a half-period of the budget instead of T_max, and a floor not
+    scaled by eta_min."""
+    base = 3e-4
+    cfg = config(lr=base, min_lr=eta_min, schedule="cosine_annealing", half_periods=6)
+    reference = torch_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100, eta_min=eta_min), 600, base)
+    for epoch in (0, 1, 37, 100, 150, 199, 200, 250, 300, 333, 450, 599, 600):
+        assert base * lr_factor(epoch / 600, cfg) == pytest.approx(reference[epoch], rel=1e-9, abs=1e-15), epoch
+    assert reference[600] == pytest.approx(base) and reference[300] == pytest.approx(eta_min)
+
+
+def test_cosine_annealing_with_one_half_period_is_cosine():
+    """half_periods 1 is torch's CosineAnnealingLR with T_max = the budget, i.e. the plain cosine."""
+    a, b = config(schedule="cosine_annealing", half_periods=1, min_lr=0.01), config(schedule="cosine", min_lr=0.01)
+    assert [lr_factor(p, a) for p in (0, 0.2, 0.5, 0.9, 1)] == pytest.approx([lr_factor(p, b) for p in (0, 0.2, 0.5, 0.9, 1)])
+
+
+def test_unknown_schedule_is_a_usage_error_naming_the_choices():
+    with pytest.raises(UsageError, match="cosine_annealing"):
+        lr_factor(0.5, config(schedule="linear"))
+    assert "cosine_annealing" in SCHEDULES
+
+
+class LinearOnPixels(Method):
+    """The smallest trainable adapter: a linear map of the flattened view, squared output as the loss."""
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        return self.backbone(batch.views[0]).pow(2).mean()
+
+
+class Flatten(nn.Module):
+    out_dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+class LrRecorder:
+    """A training logger that keeps the lr of every optimiser step."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def log_scalars(self, step, scalars):
+        self.lrs[step] = scalars["train/lr"]
+
+
+def test_training_loop_applies_cosine_annealing_per_epoch_like_torch():
+    """12 epochs of 4 steps, half_periods 2: the lr of each epoch's first step equals torch's
+    CosineAnnealingLR(T_max=6) stepped once per epoch. Catches a loop that feeds the schedule
+    something other than the budget fraction reached before the step."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
+    cfg = config(lr=0.05, optimizer="sgd", weight_decay=0.0, batch_size=8, views=1,
+                 schedule="cosine_annealing", half_periods=2)
+    method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
+    recorder = LrRecorder()
+    result = train(method, images, None, Budget("epochs", 12), Augmenter(None, [0.5], [0.25]), cfg, device="cpu",
+                   seed=0, generator=torch.Generator().manual_seed(0), quiet=True, logger=recorder)
+    assert result.status == "ok" and len(recorder.lrs) == 48
+    reference = torch_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6), 12, 0.05)
+    first_step_lrs = [recorder.lrs[4 * epoch + 1] for epoch in range(12)]
+    assert first_step_lrs == pytest.approx(reference[:12], rel=1e-9, abs=1e-15)
