@@ -1,30 +1,87 @@
 """Leaderboards from stored records only: pandas tables written as Markdown, CSV, LaTeX and HTML.
 
-One row per method (heads as separate rows), columns per dataset x metric, mean ± std over
-seeds with the seed count, the best mean per column marked, the mean rank, training time and
-peak memory. Every number is an offline evaluation of the final checkpoint.
+One row per method (heads as separate rows), columns per dataset x metric. Each cell is the mean over
+seeds with its 95% confidence interval (Student t, or a seeded percentile bootstrap); the best mean is
+bold only when a paired test by seed, Holm-corrected within the column, finds it better than every
+other row, and rows the test cannot tell from the best are marked as tied with it. Across the suite,
+Friedman's test over the headline columns and a critical-difference diagram (Demšar 2006) say which
+differences in mean rank are real. Every number is an offline evaluation of the final checkpoint.
 """
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
-from harness.errors import UsageError
+from harness import stats
+from harness.errors import UsageError, choices_error
 
 #: Metric name endings that are scores (higher is better); other stored values (chosen l2, ...) are not ranked.
 SCORE_SUFFIXES = ("top1", "top5", "acc", "nmi", "ami", "ari", "acc_majority")
+#: The path segment of a protocol's sensitivity grid (``knn/grid/k20_t0.07/top1``): data for the report's
+#: sensitivity table, not leaderboard columns.
+GRID = "/grid/"
 
 
 def is_score(metric: str) -> bool:
-    """Test-set scores only: validation accuracies used for model selection are not ranked."""
+    """Test-set scores only: validation accuracies used for model selection and grid points are not ranked."""
     leaf = metric.split("/")[-1]
-    return not leaf.startswith("val_") and any(leaf == s or leaf.endswith("_" + s) or leaf.startswith(s + "@") for s in SCORE_SUFFIXES)
+    return GRID not in metric and not leaf.startswith("val_") and any(
+        leaf == s or leaf.endswith("_" + s) or leaf.startswith(s + "@") for s in SCORE_SUFFIXES)
+
+
+def is_headline(metric: str) -> bool:
+    """The one number per protocol that ranks methods across a suite: top-1 of a classifier (kNN, a probe,
+    the SGD probe at its validation-selected epoch, either level of coarse-to-fine) and clustering ACC."""
+    leaf = metric.split("/")[-1]
+    return is_score(metric) and (leaf in ("top1", "acc", "top1@best_val") or leaf.endswith("_top1"))
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """How cells get their intervals and how rows are compared: ``ci`` in :data:`harness.stats.CI_METHODS`,
+    ``alpha`` the significance level of the paired tests, the Friedman test and the critical difference."""
+
+    ci: str = "t"
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.ci not in stats.CI_METHODS:
+            raise choices_error("interval method (--ci)", self.ci, stats.CI_METHODS)
+        if not 0 < self.alpha < 1:
+            raise UsageError(f"--alpha must be a number in (0, 1), got {self.alpha!r}")
+
+    @property
+    def ci_name(self) -> str:
+        return "Student t" if self.ci == "t" else (f"percentile bootstrap ({stats.BOOTSTRAP_RESAMPLES} resamples of "
+                                                   f"the seeds, seed {stats.BOOTSTRAP_SEED})")
+
+
+def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The stored records of the runs ``suite`` plans now (by ``Job.run_id``), the one selection that
+    ``leaderboard``, ``report`` and ``compare`` read. A record of another configuration (an older config
+    or protocol, another budget or seed list) is left out, so it is never averaged in as an extra seed;
+    ``warn`` hears how many were left out."""
+    from harness.runner import plan
+    from harness.store import ResultStore
+
+    planned = {job.run_id for job in plan(suite)}
+    stored = list(ResultStore(Path(results_dir), suite.name).records())
+    current = [r for r in stored if r.get("run_id") in planned]
+    if warn and len(current) < len(stored):
+        warn(f"left out {len(stored) - len(current)} stored records of {Path(results_dir) / suite.name} that this "
+             f"suite does not plan now (other configurations, seeds or budgets); rerun the suite or delete them")
+    if not current:
+        raise UsageError(f"no stored records of the runs suite {suite.name!r} plans under "
+                         f"{Path(results_dir) / suite.name}; run it first")
+    return current
 
 
 def row_label(record: dict[str, Any], rep: str) -> str:
@@ -41,15 +98,16 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "train_seconds": r.get("train_seconds", np.nan),
                 "peak_memory_mb": (r.get("train") or {}).get("peak_memory_mb", np.nan)}
         if r["status"] != "ok":
-            rows.append({**base, "row": r["spec"]["label"], "metric": None, "value": np.nan})
+            rows.append({**base, "row": r["spec"]["label"], "rep": "backbone", "metric": None, "value": np.nan})
         for rep, metrics in r.get("metrics", {}).items():
             for metric, value in metrics.items():
-                rows.append({**base, "row": row_label(r, rep), "metric": metric, "value": value})
+                rows.append({**base, "row": row_label(r, rep), "rep": rep, "metric": metric, "value": value})
     return pd.DataFrame(rows)
 
 
-def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """mean, std, n per (row, dataset, budget, metric); refuses cells that mix split hashes."""
+def seed_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ok runs' test scores with their leaderboard ``column`` (dataset, metric and, when the records hold
+    several budgets, the budget); refuses cells that mix split hashes."""
     ok = frame[(frame["status"] == "ok") & frame["metric"].notna()]
     ok = ok[ok["metric"].map(is_score)]
     mixed = ok.groupby(["row", "dataset", "budget", "metric"])["split_sha256"].nunique()
@@ -57,35 +115,101 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         row, dataset, _, metric = mixed[mixed > 1].index[0]
         raise UsageError(f"records of {row!r} on {dataset!r} ({metric}) come from different data splits "
                          f"(split hashes differ); rerun them or move the stale records out of the results dir")
-    stats = ok.groupby(["row", "dataset", "budget", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
-    stats["std"] = stats["std"].fillna(0.0)
-    return stats
+    column = ok["dataset"] + " " + ok["metric"]
+    if ok["budget"].nunique() > 1:
+        column = column + " " + ok["budget"]
+    return ok.assign(column=column)
 
 
-def leaderboard_table(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(display table of strings, numeric summary). Values are shown in percent."""
+@dataclass(frozen=True)
+class ColumnTest:
+    """The paired comparison of a column's best mean with every other row (Holm over those rows)."""
+
+    p_vs_best: dict[str, float]
+    marks: dict[str, str]
+    tests: frozenset[str]
+
+
+def column_test(values: pd.DataFrame, means: pd.Series, alpha: float) -> ColumnTest:
+    """Compare the best row of one column with each other row, paired by seed (``values``: seeds x rows).
+
+    The best row is ``best`` when every other row is significantly worse (Holm-adjusted p <= alpha);
+    otherwise it and every row not significantly worse are ``tied``. A pair with fewer than 2 common
+    seeds cannot be tested: it gets no mark and keeps the best from being ``best``.
+    """
+    best = means.idxmax()
+    raw, tests = {}, set()
+    for row in means.index.drop(best):
+        pair = values[[best, row]].dropna()
+        if len(pair) >= 2:
+            result = stats.paired_test(pair[best].to_numpy(), pair[row].to_numpy())
+            raw[row] = result.p_value
+            tests.add(result.test)
+    adjusted = dict(zip(raw, stats.holm(list(raw.values())))) if raw else {}
+    marks = {row: "tied" for row, p in adjusted.items() if p > alpha}
+    if len(means) > 1 and len(adjusted) == len(means) - 1 and not marks:
+        marks[best] = "best"
+    elif marks:
+        marks[best] = "tied"
+    return ColumnTest(adjusted, marks, frozenset(tests))
+
+
+def summarize(frame: pd.DataFrame, options: StatsOptions = StatsOptions()) -> tuple[pd.DataFrame, frozenset[str]]:
+    """Per (row, column): mean, std (ddof=1), n, the interval, the Holm-adjusted p-value against the column's
+    best row and its mark (``best``, ``tied`` or empty); and the names of the paired tests used."""
+    scores = seed_scores(frame).sort_values(["row", "column", "seed"], kind="stable")
+    keys = ["row", "rep", "dataset", "budget", "metric", "column"]
+    cells = []
+    for key, group in scores.groupby(keys, sort=True):
+        values = group["value"].to_numpy(dtype=np.float64)
+        low, high = stats.mean_interval(values, options.ci, 1 - options.alpha)
+        high = min(high, 1.0)  # every score is at most 1: a t interval can overshoot it
+        cells.append({**dict(zip(keys, key)), "mean": values.mean(),
+                      "std": values.std(ddof=1) if len(values) > 1 else np.nan,
+                      "n": len(values), "ci_low": low, "ci_high": high})
+    table = pd.DataFrame(cells, columns=[*keys, "mean", "std", "n", "ci_low", "ci_high"])
+    table["p_vs_best"], table["mark"], used = np.nan, "", set()
+    for column, part in scores.groupby("column", sort=True):
+        values = part.pivot_table(index="seed", columns="row", values="value", aggfunc="first")
+        means = table[table["column"] == column].set_index("row")["mean"]
+        result = column_test(values, means, options.alpha)
+        used |= result.tests
+        at = table["column"] == column
+        table.loc[at, "p_vs_best"] = table.loc[at, "row"].map(result.p_vs_best).astype(float)
+        table.loc[at, "mark"] = table.loc[at, "row"].map(result.marks).fillna("")
+    return table, frozenset(used)
+
+
+def _cell(mean: float, low: float, high: float, mark: str) -> str:
+    """``94.1 [93.3, 94.9]`` in percent; ``(n<3)`` instead of an interval; bold for ``best``, italics for ``tied``."""
+    text = f"{100 * mean:.1f} " + ("(n<3)" if np.isnan(low) else f"[{100 * low:.1f}, {100 * high:.1f}]")
+    return f"**{text}**" if mark == "best" else f"_{text}_" if mark == "tied" else text
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """A built table: ``display`` (strings, rows in rank order), ``stats`` (one numeric row per cell, the csv),
+    the paired tests used and the suite-level rank comparison (None, with ``ranks_note`` saying why)."""
+
+    display: pd.DataFrame
+    stats: pd.DataFrame
+    tests: frozenset[str]
+    ranks: "SuiteRanks | None"
+    ranks_note: str
+
+
+def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = StatsOptions()) -> Leaderboard:
+    """The leaderboard of ``records``. Values are shown in percent."""
     frame = records_frame(records)
     if frame.empty:
         raise UsageError("no stored records to build a leaderboard from; run the suite first")
-    stats = summarize(frame)
-    multi_budget = stats["budget"].nunique() > 1
-    stats["column"] = stats.apply(lambda s: f"{s['dataset']} {s['metric']}" + (f" {s['budget']}" if multi_budget else ""),
-                                  axis=1)
-    means = stats.pivot(index="row", columns="column", values="mean")
-    stds = stats.pivot(index="row", columns="column", values="std")
-    counts = stats.pivot(index="row", columns="column", values="count")
-    best = means.max()
+    table, tests = summarize(frame, options)
+    means = table.pivot(index="row", columns="column", values="mean")
+    cells = table.set_index(["row", "column"])
     display = pd.DataFrame(index=means.index)
     for col in means.columns:
-        cells = []
-        for row in means.index:
-            m = means.at[row, col]
-            if np.isnan(m):
-                cells.append("–")
-                continue
-            cell = f"{100 * m:.1f} ± {100 * stds.at[row, col]:.1f} ({int(counts.at[row, col])})"
-            cells.append(f"**{cell}**" if np.isclose(m, best[col]) else cell)
-        display[col] = cells
+        display[col] = [_cell(*cells.loc[(row, col), ["mean", "ci_low", "ci_high", "mark"]])
+                        if (row, col) in cells.index else "–" for row in means.index]
     rank = means.rank(ascending=False, method="min").mean(axis=1)
     display.insert(0, "rank", rank.map(lambda v: f"{v:.1f}"))
     per_row = frame.groupby("row")
@@ -96,7 +220,203 @@ def leaderboard_table(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.D
     if len(failed):
         display["failed runs"] = failed.reindex(means.index).fillna(0).astype(int)
     order = rank.sort_values(kind="stable").index
-    return display.loc[order], stats
+    ranks, note = suite_ranks(table, options.alpha)
+    return Leaderboard(display.loc[order], table, tests, ranks, note)
+
+
+@dataclass(frozen=True)
+class SuiteRanks:
+    """Friedman's test over a suite's headline columns and the Nemenyi critical difference of mean ranks."""
+
+    rows: list[str]
+    columns: list[str]
+    friedman: stats.FriedmanResult
+    critical_difference: float
+    alpha: float
+    left_out: list[str]
+
+    def groups(self) -> list[tuple[int, int]]:
+        """Maximal runs (i, j) of rows, in rank order, whose mean ranks differ by less than the critical
+        difference: the bars of the diagram (Demšar 2006, Fig. 1)."""
+        order = np.sort(self.friedman.average_ranks)
+        spans, reach = [], -1
+        for i in range(len(order)):
+            j = int(np.searchsorted(order, order[i] + self.critical_difference, side="left")) - 1
+            if j > i and j > reach:
+                spans.append((i, j))
+                reach = j
+        return spans
+
+    def summary(self) -> str:
+        f = self.friedman
+        verdict = "the mean ranks differ" if f.p_value <= self.alpha else "no difference in mean rank is shown"
+        left = f" Left out (missing a headline column): {', '.join(self.left_out)}." if self.left_out else ""
+        return (f"Friedman's test over {f.n_blocks} headline columns ({', '.join(self.columns)}) and {len(self.rows)} "
+                f"rows: chi2 = {f.chi2:.2f}, p = {f.p_value:.3g} ({verdict} at alpha = {self.alpha:g}); Nemenyi "
+                f"critical difference of mean ranks CD = {self.critical_difference:.2f} (Demšar 2006).{left}")
+
+
+def suite_ranks(table: pd.DataFrame, alpha: float) -> tuple[SuiteRanks | None, str]:
+    """Friedman and Nemenyi over the headline columns (datasets x :func:`is_headline` metrics); rows missing a
+    headline column are left out. None and the reason when fewer than 2 columns or 2 rows remain."""
+    head = table[table["metric"].map(is_headline)]
+    means = head.pivot(index="row", columns="column", values="mean")
+    complete = means.dropna()
+    if means.shape[1] < 2 or len(complete) < 2:
+        return None, (f"No Friedman test or critical-difference diagram: it needs at least 2 headline columns "
+                      f"(top-1 or clustering ACC per dataset) and 2 rows with all of them; here "
+                      f"{means.shape[1]} columns, {len(complete)} complete rows.")
+    result = stats.friedman(complete.to_numpy().T)
+    cd = stats.nemenyi_critical_difference(len(complete), means.shape[1], alpha)
+    left_out = sorted(set(means.index) - set(complete.index))
+    return SuiteRanks(list(complete.index), list(complete.columns), result, cd, alpha, left_out), ""
+
+
+def draw_cd_diagram(ranks: SuiteRanks, title: str = ""):
+    """A critical-difference diagram (Demšar 2006, Fig. 1) as a matplotlib Figure: the rank axis (1 = best, on
+    the left), each row's mean rank with its label (better half left, rest right), the CD as a bar, and a thick
+    line joining each maximal group of rows whose mean ranks differ by less than CD."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = np.argsort(ranks.friedman.average_ranks, kind="stable")
+    avg = ranks.friedman.average_ranks[order]
+    names = [ranks.rows[i] for i in order]
+    k, half = len(names), (len(names) + 1) // 2
+    label_in = 0.35 + 0.065 * max(len(n) + 6 for n in names)  # inches for a label and its rank
+    axis_in = max(3.0, 0.45 * k)
+    groups = ranks.groups()
+    width, height = axis_in + 2 * label_in, (1.5 if title else 1.3) + 0.22 * (half + len(groups))
+    fig = Figure(figsize=(width, height), layout=None)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    per_in = (k - 1) / axis_in if k > 1 else 1.0
+    ax.set_xlim(1 - label_in * per_in, k + label_in * per_in)
+    ax.set_axis_off()
+    y_axis, step = 0.55, 0.22
+    ax.plot([1, k], [y_axis, y_axis], color="k", lw=1)
+    for r in range(1, k + 1):
+        ax.plot([r, r], [y_axis, y_axis + 0.06], color="k", lw=1)
+        ax.text(r, y_axis + 0.09, str(r), ha="center", va="bottom", fontsize=8)
+    cd = ranks.critical_difference
+    ax.plot([1, 1 + cd], [0.92, 0.92], color="k", lw=1.5)
+    for x in (1, 1 + cd):
+        ax.plot([x, x], [0.89, 0.95], color="k", lw=1)
+    ax.text(1 + cd / 2, 0.96, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=8)
+    bottom = y_axis - step * (len(groups) + 1)
+    for g, (i, j) in enumerate(groups):
+        y = y_axis - step * (g + 0.6)
+        ax.plot([avg[i] - 0.03, avg[j] + 0.03], [y, y], color="k", lw=3, solid_capstyle="round")
+    for idx, (name, r) in enumerate(zip(names, avg)):
+        left = idx < half
+        level = idx if left else k - 1 - idx
+        y = bottom - step * level
+        edge = 1 - 0.2 * per_in if left else k + 0.2 * per_in
+        ax.plot([r, r, edge], [y_axis, y, y], color="#444444", lw=0.8)
+        ax.text(edge + (-0.05 if left else 0.05) * per_in, y, f"{name} ({r:.2f})", ha="right" if left else "left",
+                va="center", fontsize=8)
+    ax.set_ylim(bottom - step * half, 1.3 if title else 1.1)
+    if title:
+        ax.text((1 + k) / 2, 1.28, title, ha="center", va="top", fontsize=9)
+    return fig
+
+
+def write_cd_diagram(ranks: SuiteRanks, stem: Path, title: str = "") -> list[Path]:
+    """``<stem>.png`` and ``<stem>.svg`` of :func:`draw_cd_diagram`, byte-identical for the same ranks."""
+    import matplotlib
+
+    written = []
+    with matplotlib.rc_context({"svg.hashsalt": "harness-cd", "font.family": "DejaVu Sans", "path.simplify": True}):
+        fig = draw_cd_diagram(ranks, title)
+        for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, metadata=meta, dpi=100)
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            _write_bytes(path, buf.getvalue())
+            written.append(path)
+    return written
+
+
+def compare(records: list[dict[str, Any]], a: str, b: str, options: StatsOptions = StatsOptions()) -> pd.DataFrame:
+    """The paired difference a - b on every column both rows have (seeds in common), in percentage points:
+    its mean, interval (t over the per-seed differences), the test, its p-value and the Holm-adjusted one
+    over the columns."""
+    scores = seed_scores(records_frame(records))
+    rows = sorted(scores["row"].unique())
+    for name in (a, b):
+        if name not in rows:
+            raise choices_error("row (method label, heads as 'label [head]')", name, rows)
+    if a == b:
+        raise UsageError(f"compare needs two different rows, got {a!r} twice")
+    out = []
+    for column, part in scores.groupby("column", sort=True):
+        values = part.pivot_table(index="seed", columns="row", values="value", aggfunc="first")
+        if a not in values or b not in values:
+            continue
+        pair = values[[a, b]].dropna()
+        if len(pair) < 2:
+            out.append({"column": column, "n": len(pair), "test": "n<2"})
+            continue
+        res = stats.paired_test(pair[a].to_numpy(), pair[b].to_numpy(), 1 - options.alpha)
+        out.append({"column": column, "n": res.n, f"{a} mean": 100 * pair[a].mean(), f"{b} mean": 100 * pair[b].mean(),
+                    "difference": 100 * res.mean_difference, "ci_low": 100 * res.ci_low,
+                    "ci_high": 100 * res.ci_high, "test": res.test, "p": res.p_value})
+    table = pd.DataFrame(out)
+    if table.empty:
+        raise UsageError(f"{a!r} and {b!r} share no column with scores")
+    if "p" in table:
+        tested = table["p"].notna()
+        table.loc[tested, "p_holm"] = stats.holm(table.loc[tested, "p"].to_numpy())
+    return table
+
+
+def sensitivity(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """How the ranking of methods moves with the protocol setting.
+
+    The headline ranking is the methods' (backbone rows') mean rank over the headline columns. Each other
+    setting ranks the same methods by mean rank over the datasets under one metric: every kNN grid point
+    (``knn/grid/k20_t0.07/top1``), kNN, L-BFGS, SGD and clustering at their suite settings, and the headline
+    columns read from each method's ``head`` features where it has them. Per setting: Kendall's tau with the
+    headline ranking, the methods ranked and the top method.
+    """
+    frame = records_frame(records)
+    ok = frame[(frame["status"] == "ok") & frame["metric"].notna()]
+    means = ok.groupby(["method", "rep", "dataset", "budget", "metric"])["value"].mean().reset_index()
+    means["column"] = means["dataset"] + " " + means["budget"] + " " + means["metric"]
+
+    def ranking(part: pd.DataFrame) -> pd.Series:
+        """Mean rank (1 = best) of each method with every column of ``part``."""
+        wide = part.pivot_table(index="method", columns="column", values="value", aggfunc="first").dropna()
+        if wide.empty:
+            return pd.Series(dtype=float)
+        return pd.Series(stats.average_ranks(wide.to_numpy().T), index=wide.index)
+
+    backbone = means[means["rep"] == "backbone"]
+    headline = ranking(backbone[backbone["metric"].map(is_headline)])
+    settings: dict[str, pd.Series] = {}
+    for metric in sorted(m for m in backbone["metric"].unique() if GRID in m and m.endswith("/top1")):
+        settings[f"{metric.split(GRID)[0]} {metric.split(GRID)[1].rsplit('/', 1)[0]}"] = \
+            ranking(backbone[backbone["metric"] == metric])
+    for protocol, metric in (("knn", "knn/top1"), ("lbfgs", "lbfgs/top1"), ("sgd", "sgd/top1@best_val"),
+                             ("clustering", "clustering/acc")):
+        if (backbone["metric"] == metric).any():
+            settings[f"{protocol} (suite setting)"] = ranking(backbone[backbone["metric"] == metric])
+    heads = means[(means["rep"] == "head") & means["metric"].map(is_headline)]
+    if not heads.empty:
+        swapped = pd.concat([backbone[backbone["metric"].map(is_headline) & ~backbone["method"].isin(heads["method"])],
+                             heads])
+        settings["head features where a method has them"] = ranking(swapped)
+    rows = []
+    top = headline.idxmin() if len(headline) else None
+    for name, ranks in settings.items():
+        common = sorted(set(ranks.index) & set(headline.index))
+        if len(common) < 2:
+            continue
+        best = ranks.loc[common].idxmin()
+        rows.append({"setting": name, "methods": len(common),
+                     "kendall_tau": stats.kendall_tau(headline.loc[common], ranks.loc[common]),
+                     "top": best, "top_changes": best != top})
+    return pd.DataFrame(rows, columns=["setting", "methods", "kendall_tau", "top", "top_changes"])
 
 
 def protocol_notes(records: list[dict[str, Any]]) -> list[str]:
@@ -123,7 +443,8 @@ def select_metrics(records: list[dict[str, Any]], keep) -> list[dict[str, Any]]:
 
 
 def write_leaderboards(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "",
-                       tables: dict[str, list[str]] | None = None) -> pd.DataFrame:
+                       tables: dict[str, list[str]] | None = None,
+                       options: StatsOptions = StatsOptions()) -> pd.DataFrame:
     """The main table ``<suite>.*`` plus one ``<suite>-<name>.*`` per entry of ``tables``.
 
     ``tables`` maps a table name to metric prefixes (``{"transfer": ["coarse_to_fine/"]}``); those
@@ -134,32 +455,57 @@ def write_leaderboards(records: list[dict[str, Any]], suite: str, out_dir: Path,
     claimed = tuple(p for prefixes in tables.values() for p in prefixes)
     for name, prefixes in tables.items():
         write_leaderboard(select_metrics(records, lambda k, p=tuple(prefixes): k.startswith(p)), f"{suite}-{name}",
-                          out_dir, f"{title or suite}: {name}")
+                          out_dir, f"{title or suite}: {name}", options)
     main = select_metrics(records, lambda k: not k.startswith(claimed)) if claimed else records
-    return write_leaderboard(main, suite, out_dir, title)
+    return write_leaderboard(main, suite, out_dir, title, options)
 
 
-def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "") -> pd.DataFrame:
-    """Write ``<suite>.md/.csv/.tex/.html`` into ``out_dir``; return the display table."""
-    display, stats = leaderboard_table(records)
+def significance_text(board: Leaderboard, options: StatsOptions) -> str:
+    """The sentence that says how cells are compared, naming the tests the table used and alpha."""
+    tests = " and ".join(sorted(board.tests)) or "none (no column has 2 seeds in common between rows)"
+    return (f"Significance: each column's best mean against every other row, paired by seed, two-sided "
+            f"(paired t-test below {stats.WILCOXON_MIN_PAIRS} seeds, Wilcoxon signed-rank from "
+            f"{stats.WILCOXON_MIN_PAIRS}; used here: {tests}), Holm-corrected within the column, "
+            f"alpha = {options.alpha:g}. **Bold**: significantly better than every other row. _Italics_: the best "
+            f"mean and the rows not significantly worse than it (tied).")
+
+
+def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "",
+                      options: StatsOptions = StatsOptions()) -> pd.DataFrame:
+    """Write ``<suite>.md/.csv/.tex/.html`` into ``out_dir``, and ``<suite>-cd.png/.svg`` when the table
+    allows Friedman's test; return the display table."""
+    board = leaderboard_table(records, options)
+    display = board.display
     display.index.name = "method"
     n_ok = sum(r["status"] == "ok" for r in records)
     budgets = sorted({json.dumps(r["spec"]["budget"]) for r in records})
     hashes = sorted({f"{r['spec']['dataset']}: {r['split_sha256'][:12]}" for r in records})
+    counts = sorted(board.stats["n"].unique())
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} (the csv's n column)"
+    confidence = f"{100 * (1 - options.alpha):g}%"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cd_stem = out_dir / f"{suite}-cd"
+    if board.ranks is not None:
+        write_cd_diagram(board.ranks, cd_stem, title or suite)
+        ranks_text = f"{board.ranks.summary()} Diagram: `{cd_stem.name}.png` (`.svg`)."
+    else:
+        ranks_text = board.ranks_note
     header = [f"# Leaderboard: {title or suite}", "",
-              f"{len(records)} stored runs ({n_ok} ok). Mean ± std over seeds in percent, number of seeds in "
-              f"parentheses, best mean per column in bold, rank = mean rank over columns. Every number is an offline "
-              f"evaluation of the final checkpoint (no online probes, no best-epoch selection). Rows with [head] "
-              f"evaluate that head's features or assignments instead of the backbone's pooled output.", "",
+              f"{len(records)} stored runs ({n_ok} ok). Cells: mean over seeds in percent with its {confidence} "
+              f"confidence interval in brackets ({options.ci_name}); seeds per cell: {seeds}; \"(n<3)\": fewer than "
+              f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. Every number is an offline evaluation of the "
+              f"final checkpoint (no online probes, no best-epoch selection). Rows with [head] evaluate that head's "
+              f"features or assignments instead of the backbone's pooled output.", "",
+              significance_text(board, options), "", ranks_text, "",
               f"Budget: {', '.join(budgets)}. Split manifests (sha256): {'; '.join(hashes)}.", "",
               "Protocols and parameters:", *protocol_notes(records), "",
               "`train s` is wall-clock training time per run; `peak MB` is GPU max allocated on CUDA, "
               "peak resident memory of the process on CPU.", ""]
-    out_dir.mkdir(parents=True, exist_ok=True)
     md = "\n".join(header) + to_markdown(display) + "\n"
     _write_text(out_dir / f"{suite}.md", md)
-    _write_text(out_dir / f"{suite}.csv", stats.drop(columns=["column"]).to_csv(index=False))
-    plain = display.map(lambda s: s.replace("**", "") if isinstance(s, str) else s)
+    csv = board.stats.drop(columns=["column", "rep"])
+    _write_text(out_dir / f"{suite}.csv", csv.to_csv(index=False))
+    plain = display.map(lambda s: s.replace("**", "").strip("_") if isinstance(s, str) else s)
     _write_text(out_dir / f"{suite}.tex", plain.to_latex(escape=True))
     body = plain.to_html(escape=True, classes="leaderboard")
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(suite)}</title>"
@@ -169,7 +515,11 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
     return display
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_bytes(path, text.encode())
