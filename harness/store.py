@@ -2,7 +2,7 @@
 
 A run id must name the same run on every machine, so it hashes a canonical form of the spec
 (:func:`canonical_spec`): keys sorted, floats rounded to :data:`SIGNIFICANT_DIGITS` significant
-digits. Floats computed at run time (``np.logspace(-6, 0, 7)`` gives ``9.999999999999999e-06`` on
+digits, magnitudes below :data:`ZERO_BELOW` zero. Floats computed at run time (``np.logspace(-6, 0, 7)`` gives ``9.999999999999999e-06`` on
 one CPU and ``1e-05`` on another) then hash alike, and nothing about the environment enters it.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 
 #: Floats in a spec are compared at this many significant digits (a float64 holds 15-17).
 SIGNIFICANT_DIGITS = 12
+#: Magnitudes below this are zero in a spec (one ulp away from 0.0 is a subnormal, 5e-324).
+ZERO_BELOW = 1e-200
 #: Temporary files of atomic writes are named ``.<target>~<host>~<pid>.tmp``.
 TMP_SEPARATOR = "~"
 
@@ -34,7 +36,9 @@ def canonical_spec(value: Any) -> Any:
         return int(value)
     if isinstance(value, (float, np.floating)):
         value = float(value)
-        return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        return 0.0 if abs(value) < ZERO_BELOW else float(f"{value:.{SIGNIFICANT_DIGITS}g}")
     if isinstance(value, dict):
         return {str(k): canonical_spec(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):

@@ -1,0 +1,185 @@
+"""The result store: portable run ids, the run lock under real races, atomic writes, unreadable records."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.store import ResultStore, RunLock, canonical_spec, remove_stale_temp_files, run_id, write_json_atomic
+from harness.suite import load_suite, shipped_suites
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _floats(value, path=()):
+    """Every float in a nested spec with its path."""
+    if isinstance(value, float):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _floats(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _floats(v, path + (i,))
+
+
+def _replace(spec, path, new):
+    out = json.loads(json.dumps(spec))
+    target = out
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return out
+
+
+def test_ids_ignore_float_noise_and_key_order_but_not_values():
+    """The machine that wrote the committed records computed 9.999999999999999e-06 where another CPU gets 1e-05
+    (np.logspace); both must name the same run. A real change of a value must still change the id."""
+    a = {"lbfgs": {"l2": [9.999999999999999e-06, 0.1]}, "seed": 0, "lr": 0.06}
+    b = {"seed": 0, "lr": 0.06, "lbfgs": {"l2": [1e-05, 0.1]}}
+    assert run_id(a) == run_id(b)
+    assert run_id({**b, "lr": 0.061}) != run_id(b)
+    assert run_id({**b, "seed": 1}) != run_id(b)
+    # numpy scalars and tuples hash as the plain values they stand for
+    assert run_id({"x": np.float64(0.5), "n": np.int64(3), "t": (1, 2)}) == run_id({"x": 0.5, "n": 3, "t": [1, 2]})
+    assert canonical_spec({"x": math.inf}) == {"x": "inf"}
+
+
+@pytest.mark.parametrize("suite_name", sorted(shipped_suites()))
+def test_one_ulp_on_any_float_of_a_shipped_spec_keeps_its_id(suite_name):
+    """Perturb every float of the first planned spec of each shipped suite by one ulp, up and down."""
+    from harness.runner import plan
+
+    spec = json.loads(json.dumps(plan(load_suite(suite_name))[0].spec, default=str))
+    rid = run_id(spec)
+    floats = list(_floats(spec))
+    for path, value in floats:
+        for direction in (math.inf, -math.inf):
+            assert run_id(_replace(spec, path, math.nextafter(value, direction))) == rid, (path, value)
+
+
+def test_committed_records_of_every_shipped_suite_are_found_by_plan():
+    """A fresh clone on any machine finds every committed record: each record's file name is the id that `plan`
+    gives its run now, and every run `plan` gives has a record (so `harness run` trains nothing)."""
+    from harness.runner import plan
+
+    suites = shipped_suites()
+    committed = [d for d in (REPO / "results").iterdir() if d.is_dir() and d.name in suites and any(d.glob("*.json"))]
+    assert committed, "no committed records found"
+    for directory in committed:
+        planned = {job.run_id for job in plan(load_suite(directory.name))}
+        stored = {p.stem for p in directory.glob("*.json")}
+        assert stored == planned, (directory.name, sorted(stored - planned)[:3], sorted(planned - stored)[:3])
+        for path in directory.glob("*.json"):
+            record = json.loads(path.read_text())
+            assert record["run_id"] == path.stem == run_id(record["spec"])
+
+
+def test_migrate_renames_records_and_checkpoints_to_current_ids(tmp_path):
+    store = ResultStore(tmp_path, "s")
+    spec = {"seed": 0, "l2": 9.999999999999999e-06}
+    store.write({"run_id": "0123456789abcdef", "spec": spec, "metrics": {}})
+    store.checkpoint_path("0123456789abcdef").parent.mkdir(parents=True)
+    store.checkpoint_path("0123456789abcdef").write_bytes(b"weights")
+    assert store.migrate_run_ids() == [("0123456789abcdef", run_id(spec))]
+    assert sorted(p.name for p in store.dir.glob("*.json")) == [f"{run_id(spec)}.json"]
+    assert store.load(run_id(spec))["run_id"] == run_id(spec)
+    assert store.checkpoint_path(run_id(spec)).read_bytes() == b"weights"
+    assert store.migrate_run_ids() == []
+
+
+def test_unreadable_and_foreign_json_are_skipped_with_a_line_naming_them(tmp_path):
+    store = ResultStore(tmp_path, "s")
+    store.write({"run_id": "a", "spec": {"seed": 0}})
+    (store.dir / "broken.json").write_text('{"run_id": ')
+    (store.dir / "foreign.json").write_text('{"name": "package.json"}')
+    (store.dir / "binary.json").write_bytes(b"\xff\xfe\x00")
+    warnings = []
+    assert [r["run_id"] for r in store.records(warn=warnings.append)] == ["a"]
+    assert len(warnings) == 3 and all(w.startswith("warning: skipped ") for w in warnings)
+    assert {Path(w.split()[2].rstrip(":")).name for w in warnings} == {"broken.json", "foreign.json", "binary.json"}
+
+
+def test_a_failed_write_leaves_no_temp_file_and_the_old_record(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"v": 1})
+    with pytest.raises(TypeError):  # json.dump fails after writing "{" (a tuple key), as a full disk would
+        write_json_atomic(path, {("tuple", "key"): 1})
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".abc.json~{host}~{int(dead.stdout)}.tmp"
+    live = tmp_path / f".def.json~{host}~{os.getpid()}.tmp"
+    other_host = tmp_path / f".ghi.json~not-{host}~{int(dead.stdout)}.tmp"
+    for p in (stale, live, other_host):
+        p.write_text("")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name])
+
+
+# ---------------------------------------------------------------- the lock under a race of two processes
+def _contender(lock_dir: str, trials: int, barrier, results) -> None:
+    held = []
+    for trial in range(trials):
+        barrier.wait()  # the parent has set up the trial (maybe with a stale lock)
+        lock = RunLock(Path(lock_dir) / f"{trial}.lock")
+        got = lock.acquire()
+        held.append(got)
+        barrier.wait()  # both have tried while the holder still holds
+        lock.release()
+    results.put((os.getpid(), held))
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+@pytest.mark.parametrize("stale", ["none", "stale", "stale-old-format"])
+def test_two_processes_racing_for_a_lock_exactly_one_holds_it(tmp_path, stale):
+    """300 trials of two processes released by a barrier at once. The old lock created an empty file and wrote
+    its owner afterwards; the second process read the empty file, judged it stale and took it: both held it
+    in 293 of 300 trials (21 of 300 with a stale lock present)."""
+    trials = 300
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_contender, args=(str(tmp_path), trials, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    dead = _dead_pid()
+    host = socket.gethostname()
+    for trial in range(trials):
+        if stale == "stale":
+            (tmp_path / f"{trial}.lock").write_text(f"{host} {dead} 12345 deadbeefdeadbeef")
+        elif stale == "stale-old-format":
+            (tmp_path / f"{trial}.lock").write_text(f"{host} {dead}")
+        barrier.wait()
+        barrier.wait()
+    held = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    a, b = held.values()
+    assert [x + y for x, y in zip(a, b)] == [1] * trials
+
+
+def test_a_lock_of_a_live_process_or_another_host_is_never_broken(tmp_path):
+    mine = RunLock(tmp_path / "x.lock")
+    assert mine.acquire()
+    assert not RunLock(tmp_path / "x.lock").acquire()
+    (tmp_path / "y.lock").write_text(f"other-host-{socket.gethostname()} {_dead_pid()} 1 ab")
+    assert not RunLock(tmp_path / "y.lock").acquire()
+    mine.release()
+    assert not (tmp_path / "x.lock").exists()
+    assert RunLock(tmp_path / "x.lock").acquire()
