@@ -157,6 +157,11 @@ def cluster_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     return out
 
 
+KMEANS_INITS = ("k-means++", "random")
+KMEANS_BACKENDS = ("torch", "faiss")
+CHUNK_ELEMENTS = 2**24  # distance-matrix entries per row chunk (64 MB of float32)
+
+
 def _faiss():
     try:
         import faiss
@@ -165,70 +170,174 @@ def _faiss():
     return faiss
 
 
-def _kmeans_faiss(faiss, x: np.ndarray, k: int, seed: int, n_init: int, niter: int,
-                  spherical: bool, gpu: bool) -> np.ndarray:
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=n_init, seed=seed, spherical=spherical,
-                      gpu=gpu, verbose=False, min_points_per_centroid=1,
-                      max_points_per_centroid=len(x))  # no subsampling: all points, exactly
+def _kmeans_faiss(faiss, x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int, gpu: bool) -> np.ndarray:
+    km = faiss.Kmeans(x.shape[1], k, niter=max_iter, nredo=n_init, seed=seed, gpu=gpu, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=len(x))  # no subsampling: all points
     km.train(x)
     return km.index.search(x, 1)[1].ravel()
 
 
-def _nearest_centroid(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192):
-    """Index of and squared distance to the nearest centroid, in row chunks."""
-    labels, dists = [], []
-    half_sq = c.pow(2).sum(1) / 2
-    for xs in x.split(chunk):
-        score, idx = (xs @ c.T - half_sq).max(dim=1)
-        labels.append(idx)
-        dists.append(xs.pow(2).sum(1) - 2 * score)
-    return torch.cat(labels), torch.cat(dists)
+def _row_chunks(n: int, rows: int):
+    return (slice(start, min(start + rows, n)) for start in range(0, n, rows))
 
 
-def _kmeans_torch(x: np.ndarray, k: int, seed: int, n_init: int, niter: int,
-                  spherical: bool, device: str) -> np.ndarray:
-    """Lloyd's algorithm with FAISS's conventions: init from k distinct random points, an
-    empty cluster keeps its centroid, best of ``n_init`` runs by inertia."""
+def _sq_distances(xs: torch.Tensor, xs_sq: torch.Tensor, centres: torch.Tensor, centres_sq: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (rows, m) as ``|x|^2 - 2 x.c + |c|^2``, clamped at 0 (one GEMM)."""
+    return torch.addmm(centres_sq, xs, centres.T, alpha=-2).add_(xs_sq[:, None]).clamp_min_(0)
+
+
+def _nearest_centre(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor,
+                    chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's nearest centre and squared distance to it, ``chunk_rows`` rows at a time."""
+    centres_sq = centres.pow(2).sum(1)
+    labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
+    dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for rows in _row_chunks(len(x), chunk_rows):
+        dists[rows], labels[rows] = _sq_distances(x[rows], x_sq[rows], centres, centres_sq).min(dim=1)
+    return labels, dists
+
+
+def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator,
+                     chunk_rows: int) -> torch.Tensor:
+    """Greedy k-means++ seeding, as scikit-learn's ``_kmeans_plusplus`` (Arthur & Vassilvitskii
+    2007): the first centre uniformly, then at each step ``2 + int(log k)`` candidates drawn
+    with probability proportional to the squared distance to the nearest chosen centre, keeping
+    the candidate that lowers the total squared distance most. Returns the chosen row indices."""
+    n, trials = len(x), 2 + int(math.log(k))
+    chosen = torch.empty(k, dtype=torch.int64, device=x.device)
+    chosen[0] = torch.randint(n, (1,), generator=gen).item()
+
+    def distances_to(rows: torch.Tensor) -> torch.Tensor:  # (n, len(rows)) float64
+        c = x[rows]
+        c_sq = c.pow(2).sum(1)
+        return torch.cat([_sq_distances(x[s], x_sq[s], c, c_sq) for s in _row_chunks(n, chunk_rows)]).double()
+
+    closest = distances_to(chosen[:1])[:, 0]
+    potential = closest.sum()
+    for step in range(1, k):
+        draws = torch.rand(trials, generator=gen, dtype=torch.float64).to(x.device) * potential
+        candidates = torch.searchsorted(closest.cumsum(0), draws).clamp_max_(n - 1)
+        closest_if = torch.minimum(closest[:, None], distances_to(candidates))
+        potentials = closest_if.sum(0)
+        best = potentials.argmin()
+        closest, potential, chosen[step] = closest_if[:, best], potentials[best], candidates[best]
+    return chosen
+
+
+def _update_centres(x: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor, centres: torch.Tensor,
+                    chunk_rows: int) -> torch.Tensor:
+    """Lloyd's update: each centre becomes the mean of its points (sums in float64, by chunks).
+
+    An empty cluster is re-seeded as scikit-learn's ``_relocate_empty_clusters_dense`` does: the
+    points farthest from their centre (``dists``, to the centres that assigned ``labels``) become
+    the empty clusters' new centres, largest distance to the lowest empty index, and leave their
+    old cluster's mean. When every point sits on its centre there is nothing to move, and a
+    cluster left without points keeps its previous centre.
+    """
+    k = len(centres)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    for rows in _row_chunks(len(x), chunk_rows):
+        sums.index_add_(0, labels[rows], x[rows].double())
+    counts = torch.bincount(labels, minlength=k)
+    empty = torch.nonzero(counts == 0).squeeze(1)
+    if len(empty) and dists.max() > 0:
+        far = dists.topk(len(empty)).indices
+        moved = x[far].double()
+        sums.index_add_(0, labels[far], -moved)
+        counts.index_add_(0, labels[far], torch.full_like(far, -1))
+        sums[empty], counts[empty] = moved, 1
+    means = (sums / counts.clamp_min(1)[:, None]).to(x.dtype)
+    return torch.where(counts[:, None] > 0, means, centres)
+
+
+def _inertia(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, chunk_rows: int) -> float:
+    """Sum of squared distances of the points to their centres, exact differences, float64."""
+    return float(sum((x[s] - centres[labels[s]]).double().pow(2).sum() for s in _row_chunks(len(x), chunk_rows)))
+
+
+def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float,
+           chunk_rows: int) -> tuple[torch.Tensor, float]:
+    """Lloyd's iterations with scikit-learn's stopping rule (``_kmeans_single_lloyd``): stop when
+    the labels repeat (strict convergence) or the squared centre shift summed over centres is at
+    most ``tol``; otherwise reassign once to the final centres. Returns labels and inertia."""
+    previous, converged = None, False
+    for _ in range(max_iter):
+        labels, dists = _nearest_centre(x, x_sq, centres, chunk_rows)
+        updated = _update_centres(x, labels, dists, centres, chunk_rows)
+        shift = float((updated - centres).double().pow(2).sum())
+        centres = updated
+        if previous is not None and torch.equal(labels, previous):
+            converged = True
+            break
+        if shift <= tol:
+            break
+        previous = labels
+    if not converged:
+        labels, _ = _nearest_centre(x, x_sq, centres, chunk_rows)
+    return labels, _inertia(x, labels, centres, chunk_rows)
+
+
+def _kmeans_torch(x: np.ndarray, k: int, seed: int, init: str, n_init: int, max_iter: int, tol: float,
+                  device: str, chunk_rows: int) -> np.ndarray:
     x = torch.from_numpy(x).to(device)
-    gen = torch.Generator().manual_seed(seed)
+    x = x - x.sum(0, dtype=torch.float64).div(len(x)).to(x.dtype)  # centred, as sklearn: exact expansions
+    x_sq = x.pow(2).sum(1)
+    tol = tol * float(x_sq.double().sum()) / x.numel()  # sklearn's _tolerance: tol x mean feature variance
     best_inertia, best_labels = math.inf, None
-    for _ in range(n_init):
-        c = x[torch.randperm(len(x), generator=gen)[:k].to(device)].clone()
-        for _ in range(niter):
-            labels, _ = _nearest_centroid(x, c)
-            counts = torch.bincount(labels, minlength=k)
-            sums = torch.zeros_like(c).index_add_(0, labels, x)
-            filled = counts > 0
-            c[filled] = sums[filled] / counts[filled, None]
-            if spherical:
-                c = torch.nn.functional.normalize(c, dim=1)
-        labels, dists = _nearest_centroid(x, c)
-        if dists.sum().item() < best_inertia:
-            best_inertia, best_labels = dists.sum().item(), labels
+    for restart in range(n_init):
+        gen = torch.Generator().manual_seed(seed * n_init + restart)
+        if init == "k-means++":
+            rows = _kmeans_plusplus(x, x_sq, k, gen, chunk_rows)
+        else:
+            rows = torch.randperm(len(x), generator=gen)[:k].to(device)
+        labels, inertia = _lloyd(x, x_sq, x[rows].clone(), max_iter, tol, chunk_rows)
+        if inertia < best_inertia:
+            best_inertia, best_labels = inertia, labels
     return best_labels.cpu().numpy()
 
 
-def kmeans(features: ArrayLike, k: int, seed: int, *, n_init: int = 1, niter: int = 25,
-           spherical: bool = False, backend: str = "auto", device: str = "cpu") -> np.ndarray:
-    """k-means labels (n,) of ``features`` (n, D): Lloyd's algorithm (Lloyd 1982) with FAISS
-    (``faiss.Kmeans``, Johnson et al. 2017; the GPU version on a CUDA ``device``), best of
-    ``n_init`` seeded runs of ``niter`` iterations, on all points (FAISS's subsampling is
-    off). ``spherical`` L2-normalises the centroids after each update. ``backend`` is
-    ``"faiss"``, ``"torch"`` (a plain Lloyd's on ``device``) or ``"auto"`` (FAISS if installed).
+def kmeans(features: ArrayLike, k: int, seed: int, *, init: str = "k-means++", n_init: int = 10,
+           max_iter: int = 300, tol: float = 1e-4, backend: str = "torch", device: str = "cpu",
+           chunk_rows: int | None = None) -> np.ndarray:
+    """k-means labels (n,) of ``features`` (n, D), the lowest-inertia of ``n_init`` restarts.
+
+    The defaults are scikit-learn's ``KMeans(init="k-means++", n_init=10, max_iter=300,
+    tol=1e-4)`` as CD's official evaluation calls it (``Hoper-J/Contrastive-Disentangling``,
+    ``utils/metrics.py``): greedy k-means++ seeding with ``2 + int(log k)`` local trials (or
+    ``init="random"``: k distinct random points), Lloyd's iterations until the labels repeat or
+    the summed squared centre shift is at most ``tol`` times the mean feature variance, empty
+    clusters re-seeded from the points farthest from their centres.
+
+    ``backend="torch"`` runs in torch on ``device`` (a GPU when given one), distances in float32
+    GEMMs of ``chunk_rows`` rows (default: ``2**24 / k`` rows, 64 MB per chunk, so 1.28M x 128
+    features with k=1000 fit), sums and inertia in float64. Restart ``i`` draws its random
+    numbers from a CPU generator seeded with ``seed * n_init + i``: ``kmeans(seed=s,
+    n_init=m)`` is the best of ``kmeans(seed=s*m + i, n_init=1)`` for ``i < m``, and different
+    seeds never share a restart. ``backend="faiss"`` runs ``faiss.Kmeans`` (Johnson et al.
+    2017; on the GPU for a CUDA ``device``) on all points: random seeding only, exactly
+    ``max_iter`` iterations (``tol`` unused), FAISS's own empty-cluster rule.
     """
     x = check_features(features, "features")
     check_count(k, len(x), "k", "the number of samples")
+    check_choice(init, "init", KMEANS_INITS)
     check_positive_int(n_init, "n_init")
-    check_positive_int(niter, "niter")
-    check_choice(backend, "backend", ("auto", "faiss", "torch"))
-    faiss = _faiss() if backend != "torch" else None
-    if backend == "faiss" and faiss is None:
-        raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    check_positive_int(max_iter, "max_iter")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    check_choice(backend, "backend", KMEANS_BACKENDS)
     x = np.ascontiguousarray(x)
+    if backend == "torch":
+        if chunk_rows is None:
+            chunk_rows = max(1, CHUNK_ELEMENTS // k)
+        check_positive_int(chunk_rows, "chunk_rows")
+        return _kmeans_torch(x, k, seed, init, n_init, max_iter, tol, device, chunk_rows)
+    faiss = _faiss()
     if faiss is None:
-        return _kmeans_torch(x, k, seed, n_init, niter, spherical, device)
+        raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    if init != "random":
+        raise ValueError(f"backend='faiss' seeds at random only; got init={init!r} (use init='random' or backend='torch')")
     gpu = device.startswith("cuda") and faiss.get_num_gpus() > 0
-    return _kmeans_faiss(faiss, x, k, seed, n_init, niter, spherical, gpu)
+    return _kmeans_faiss(faiss, x, k, seed, n_init, max_iter, gpu)
 
 
 def _head_assignments(ctx: EvalContext, rep: str) -> np.ndarray | None:
@@ -239,16 +348,20 @@ def _head_assignments(ctx: EvalContext, rep: str) -> np.ndarray | None:
         return None
 
 
-@register_protocol("clustering", defaults={"split": "all", "k": None, "coarse": False,
-                                           "n_init": 1, "niter": 25},
+@register_protocol("clustering", defaults={"split": "all", "k": None, "coarse": False, "init": "k-means++",
+                                           "n_init": 10, "max_iter": 300, "tol": 1e-4},
                    inputs=("features", "assignments"))
-def clustering_protocol(ctx: EvalContext, rep: str, *, split: str, k, coarse: bool,
-                        n_init: int, niter: int) -> dict[str, float]:
+def clustering_protocol(ctx: EvalContext, rep: str, *, split: str, k, coarse: bool, init: str,
+                        n_init: int, max_iter: int, tol: float) -> dict[str, float]:
     """Clustering ACC/NMI/AMI/ARI of k-means on features, or of a cluster head's assignments.
 
     ``k``: None (the number of fine classes), an int, or a list of ints (keys ``acc@k20``).
     A cluster head's assignments are scored as they are (``k`` unused). With ``coarse``
     the same clusters are also scored against the coarse labels (keys ``coarse_acc``).
+    k-means (:func:`kmeans`, on ``ctx.device``) defaults to CD's official evaluation:
+    scikit-learn's k-means++ seeding, 10 restarts keeping the lowest inertia, 300 iterations,
+    tol 1e-4; ``init: random`` seeds from random points instead. Its seed is the run's seed
+    (CD fixes 42), so the k-means draws differ across a suite's seeds like everything else.
     """
     idx = ctx.split(split)
     targets = {"": ctx.labels("fine")[idx]}
@@ -261,8 +374,8 @@ def clustering_protocol(ctx: EvalContext, rep: str, *, split: str, k, coarse: bo
         x = ctx.features(rep)[idx]
         sweep = isinstance(k, (list, tuple))
         ks = list(k) if sweep else [ctx.num_classes("fine") if k is None else k]
-        predictions = {f"@k{kk}" if sweep else "": kmeans(x, kk, ctx.seed, n_init=n_init, niter=niter,
-                                                          device=ctx.device) for kk in ks}
+        predictions = {f"@k{kk}" if sweep else "": kmeans(x, kk, ctx.seed, init=init, n_init=n_init, max_iter=max_iter,
+                                                          tol=tol, device=ctx.device) for kk in ks}
     return {f"{prefix}{name}{suffix}": value
             for suffix, y_pred in predictions.items()
             for prefix, y_true in targets.items()

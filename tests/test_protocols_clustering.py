@@ -1,12 +1,18 @@
 import re
+
 import numpy as np
 import pytest
+import torch
 from sklearn import metrics
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+from threadpoolctl import threadpool_limits
 
 import protocols  # noqa: F401  (registers the wrappers)
 from protocol_context import BlobContext
-from protocols.clustering import (cluster_metrics, clustering_protocol, contingency_table,
-                                  hungarian_accuracy, kmeans, majority_vote_accuracy)
+from protocols import PROTOCOLS
+from protocols.clustering import (_faiss, _kmeans_plusplus, _update_centres, cluster_metrics, clustering_protocol,
+                                  contingency_table, hungarian_accuracy, kmeans, majority_vote_accuracy)
 
 # classes 0, 1, 2 against clusters 0, 1, 2:
 #            c0 c1 c2
@@ -101,41 +107,169 @@ def test_bad_labels_raise(y_true, y_pred, message):
         cluster_metrics(y_true, y_pred)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """One thread for torch and scikit-learn's OpenMP: on shared cores, spinning threads make
+    these small k-means runs ten times slower."""
+    with threadpool_limits(1):
+        yield
+
+
 def _blobs(n_per=20, k=5, dim=4, seed=0):
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(k), n_per)
     return (rng.normal(size=(k, dim))[y] * 6 + rng.normal(size=(len(y), dim))).astype(np.float32), y
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_kmeans_recovers_blobs_and_is_seeded(backend):
+@pytest.mark.parametrize("backend,init", [("faiss", "random"), ("torch", "random"), ("torch", "k-means++")])
+def test_kmeans_recovers_blobs_and_is_seeded(backend, init):
     if backend == "faiss":
         pytest.importorskip("faiss")
     x, y = _blobs()
-    labels = kmeans(x, 5, seed=0, n_init=10, niter=10, backend=backend)
+    labels = kmeans(x, 5, seed=0, init=init, n_init=10, max_iter=10, backend=backend)
     assert cluster_metrics(y, labels)["acc"] == 1.0
-    assert np.array_equal(labels, kmeans(x, 5, seed=0, n_init=10, niter=10, backend=backend))
+    assert np.array_equal(labels, kmeans(x, 5, seed=0, init=init, n_init=10, max_iter=10, backend=backend))
+
+
+def _partition_sse(x: np.ndarray, labels: np.ndarray) -> float:
+    """Sum of squared distances to the cluster means of ``labels`` (float64), computed here in
+    NumPy: the inertia of a partition, whichever implementation produced it."""
+    x = x.astype(np.float64)
+    return float(sum(((x[labels == c] - x[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels)))
+
+
+def _ten_blobs(seed: int = 0):
+    """10 Gaussian blobs in 8-D (600 points): well separated, yet a single random-start
+    k-means of 25 iterations merges some of them (ACC 0.56-0.90 over seeds 0-4)."""
+    x, y = make_blobs(n_samples=600, centers=10, n_features=8, cluster_std=1.0, random_state=seed)
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("k", [10, 30])
+def test_kmeans_inertia_matches_sklearn_on_random_data(k):
+    """Gaussian noise has many local optima, so single results differ run to run; averaged over
+    three seeds, ours must be as low as scikit-learn's ``KMeans(n_init=10)`` within 0.3%.
+    Catches a broken update or stopping rule (e.g. 25 iterations instead of convergence:
+    +0.5% at k=30) and seeding that ignores the squared distances."""
+    x = np.random.default_rng(1).normal(size=(1000, 8)).astype(np.float32)
+    ours = np.mean([_partition_sse(x, kmeans(x, k, seed=s)) for s in range(3)])
+    theirs = np.mean([KMeans(k, n_init=10, random_state=s).fit(x).inertia_ for s in range(3)])
+    assert ours <= theirs * 1.003
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_equals_sklearn_partition_on_separated_blobs(seed):
+    """Same partition as CD's evaluation call (``KMeans(n_init=10, random_state=42)``) up to
+    relabelling, and the true one, where the old default (one random start, 25 iterations)
+    scored ACC 0.56-0.90. Catches losing k-means++ or the restarts."""
+    x, y = _ten_blobs(seed)
+    labels = kmeans(x, 10, seed=seed)
+    reference = KMeans(10, n_init=10, random_state=42).fit(x).labels_
+    assert metrics.adjusted_rand_score(reference, labels) == 1.0
+    assert cluster_metrics(y, labels)["acc"] == 1.0
+
+
+@pytest.mark.parametrize("init,k", [("random", 10), ("k-means++", 12)])
+def test_n_init_keeps_the_lowest_inertia_restart(init, k):
+    """``kmeans(seed=s, n_init=m)`` must return the best of its restarts, which are documented as
+    ``kmeans(seed=s*m + i, n_init=1)``: on 10 blobs the single restarts end in different local
+    optima (inertia 7,463-25,923 from random starts; 4,620-4,691 from k-means++ with 12
+    clusters), the best is neither the first nor the last, and the chosen partition's inertia
+    (computed here) must be their minimum. Catches keeping the first or last restart, or the
+    highest inertia."""
+    x, _ = _ten_blobs(2)
+    seed, n_init = 0, 10
+    singles = [_partition_sse(x, kmeans(x, k, seed=seed * n_init + i, init=init, n_init=1)) for i in range(n_init)]
+    assert max(singles) > min(singles) * 1.01 and 0 < np.argmin(singles) < n_init - 1
+    best = _partition_sse(x, kmeans(x, k, seed=seed, init=init, n_init=n_init))
+    assert best == pytest.approx(min(singles), rel=1e-9)
+
+
+def test_kmeans_plusplus_seeds_one_distinct_point_per_separated_blob():
+    """Sampling proportional to the squared distance to the chosen centres puts one seed in each
+    of 10 far-apart tight blobs (uniform seeding would do so with probability 10!/10^10 = 4e-4).
+    Catches uniform sampling, a wrong cumulative sum and repeated picks."""
+    x, y = make_blobs(n_samples=300, centers=10, n_features=5, cluster_std=0.1, center_box=(-50, 50),
+                      random_state=0)
+    x = torch.from_numpy(x.astype(np.float32))
+    for seed in range(5):
+        rows = _kmeans_plusplus(x, x.pow(2).sum(1), 10, torch.Generator().manual_seed(seed), chunk_rows=64)
+        assert len(set(rows.tolist())) == 10 and 0 <= rows.min() and rows.max() < len(x)
+        assert sorted(y[rows.numpy()]) == list(range(10))
+
+
+def test_empty_cluster_takes_the_farthest_point():
+    """Hand-worked: points 0, 1, 2, 10 all in cluster 0 (centre 1), cluster 1 empty. As in
+    scikit-learn's ``_relocate_empty_clusters_dense``, the point farthest from its centre (10)
+    becomes cluster 1's centre and leaves cluster 0, whose mean becomes 1; cluster 2, also
+    empty, takes the next farthest point (0 or 2, distance 1), leaving cluster 0 at 1.5 or 0.5."""
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    labels = torch.zeros(4, dtype=torch.int64)
+    dists = (x[:, 0] - 1) ** 2
+    two = _update_centres(x, labels, dists, torch.tensor([[1.0], [50.0]]), chunk_rows=3)
+    assert two.tolist() == [[1.0], [10.0]]
+    three = _update_centres(x, labels, dists, torch.tensor([[1.0], [50.0], [60.0]]), chunk_rows=3)
+    assert three[1].item() == 10.0 and (three[0].item(), three[2].item()) in [(1.5, 0.0), (0.5, 2.0)]
+
+
+def test_duplicate_seeds_leave_no_cluster_empty():
+    """5 locations with 20 identical copies each: a random start almost always (96%) picks two
+    copies of one location, and the tie leaves a centre with no points. Relocating it to the
+    farthest point must still recover all 5 locations; a centre that stays empty does not."""
+    locations = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32) * 10
+    y = np.repeat(np.arange(5), 20)
+    for seed in range(5):
+        labels = kmeans(locations[y], 5, seed=seed, init="random", n_init=1)
+        assert cluster_metrics(y, labels)["acc"] == 1.0
+
+
+def test_chunked_distances_equal_one_chunk():
+    """Rows split into chunks of 3 (k-means++ seeding, assignment, sums, inertia) give the
+    labels of a single chunk holding every row. Catches a chunk boundary dropping or
+    double-counting rows."""
+    x, _ = _blobs(n_per=40, k=6, dim=5, seed=3)
+    x += np.random.default_rng(3).normal(size=x.shape).astype(np.float32) * 4  # overlapping: many iterations
+    for init in ("k-means++", "random"):
+        whole = kmeans(x, 7, seed=0, init=init, n_init=2, chunk_rows=len(x))
+        assert np.array_equal(kmeans(x, 7, seed=0, init=init, n_init=2, chunk_rows=3), whole)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kmeans_on_cuda_matches_cpu():
+    """Same random draws (CPU generators) on either device: the same partition of 10 blobs."""
+    x, _ = _ten_blobs(1)
+    assert np.array_equal(kmeans(x, 10, seed=0, device="cuda"), kmeans(x, 10, seed=0))
 
 
 def test_kmeans_bad_input_raises():
     x, _ = _blobs(n_per=2, k=3)
     with pytest.raises(ValueError, match="k=7 is larger than the number of samples"):
         kmeans(x, 7, seed=0)
+    with pytest.raises(ValueError, match="init must be one of k-means\\+\\+, random; got 'kmeans\\+\\+'"):
+        kmeans(x, 2, seed=0, init="kmeans++")
+    with pytest.raises(ValueError, match="tol must be a number >= 0, got -1"):
+        kmeans(x, 2, seed=0, tol=-1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kmeans(x, 2, seed=0, backend="sklearn")
+    if _faiss() is not None:
+        with pytest.raises(ValueError, match="backend='faiss' seeds at random only"):
+            kmeans(x, 2, seed=0, backend="faiss")
     x[0, 0] = np.nan
     with pytest.raises(ValueError, match="features contains 1 NaN or inf values"):
         kmeans(x, 2, seed=0)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        kmeans(x[1:], 2, seed=0, backend="sklearn")
 
 
 def test_clustering_wrapper_on_features_assignments_and_coarse():
     ctx = BlobContext()
-    m = clustering_protocol(ctx, "backbone", split="all", k=None, coarse=True, n_init=10, niter=25)
+    assert PROTOCOLS.get("clustering").defaults == {"split": "all", "k": None, "coarse": False, "init": "k-means++",
+                                                    "n_init": 10, "max_iter": 300, "tol": 1e-4}
+    params = {"init": "k-means++", "n_init": 10, "max_iter": 300, "tol": 1e-4}
+    m = clustering_protocol(ctx, "backbone", split="all", k=None, coarse=True, **params)
     assert [m[key] for key in ("acc", "nmi", "ami", "ari")] == pytest.approx([1, 1, 1, 1])
     # 6 clusters vs 3 coarse classes: each pair of clusters maps onto its coarse class
     assert m["coarse_acc_majority"] == 1.0 and m["coarse_acc"] == pytest.approx(0.5)
-    head = clustering_protocol(ctx, "cluster_head", split="test", k=None, coarse=False, n_init=1, niter=25)
+    head = clustering_protocol(ctx, "cluster_head", split="test", k=None, coarse=False, **params)
     assert head == pytest.approx({"acc": 1, "nmi": 1, "ami": 1, "ari": 1})
-    sweep = clustering_protocol(ctx, "backbone", split="all", k=[3, 6], coarse=False, n_init=10, niter=25)
+    sweep = clustering_protocol(ctx, "backbone", split="all", k=[3, 6], coarse=False, **params)
     assert sweep["acc@k6"] == 1.0 and sweep["acc_majority@k3"] == pytest.approx(0.5)
     assert set(sweep) == {f"{key}@k{k}" for k in (3, 6) for key in ("acc", "nmi", "ami", "ari")} | {"acc_majority@k3"}
