@@ -61,13 +61,23 @@ CLD_SEARCH = {"cld_weight": ("log", 0.1, 2.0), "clusters": ("int", 8, 256)}
 
 @register_method("npid_cld")
 class NPIDCLD(NPID):
-    """NPID + CLD: L = mean over two views of NPID's loss (both views update the bank) + lambda L_CLD."""
+    """NPID + CLD: L = mean over two views of NPID's loss (both views update the bank) + lambda L_CLD.
+
+    With ``cld_weight: 0`` the group branch is skipped: CLD's NPID baseline (its script with the
+    CLD term off; the branch would get no gradient).
+    """
 
     description = "NPID+CLD: memory-bank instance loss + cross-view batch k-means group loss"
     defaults = {
         "method": {**NPID.defaults["method"], **CLD_KEYS},
-        # train_cifar10_npid_cld.sh: bs 256, lr 0.03 x 256/128, wd 7e-4, K=128 (CIFAR-100: 200), lambda 1.
-        "paper": {**NPID.defaults["paper"], "views": 2, "weight_decay": 7e-4},
+        # CLD-UnsupervisedLearning, scripts/cifar/train_cifar10_npid_cld.sh with train_cifar_npid_cld.py:
+        # bs 256, SGD lr 0.03 x 256/128, momentum 0.9, wd 7e-4, 5 warm-up epochs (from lr/100) then
+        # cosine per iteration to 1e-6 (lib/lr_scheduler.py), two views, full softmax (nce_k 0), T 0.1,
+        # bank momentum 0.5 updated in backward (lib/LinearAverage.py), K=128 (CIFAR-100: 200),
+        # 5 k-means iterations, cld_t 0.2, lambda 1, nn.Linear heads, the "cld" augmentation
+        # (datasets/dataloader.py).
+        "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 7e-4, "warmup": 0.025, "min_lr": 1e-6,
+                  "views": 2, "augment": "cld", "bank_update": "in_backward"},
         "cpu": {**NPID.defaults["cpu"], "views": 2, "clusters": 16},
     }
     search_space = {**NPID.search_space, **CLD_SEARCH}
@@ -76,24 +86,40 @@ class NPIDCLD(NPID):
         super().__init__(backbone, cfg, info)
         self.cld = CLDBranch(backbone.out_dim, cfg)
 
-    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         h1, h2 = (self.backbone(v) for v in batch.views[:2])
-        instance = (self.instance_loss(self.embed(h1), batch.index) + self.instance_loss(self.embed(h2), batch.index)) / 2
+        instance = sum(self.instance_losses([self.embed(h1), self.embed(h2)], batch.index)) / 2
+        if self.cfg["cld_weight"] == 0:
+            return instance
         cld = self.cld(h1, h2)
         return instance + self.cfg["cld_weight"] * cld, {"cld": float(cld.detach())}
 
 
 @register_method("moco_cld")
 class MoCoCLD(MoCo):
-    """MoCo + CLD: two queries and one key (three views); L = mean InfoNCE of both queries + lambda L_CLD."""
+    """MoCo + CLD: two queries and one key (three views); L = mean InfoNCE of both queries + lambda L_CLD.
+
+    With ``cld_weight: 0`` the group branch is skipped: CLD's MoCo baseline (its script with the
+    CLD term off).
+    """
 
     description = "MoCo+CLD: momentum-queue InfoNCE of two queries + cross-view batch k-means group loss"
     defaults = {
         "method": {**MoCo.defaults["method"], **CLD_KEYS},
-        # train_cifar10_moco_cld.sh: bs 256, lr 0.03 x 256/128, wd 8e-4, K=200, lambda 0.8, queue 12,288,
-        # --normlinear heads (linear, not MLP); CIFAR-100 (suite overrides): bs 128, K=100, lambda 0.25, wd 7e-4, queue 4,096.
-        "paper": {**MoCo.defaults["paper"], "views": 3, "weight_decay": 8e-4, "clusters": 200, "cld_weight": 0.8,
-                  "head": "normlinear", "group_head": "normlinear"},
+        # CLD-UnsupervisedLearning, scripts/cifar/train_cifar10_moco_cld.sh with train_cifar_moco_cld.py:
+        # bs 256 on one GPU, lr 0.03 x 256/128, momentum 0.9, wd 8e-4, 5 warm-up epochs then cosine per
+        # iteration to 1e-6, three views (two queries, one key), T 0.07, queue 12,288 initialised uniform
+        # in +-1/sqrt(d/3) (lib/NCEAverage.py MemoryMoCo), EMA 0.999, key BN over the whole 256-key batch
+        # (DistributedShufle on one GPU is a plain permutation), --normlinear instance and group heads,
+        # K=200, lambda 0.8, cld_t 0.2, 5 k-means iterations; --aug-plus: MoCo v2's augmentation with
+        # crops of 0.2-1 (datasets/dataloader.py), here "simclr_blur" with crop_scale 0.2-1 (random
+        # erasing, --erasing, has no equivalent). CIFAR-100 (suite overrides): bs 128, lr 0.03, wd 7e-4,
+        # K=100, lambda 0.25, queue 4,096, the "cld" augmentation.
+        "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 8e-4, "warmup": 0.025, "min_lr": 1e-6,
+                  "views": 3, "augment": "simclr_blur", "augment_overrides": {"crop_scale": [0.2, 1.0]},
+                  "temperature": 0.07, "queue_size": 12288, "queue_init": "uniform", "ema": 0.999,
+                  "bn_splits": 1, "head": "normlinear", "group_head": "normlinear", "clusters": 200,
+                  "cld_weight": 0.8},
         "cpu": {**MoCo.defaults["cpu"], "views": 3, "clusters": 16},
     }
     search_space = {**MoCo.search_space, **CLD_SEARCH}
@@ -102,8 +128,10 @@ class MoCoCLD(MoCo):
         super().__init__(backbone, cfg, info)
         self.cld = CLDBranch(backbone.out_dim, cfg)
 
-    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         h1, h2 = (self.backbone(v) for v in batch.views[:2])
         instance = self.contrast([self.embed(h1), self.embed(h2)], batch.views[2])
+        if self.cfg["cld_weight"] == 0:
+            return instance
         cld = self.cld(h1, h2)
         return instance + self.cfg["cld_weight"] * cld, {"cld": float(cld.detach())}

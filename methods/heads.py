@@ -21,11 +21,18 @@ def mlp(in_dim: int, hidden: int, out_dim: int, *, bn: bool = False, bias: bool 
 
 
 class NormLinear(nn.Module):
-    """Linear layer on unit-norm inputs with unit-norm weight rows (cosine classifier; CLD's option)."""
+    """Linear layer on unit-norm inputs with unit-norm weight rows (cosine classifier; CLD's option).
+
+    Initialised as CLD's ``NormedLinear`` (CLD-UnsupervisedLearning, models/resnet_cifar.py):
+    uniform(-1, 1) entries, then every output's weight vector rescaled to unit norm
+    (``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`` on its (in, out) matrix). The forward
+    pass normalises the rows anyway, but their norm sets the size of the weight gradients
+    (they scale as 1 / norm) and how fast weight decay shrinks them.
+    """
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_dim, in_dim).uniform_(-1, 1) / in_dim ** 0.5)
+        self.weight = nn.Parameter(F.normalize(torch.empty(out_dim, in_dim).uniform_(-1, 1), dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness import distributed
+from harness.errors import choices_error
 
 
 class MemoryBank(nn.Module):
@@ -54,18 +55,37 @@ class MemoryBank(nn.Module):
         return -(log_h + log_one_minus_h.sum(1)).mean()
 
     @torch.no_grad()
+    def mixed(self, rows: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """normalise(m rows + (1 - m) f): bank rows after Eq. 2's update with the features ``f``."""
+        return F.normalize(self.momentum * rows + (1 - self.momentum) * f.float(), dim=1)
+
+    @torch.no_grad()
     def update(self, index: torch.Tensor, f: torch.Tensor) -> None:
         """M[i] <- normalise(m M[i] + (1 - m) f_i)."""
-        mixed = self.momentum * self.memory[index] + (1 - self.momentum) * f.float()
-        self.memory[index] = F.normalize(mixed, dim=1)
+        self.memory[index] = self.mixed(self.memory[index], f)
+
+
+QUEUE_INITS = ("normal", "uniform")
 
 
 class Queue(nn.Module):
-    """A ring buffer of L2-normalised keys: MoCo's dictionary of negatives (He et al. 2020, Sec. 3.2)."""
+    """A ring buffer of keys: MoCo's dictionary of negatives (He et al. 2020, Sec. 3.2).
 
-    def __init__(self, size: int, dim: int) -> None:
+    Its first ``size`` negatives are random: ``init="normal"`` draws unit-norm Gaussian keys
+    (facebookresearch/moco, moco/builder.py); ``"uniform"`` draws unnormalised entries uniform in
+    +-1/sqrt(d/3), as CLD's ``MemoryMoCo`` (CLD-UnsupervisedLearning, lib/NCEAverage.py) and NPID's bank.
+    """
+
+    def __init__(self, size: int, dim: int, init: str = "normal") -> None:
         super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        if init == "normal":
+            keys = F.normalize(torch.randn(size, dim), dim=1)
+        elif init == "uniform":
+            bound = 1 / math.sqrt(dim / 3)
+            keys = torch.rand(size, dim).mul_(2 * bound).sub_(bound)
+        else:
+            raise choices_error("queue_init", init, QUEUE_INITS)
+        self.register_buffer("keys", keys)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()

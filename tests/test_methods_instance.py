@@ -65,7 +65,7 @@ def test_npid_full_softmax_loss_and_bank_update():
     method = npid()
     f, index, temperature = unit(3, 4), torch.tensor([5, 0, 19]), method.cfg["temperature"]
     bank = method.bank.memory.clone()
-    loss = method.instance_loss(f, index)
+    (loss,) = method.instance_losses([f], index)
     direct = 0.0
     for i in range(3):  # -log exp(f_i . M_i / T) / sum_j exp(f_i . M_j / T)
         scores = [math.exp(float(f[i] @ bank[j]) / temperature) for j in range(20)]
