@@ -162,7 +162,8 @@ def kmeans_rows(rng: np.random.Generator, n: int, dim: int, k: int) -> list[dict
     floor_s, _ = _seconds(lambda: [a @ c.T for _ in range(KMEANS_ITERS)])
     rows = []
     for backend in ("faiss", "torch"):
-        s, _ = _seconds(lambda: kmeans(x, k, seed=0, niter=KMEANS_ITERS, backend=backend))
+        s, _ = _seconds(lambda: kmeans(x, k, seed=0, init="random", n_init=1, max_iter=KMEANS_ITERS, tol=0.0,
+                                       backend=backend))
         rows.append(_row(f"kmeans {backend}", f"{n} x {dim}, k={k}, {KMEANS_ITERS} iterations, 1 init", s,
                          f"{KMEANS_ITERS} assignment matmuls", floor_s))
     return rows
@@ -174,7 +175,7 @@ def _warm_up() -> None:
     x, y, _ = _gaussian_classes(np.random.default_rng(1), 200, 8, 4)
     for backend in ("torch", "faiss"):
         knn_accuracy(x, y, x, y, k=5, backend=backend)
-        kmeans(x, 4, seed=0, backend=backend)
+        kmeans(x, 4, seed=0, init="random", n_init=1, backend=backend)
     lbfgs_probe(x, y, x, y, l2_grid=(1e-2,))
 
 
