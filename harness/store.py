@@ -15,7 +15,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
@@ -56,38 +56,31 @@ def _tmp_path(path: Path) -> Path:
     return path.parent / f".{path.name}{TMP_SEPARATOR}{socket.gethostname()}{TMP_SEPARATOR}{os.getpid()}.tmp"
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+def write_atomic(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write`` on a temporary file in ``path``'s directory, fsync, then rename it over ``path``.
 
-    On any failure (full or read-only disk) the temporary file is removed and the error re-raised:
-    ``path`` keeps its old content or stays absent, never half-written.
+    On any failure (full or read-only disk, an exception in ``write``) the temporary file is removed and
+    the error re-raised: ``path`` keeps its old content or stays absent, never half-written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True, default=str)
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_atomic(path, lambda f: json.dump(payload, f, indent=1, sort_keys=True, default=str))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """:func:`write_json_atomic` for text files (tables)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(text))
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:

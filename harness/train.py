@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +27,7 @@ from harness.augment import Augmenter
 from harness.budget import Budget, Usage
 from harness.errors import UsageError, choices_error
 from harness.seeding import epoch_order
+from harness.store import write_atomic
 from methods.base import Batch, Method
 
 
@@ -137,13 +138,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _data_parallel(method: Method) -> DistributedDataParallel:
     """DDP around the adapter. Buffers (memory banks, queues, BN statistics) are kept equal on all
     ranks by the adapters' gathered updates and global BN, so they are not re-broadcast every step;
@@ -190,6 +184,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         distributed.sync_batchnorm(method)
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg)
     usage, history, epoch, step_in_epoch = Usage(), [], 0, 0
+    epoch_losses: list[float] = []  # losses of the current epoch's steps, kept across a resume
     resumed = checkpoint is not None and checkpoint.is_file()
     if resumed:
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -201,6 +196,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         optimizer.load_state_dict(state["optimizer"] if per_rank is None else per_rank[rank])
         usage, history = Usage(**state["usage"]), state["history"]
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        epoch_losses = list(state.get("epoch_losses", []))
         generator.set_state(state["generator"])
         if state.get("done"):
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
@@ -230,10 +226,11 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             per_rank = [None] * world
             torch.distributed.all_gather_object(per_rank, optimizer_state)
         if rank == 0:
-            _save_atomic({"model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
+            write_atomic(checkpoint, partial(torch.save, {"model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
                           "usage": usage.as_dict(), "history": history, "epoch": epoch,
-                          "step_in_epoch": step_in_epoch, "generator": generator.get_state(), "done": done,
-                          "peak_memory_mb": peak(), "memory_kind": memory_kind}, checkpoint)
+                          "step_in_epoch": step_in_epoch, "epoch_losses": epoch_losses,
+                          "generator": generator.get_state(), "done": done,
+                          "peak_memory_mb": peak(), "memory_kind": memory_kind}), binary=True)
 
     memory_kind = "cuda_max_allocated" if cuda else "process_peak_rss"
 
@@ -247,7 +244,6 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                    leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
         started, last_save = time.perf_counter() - usage.seconds, usage.seconds
         status, reason = "ok", ""
-        epoch_losses: list[float] = []
         while not usage.exhausted(budget):
             if step_in_epoch == 0:
                 method.on_epoch_start(epoch, plain)

@@ -1,0 +1,115 @@
+"""Honest accounting across kills and failures: training time and epoch losses survive resumes, failed
+runs are stored, reported and retried on request, and every finished run prints one line without a terminal."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_suite
+from harness.runner import Runner, plan
+from methods import METHODS, Batch, register_method
+
+FAST = {"knn": {"k": 10}}
+CONFIG = {"batch_size": 128}  # digits' 1,293 training images: 10 steps an epoch
+
+
+class _Killed(Exception):
+    pass
+
+
+@register_method("_killable_simclr")
+class _KillableSimCLR(METHODS.get("simclr")):
+    """SimCLR that raises at a chosen call of its training step, as a killed process stops."""
+
+    kill_at: int | None = None
+    calls = 0
+
+    def training_step(self, batch: Batch):
+        type(self).calls += 1
+        if type(self).calls == self.kill_at:
+            raise _Killed
+        return super().training_step(batch)
+
+
+@register_method("_nan_until_fixed")
+class _NaNUntilFixed(METHODS.get("simclr")):
+    """SimCLR whose loss is NaN while ``broken`` is set (a bug that a user then fixes)."""
+
+    broken = True
+
+    def training_step(self, batch: Batch):
+        loss = super().training_step(batch)
+        return loss * float("nan") if self.broken else loss
+
+
+def _runner(root, tmp_path, log=None, **kw) -> Runner:
+    return Runner(root, tmp_path / "data", device="cpu", quiet=True, log=log or (lambda s: None), **kw)
+
+
+def test_a_resumed_epoch_reports_the_mean_loss_of_all_its_steps(tmp_path):
+    """Killed at step 5 of the first epoch and resumed, the first epoch's loss must be the mean of its 10
+    steps, as in an uninterrupted run. Before, the loss list restarted at the resume: the mean of steps 5-10."""
+    (job,) = plan(make_suite([{"name": "_killable_simclr", "config": CONFIG}], budget="steps=14", protocols=FAST))
+    _KillableSimCLR.kill_at, _KillableSimCLR.calls = None, 0
+    straight = _runner(tmp_path / "a", tmp_path).run([job])[0]
+    resumed_runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
+    _KillableSimCLR.kill_at, _KillableSimCLR.calls = 5, 0
+    with pytest.raises(_Killed):
+        resumed_runner.run([job])
+    _KillableSimCLR.kill_at = None
+    resumed = resumed_runner.run([job])[0]
+    first = [h["loss"] for h in straight["train"]["history"]]
+    again = [h["loss"] for h in resumed["train"]["history"]]
+    assert len(first) == len(again) == 2
+    np.testing.assert_allclose(again, first, rtol=1e-6)
+
+
+def test_train_seconds_survive_a_kill_during_evaluation(tmp_path, monkeypatch):
+    """Training finished, evaluation killed, rerun: the record says how long training took (the loop's clock,
+    summed over segments), not the 0.01 s of reloading the finished checkpoint."""
+    import harness.runner as runner_module
+
+    (job,) = plan(make_suite([{"name": "simclr", "config": CONFIG}], budget="steps=6", protocols=FAST))
+    runner = _runner(tmp_path / "r", tmp_path)
+    real_evaluate = runner_module.evaluate
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(runner_module, "evaluate", killed)
+    with pytest.raises(_Killed):
+        runner.run([job])
+    ckpt = torch.load(tmp_path / "r" / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)
+    assert ckpt["done"] and ckpt["usage"]["seconds"] > 0
+    monkeypatch.setattr(runner_module, "evaluate", real_evaluate)
+    record = runner.run([job])[0]
+    assert record["train_seconds"] == pytest.approx(ckpt["usage"]["seconds"], abs=1e-3)
+    assert record["train_seconds"] == pytest.approx(record["train"]["used"]["seconds"], abs=1e-3)
+
+
+def test_failed_runs_are_kept_reported_and_rerun_only_on_request(tmp_path):
+    (job,) = plan(make_suite([{"name": "_nan_until_fixed", "config": CONFIG}], budget="steps=3", protocols=FAST))
+    lines: list[str] = []
+    _NaNUntilFixed.broken = True
+    failed = _runner(tmp_path / "r", tmp_path, log=lines.append).run([job])[0]
+    assert failed["status"] == "failed" and "nan" in failed["reason"]
+    assert any("FAILED" in line and "nan" in line for line in lines)
+    _NaNUntilFixed.broken = False
+    again = _runner(tmp_path / "r", tmp_path).run([job])[0]
+    assert again["status"] == "failed"  # stored: skipped without --retry-failed
+    retried = _runner(tmp_path / "r", tmp_path, retry_failed=True).run([job])[0]
+    assert retried["status"] == "ok" and retried["metrics"]["backbone"]["knn/top1"] > 0
+    assert len(list((tmp_path / "r" / "test").glob("*.json"))) == 1
+
+
+def test_each_finished_run_prints_one_line_with_time_and_headline_metrics(tmp_path):
+    """Without a terminal (quiet, or piped) there are no bars: a line per evaluated protocol and one per run."""
+    jobs = plan(make_suite([{"name": "simclr", "config": CONFIG}, "random"], budget="steps=2",
+                           protocols={"knn": {"k": 10}, "clustering": {}}))
+    lines: list[str] = []
+    _runner(tmp_path / "r", tmp_path, log=lines.append).run(jobs)
+    done = [line for line in lines if "trained" in line]
+    assert len(done) == 2
+    assert all("knn/top1" in line and "clustering/acc" in line and " s" in line for line in done)
+    assert any(line.strip().startswith("evaluated knn on backbone") for line in lines)
