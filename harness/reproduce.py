@@ -1,0 +1,64 @@
+"""Rerun stored runs and say whether the numbers hold: bit-identical, within seed noise, or not.
+
+On the machine, torch version and device that wrote a record a rerun is bit-identical (training is
+seeded and deterministic). On another CPU, BLAS or torch version float sums round differently, training
+drifts, and the honest claim is weaker: the rerun lies within the spread of the stored runs over seeds.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from harness.leaderboard import current_records, is_headline
+from harness.runner import Runner, plan
+
+#: A rerun within this many standard deviations (over the stored seeds) of its stored value is seed noise.
+SEED_NOISE_STDS = 2.0
+
+
+def verdict(stored: float, rerun: float, seed_std: float) -> str:
+    """``identical`` (bit-equal), ``within seed noise`` (|diff| <= 2 std over seeds) or ``outside``."""
+    if stored == rerun or (np.isnan(stored) and np.isnan(rerun)):
+        return "identical"
+    if np.isfinite(seed_std) and abs(rerun - stored) <= SEED_NOISE_STDS * seed_std:
+        return "within seed noise"
+    return "outside"
+
+
+def reproduce(suite, results_dir: Path, data_dir: Path, runs: int = 1, device: str = "auto",
+              log: Callable[[str], None] = print, **runner_options) -> pd.DataFrame:
+    """Retrain the first ``runs`` stored runs of ``suite`` (plan order) in a scratch directory and compare
+    each headline metric with its record; the seed spread is the std (ddof 1) of the same row's metric
+    over the suite's stored seeds."""
+    stored = {r["run_id"]: r for r in current_records(suite, results_dir)}
+    jobs = [job for job in plan(suite) if job.run_id in stored and stored[job.run_id].get("status") == "ok"][:runs]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:
+        runner = Runner(Path(scratch), data_dir, device, log=log, **runner_options)
+        for job in jobs:
+            record, rerun = stored[job.run_id], runner.run([job], force=True)[0]
+            peers = [r for r in stored.values() if r["spec"]["dataset"] == job.dataset
+                     and r["spec"]["label"] == job.entry.label and r["spec"]["budget"] == job.budget.as_dict()]
+            compared = {("train", "final_loss"): _final_loss} | {
+                (rep, metric): (lambda r, rep=rep, metric=metric: r["metrics"].get(rep, {}).get(metric))
+                for rep, values in record["metrics"].items() for metric in sorted(values) if is_headline(metric)}
+            for (rep, metric), read in compared.items():
+                value, new = read(record), read(rerun)
+                if value is None:
+                    continue
+                spread = [v for v in map(read, peers) if v is not None]
+                std = float(np.std(spread, ddof=1)) if len(spread) > 1 else float("nan")
+                new = float("nan") if new is None else new
+                rows.append({"run": f"{job.entry.label}/{job.dataset}/s{job.seed}", "rep": rep, "metric": metric,
+                             "stored": value, "rerun": new, "diff": new - value, "seed std": std,
+                             "seeds": len(spread), "verdict": verdict(value, new, std)})
+    return pd.DataFrame(rows)
+
+
+def _final_loss(record: dict) -> float | None:
+    history = record.get("train", {}).get("history") or []
+    return history[-1]["loss"] if history else None
