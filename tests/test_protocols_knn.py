@@ -6,7 +6,7 @@ import pytest
 
 import protocols  # noqa: F401  (registers the wrappers)
 from protocol_context import BlobContext
-from protocols.knn import knn_accuracy, knn_protocol, weighted_knn_predict
+from protocols.knn import knn_accuracy, knn_grid_accuracy, knn_protocol, weighted_knn_predict
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss not installed")
 BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
@@ -125,3 +125,40 @@ def test_knn_wrapper_votes_with_train_and_val_for_test_samples_only():
     # at the usual k, the wrapper gives what the pure function gives on the right splits
     by_hand = knn_accuracy(x[np.r_[train, val]], y[np.r_[train, val]], x[test], y[test], k=20, backend="torch")
     assert knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="torch") == by_hand
+
+
+
+def test_knn_grid_equals_the_numpy_rule_at_every_point():
+    """One search at the largest k scores each (k, T) as NPID's rule written out in NumPy does at that point.
+    Breakage tried: slicing the last k of the largest-k neighbours, or one temperature for the whole grid."""
+    train_x, train_y, test_x = random_problem()
+    test_y = np.random.default_rng(1).choice(np.unique(train_y), len(test_x))
+    ks, temperatures = [1, 20, 200], [0.07, 0.5]
+    grid = knn_grid_accuracy(train_x, train_y, test_x, test_y, ks, temperatures, backend="torch")
+    assert set(grid) == {(k, t) for k in ks for t in temperatures}
+    for (k, t), scores in grid.items():
+        truth = numpy_weighted_knn(train_x, train_y, test_x, k, t)
+        assert scores["top1"] == pytest.approx(np.mean(truth == test_y)), (k, t)
+    assert len({scores["top1"] for scores in grid.values()}) >= 3  # k and T matter on this data
+
+
+def test_knn_protocol_grid_keys_are_stable_and_k_is_clamped():
+    """The wrapper stores ``grid/k<k>_t<T>/top1`` with T as written (``0.1``, not ``0.09999999999999998``) and k
+    clamped to the memory set (180 train+val samples here: 200 -> 180), each point equal to NPID's rule in NumPy
+    on train+val vs test, and keeps the headline at the suite's (k, T). Breakage tried: keys from ``repr`` of a
+    computed float, no clamp (k=200 > 180 raises)."""
+    ctx = BlobContext(relabel=("test",))
+    x, y = ctx.features("backbone"), ctx.labels()
+    bank, test = ctx.split("train_full"), ctx.split("test")
+    temperatures = [0.07, 0.1 * 5, 0.3 - 0.2]  # 0.5 and 0.09999999999999998: computed floats
+    out = knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="torch", grid_k=[10, 20, 100, 200],
+                       grid_temperature=temperatures)
+    names = ("0.07", "0.5", "0.1")
+    assert set(out) == {"top1", "top5"} | {f"grid/k{k}_t{t}/{m}" for k in (10, 20, 100, 180) for t in names
+                                           for m in ("top1", "top5")}
+    for k in (10, 20, 100, 180):
+        for t, name in zip(temperatures, names):
+            truth = numpy_weighted_knn(x[bank], y[bank], x[test], k, t)
+            assert out[f"grid/k{k}_t{name}/top1"] == pytest.approx(np.mean(truth == y[test])), (k, t)
+    headline = numpy_weighted_knn(x[bank], y[bank], x[test], 20, 0.1)
+    assert out["top1"] == pytest.approx(np.mean(headline == y[test]))
