@@ -84,6 +84,35 @@ def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None
     return current
 
 
+@dataclass(frozen=True)
+class SuiteRecords:
+    """What ``leaderboard``, ``report`` and ``compare`` read: the suite's name, title, extra tables and records."""
+
+    name: str
+    title: str
+    tables: dict[str, list[str]]
+    records: list[dict[str, Any]]
+
+
+def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], None] | None = None) -> SuiteRecords:
+    """The records of a shipped suite or suite file through :func:`current_records`; for the name of a suite
+    whose file is gone but whose records are stored, every record under ``results_dir/<name>``."""
+    from harness.store import ResultStore
+    from harness.suite import load_suite
+
+    try:
+        suite = load_suite(name_or_path)
+    except UsageError as exc:
+        if not (Path(results_dir) / name_or_path).is_dir():
+            raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
+        records = list(ResultStore(Path(results_dir), name_or_path).records())
+        if not records:
+            raise UsageError(f"no stored records under {Path(results_dir) / name_or_path}; run the suite first") from None
+        return SuiteRecords(name_or_path, name_or_path, {}, records)
+    return SuiteRecords(suite.name, suite.description or suite.name, suite.tables,
+                        current_records(suite, results_dir, warn))
+
+
 def row_label(record: dict[str, Any], rep: str) -> str:
     label = record["spec"]["label"]
     return label if rep == "backbone" else f"{label} [{rep}]"
@@ -460,13 +489,14 @@ def write_leaderboards(records: list[dict[str, Any]], suite: str, out_dir: Path,
     return write_leaderboard(main, suite, out_dir, title, options)
 
 
-def significance_text(board: Leaderboard, options: StatsOptions) -> str:
+def significance_text(board: Leaderboard, options: StatsOptions, markdown: bool = True) -> str:
     """The sentence that says how cells are compared, naming the tests the table used and alpha."""
+    bold, italics = ("**Bold**", "_Italics_") if markdown else ("Bold", "Italics")
     tests = " and ".join(sorted(board.tests)) or "none (no column has 2 seeds in common between rows)"
     return (f"Significance: each column's best mean against every other row, paired by seed, two-sided "
             f"(paired t-test below {stats.WILCOXON_MIN_PAIRS} seeds, Wilcoxon signed-rank from "
             f"{stats.WILCOXON_MIN_PAIRS}; used here: {tests}), Holm-corrected within the column, "
-            f"alpha = {options.alpha:g}. **Bold**: significantly better than every other row. _Italics_: the best "
+            f"alpha = {options.alpha:g}. {bold}: significantly better than every other row. {italics}: the best "
             f"mean and the rows not significantly worse than it (tied).")
 
 

@@ -1,0 +1,214 @@
+"""Leaderboard numbers against hand computation: cells, intervals, significance marks, ranks, Friedman,
+``compare``, the sensitivity table, and the one selection of records that leaderboard and report share."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+from conftest import make_suite
+from harness.cli import main
+from harness.errors import UsageError
+from harness.leaderboard import (StatsOptions, compare, current_records, leaderboard_table, sensitivity,
+                                 write_leaderboard)
+
+T_975_2 = 4.302653  # Student t quantile 0.975 with 2 degrees of freedom (tables)
+
+#: Three seeds of three rows. knn/top1: "best" leads by ~0.2 with a small spread, "a" and "b" are tied with
+#: each other far below it -> best is bold. lbfgs/top1: "a" is within noise of "best" -> both tied (italics),
+#: "b" is far below -> unmarked.
+VALUES = {
+    "best": {"knn/top1": [0.90, 0.92, 0.94], "lbfgs/top1": [0.80, 0.85, 0.90]},
+    "a": {"knn/top1": [0.70, 0.71, 0.73], "lbfgs/top1": [0.82, 0.83, 0.88]},
+    "b": {"knn/top1": [0.71, 0.70, 0.72], "lbfgs/top1": [0.60, 0.66, 0.70]},
+}
+
+
+def record(label: str, seed: int, metrics: dict[str, float], rep_metrics: dict[str, dict] | None = None,
+           dataset: str = "digits") -> dict:
+    return {"run_id": f"{label}-{dataset}-{seed}", "suite": "syn", "status": "ok", "split_sha256": "a" * 64,
+            "train_seconds": 1.0, "train": {"peak_memory_mb": 10.0},
+            "spec": {"label": label, "method": label, "dataset": dataset, "seed": seed, "budget": {"epochs": 1},
+                     "protocols": {"knn": {"k": 20, "temperature": 0.1}}},
+            "metrics": {"backbone": metrics, **(rep_metrics or {})}}
+
+
+def synthetic_records() -> list[dict]:
+    return [record(label, seed, {m: v[seed] for m, v in metrics.items()})
+            for label, metrics in VALUES.items() for seed in range(3)]
+
+
+def test_cells_intervals_marks_and_ranks_by_hand():
+    """mean, std (ddof=1), n, the t interval, the rank and which cell is bold or tied, all computed by hand.
+    Breakage each assertion catches: std with ddof=0 (0.0163 for best's knn), a z interval (±2.26 instead of
+    ±4.97 points), bold on the best mean without a test (lbfgs's best would be bold), no Holm (same here, see
+    test_holm_decides_the_mark), marks on the wrong rows."""
+    board = leaderboard_table(synthetic_records())
+    cells = board.stats.set_index(["row", "metric"])
+    best_knn = cells.loc[("best", "knn/top1")]
+    assert best_knn["mean"] == pytest.approx(0.92) and best_knn["std"] == pytest.approx(0.02)
+    assert best_knn["n"] == 3
+    half = T_975_2 * 0.02 / math.sqrt(3)
+    assert (best_knn["ci_low"], best_knn["ci_high"]) == pytest.approx((0.92 - half, 0.92 + half), abs=1e-6)
+    assert cells.loc[("a", "lbfgs/top1"), "std"] == pytest.approx(np.std([0.82, 0.83, 0.88], ddof=1))
+    display = board.display
+    assert display.at["best", "digits knn/top1"] == "**92.0 [87.0, 97.0]**"
+    assert display.at["a", "digits knn/top1"] == "71.3 [67.5, 75.1]"  # 71.33 ± 4.3027 * 1.528 / sqrt 3
+    assert display.at["b", "digits knn/top1"] == "71.0 [68.5, 73.5]"
+    assert display.at["best", "digits lbfgs/top1"] == "_85.0 [72.6, 97.4]_"  # best mean, but not significant
+    assert display.at["a", "digits lbfgs/top1"].startswith("_84.3 [")  # tied with the best
+    assert not display.at["b", "digits lbfgs/top1"].startswith(("_", "*"))
+    assert list(display.index) == ["best", "a", "b"] and list(display["rank"]) == ["1.0", "2.0", "3.0"]
+    assert dict(cells["mark"].items()) == {("a", "knn/top1"): "", ("a", "lbfgs/top1"): "tied",
+                                           ("b", "knn/top1"): "", ("b", "lbfgs/top1"): "",
+                                           ("best", "knn/top1"): "best", ("best", "lbfgs/top1"): "tied"}
+    assert board.tests == {"paired t"}
+
+
+def test_holm_decides_the_mark():
+    """The p-value against the best is scipy's paired t-test, Holm-adjusted over the column's other rows:
+    (p_a, p_b) -> the smaller times 2, the larger times 1 (made monotone). Catches unpaired tests and a
+    missing correction."""
+    board = leaderboard_table(synthetic_records())
+    p = {row: st.ttest_rel(VALUES["best"]["knn/top1"], VALUES[row]["knn/top1"]).pvalue for row in ("a", "b")}
+    low, high = sorted(p, key=p.get)
+    expected = {low: 2 * p[low], high: max(2 * p[low], p[high])}
+    got = board.stats[board.stats["metric"] == "knn/top1"].set_index("row")["p_vs_best"]
+    assert got[["a", "b"]].to_dict() == pytest.approx(expected)
+    assert math.isnan(got["best"])
+
+
+def test_fewer_than_three_seeds_say_so_and_bootstrap_is_seeded():
+    """Two seeds: ``(n<3)`` and no interval in the csv; the bootstrap interval lies within the seeds' range
+    and is the same twice. Catches a zero-width or absurdly wide 2-seed interval and an unseeded bootstrap."""
+    records = [r for r in synthetic_records() if r["spec"]["seed"] < 2]
+    board = leaderboard_table(records)
+    assert board.display.at["b", "digits knn/top1"] == "70.5 (n<3)"
+    assert board.stats["ci_low"].isna().all() and (board.stats["n"] == 2).all()
+    boot = leaderboard_table(synthetic_records(), StatsOptions(ci="bootstrap")).stats.set_index(["row", "metric"])
+    low, high = boot.loc[("best", "knn/top1"), ["ci_low", "ci_high"]]
+    assert 0.90 <= low < 0.92 < high <= 0.94
+    again = leaderboard_table(synthetic_records(), StatsOptions(ci="bootstrap")).stats
+    assert again["ci_low"].tolist() == boot["ci_low"].tolist()
+    with pytest.raises(UsageError, match="unknown interval method"):
+        StatsOptions(ci="normal")
+    with pytest.raises(UsageError, match="alpha"):
+        StatsOptions(alpha=1.5)
+
+
+def test_friedman_and_the_critical_difference_diagram(tmp_path):
+    """Ranks 1, 2, 3 in both headline columns: chi2_F = 12 N / (k (k+1)) * (sum R^2 - k (k+1)^2 / 4) = 4.0,
+    p = exp(-2); CD = 2.343 * sqrt(3 * 4 / (6 * 2)) = 2.343 (Demšar 2006, Table 5). The diagram is written as
+    PNG and SVG beside the tables, byte-identical the second time; the csv keeps the interval columns."""
+    ranks = leaderboard_table(synthetic_records()).ranks
+    assert ranks.friedman.average_ranks.tolist() == [2.0, 3.0, 1.0]  # rows a, b, best (sorted by name)
+    assert ranks.friedman.chi2 == pytest.approx(4.0) and ranks.friedman.p_value == pytest.approx(math.exp(-2))
+    assert ranks.critical_difference == pytest.approx(2.343, abs=1e-3)
+    assert ranks.groups() == [(0, 2)]  # the three mean ranks span 2 < CD: one group
+    write_leaderboard(synthetic_records(), "syn", tmp_path)
+    first = {ext: (tmp_path / f"syn-cd.{ext}").read_bytes() for ext in ("png", "svg")}
+    assert first["png"][:8] == b"\x89PNG\r\n\x1a\n" and b"<svg" in first["svg"]
+    write_leaderboard(synthetic_records(), "syn", tmp_path)
+    assert first == {ext: (tmp_path / f"syn-cd.{ext}").read_bytes() for ext in ("png", "svg")}
+    md = (tmp_path / "syn.md").read_text()
+    assert "paired t" in md and "alpha = 0.05" in md and "chi2 = 4.00" in md and "syn-cd.png" in md
+    csv = pd.read_csv(tmp_path / "syn.csv")
+    assert {"mean", "std", "n", "ci_low", "ci_high"} <= set(csv.columns)
+
+
+def test_compare_is_the_paired_difference_with_its_interval():
+    """best - b on knn/top1: differences 0.19, 0.22, 0.22 -> 21.0 points, t interval 21 ± 4.3027 * 1.732 / sqrt 3,
+    p of scipy's ttest_rel; p_holm over the two columns. Catches an unpaired difference of means' interval."""
+    table = compare(synthetic_records(), "best", "b").set_index("column")
+    knn = table.loc["digits knn/top1"]
+    d = np.array([0.19, 0.22, 0.22])
+    half = 100 * T_975_2 * d.std(ddof=1) / math.sqrt(3)
+    assert knn["difference"] == pytest.approx(21.0) and knn["n"] == 3
+    assert (knn["ci_low"], knn["ci_high"]) == pytest.approx((21.0 - half, 21.0 + half), abs=1e-4)
+    p = st.ttest_rel(VALUES["best"]["knn/top1"], VALUES["b"]["knn/top1"]).pvalue
+    assert knn["p"] == pytest.approx(p) and knn["test"] == "paired t"
+    assert table["p_holm"].max() <= 1 and knn["p_holm"] >= knn["p"]
+    with pytest.raises(UsageError, match="unknown row"):
+        compare(synthetic_records(), "best", "nosuch")
+
+
+def test_cli_compare_and_leaderboard_flags(tmp_path, capsys):
+    """``compare`` and ``leaderboard --ci bootstrap --alpha 0.1`` on stored records; bad rows and alphas exit 2."""
+    results = tmp_path / "results"
+    (results / "syn").mkdir(parents=True)
+    for r in synthetic_records():
+        (results / "syn" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    assert main(["compare", "syn", "best", "b", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "best - b" in out and "digits knn/top1" in out and "21" in out
+    assert main(["compare", "syn", "best", "zzz", "--results-dir", str(results)]) == 2
+    assert "unknown row" in capsys.readouterr().err
+    assert main(["leaderboard", "syn", "--results-dir", str(results), "--leaderboard-dir", str(tmp_path / "lb"),
+                 "--ci", "bootstrap", "--alpha", "0.1"]) == 0
+    md = (tmp_path / "lb" / "syn.md").read_text()
+    assert "90% confidence interval" in md and "percentile bootstrap" in md and "alpha = 0.1" in md
+    assert main(["leaderboard", "syn", "--results-dir", str(results), "--alpha", "2"]) == 2
+
+
+def test_sensitivity_names_the_settings_that_change_the_top():
+    """Under the grid point k10_t0.5 the order of three methods is reversed (tau = -1, top changes); under
+    k20_t0.1 it is the headline order (tau = 1); the head features of "a" put it first."""
+    records = []
+    for seed in range(2):
+        for label, headline, reversed_, head in (("x", 0.9, 0.5, None), ("y", 0.8, 0.6, None),
+                                                 ("a", 0.7, 0.7, 0.95)):
+            metrics = {"knn/top1": headline, "knn/grid/k20_t0.1/top1": headline,
+                       "knn/grid/k10_t0.5/top1": reversed_}
+            reps = {"head": {"knn/top1": head}} if head else None
+            records.append(record(label, seed, metrics, reps))
+    table = sensitivity(records).set_index("setting")
+    assert table.at["knn k10_t0.5", "kendall_tau"] == pytest.approx(-1.0)
+    assert table.at["knn k10_t0.5", "top"] == "a" and table.at["knn k10_t0.5", "top_changes"]
+    assert table.at["knn k20_t0.1", "kendall_tau"] == pytest.approx(1.0)
+    assert not table.at["knn k20_t0.1", "top_changes"]
+    assert table.at["head features where a method has them", "top"] == "a"
+
+
+def _stored(results: Path, suite, records: list[dict]) -> None:
+    for r in records:
+        path = results / suite.name / f"{r['run_id']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+
+
+def test_leaderboard_and_report_read_the_same_current_records(tmp_path):
+    """Records of the runs the suite plans now (by Job.run_id) are read; one of an older configuration of the
+    same run is left out with a warning, by leaderboard and report alike. Catches the report averaging
+    superseded records in (n=2 in its cells) and a selection by (dataset, label, seed) that keeps both."""
+    import yaml
+
+    from harness.report import write_report
+    from harness.runner import plan
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text(yaml.safe_dump({"name": "s", "datasets": ["digits"], "methods": ["random", "pixels"],
+                                          "seeds": [0, 1, 2], "budget": "epochs=1",
+                                          "protocols": {"knn": {"k": 10}}}))
+    suite = make_suite(["random", "pixels"], seeds=(0, 1, 2), budget="epochs=1", protocols={"knn": {"k": 10}},
+                       name="s")
+    jobs = plan(suite)
+    current = [{**record(j.entry.label, j.seed, {"knn/top1": 0.5 + 0.1 * (j.entry.label == "pixels") + 0.01 * j.seed}),
+                "run_id": j.run_id, "spec": j.spec} for j in jobs]
+    old = {**current[0], "run_id": "0" * 16, "spec": {**current[0]["spec"], "config": {"batch_size": 1}}}
+    results = tmp_path / "results"
+    _stored(results, suite, [*current, old])
+    warnings: list[str] = []
+    chosen = current_records(suite, results, warn=warnings.append)
+    assert sorted(r["run_id"] for r in chosen) == sorted(j.run_id for j in jobs)
+    assert len(warnings) == 1 and "left out 1 stored records" in warnings[0]
+    lb = tmp_path / "lb"
+    assert main(["leaderboard", str(suite_file), "--results-dir", str(results), "--leaderboard-dir", str(lb)]) == 0
+    assert set(pd.read_csv(lb / "s.csv")["n"]) == {3}
+    page = write_report(str(suite_file), results, tmp_path / "out", tmp_path / "data", features=False).read_text()
+    assert "0" * 16 not in page and all(j.run_id in page for j in jobs)
+    assert "(n&lt;3)</td>" not in page and ">51.0 [" in page and ">61.0 [" in page  # 3 seeds each
