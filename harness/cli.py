@@ -27,6 +27,31 @@ def _seeds(value: str) -> list[int]:
     return seeds
 
 
+def _alpha(value: str) -> float:
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = float("nan")
+    if not 0 < alpha < 1:
+        raise argparse.ArgumentTypeError(f"--alpha must be a number in (0, 1), got {value!r}")
+    return alpha
+
+
+def _add_stats_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ci", choices=["t", "bootstrap"], default="t",
+                        help="confidence interval of each cell over seeds: Student t (default) or a seeded "
+                             "percentile bootstrap")
+    parser.add_argument("--alpha", type=_alpha, default=0.05,
+                        help="significance level of the paired tests, Friedman and the critical difference "
+                             "(default 0.05); intervals are at 1 - alpha")
+
+
+def _stats_options(args):
+    from harness.leaderboard import StatsOptions
+
+    return StatsOptions(args.ci, args.alpha)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
         raise UsageError(message)
@@ -65,11 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus-per-job", type=int)
     run.add_argument("--timeout-min", type=int)
     run.add_argument("--array-parallelism", type=int)
+    _add_stats_options(run)
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
     lb.add_argument("suite", nargs="?", default=None)
     lb.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     lb.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+    _add_stats_options(lb)
+
+    cmp = sub.add_parser("compare", help="paired difference of two methods on every column of a suite, with "
+                                         "interval and p-value")
+    cmp.add_argument("suite", help="shipped suite name or path to a YAML file")
+    cmp.add_argument("a", help="row label (a method's label; a head's row is 'label [head]')")
+    cmp.add_argument("b", help="row label to compare against")
+    cmp.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    cmp.add_argument("--alpha", type=_alpha, default=0.05, help="intervals at 1 - alpha (default 0.05)")
 
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
 
@@ -80,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--no-features", action="store_true", help="skip embeddings and galleries (no model rebuilt)")
+    _add_stats_options(rep)
 
     tune = sub.add_parser("tune", help="Optuna study of a method's search space, scored on the validation split")
     tune.add_argument("method")
@@ -164,7 +200,8 @@ def cmd_run(args) -> int:
     if not records:
         print("no records yet (all jobs are running elsewhere)")
         return 0
-    display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables)
+    display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables,
+                                 _stats_options(args))
     _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
     return 0
 
@@ -190,51 +227,41 @@ def _run_data_parallel(args, suite, jobs, ranks) -> int:
     finally:
         distributed.cleanup()
     if main and records:
-        display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables)
+        display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables,
+                                 _stats_options(args))
         _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
     return 0
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import write_leaderboards
-    from harness.store import ResultStore
-    from harness.suite import DEFAULT_SUITE, load_suite
+    from harness.leaderboard import suite_records, write_leaderboards
+    from harness.suite import DEFAULT_SUITE
 
-    name, suite = args.suite or DEFAULT_SUITE, None
-    try:
-        suite = load_suite(name)
-        name, title, tables = suite.name, suite.description, suite.tables
-    except UsageError:
-        if not (args.results_dir / name).is_dir():
-            raise
-        title, tables = name, {}  # records of a suite file that is no longer around
-    records = list(ResultStore(args.results_dir, name).records())
-    if suite is not None:
-        records = _drop_superseded(records, suite)
-    if not records:
-        raise UsageError(f"no stored records for suite {name!r} under {args.results_dir / name}; run it first")
-    display = write_leaderboards(records, name, args.leaderboard_dir, title, tables)
-    _print_table(display, args.leaderboard_dir / f"{name}.md")
+    options = _stats_options(args)
+    chosen = suite_records(args.suite or DEFAULT_SUITE, args.results_dir, warn=_warn)
+    display = write_leaderboards(chosen.records, chosen.name, args.leaderboard_dir, chosen.title, chosen.tables,
+                                 options)
+    _print_table(display, args.leaderboard_dir / f"{chosen.name}.md")
     return 0
 
 
-def _drop_superseded(records: list[dict], suite) -> list[dict]:
-    """Leave out records of an older configuration of a run the suite still plans (same dataset,
-    method label, seed and budget, another spec), so they are not averaged in as extra seeds."""
-    import json
+def cmd_compare(args) -> int:
+    import pandas as pd
 
-    from harness.runner import plan
+    from harness.leaderboard import StatsOptions, compare, suite_records
 
-    def cell(dataset, label, seed, budget) -> tuple:
-        return dataset, label, seed, json.dumps(budget, sort_keys=True)
+    chosen = suite_records(args.suite, args.results_dir, warn=_warn)
+    table = compare(chosen.records, args.a, args.b, StatsOptions(alpha=args.alpha))
+    print(f"{args.a} - {args.b} on suite {chosen.name}, in percentage points, paired by seed; "
+          f"{100 * (1 - args.alpha):g}% t interval of the mean difference; two-sided p of the paired t-test "
+          f"(Wilcoxon signed-rank from 6 pairs), p_holm Holm-adjusted over the columns")
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.float_format", "{:.3g}".format):
+        print(table.to_string(index=False))
+    return 0
 
-    planned = {cell(j.dataset, j.entry.label, j.seed, j.budget.as_dict()): j.run_id for j in plan(suite)}
-    keep = [r for r in records if planned.get(cell(r["spec"]["dataset"], r["spec"]["label"], r["spec"]["seed"],
-                                                   r["spec"]["budget"]), r["run_id"]) == r["run_id"]]
-    if len(keep) < len(records):
-        print(f"left out {len(records) - len(keep)} records of older configurations of runs this suite plans "
-              f"(rerun the suite, or delete them)", file=sys.stderr)
-    return keep
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _print_table(display, path: Path) -> None:
@@ -277,7 +304,8 @@ def cmd_report(args) -> int:
     from harness.suite import DEFAULT_SUITE
 
     page = write_report(args.suite or DEFAULT_SUITE, args.results_dir, args.leaderboard_dir, args.data_dir,
-                        resolve_device(args.device), features=not args.no_features, log=print)
+                        resolve_device(args.device), features=not args.no_features, log=print,
+                        options=_stats_options(args))
     print(f"written: {page}")
     return 0
 
@@ -328,7 +356,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
-            "tune": cmd_tune, "report": cmd_report}
+            "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.errors import UsageError
-from harness.leaderboard import is_score, leaderboard_table, records_frame
+from harness.leaderboard import (Leaderboard, StatsOptions, is_score, leaderboard_table, records_frame,
+                                 sensitivity, significance_text, suite_records, write_cd_diagram)
 
 #: Samples in the 2-D embeddings (drawn once per dataset with :data:`SUBSAMPLE_SEED`, the same for every method).
 EMBED_SAMPLES = 500
@@ -166,16 +167,16 @@ def bar_chart(stats_rows, frame_rows, column: str, path: Path) -> None:
     ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]
     means = np.array([100 * s["mean"] for s in rows])
-    stds = np.array([100 * s["std"] for s in rows])
+    stds = np.nan_to_num(np.array([100 * s["std"] for s in rows]))  # one seed: no spread to draw
     ax.barh(y, means, xerr=stds, color="#4c72b0", alpha=0.85, height=0.65,
             error_kw={"ecolor": "#222222", "capsize": 3, "elinewidth": 1})
     top = float(np.nanmax(means + stds)) if len(rows) else 100.0
     xmax = max(10.0, min(100.0, top) * 1.2) if top <= 100 else top * 1.2
-    for yi, s in zip(y, rows):
+    for yi, s, sd in zip(y, rows, stds):
         vals = [100 * v for v in frame_rows.get(s["row"], [])]
         if vals:
             ax.scatter(vals, np.full(len(vals), yi), s=14, color="#c44e52", zorder=3, linewidths=0)
-        ax.text(100 * (s["mean"] + s["std"]) + 0.015 * xmax, yi, f"{100 * s['mean']:.1f} (n={int(s['count'])})",
+        ax.text(100 * s["mean"] + sd + 0.015 * xmax, yi, f"{100 * s['mean']:.1f} (n={int(s['n'])})",
                 va="center", fontsize=8)
     ax.set_yticks(y, [s["row"] for s in rows])
     ax.set_xlim(min(0.0, float(np.nanmin(means - stds)) * 1.1) if len(rows) else 0.0, xmax)
@@ -450,7 +451,7 @@ th:first-child, td:first-child { text-align: left; }
 table.sortable th { cursor: pointer; background: #f4f4f4; user-select: none; }
 table.sortable th:hover { background: #e8eefc; }
 th[aria-sort="ascending"]::after { content: " \\25B2"; } th[aria-sort="descending"]::after { content: " \\25BC"; }
-td.best { font-weight: bold; }
+td.best { font-weight: bold; } td.tied { font-style: italic; }
 #leaderboard td:first-child { position: sticky; left: 0; background: #fff; }
 #leaderboard th:first-child { position: sticky; left: 0; z-index: 1; }
 .wrap { overflow-x: auto; }
@@ -463,10 +464,10 @@ dl dt { font-weight: bold; margin-top: .5em; } dl dd { margin-left: 1.5em; }
 """
 
 
-def _leaderboard_html(records: list[dict]) -> tuple[str, Any, Any]:
-    display, stats = leaderboard_table(records)
+def _leaderboard_html(board: Leaderboard) -> str:
+    display, stats = board.display, board.stats
     means = stats.pivot(index="row", columns="column", values="mean")
-    best = means.max()
+    marks = stats.pivot(index="row", columns="column", values="mark")
     metric_cols = list(means.columns)
     head = ['<th data-type="text" data-first="asc" data-kind="method" tabindex="0" scope="col">method</th>']
     kinds = {"rank": ("rank", "asc"), "train s": ("cost", "asc"), "peak MB": ("cost", "asc"),
@@ -484,8 +485,9 @@ def _leaderboard_html(records: list[dict]) -> tuple[str, Any, Any]:
             if col in metric_cols:
                 m = means.at[row, col]
                 key = "" if np.isnan(m) else repr(float(m))
-                cls = ' class="best"' if not np.isnan(m) and np.isclose(m, best[col]) else ""
-                cells.append(f'<td data-sort="{key}"{cls}>{_esc(text.replace("**", ""))}</td>')
+                mark = marks.at[row, col] if isinstance(marks.at[row, col], str) else ""
+                cls = f' class="{mark}"' if mark else ""
+                cells.append(f'<td data-sort="{key}"{cls}>{_esc(text.replace("**", "").strip("_"))}</td>')
             else:
                 try:
                     key = repr(float(text))
@@ -494,9 +496,29 @@ def _leaderboard_html(records: list[dict]) -> tuple[str, Any, Any]:
                     key = ""
                 cells.append(f'<td data-sort="{key}">{_esc(text)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    table = (f'<div class="wrap"><table id="leaderboard" class="sortable"><thead><tr>{"".join(head)}</tr></thead>'
-             f'<tbody>{"".join(body)}</tbody></table></div>')
-    return table, display, stats
+    return (f'<div class="wrap"><table id="leaderboard" class="sortable"><thead><tr>{"".join(head)}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _sensitivity_html(records: list[dict]) -> str:
+    """Kendall's tau of each protocol setting's method ranking against the headline ranking, and the
+    settings under which the top method changes."""
+    table = sensitivity(records)
+    if table.empty:
+        return "<p class='note'>No other protocol setting ranks the same methods (no kNN grid, one protocol).</p>"
+    rows = "".join(
+        f"<tr><td>{_esc(r.setting)}</td><td>{r.methods}</td><td>{r.kendall_tau:.2f}</td><td>{_esc(r.top)}</td>"
+        f"<td>{'yes' if r.top_changes else ''}</td></tr>" for r in table.itertuples())
+    changed = [r.setting for r in table.itertuples() if r.top_changes]
+    verdict = (f"The top method changes under: {', '.join(changed)}." if changed else
+               "The top method is the same under every setting.")
+    return (f'<div class="wrap"><table id="sensitivity" class="sortable"><thead><tr>'
+            f'<th data-type="text" data-first="asc" scope="col">setting</th>'
+            f'<th data-type="num" data-first="desc" scope="col">methods</th>'
+            f'<th data-type="num" data-first="desc" scope="col">Kendall tau vs headline</th>'
+            f'<th data-type="text" data-first="asc" scope="col">top method</th>'
+            f'<th data-type="text" data-first="desc" scope="col">top changes</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table></div><p>{_esc(verdict)}</p>")
 
 
 def _runs_html(records: list[dict]) -> str:
@@ -577,44 +599,37 @@ def _figure_html(src: str, caption: str, alt: str) -> str:
             f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
 
-def load_records(results_dir: Path, suite_name: str) -> list[dict]:
-    from harness.store import ResultStore
-
-    records = list(ResultStore(Path(results_dir), suite_name).records())
-    if not records:
-        raise UsageError(f"no stored records for suite {suite_name!r} under {Path(results_dir) / suite_name}; "
-                         f"run it first")
-    return records
-
-
 def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Path, device: str = "cpu", *,
                  features: bool = True, embed_samples: int = EMBED_SAMPLES,
-                 log: Callable[[str], None] | None = None) -> Path:
+                 log: Callable[[str], None] | None = None, options: StatsOptions = StatsOptions()) -> Path:
     """Write ``out_dir/<suite_name>/index.html`` and its ``figures/``; return the page's path.
 
-    ``features=False`` leaves out the embeddings and galleries (no model is rebuilt).
+    ``features=False`` leaves out the embeddings and galleries (no model is rebuilt). The records are the
+    ones ``leaderboard`` reads (:func:`harness.leaderboard.suite_records`); ``options`` set the intervals and
+    the significance level as there.
     """
     import matplotlib
 
     log = log or (lambda s: None)
-    title = suite_name
-    try:  # a shipped suite's name or a suite file: its records live under its declared name
-        from harness.suite import load_suite
-
-        suite = load_suite(suite_name)
-        suite_name, title = suite.name, suite.description or suite.name
-    except (UsageError, OSError, ValueError):
-        pass  # records of a suite file that is no longer around
-    records = load_records(results_dir, suite_name)
+    chosen = suite_records(suite_name, results_dir, warn=log)
+    suite_name, title, records = chosen.name, chosen.title, chosen.records
     root = Path(out_dir) / suite_name
     fig_dir = root / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     names = _Names()
-    sections: dict[str, list[str]] = {"bars": [], "curves": [], "embeddings": [], "galleries": []}
+    sections: dict[str, list[str]] = {"ranks": [], "bars": [], "curves": [], "embeddings": [], "galleries": []}
     notes: list[str] = []
 
     with matplotlib.rc_context(RC):
-        table, _, stats = _leaderboard_html(records)
+        board = leaderboard_table(records, options)
+        stats = board.stats
+        table = _leaderboard_html(board)
+        if board.ranks is not None:
+            cd_png, _ = write_cd_diagram(board.ranks, fig_dir / "critical-difference", title)
+            sections["ranks"] = [_figure_html(
+                f"{FIGURES}/{cd_png.name}", "critical-difference diagram: mean rank over the headline columns "
+                "(1 = best); rows joined by a thick line are not significantly different (Nemenyi)",
+                "critical-difference diagram")]
         # ---- bar charts: one per leaderboard column
         frame = records_frame(records)
         multi_budget = stats["budget"].nunique() > 1
@@ -714,7 +729,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
             notes.append("embeddings and cluster galleries were not drawn (features off)")
 
     written = {Path(s.split('src="', 1)[1].split('"', 1)[0]).name for part in sections.values() for s in part}
-    for stale in fig_dir.glob("*.png"):
+    written |= {Path(name).with_suffix(".svg").name for name in written}  # the diagram's vector copy
+    for stale in [*fig_dir.glob("*.png"), *fig_dir.glob("*.svg")]:
         if stale.name not in written:
             stale.unlink()
 
@@ -737,19 +753,31 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
         f"<h1>Suite <code>{_esc(suite_name)}</code></h1><p>{_esc(title)}</p>",
         (f"<p>{len(records)} stored runs ({n_ok} ok): {len(methods)} methods on {', '.join(map(_esc, datasets))}, "
          f"seeds {', '.join(map(str, seeds))}, budget {_esc('; '.join(budgets))}.</p>"),
-        ("<nav>Contents: <a href='#leaderboard-section'>leaderboard</a> · <a href='#definitions'>metrics and "
+        ("<nav>Contents: <a href='#leaderboard-section'>leaderboard</a> · <a href='#ranks'>ranks across the "
+         "suite</a> · <a href='#sensitivity-section'>protocol sensitivity</a> · <a href='#definitions'>metrics and "
          "protocols</a> · <a href='#bars'>bar charts</a> · <a href='#curves'>training curves</a> · "
          "<a href='#embeddings'>embeddings</a> · <a href='#galleries'>cluster galleries</a> · "
          "<a href='#environment'>environment</a></nav>"),
         "<h2 id='leaderboard-section'>Leaderboard</h2>",
-        ("<p>Mean ± std over seeds in percent, number of seeds in parentheses, best mean per column in bold, "
-         "rank = mean rank over columns. Click a column header to sort by it (again to reverse). Every number is an "
+        (f"<p>Mean over seeds in percent with its {100 * (1 - options.alpha):g}% confidence interval in brackets "
+         f"({_esc(options.ci_name)}); (n&lt;3): fewer than 3 seeds, no interval; intervals are cut at 100. "
+         f"{_esc(significance_text(board, options, markdown=False))} "
+         "Rank = mean rank over columns. Click a column header to sort by it (again to reverse). Every number is an "
          "offline evaluation of the final checkpoint (no online probes, no best-epoch selection). Rows with "
          "[head] evaluate that head's features or assignments instead of the backbone's pooled output. "
          "<code>train s</code> is wall-clock training time per run; <code>peak MB</code> is GPU max allocated on "
          "CUDA, peak resident memory of the process on CPU.</p>"),
         table, _runs_html(records),
         (f"<h3>Notes</h3><ul class='note'>{note_html}</ul>" if notes else ""),
+        "<h2 id='ranks'>Ranks across the suite</h2>",
+        (f"<p>{_esc(board.ranks.summary())}</p>" if board.ranks is not None
+         else f"<p class='note'>{_esc(board.ranks_note)}</p>"), *sections["ranks"],
+        "<h2 id='sensitivity-section'>Protocol sensitivity</h2>",
+        ("<p>How the ranking of methods (backbone rows) moves with the evaluation: Kendall's tau between the headline "
+         "ranking (mean rank over the headline columns: top-1 and clustering ACC per dataset) and the ranking under "
+         "each kNN grid point (k, temperature), each protocol at the suite's setting, and the headline columns read "
+         "from a method's head features where it has them. 1 = the same order, 0 = unrelated, -1 = reversed.</p>"),
+        _sensitivity_html(records),
         "<h2 id='definitions'>Metrics and protocols</h2>", _protocols_html(records, metrics),
         section("Bar charts", "bars", sections["bars"],
                 "One chart per leaderboard column: bars are the mean over seeds, whiskers ±1 std, dots the seeds.",
