@@ -75,8 +75,8 @@ def supcon_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.T
     the negatives:  L_i = 1/|P(i)| sum_{p in P(i)} [ -min(s_ip, clip_pos) + log(e^{s_ip} + sum_{n in N(i)} e^{s_in}) ].
     ``clip_pos`` clamps the numerator's logit only (the official default 1.0: with T=0.5 the
     numerator gives no gradient once a positive's cosine exceeds 0.5, only the denominators
-    still pull it closer); ``None`` disables it (the official code clamps only when clip_pos == 1.0,
-    enforced by methods.supcon.SupCon with the ``official`` similarity). Mean over anchors.
+    still pull it closer); ``None`` disables it (the official code clamps only when clip_pos == 1.0:
+    methods.supcon.SupCon does the same with the ``official`` similarity). Mean over anchors.
     """
     sim, pos = _class_logits(anchors, candidates, labels, temperature, similarity)
     neg_lse = sim.masked_fill(pos, float("-inf")).logsumexp(1, keepdim=True)  # -inf without negatives

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.distributed import all_gather_cat, gather_with_grad
-from harness.errors import UsageError, choices_error
+from harness.errors import choices_error
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.losses import THANOS_SIMILARITIES, class_conditional_info_nce, supcon_loss
 
@@ -58,9 +58,10 @@ class SupCon(CoarseLabelMethod):
     ``similarity`` (methods.losses.thanos_similarity): ``official``, the official code's norm
     product of the column's sample, is the paper-scale default because it produced the published
     51.8 / 77.1 / 79.1; ``cosine`` is the paper's equation (the CPU default). With ``official``,
-    ``clip_pos`` must be 1.0 or null: the official code clamps only when clip_pos == 1.0
-    (contrastive_loss.py, ``if self.clip_pos != 1.0``: no clamp), so any other value would not
-    reproduce it; with ``cosine`` the clamp applies at whatever value is set.
+    ``clip_pos`` follows the official code too: it clamps at 1.0 when clip_pos == 1.0 and not at
+    all otherwise (contrastive_loss.py, ``if self.clip_pos != 1.0``: the unclamped numerator; its
+    config cifar10_supcon_cep_coarselabels_clip_pos.yaml sets 0.95 and so trains without a clamp).
+    With ``cosine`` the clamp applies at whatever value is set.
     """
 
     description = ("SupCon on coarse labels (T=0.5, positive logit clamped at 1) + coarse cross-entropy; "
@@ -77,11 +78,9 @@ class SupCon(CoarseLabelMethod):
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         if cfg["similarity"] not in THANOS_SIMILARITIES:
             raise choices_error("similarity", cfg["similarity"], THANOS_SIMILARITIES)
-        if cfg["similarity"] == "official" and cfg["clip_pos"] not in (1.0, None):
-            raise UsageError(f"clip_pos {cfg['clip_pos']!r} with similarity 'official': the official Thanos loss clamps "
-                             f"only when clip_pos == 1.0 and otherwise not at all; use 1.0, null (no clamp) or "
-                             f"similarity 'cosine'")
         super().__init__(backbone, cfg, info)
+        official_no_clamp = cfg["similarity"] == "official" and cfg["clip_pos"] != 1.0
+        self.clip_pos = None if official_no_clamp else cfg["clip_pos"]  # the positive clamp this run applies
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, labels = self.cfg, batch.labels
@@ -89,7 +88,7 @@ class SupCon(CoarseLabelMethod):
         ce = self.coarse_ce(z, labels)
         z0, z1 = (gather_with_grad(v) for v in z.split(len(labels))[:2])  # contrast the global batch under DDP
         labels = all_gather_cat(labels)
-        con = supcon_loss(z1, z0, labels, cfg["temperature"], cfg["clip_pos"], cfg["similarity"])
+        con = supcon_loss(z1, z0, labels, cfg["temperature"], self.clip_pos, cfg["similarity"])
         logs = {"ce": float(ce.detach()), "supcon": float(con.detach())}
         if cfg["a_spread"] > 0:
             spread = class_conditional_info_nce(z1, z0, labels, cfg["temperature"], cfg["similarity"])

@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from harness.store import run_id
+from harness.backbones import create_backbone
+from harness.runner import Runner, plan
+from harness.store import ResultStore, run_id
 from harness.vit import ViT
 from methods import METHODS, Batch, DataInfo, create_method, resolve_config
 from methods.autoencoder import ConvDecoder
 from methods.losses import class_conditional_info_nce, supcon_loss
 from methods.thanos import ConcatEncoder
-from tests.conftest import metric
+from tests.conftest import make_suite, metric
 
 TAU = 0.5
 
@@ -223,14 +225,38 @@ def test_vit_small_patch4_is_the_papers_encoder():
 
 
 # ----------------------------------------------------------------------------- harness runs
-def test_thanos_run_evaluates_the_stored_component_runs(run_suite):
-    records = run_suite(["supcon_spread", "cond_autoencoder", "thanos"], seeds=(0,), budget="epochs=1")
+def test_thanos_run_evaluates_the_stored_component_runs(run_suite, tmp_path):
+    """Thanos names its component runs and evaluates their trained weights: its features equal the
+    concatenated features of the two backbones loaded here, directly from the components'
+    checkpoint files into fresh backbones, and those differ from the untrained initialisation.
+    Catches a Thanos built on freshly initialised (or same-seed re-initialised) components,
+    swapped components, and a checkpoint of another run."""
+    methods, budget = ["supcon_spread", "cond_autoencoder", "thanos"], "epochs=1"
+    records = run_suite(methods, seeds=(0,), budget=budget)
     assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
     by_method = {r["spec"]["method"]: r for r in records}
     thanos = by_method["thanos"]
     assert [run_id(s) for s in thanos["spec"]["components"]] == [by_method["supcon_spread"]["run_id"],
                                                                  by_method["cond_autoencoder"]["run_id"]]
     assert thanos["train"]["used"] is None and "knn/top1" in thanos["metrics"]["backbone"]
+
+    suite = make_suite(methods, seeds=(0,), budget=budget)  # the run_suite fixture's suite, same results dir
+    runner = Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None)
+    jobs = {job.spec["method"]: job for job in plan(suite)}
+    data, manifest = runner.dataset("digits", jobs["thanos"].spec["val_fraction"])
+    combined, _, _ = runner.build(jobs["thanos"], data, manifest)
+    x = torch.as_tensor(data.images[:16]).float() / 255
+    store, expected = ResultStore(tmp_path / "results", suite.name), []
+    for name in ("supcon_spread", "cond_autoencoder"):
+        weights = torch.load(store.checkpoint_path(jobs[name].run_id), map_location="cpu", weights_only=False)["model"]
+        backbone = create_backbone(jobs[name].spec["backbone"], data.image_shape[0])
+        untrained = {k: v.clone() for k, v in backbone.state_dict().items()}
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")})
+        assert any(not torch.equal(untrained[k], v) for k, v in backbone.state_dict().items() if v.is_floating_point())
+        expected.append(backbone.eval()(x))
+    with torch.no_grad():
+        features = combined.eval().representations(x)["backbone"]
+    torch.testing.assert_close(features, torch.cat(expected, 1).detach())
 
 
 def test_spread_keeps_more_fine_structure_than_supcon_on_digits(run_suite):
