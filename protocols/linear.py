@@ -158,9 +158,10 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
 
     ``normalize``/``augment`` map a uint8 image batch to the encoder's float input.
     Returns the final head's ``top1``/``top5`` on test; with a validation set also the best
-    ``val_top1``, its ``best_epoch`` (1-based) and the test ``top1@best_val``/``top5@best_val``
-    of that epoch's head. Fractions in [0, 1]. Seeded: the batch order, the head's init and
-    the augmentations' torch random draws.
+    ``val_top1``, its ``best_epoch`` (1-based, the earliest on a tie) and the test
+    ``top1@best_val``/``top5@best_val`` of that epoch's head. The epoch is chosen on validation
+    alone; the test split is scored once per reported head, after training. Fractions in
+    [0, 1]. Seeded: the batch order, the head's init and the augmentations' torch random draws.
     """
     train_y, test_y = check_labels(train_y, "train_y"), check_labels(test_y, "test_y")
     check_same_length(train_images, train_y, "train_images", "train_y")
@@ -196,7 +197,7 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
             labels = torch.as_tensor(y_idx, device=device)
             rng = np.random.default_rng(seed)
-            best = (-1.0, 0, {})
+            best_val, best_epoch, best_head = -1.0, 0, None
             for epoch in range(1, epochs + 1):
                 order = rng.permutation(len(train_y))
                 for batch in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
@@ -212,16 +213,22 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
                 if val_f is not None:
                     with torch.no_grad():
                         val_acc = float((classes[head(val_f).argmax(1).cpu().numpy()] == val_y).mean())
-                        if val_acc > best[0]:
-                            test_rank = head(test_f).topk(top, dim=1).indices.cpu().numpy()
-                            best = (val_acc, epoch, topk_accuracy(test_y, classes[test_rank]))
-            with torch.no_grad():
-                out = topk_accuracy(test_y, classes[head(test_f).topk(top, dim=1).indices.cpu().numpy()])
+                    if val_acc > best_val:
+                        best_val, best_epoch = val_acc, epoch
+                        best_head = {k: v.clone() for k, v in head.state_dict().items()}
+
+            def test_scores() -> dict[str, float]:
+                with torch.no_grad():
+                    return topk_accuracy(test_y, classes[head(test_f).topk(top, dim=1).indices.cpu().numpy()])
+
+            # the test split is scored once per reported head: the final one and the best on val
+            out = test_scores()
+            if best_head is not None:
+                head.load_state_dict(best_head)
+                out |= {"val_top1": best_val, "best_epoch": float(best_epoch)}
+                out |= {f"{key}@best_val": value for key, value in test_scores().items()}
     finally:
         encoder.train(was_training)
-    if val_f is not None:
-        out |= {"val_top1": best[0], "best_epoch": float(best[1])}
-        out |= {f"{key}@best_val": value for key, value in best[2].items()}
     return out
 
 

@@ -5,7 +5,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 import protocols  # noqa: F401  (registers the wrappers)
-from protocol_context import BlobContext
+from protocol_context import BlobContext, record_calls
+from protocols import linear
 from protocols.linear import lbfgs_probe, lbfgs_protocol, sgd_probe, sgd_protocol
 
 
@@ -54,10 +55,85 @@ def test_two_views_and_string_labels():
 
 
 @pytest.mark.parametrize("with_val", [True, False])
-def test_separable_blobs_score_one(with_val):
-    ctx = BlobContext(with_val=with_val)  # without a val split the probe carves one from train
+def test_lbfgs_wrapper_fits_on_train_selects_on_val_and_scores_test(with_val, monkeypatch):
+    """The wrapper hands the probe the train rows to fit, the val rows to choose L2 on (none
+    without a val split: the probe carves one from train) and the test rows to score.
+
+    Test labels are redrawn at random; a probe fitted on the blobs' true labels predicts each
+    test sample's blob, so top-1 is the share of test labels that still match their blob
+    (a known answer, 0.083 here). Breakage tried (a patched wrapper): fitting on test, fitting
+    on train+val, choosing L2 on test, carving val although one exists; each fails this test
+    (the old check, 1.0 on separable blobs, passed them all).
+    """
+    ctx = BlobContext(with_val=with_val, relabel=("test",))
+    calls = record_calls(monkeypatch, linear, "lbfgs_probe")
     out = lbfgs_protocol(ctx, "backbone", l2_grid=[1e-3, 1e-1], max_iter=200)
-    assert out["top1"] == 1.0 and out["top5"] == 1.0
+    x, y = ctx.features("backbone"), ctx.labels()
+    train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
+    (call,) = calls
+    for given, expected in zip(call.args, (x[train], y[train], x[test], y[test])):
+        assert np.array_equal(given, expected)
+    if with_val:
+        assert np.array_equal(call.kwargs["val_x"], x[val]) and np.array_equal(call.kwargs["val_y"], y[val])
+    else:
+        assert call.kwargs["val_x"] is None and call.kwargs["val_y"] is None
+    assert out["top1"] == np.mean(ctx.blob[test] == y[test]) < 0.5
+
+
+def test_lbfgs_probe_chooses_l2_on_val_alone_and_scores_test_once(monkeypatch):
+    """Issue 16: the L2 is chosen on the validation split and the test split is scored once.
+
+    On test labels shifted by one class, choosing on test would pick L2 = 10 (test top-1 0.10
+    against 0.04 at 0.1); validation picks 0.1. The choice, the sweep and ``val_top1`` are the
+    same whichever labels the test split holds, and ``topk_accuracy`` (the only place test is
+    scored) runs once per probe, on the test labels. Breakage tried (lbfgs_probe edited, then
+    restored): the sweep scored on test, L2 picked by test top-1 with val numbers reported,
+    test scored after every fit of the sweep; each fails this test.
+    """
+    grid = (1e-3, 1e-1, 10.0)
+    (x, y), (xv, yv), (xt, yt) = (overlapping_blobs(n, seed, dim=40) for n, seed in ((300, 1), (100, 2), (100, 3)))
+    shifted = (yt + 1) % 5
+    assert lbfgs_probe(x, y, xt, shifted, val_x=xt, val_y=shifted, l2_grid=grid)["l2"] == 10.0  # test's choice
+    scorings = record_calls(monkeypatch, linear, "topk_accuracy")
+    true, other = (lbfgs_probe(x, y, xt, labels, val_x=xv, val_y=yv, l2_grid=grid) for labels in (yt, shifted))
+    assert len(scorings) == 2 and all(np.array_equal(call.args[0], labels)
+                                      for call, labels in zip(scorings, (yt, shifted)))
+    chosen = [{key: value for key, value in out.items() if not key.startswith("top")} for out in (true, other)]
+    assert chosen[0] == chosen[1] and chosen[0]["l2"] == 0.1
+    assert true["top1"] > 0.7 > 0.2 > other["top1"]
+
+
+def points(*groups: tuple[int, float, int]) -> tuple[torch.Tensor, np.ndarray]:
+    """1-D features and labels from ``(count, position, label)`` groups."""
+    x = torch.tensor([[position] for count, position, _ in groups for _ in range(count)])
+    return x, np.array([label for count, _, label in groups for _ in range(count)])
+
+
+def test_sgd_probe_reports_test_accuracy_of_the_best_val_epoch_scoring_test_once_per_head(monkeypatch):
+    """``top1@best_val`` is the test accuracy of the head of the best validation epoch, an epoch
+    that is neither the first nor the last; test is scored once per reported head (issue 16).
+
+    An identity encoder on 1-D features: 90 training samples of class 0 at 0, 10 of class 1 at 2.
+    Logistic regression learns the bias first (everything class 0), then its boundary moves
+    down towards the max-margin point 1 (Soudry et al. 2018): it passes val's class-1 point at
+    1.9, later val's class-0 point at 1.4. Val is right on both only in between (epoch 4 of
+    10). Test holds three class-1 samples at 1.9 and one class-0 at 1.4, so a head right on val
+    scores 1.0 on test, and the final head (boundary below 1.4) 0.75; with the test labels
+    flipped, the best-val head scores 0.0 and the epoch does not move. Breakage tried
+    (sgd_probe edited, then restored): the last epoch's head reported as best, the first
+    epoch's, the best epoch chosen by test accuracy, test scored at every epoch val improved
+    (the code before this test); each fails it.
+    """
+    train_x, train_y = points((90, 0.0, 0), (10, 2.0, 1))
+    val_x, val_y = points((1, 1.9, 1), (1, 1.4, 0))
+    test_x, test_y = points((3, 1.9, 1), (1, 1.4, 0))
+    scorings = record_calls(monkeypatch, linear, "topk_accuracy")
+    kw = dict(normalize=lambda batch: batch, epochs=10, lr=0.1, batch_size=25, val_images=val_x, val_y=val_y)
+    out = sgd_probe(torch.nn.Identity(), train_x, train_y, test_x, test_y, **kw)
+    assert out == {"top1": 0.75, "val_top1": 1.0, "best_epoch": 4.0, "top1@best_val": 1.0}
+    assert len(scorings) == 2  # the final head and the best-val head, nothing else
+    flipped = sgd_probe(torch.nn.Identity(), train_x, train_y, test_x, 1 - test_y, **kw)
+    assert flipped == {"top1": 0.25, "val_top1": 1.0, "best_epoch": 4.0, "top1@best_val": 0.0}
 
 
 @pytest.mark.parametrize("change,message", [
