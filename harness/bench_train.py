@@ -25,7 +25,7 @@ import torch
 from harness.augment import Augmenter, get_preset
 from harness.backbones import create_backbone
 from harness.budget import Budget
-from harness.data import load_dataset
+from harness.data import ImageData, load_dataset
 from harness.environment import resolve_device
 from harness.pil_augment import default_workers, training_feed
 from harness.seeding import seed_everything
@@ -44,6 +44,8 @@ def floor_images_per_second(backbone_name: str, shape: tuple[int, int, int], bat
     net = create_backbone(backbone_name, shape[0]).to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     x = torch.randn(batch * views, *shape, device=device)
+    if device.startswith("cuda"):  # channels-last, as train() runs the model on CUDA
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
             _sync(device)
@@ -57,9 +59,9 @@ def floor_images_per_second(backbone_name: str, shape: tuple[int, int, int], bat
     return batch * steps / (time.perf_counter() - start)
 
 
-def _setup(name: str, dataset: str, scale: str, device: str, data_dir: Path):
+def _setup(name: str, dataset: str | ImageData, scale: str, device: str, data_dir: Path):
     """(data, method config, training images on device, labels, DataInfo) as the runner builds them."""
-    data = load_dataset(dataset, data_dir)
+    data = dataset if isinstance(dataset, ImageData) else load_dataset(dataset, data_dir)
     cls = METHODS.get(name)
     cfg = resolve_config(cls, scale)
     images = data.images[torch.from_numpy(data.is_train)].to(device)
@@ -70,9 +72,11 @@ def _setup(name: str, dataset: str, scale: str, device: str, data_dir: Path):
     return data, cfg, images, labels, info
 
 
-def method_images_per_second(name: str, dataset: str, backbone_name: str, scale: str, device: str, steps: int,
-                             data_dir: Path) -> tuple[float, int, int, float]:
-    """(images/s of the full training step, batch size, views, peak MB) for ``name``."""
+def method_images_per_second(name: str, dataset: str | ImageData, backbone_name: str, scale: str, device: str,
+                             steps: int, data_dir: Path, compile_backbone: bool = False) -> tuple[float, int, int, float]:
+    """(images/s of the full training step, batch size, views, peak MB) for ``name`` on ``dataset`` (a name,
+    or data already loaded). The warm-up run also pays for ``compile_backbone``'s compilation: the timed
+    run's fresh backbone reuses the compiled code (same module class, parameters are graph inputs)."""
     data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
     augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
     results = []
@@ -83,7 +87,7 @@ def method_images_per_second(name: str, dataset: str, backbone_name: str, scale:
             torch.cuda.reset_peak_memory_stats()
         _reset_peak_rss()
         result = train(method, images, labels, budget, augmenter, cfg, device=device, seed=0,
-                       generator=generator, quiet=True)
+                       generator=generator, quiet=True, compile_backbone=compile_backbone)
         results.append(result)
     last = results[-1]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_rss_mb()

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
-from harness.errors import UsageError
+from harness.errors import EnvironmentFailure, UsageError, missing_dependency
+from harness.validate import repeated
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_LEADERBOARDS = Path("leaderboards")
@@ -14,7 +16,18 @@ DEFAULT_DATA = Path.home() / ".cache" / "ssl-harness" / "data"
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """A non-empty comma-separated list, each item once (``--methods ""`` must not mean all methods)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
+    _once(items, value)
+    return items
+
+
+def _once(items: list, value: str) -> None:
+    if repeated(items):
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated(items))} given more than once in {value!r}; "
+                                         f"give each once")
 
 
 def _seeds(value: str) -> list[int]:
@@ -22,9 +35,20 @@ def _seeds(value: str) -> list[int]:
         seeds = [int(v) for v in _csv(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {value!r}") from None
-    if not seeds or min(seeds) < 0:
+    if min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, got {value!r}")
+    _once(seeds, value)  # 0,00 too
     return seeds
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
 
 
 def _alpha(value: str) -> float:
@@ -72,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"dataset directory (default {DEFAULT_DATA})")
     run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where records are stored (default results)")
-    run.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+    run.add_argument("--leaderboard-dir", type=Path, default=None, help="where tables go (default: leaderboards/ for the default results dir, else beside "
+                         "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="rerun stored runs that failed (a NaN loss, say) from scratch; others are kept")
     run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
     run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -85,17 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also stream training scalars to TensorBoard or W&B (off by default)")
     run.add_argument("--executor", choices=["local", "submitit"], default="local",
                      help="local process pool, or submitit (Slurm; its local backend without Slurm)")
-    run.add_argument("--workers", type=int, help="jobs at once (default: one per visible GPU, else 1)")
+    run.add_argument("--workers", type=_positive_int, help="jobs at once (default: one per visible GPU, else 1)")
     run.add_argument("--slurm-partition", dest="partition")
-    run.add_argument("--gpus-per-job", type=int)
-    run.add_argument("--timeout-min", type=int)
-    run.add_argument("--array-parallelism", type=int)
+    run.add_argument("--gpus-per-job", type=_positive_int)
+    run.add_argument("--timeout-min", type=_positive_int)
+    run.add_argument("--array-parallelism", type=_positive_int)
     _add_stats_options(run)
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
     lb.add_argument("suite", nargs="?", default=None)
     lb.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
-    lb.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+    lb.add_argument("--leaderboard-dir", type=Path, default=None, help="where tables go (default: leaderboards/ for the default results dir, else beside "
+                         "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
     _add_stats_options(lb)
 
     cmp = sub.add_parser("compare", help="paired difference of two methods on every column of a suite, with "
@@ -108,10 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
 
+    rp = sub.add_parser("reproduce", help="retrain stored runs in a scratch dir and compare their headline "
+                                          "metrics with the records (bit-identical, within seed noise, or not)")
+    rp.add_argument("suite", nargs="?", default=None)
+    rp.add_argument("--runs", type=_positive_int, default=1, help="how many stored runs, in plan order (default 1)")
+    rp.add_argument("--methods", type=_csv, help="only runs of these method rows")
+    rp.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    rp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    rp.add_argument("--device", default="auto")
+    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    mg = sub.add_parser("migrate", help="rename stored records to the run ids this version computes "
+                                        "(for results dirs written by older versions)")
+    mg.add_argument("suite", nargs="?", default=None, help="one suite's records (default: every suite)")
+    mg.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+
     rep = sub.add_parser("report", help="HTML page and figures of a suite from its stored records (no training)")
     rep.add_argument("suite", nargs="?", default=None)
     rep.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
-    rep.add_argument("--leaderboard-dir", type=Path, default=DEFAULT_LEADERBOARDS)
+    rep.add_argument("--leaderboard-dir", type=Path, default=None, help="where tables go (default: leaderboards/ for the default results dir, else beside "
+                         "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
     rep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--no-features", action="store_true", help="skip embeddings and galleries (no model rebuilt)")
@@ -147,13 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from harness.budget import Budget
-    from harness.leaderboard import write_leaderboards
+    from harness.leaderboard import current_records, write_leaderboards
     from harness.runner import Runner, plan
     from harness.suite import DEFAULT_SUITE, load_suite
-    from harness.data import validate_dataset_name
+    from harness.data import load_split_data, validate_dataset_name
+    from harness.environment import check_writable, resolve_device
     from harness.errors import choices_error
+    from harness.suite import check_against_data
 
+    resolve_device(args.device)  # a device this machine lacks stops here, before anything is loaded
     suite = load_suite(args.suite or DEFAULT_SUITE)
+    every_method = list(suite.methods)  # the tables show every row on disk, whichever subset this process runs
     if args.methods:
         known = {e.label: e for e in suite.methods} | {e.name: e for e in suite.methods}
         for m in args.methods:
@@ -166,9 +214,14 @@ def cmd_run(args) -> int:
         suite.datasets = args.datasets
     if args.seeds:
         suite.seeds = args.seeds
-    if args.budget:
+    if args.budget is not None:
         suite.budgets = [Budget.parse(args.budget)]
     jobs = plan(suite)
+    # Everything that can fail is checked before the first run trains: where results and tables go,
+    # and what only the data can tell (k against the split sizes, coarse labels, unreadable files).
+    check_writable(args.results_dir, "--results-dir")
+    check_writable(args.leaderboard_dir, "--leaderboard-dir")
+    check_against_data(suite, lambda dataset, val_fraction: load_split_data(dataset, args.data_dir, val_fraction))
     from harness import distributed
 
     ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks
@@ -181,7 +234,8 @@ def cmd_run(args) -> int:
     check_backend(args.log)
     if args.executor == "local" and not args.workers:
         runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
-                        precision=args.precision, compile=args.compile, pipeline=args.pipeline)
+                        precision=args.precision, compile=args.compile, pipeline=args.pipeline,
+                        retry_failed=args.retry_failed)
         records = runner.run(jobs, force=args.force)
     else:
         from harness.executors import ExecutorError, run_jobs, slurm_options
@@ -190,7 +244,7 @@ def cmd_run(args) -> int:
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
                   "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile,
-                  "pipeline": args.pipeline}
+                  "pipeline": args.pipeline, "retry_failed": args.retry_failed}
         try:
             records = run_jobs(jobs, kwargs, args.executor, args.workers, slurm, force=args.force,
                                plugins=args.plugin)
@@ -200,10 +254,21 @@ def cmd_run(args) -> int:
     if not records:
         print("no records yet (all jobs are running elsewhere)")
         return 0
+    _report_failed(records)
+    suite.methods = every_method
+    records = current_records(suite, args.results_dir)  # all on disk: concurrent writers end with the whole table
     display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables,
                                  _stats_options(args))
     _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
     return 0
+
+
+def _report_failed(records: list[dict]) -> None:
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        print(f"{len(failed)} of {len(records)} runs failed (first: {failed[0]['spec']['label']} on "
+              f"{failed[0]['spec']['dataset']} seed {failed[0]['spec']['seed']}: {failed[0].get('reason', '')}); "
+              f"the table marks them; rerun them with --retry-failed", file=sys.stderr)
 
 
 def _run_data_parallel(args, suite, jobs, ranks) -> int:
@@ -311,6 +376,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    try:
+        import optuna  # noqa: F401  (optional: only tuning needs it)
+    except ImportError:
+        raise missing_dependency("optuna", "harness tune") from None
     from harness.tune import tune
 
     best = tune(args.method, args.dataset, args.trials, args.budget, storage=args.storage, study_name=args.study,
@@ -348,20 +417,80 @@ def cmd_eval(args) -> int:
     return 0
 
 
-BENCHMARKS = {"protocols": "harness.bench", "train": "harness.bench_train"}
+BENCHMARKS = {"protocols": "harness.bench", "train": "harness.bench_train", "gpu": "harness.bench_gpu"}
 
 
 def cmd_bench(args) -> int:
     return importlib.import_module(BENCHMARKS[args.what]).main(args.options)
 
 
+def cmd_reproduce(args) -> int:
+    from harness.reproduce import SEED_NOISE_STDS, reproduce
+    from harness.suite import DEFAULT_SUITE, load_suite
+
+    suite = load_suite(args.suite or DEFAULT_SUITE)
+    if args.methods:
+        suite.methods = [e for e in suite.methods if e.label in args.methods or e.name in args.methods]
+        if not suite.methods:
+            raise UsageError(f"no method row of suite {suite.name!r} is named {', '.join(args.methods)}")
+    table = reproduce(suite, args.results_dir, args.data_dir, runs=args.runs, device=args.device, quiet=args.quiet)
+    if table.empty:
+        raise UsageError(f"no stored successful run of suite {suite.name!r} to reproduce under {args.results_dir}")
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_rows", None, "display.float_format", "{:.6g}".format):
+        print(table.to_string(index=False))
+    counts = table["verdict"].value_counts()
+    print(f"\n{', '.join(f'{n} {v}' for v, n in counts.items())} (of {len(table)}; 'within seed noise' = within "
+          f"{SEED_NOISE_STDS:g} std over the suite's stored seeds). Bit-identical is expected on the machine, torch "
+          f"version and device that wrote the records; elsewhere, within seed noise.")
+    return 0 if "outside" not in counts else 1
+
+
+def cmd_migrate(args) -> int:
+    from harness.store import ResultStore
+
+    root = args.results_dir
+    names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    total = 0
+    for name in names:
+        renamed = ResultStore(root, name).migrate_run_ids()
+        total += len(renamed)
+        if renamed:
+            print(f"{name}: renamed {len(renamed)} records to their current run ids")
+    print(f"{total} records renamed under {root}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
-            "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare}
+            "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare,
+            "reproduce": cmd_reproduce, "migrate": cmd_migrate}
+
+
+def default_leaderboard_dir(results_dir: Path) -> Path:
+    """Tables of the default results dir go to ``leaderboards/``; those of another results dir beside it,
+    so that runs elsewhere never overwrite the repository's committed tables."""
+    if results_dir == DEFAULT_RESULTS:
+        return DEFAULT_LEADERBOARDS
+    if results_dir.name == "results":
+        return results_dir.parent / "leaderboards"
+    return results_dir.with_name(f"{results_dir.name}-leaderboards")
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left at exit raises no second BrokenPipeError
+    (the recipe of Python's signal module documentation)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "leaderboard_dir", "absent") is None:
+            args.leaderboard_dir = default_leaderboard_dir(args.results_dir)
         for module in args.plugin:
             try:
                 importlib.import_module(module)
@@ -371,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `harness list | head`: the reader has gone, so stop quietly
+        _detach_stdout()
+        return 141  # as a process killed by SIGPIPE (`yes | head`)
+    except (EnvironmentFailure, OSError) as exc:  # a full or read-only disk, a corrupt file
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; stored records are kept, run again to finish", file=sys.stderr)
         return 130

@@ -1,0 +1,236 @@
+"""GPU benchmark at paper scale: one command, one table (``python -m harness bench gpu``).
+
+Rows, on one GPU (CUDA when there is one):
+
+* every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
+  stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
+  ``harness run`` trains on CUDA (SimCLR also with ``--compile``): images/s of the full training
+  step (:func:`harness.bench_train.method_images_per_second`) against the bare backbone's bf16
+  forward+backward at the same batch and views (:func:`harness.bench_train.floor_images_per_second`),
+  their ratio, peak memory, and where a step's time goes: backbone (the floor), on-device
+  augmentation of the step's views (timed alone), and the rest (method heads and losses,
+  memory-bank/queue updates, optimiser, Python and the loop's per-step sync);
+* weighted kNN (``protocols.knn``, torch backend) of 10,000 queries against 50,000 x 512
+  training features at k=200, against the bare float32 similarity matmul of the same shapes;
+* Sinkhorn-Knopp (``methods.sinkhorn``) on N = 1,281,167 x K = 3,000 logits (SeLa's ImageNet
+  scale): seconds per iteration and memory (:func:`harness.bench_sinkhorn.bench`, a fresh process);
+* the clustering protocol's k-means (``protocols.clustering.kmeans``, torch backend) on
+  100,000 x 128, k = 1,000, 25 iterations of one initialisation, against 25 bare assignment matmuls.
+
+The images are uniform random pixels with random labels: the work per step (augmentation,
+network, losses, banks of N entries) does not depend on the content. Everything is budgeted by
+steps and iterations (about 5 minutes on one H200). ``--smoke`` runs every row at tiny sizes
+(64 images of 8 px, small CNN, CPU-scale configs, no ``--compile`` row: inductor's C++ build takes
+minutes on a CPU) on whatever device there is, and writes its table to a temporary file unless ``--out``
+says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harness.augment import Augmenter, get_preset
+from harness.bench_sinkhorn import bench as sinkhorn_bench
+from harness.bench_train import _machine, _sync, floor_images_per_second, method_images_per_second
+from harness.data import CIFAR10_CLASSES, CIFAR10_FINE_TO_COARSE, CIFAR_MEAN_STD, ImageData
+from harness.environment import resolve_device
+from harness.errors import choices_error
+from methods import METHODS, resolve_config
+from protocols.clustering import kmeans
+from protocols.knn import knn_accuracy
+
+#: Sizes of the paper-scale run and of the smoke run (``--smoke``).
+PAPER = dict(images=50_000, side=32, backbone="resnet18_cifar", scale="paper", steps=50, augment_steps=20,
+             compile=True, knn=(50_000, 10_000, 512, 200), sinkhorn=(1_281_167, 3_000), sinkhorn_iters=10,
+             kmeans=(100_000, 128, 1_000))
+SMOKE = dict(images=64, side=8, backbone="small_cnn", scale="cpu", steps=1, augment_steps=1,
+             compile=False, knn=(2_000, 500, 64, 20), sinkhorn=(5_000, 50), sinkhorn_iters=3, kmeans=(2_000, 16, 20))
+KMEANS_ITERS = 25
+COMPILED = ("simclr",)  # methods also timed with --compile
+COLUMNS = ("benchmark", "size", "rate", "unit", "floor", "ratio", "peak MB", "time split")
+
+
+def synthetic_cifar(n: int, side: int = 32, seed: int = 0) -> ImageData:
+    """``n`` training images of uint8 noise, (n, 3, side, side), random CIFAR-10 labels and
+    their coarse labels (vehicles vs animals), CIFAR's normalisation."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g).numpy()
+    return ImageData("cifar10-synthetic", torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g),
+                     labels, CIFAR10_FINE_TO_COARSE[labels], np.ones(n, dtype=bool), CIFAR10_CLASSES, *CIFAR_MEAN_STD)
+
+
+def best_seconds(fn: Callable[[], Any], device: str, repeats: int = 3) -> tuple[float, Any]:
+    """The shortest of ``repeats`` synchronised runs of ``fn()`` after one warm-up run, and its result."""
+    out, best = fn(), math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def augment_seconds_per_step(data: ImageData, cfg: dict, device: str, steps: int) -> float:
+    """Seconds of one training step's augmentation alone: gather a batch, make ``views`` views."""
+    images = data.images.to(device)
+    batch = min(cfg["batch_size"], len(images))
+    augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    generator, order = torch.Generator().manual_seed(0), torch.randperm(len(images), device=device)
+
+    def run() -> None:
+        for step in range(steps):
+            raw = images[order.roll(step * batch)[:batch]]
+            for _ in range(cfg["views"]):
+                augmenter(raw, generator, None, batch)
+
+    return best_seconds(run, device, repeats=2)[0] / steps
+
+
+def _split(step_ms: float, parts: dict[str, float]) -> str:
+    """'backbone 61% (8.1 ms), ...' of a step, largest share first: what limits the method."""
+    parts = {**parts, "rest": step_ms - sum(parts.values())}
+    return ", ".join(f"{name} {ms / step_ms:.0%} ({ms:.2f} ms)"
+                     for name, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
+def method_rows(data: ImageData, name: str, size: dict, device: str) -> list[dict]:
+    """The method's row at ``size``'s scale and backbone (and its --compile row for :data:`COMPILED`)."""
+    cfg = resolve_config(METHODS.get(name), size["scale"])
+    augment_ms = augment_seconds_per_step(data, cfg, device, size["augment_steps"]) * 1e3
+    rows, floor = [], None
+    for compiled in (False, True) if name in COMPILED and size["compile"] else (False,):
+        ips, batch, views, peak = method_images_per_second(name, data, size["backbone"], size["scale"], device,
+                                                           size["steps"], Path("."), compile_backbone=compiled)
+        if floor is None:
+            floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
+        step_ms = batch / ips * 1e3
+        rows.append({"benchmark": name + (" --compile" if compiled else ""),
+                     "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
+                     "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
+                     "time split": _split(step_ms, {"backbone": batch / floor * 1e3, "augment": augment_ms})})
+    return rows
+
+
+def _gaussian_features(rng: np.random.Generator, n: int, dim: int, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.integers(0, len(means), n)
+    return (means[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def knn_row(n_train: int, n_query: int, dim: int, k: int, device: str) -> dict:
+    """Weighted kNN (torch backend, features handed over as numpy as the protocol gets them) vs the bare matmul."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(100, dim)) * 0.5
+    (train_x, train_y), (test_x, test_y) = (_gaussian_features(rng, n, dim, means) for n in (n_train, n_query))
+    a, b = torch.from_numpy(test_x).to(device), torch.from_numpy(train_x).to(device)
+    floor_s, _ = best_seconds(lambda: a @ b.T, device)
+    s, acc = best_seconds(lambda: knn_accuracy(train_x, train_y, test_x, test_y, k=k, backend="torch",
+                                               device=device), device)
+    return {"benchmark": "knn torch", "size": f"{n_train} train x {n_query} queries x {dim}, k={k}",
+            "rate": s, "unit": "s", "floor": floor_s, "ratio": floor_s / s, "peak MB": math.nan,
+            "time split": f"floor: the {n_query} x {n_train} float32 similarity matmul; top-1 {acc['top1']:.3f}"}
+
+
+def sinkhorn_rows(n: int, k: int, iterations: int, device: str) -> list[dict]:
+    """Sinkhorn-Knopp on float32 logits, SeLa's lambda 25, with float64 chunks (the solver's default, what
+    SeLa runs) and float32 chunks (half the time and memory), each in a fresh process."""
+    df = sinkhorn_bench([n], k, ["float64", "float32"], "float32", lam=25.0, tol=1e-1, max_iter=iterations,
+                        device=device)
+    return [{"benchmark": f"sinkhorn {r['chunks']} chunks", "size": f"N={n} x K={k}, {r['logits GB']} GB logits",
+             "rate": r["seconds"] / r["iterations"], "unit": "s/iteration", "floor": math.nan, "ratio": math.nan,
+             "peak MB": r["peak MB"], "time split": f"{r['iterations']} iterations; solver MB {r['solver MB']}"}
+            for r in df.to_dict("records")]
+
+
+def kmeans_row(n: int, dim: int, k: int, device: str) -> dict:
+    """The clustering protocol's k-means, one initialisation of 25 iterations, vs 25 assignment matmuls."""
+    x = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    a = torch.from_numpy(x).to(device)
+    c = a[:k].clone()
+    floor_s, _ = best_seconds(lambda: [a @ c.T for _ in range(KMEANS_ITERS)], device)
+    s, _ = best_seconds(lambda: kmeans(x, k, seed=0, n_init=1, max_iter=KMEANS_ITERS, tol=0.0, backend="torch",
+                                       device=device), device, repeats=2)
+    return {"benchmark": "kmeans torch", "size": f"{n} x {dim}, k={k}, {KMEANS_ITERS} iterations, 1 init",
+            "rate": s, "unit": "s", "floor": floor_s, "ratio": floor_s / s, "peak MB": math.nan,
+            "time split": f"floor: {KMEANS_ITERS} float32 assignment matmuls"}
+
+
+def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
+                   log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The table: method rows (``methods``: default every training method), then kNN, Sinkhorn, k-means."""
+    size = SMOKE if smoke else PAPER
+    trained = [n for n in METHODS.names() if METHODS.get(n).trains]
+    for name in methods or ():
+        if name not in trained:
+            raise choices_error("training method", name, trained)
+    data = synthetic_cifar(size["images"], size["side"])
+    rows = []
+    for name in methods or trained:
+        rows += method_rows(data, name, size, device)
+        log(f"{rows[-1]['benchmark']}: {rows[-1]['rate']:.0f} images/s, ratio {rows[-1]['ratio']:.2f}")
+    rows.append(knn_row(*size["knn"], device))
+    rows += sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device)
+    rows.append(kmeans_row(*size["kmeans"], device))
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """3 significant digits (whole numbers above 1,000), blanks for what does not apply."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="harness bench gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on any device, in seconds (a test)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--methods", default=None, help="comma-separated training methods (default: all)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="markdown table (default leaderboards/bench-gpu.md; with --smoke a temporary file)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "bench-gpu.md" if args.smoke
+                       else Path("leaderboards") / "bench-gpu.md")
+    started = time.perf_counter()
+    df = gpu_benchmarks(args.smoke, device, args.methods.split(",") if args.methods else None)
+    table = to_markdown(df)
+    print(table)
+    size = SMOKE if args.smoke else PAPER
+    precision = "bf16 autocast, channels-last" if device.startswith("cuda") else "float32"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"# GPU benchmark{' (smoke sizes)' if args.smoke else ''}: {device}, torch {torch.__version__}\n\n"
+        f"Machine: {_machine(device)}. Finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} after "
+        f"{time.perf_counter() - started:.0f} s. Training rows: {size['scale']}-scale configs, {size['backbone']}, "
+        f"{size['images']:,} random uint8 images of {size['side']} px, {precision}, {size['steps']} timed steps "
+        "after a 2-step warm-up run (which also pays for --compile).\n\n"
+        "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
+        "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "
+        "the same batch and views (training rows), or the seconds of the bare matmuls the protocol cannot "
+        "avoid. ratio: the share of the floor's speed reached (rate / floor for images/s, floor / rate for "
+        "seconds; 1.0 = no overhead; goal >= 0.9). peak MB: CUDA max allocated (process peak RSS on CPU). "
+        "time split: a training step's time as backbone (the floor), augmentation of its views (timed alone) "
+        "and the rest (method heads, losses, bank/queue updates, optimiser, Python, the loop's per-step "
+        "loss sync); SeLa's steps include its per-epoch relabelling pass (features of all images + "
+        "Sinkhorn), which falls in the timed steps.\n\n" + table + "\n")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
