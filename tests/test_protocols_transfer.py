@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 import protocols
-from protocol_context import BlobContext
+from protocol_context import BlobContext, record_calls
+from protocols import transfer
 from protocols.transfer import coarse_to_fine, coarse_to_fine_protocol
 
 
@@ -27,11 +28,36 @@ def test_coarse_features_score_coarse_labels_not_fine_ones():
 
 
 @pytest.mark.parametrize("with_val", [True, False])
-def test_coarse_to_fine_wrapper_on_separable_blobs(with_val):
-    out = coarse_to_fine_protocol(BlobContext(with_val=with_val), "backbone", k=20, temperature=0.1,
-                                  l2_grid=[1e-2], max_iter=200)
-    assert [out[key] for key in ("fine_lbfgs_top1", "fine_knn_top1", "coarse_lbfgs_top1",
-                                 "coarse_knn_top1")] == [1.0, 1.0, 1.0, 1.0]
+def test_coarse_to_fine_wrapper_fits_on_train_votes_with_train_and_val_and_scores_test(with_val, monkeypatch):
+    """At each label level the probe fits train, chooses on val (carves one from train without
+    a val split) and scores test; the kNN's memory bank is train+val and its queries are test.
+
+    Test labels are redrawn at random, and on separable blobs both classifiers predict each
+    test sample's blob (fine) or its pair of blobs (coarse): every top-1 is the share of test
+    labels that still match (known answers: fine 0.083, coarse 0.233). Breakage tried (a
+    patched wrapper and coarse_to_fine): kNN voting with train alone, with the test samples in
+    its bank, the probe fitted on train+val, val not handed over; each fails this test (the old
+    check, 1.0 on separable blobs, passed them all).
+    """
+    ctx = BlobContext(with_val=with_val, relabel=("test",))
+    probes = record_calls(monkeypatch, transfer, "lbfgs_probe")
+    votes = record_calls(monkeypatch, transfer, "knn_accuracy")
+    out = coarse_to_fine_protocol(ctx, "backbone", k=20, temperature=0.1, l2_grid=[1e-2], max_iter=200)
+    x = ctx.features("backbone")
+    train, val, test, bank = (ctx.split(name) for name in ("train", "val", "test", "train_full"))
+    assert len(probes) == len(votes) == 2
+    for level, truth, probe, vote in zip(("fine", "coarse"), (ctx.blob, ctx.blob // 2), probes, votes):
+        y = ctx.labels(level)
+        for given, expected in zip(probe.args, (x[train], y[train], x[test], y[test])):
+            assert np.array_equal(given, expected), level
+        if with_val:
+            assert np.array_equal(probe.kwargs["val_x"], x[val]) and np.array_equal(probe.kwargs["val_y"], y[val])
+        else:
+            assert probe.kwargs["val_x"] is None and probe.kwargs["val_y"] is None
+        for given, expected in zip(vote.args, (x[bank], y[bank], x[test], y[test])):
+            assert np.array_equal(given, expected), level
+        known = np.mean(truth[test] == y[test])
+        assert out[f"{level}_lbfgs_top1"] == out[f"{level}_knn_top1"] == known < 0.5, level
 
 
 def test_bad_input_raises():
