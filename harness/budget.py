@@ -4,13 +4,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from harness.errors import UsageError
+from harness.validate import parse_number
 
 UNITS = ("epochs", "steps", "samples", "seconds")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A limit on one unit. The harness's loop enforces it; adapters never count."""
+    """A limit on one unit. The harness's loop enforces it; adapters never count.
+
+    The limit must be a finite positive number (``epochs=inf`` would train forever); a numeric
+    string (YAML's ``{epochs: 1e2}``) is read as its number.
+    """
 
     unit: str
     limit: float
@@ -18,8 +23,11 @@ class Budget:
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise UsageError(f"unknown budget unit {self.unit!r} (valid: {', '.join(UNITS)})")
-        if not isinstance(self.limit, (int, float)) or isinstance(self.limit, bool) or not self.limit > 0:
-            raise UsageError(f"budget {self.unit} must be a positive number, got {self.limit!r}")
+        limit = parse_number(self.limit)
+        if limit is None or not limit > 0:
+            raise UsageError(f"budget {self.unit} must be a positive number (finite), got {self.limit!r}")
+        if isinstance(self.limit, str):
+            object.__setattr__(self, "limit", int(limit) if float(limit).is_integer() else float(limit))
 
     @classmethod
     def parse(cls, value: "str | dict | Budget") -> "Budget":
@@ -37,12 +45,10 @@ class Budget:
         else:
             i = len(text) - len(text.lstrip("+-0123456789.e"))
             num, unit = text[:i], text[i:]
-        try:
-            limit = float(num)
-        except ValueError:
+        if not num or not unit:
             raise UsageError(f"cannot parse budget {value!r} (expected e.g. epochs=20, steps=500, "
-                             f"samples=100000, seconds=60)") from None
-        return cls(unit, int(limit) if limit.is_integer() else limit)
+                             f"samples=100000, seconds=60)")
+        return cls(unit, num)
 
     def as_dict(self) -> dict:
         return {self.unit: self.limit}

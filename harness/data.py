@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from harness.errors import UsageError
+from harness.errors import EnvironmentFailure, UsageError
 from harness.registry import Registry
 
 #: CIFAR-100 fine label (alphabetical index) -> superclass index, the standard table
@@ -216,33 +217,61 @@ def load_stl10_unlabeled(root: Path, download: bool) -> ImageData:
     return load_stl10(root, download, unlabeled=True)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The files of a class folder in name order, hidden ones (``.DS_Store``) left out."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
+def _read_rgb(path: Path, image_size: int | None) -> np.ndarray:
+    """One image as an RGB uint8 array (H, W, 3), resized to ``image_size`` if given; a file PIL
+    cannot decode (corrupt, truncated, not an image) is an :class:`EnvironmentFailure` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if image_size and im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise EnvironmentFailure(f"cannot read image {path} ({reason}); replace or remove that file") from None
+
+
 def load_image_folder(root: Path, name: str, image_size: int | None = None,
                       classes: tuple[str, ...] | None = None) -> ImageData:
     """Load a ``train/<class>/*``, ``test/<class>/*`` tree (or a .tar.gz of one) into memory.
 
-    Images are decoded with PIL, converted to RGB and resized to ``image_size`` (if given).
+    Images are decoded with PIL, converted to RGB and resized to ``image_size`` (if given);
+    without ``image_size`` they must all have one size. An empty class folder, images of mixed
+    sizes or a file that is not a readable image stop with one line naming it.
     """
-    from PIL import Image
-
     root = Path(root)
     if not (root / "train").is_dir():
         raise UsageError(f"image folder {str(root)!r} has no train/<class>/ directory; expected "
                          f"train/<class>/*.jpg and test/<class>/*.jpg")
-    classes = classes or tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
-    parts = []
+    classes = classes or tuple(sorted(p.name for p in (root / "train").iterdir()
+                                      if p.is_dir() and not p.name.startswith(".")))
+    if not classes:
+        raise UsageError(f"image folder {str(root / 'train')!r} has no class folders; expected train/<class>/*.jpg")
+    parts, first = [], None
     for split in ("train", "test"):
         imgs, labels = [], []
         for c, cls in enumerate(classes):
             folder = root / split / cls
             if not folder.is_dir():
                 raise UsageError(f"image folder is missing {folder}")
-            for f in sorted(folder.iterdir()):
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    if image_size and im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BILINEAR)
-                    imgs.append(np.asarray(im))
+            files = _image_files(folder)
+            if not files:
+                raise UsageError(f"class folder {folder} has no images; add some or remove the folder")
+            for f in files:
+                imgs.append(_read_rgb(f, image_size))
                 labels.append(c)
+                first = first or (f, imgs[-1].shape)
+                if imgs[-1].shape != first[1]:
+                    (h, w, _), (h0, w0, _) = imgs[-1].shape, first[1]
+                    raise UsageError(f"image {f} is {w}x{h} pixels but {first[0]} is {w0}x{h0}; an image folder "
+                                     f"needs images of one size (resize them to one size)")
         parts.append((np.stack(imgs).transpose(0, 3, 1, 2), np.array(labels)))
     x, y, is_train = _stack(parts)
     xf = x.float() / 255
@@ -252,8 +281,40 @@ def load_image_folder(root: Path, name: str, image_size: int | None = None,
     return ImageData(name, x, y, coarse, is_train, classes, mean, std)
 
 
-def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, classes=None) -> ImageData:
-    """Decode an image tree once and cache it as a .pt tensor file next to it (JPEG decode is slow)."""
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``; on any
+    failure (a full disk) the temporary file is removed and the error raised."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def tree_fingerprint(folder: Path) -> str:
+    """sha256 of every file's path, size and modification time under ``folder``: changes whenever a
+    file is added, removed, replaced or edited, without reading the images."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            path = Path(dirpath, fname)
+            stat = path.stat()
+            h.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cache_dir: Path,
+                   classes=None) -> ImageData:
+    """Decode an image tree once and cache it as a .pt tensor file (JPEG decoding is slow).
+
+    The cache lives in the harness's ``cache_dir`` (``<data-dir>/cache``), never beside the user's
+    data, and its name holds the tree's :func:`tree_fingerprint`, so a tree whose files changed is
+    decoded again; an unreadable cache file is rebuilt.
+    """
     folder = root / sub
     archive = root / f"{sub}.tar.gz"
     if not folder.is_dir() and archive.is_file():
@@ -264,21 +325,24 @@ def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, clas
     if not (folder / "train").is_dir():
         raise UsageError(f"dataset {name!r} not found: looked for {folder} (an ImageFolder tree "
                          f"train/<class>/, test/<class>/) and {archive}; pass --data-dir")
-    cache = root / f".{sub}-{image_size or 'native'}.pt"
+    key = hashlib.sha256(f"{tree_fingerprint(folder)} {classes} {image_size}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"{name}-{image_size or 'native'}-{key}.pt"
     if cache.is_file():  # arrays are stored as tensors so the cache loads with weights_only=True
-        d = torch.load(cache, weights_only=True)
-        return ImageData(**{k: v.numpy() if k != "images" and torch.is_tensor(v) else v for k, v in d.items()})
+        try:
+            d = torch.load(cache, weights_only=True)
+            return ImageData(**{k: v.numpy() if k != "images" and torch.is_tensor(v) else v for k, v in d.items()})
+        except (RuntimeError, EOFError, OSError, TypeError, pickle.UnpicklingError):
+            pass  # a cache cut short by a kill or a full disk: decode the tree again
     data = load_image_folder(folder, name, image_size, classes)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.__dict__.items()}, tmp)
-    os.replace(tmp, cache)
+    payload = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.__dict__.items()}
+    _write_atomically(cache, lambda tmp: torch.save(payload, tmp))
     return data
 
 
 @register_dataset("cifar10-jpeg", "CIFAR-10 as JPEG files (ImageFolder tree cifar10-jpeg/ or cifar10-jpeg.tar.gz)",
                   needs_download=False)
 def load_cifar10_jpeg(root: Path, download: bool) -> ImageData:
-    return _cached_folder("cifar10-jpeg", root, "cifar10-jpeg", None, CIFAR10_CLASSES)
+    return _cached_folder("cifar10-jpeg", root, "cifar10-jpeg", None, root / "cache", CIFAR10_CLASSES)
 
 
 def stratified_subset(data: ImageData, name: str, per_class_train: int, per_class_test: int) -> ImageData:
@@ -303,7 +367,7 @@ def load_cifar10_jpeg_10k(root: Path, download: bool) -> ImageData:
 @register_dataset("imagenet10", "ImageNet-10 (the 10 wnids of Chang et al. 2017) as an ImageFolder tree imagenet10/, 96 px",
                   needs_download=False)
 def load_imagenet10(root: Path, download: bool) -> ImageData:
-    return _cached_folder("imagenet10", root, "imagenet10", 96, IMAGENET10_WNIDS)
+    return _cached_folder("imagenet10", root, "imagenet10", 96, root / "cache", IMAGENET10_WNIDS)
 
 
 def parse_dataset_name(name: str) -> tuple[str, Path | None]:
@@ -323,12 +387,12 @@ def validate_dataset_name(name: str) -> None:
 def load_dataset(name: str, data_dir: str | Path, download: bool = True) -> ImageData:
     """Load a registered dataset (or ``imagefolder:PATH``) from ``data_dir``, downloading if allowed."""
     base, path = parse_dataset_name(name)
+    root = Path(data_dir).expanduser()
     if base == "imagefolder":
         if not path.is_dir():
             raise UsageError(f"image folder {str(path)!r} does not exist")
-        return _cached_folder(path.name, path.parent, path.name, None)
+        return _cached_folder(path.name, path.parent, path.name, None, root / "cache")
     spec = DATASETS.get(base)
-    root = Path(data_dir).expanduser()
     if spec.needs_download:
         root.mkdir(parents=True, exist_ok=True)
     return spec.loader(root, download)
@@ -383,21 +447,34 @@ def make_manifest(data: ImageData, val_fraction: float = 0.1, seed: int = 0) -> 
 
 def load_or_make_manifest(data: ImageData, manifest_dir: Path, val_fraction: float = 0.1,
                           seed: int = 0) -> SplitManifest:
-    """Read the manifest of this exact data from ``manifest_dir``, or write it (atomically) once."""
+    """Read the manifest of this exact data from ``manifest_dir``, or write it (atomically) once.
+
+    A manifest that is unreadable (cut short) or fails its hash is an :class:`EnvironmentFailure`
+    naming the file: deleting it is safe, the same splits are made again from the same data.
+    """
     fingerprint = data.fingerprint()
     path = Path(manifest_dir) / f"{data.name}-{fingerprint[:16]}-val{val_fraction}-seed{seed}.json"
     if path.is_file():
-        d = json.loads(path.read_text())
-        train, val, test = (np.array(d[k], dtype=np.int64) for k in ("train", "val", "test"))
-        fields = {"dataset": d["dataset"], "data": d["data"], "train": d["train"], "val": d["val"], "test": d["test"]}
-        if _manifest_hash(fields) != d["sha256"]:
-            raise UsageError(f"split manifest {path} is corrupted (hash mismatch); delete it to regenerate")
-        return SplitManifest(d["dataset"], d["data"], train, val, test, d["sha256"])
+        fix = "delete it to rebuild it (the same splits are made again from the same data)"
+        try:
+            d = json.loads(path.read_text())
+            fields = {key: d[key] for key in ("dataset", "data", "train", "val", "test")}
+            train, val, test = (np.array(d[k], dtype=np.int64) for k in ("train", "val", "test"))
+            stored_hash = d["sha256"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise EnvironmentFailure(f"split manifest {path} is unreadable ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else 'incomplete'}); {fix}") from None
+        if _manifest_hash(fields) != stored_hash:
+            raise EnvironmentFailure(f"split manifest {path} is corrupted (hash mismatch); {fix}")
+        return SplitManifest(d["dataset"], d["data"], train, val, test, stored_hash)
     m = make_manifest(data, val_fraction, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"dataset": m.dataset, "data": m.data_fingerprint, "train": m.train.tolist(),
                "val": m.val.tolist(), "test": m.test.tolist(), "sha256": m.sha256}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload)))
     return m
+
+
+def load_split_data(name: str, data_dir: Path, val_fraction: float) -> tuple[ImageData, SplitManifest]:
+    """A dataset and its split manifest (``<data-dir>/manifests``), as every run of it sees them."""
+    data = load_dataset(name, data_dir)
+    return data, load_or_make_manifest(data, Path(data_dir) / "manifests", val_fraction)

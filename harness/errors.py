@@ -1,4 +1,4 @@
-"""Errors the CLI turns into a one-line message and exit code 2."""
+"""Errors the CLI turns into a one-line message: exit code 2 for bad input, 1 for a broken environment."""
 
 
 class UsageError(ValueError):
@@ -14,3 +14,8 @@ def missing_dependency(package: str, needed_by: str, install: str | None = None)
     """The one-line error for an optional package that is not installed but was asked for."""
     return UsageError(f"{needed_by} needs the {package} package, which is not installed "
                       f"(pip install {install or package})")
+
+
+class EnvironmentFailure(RuntimeError):
+    """A file or disk the harness needs is unusable (a corrupt manifest, an unreadable image, a
+    directory it cannot write): printed as one line naming the file and what to do, exit code 1."""

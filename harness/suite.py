@@ -8,22 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from harness.backbones import BACKBONES
 from harness.budget import Budget
-from harness.data import validate_dataset_name
+from harness.data import ImageData, SplitManifest, validate_dataset_name
 from harness.errors import UsageError, choices_error
+from harness.validate import check_unique, coerce_like
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
+from protocols._common import check_count
 
 SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_SUITE = "quick"
 
 TOP_KEYS = {"name", "description", "scale", "backbone", "datasets", "methods", "seeds", "budget",
-            "protocols", "val_fraction", "deterministic", "train_split", "tables", "slurm"}
+            "protocols", "val_fraction", "deterministic", "train_split", "tables", "slurm", "image_size"}
 METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone", "protocols"}
 SPLITS = ("train", "train_full", "all")
 
@@ -56,6 +58,9 @@ class Suite:
     tables: dict[str, list[str]] = field(default_factory=dict)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Side in pixels every training view and evaluation input is resized to (CC and CD train
+    #: ResNet-34 at 224 px on 32 px CIFAR); None: the dataset's own size, and no entry in the run spec.
+    image_size: int | None = None
 
 
 def shipped_suites() -> dict[str, Path]:
@@ -87,7 +92,8 @@ def _protocol_params(pname: str, params: Any, where: str) -> dict[str, Any]:
     bad = sorted(set(params) - set(spec.defaults))
     _expect(not bad, f"{where}: unknown parameter {bad[:1]} for protocol {pname!r} "
                      f"(valid: {', '.join(sorted(spec.defaults)) or 'none'})")
-    return params
+    return {key: coerce_like(value, spec.defaults[key], f"{where}: parameter {key!r} of protocol {pname!r}")
+            for key, value in params.items()}
 
 
 def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
@@ -132,11 +138,15 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     _expect(isinstance(datasets, list) and datasets, f"{where}: 'datasets' must be a non-empty list")
     for d in datasets:
         validate_dataset_name(str(d))
+    check_unique([str(d) for d in datasets], f"{where}: 'datasets'")
     seeds = data["seeds"]
     _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
             f"{where}: 'seeds' must be a non-empty list of non-negative integers, got {seeds!r}")
+    check_unique(seeds, f"{where}: 'seeds'")
     budgets_raw = data["budget"] if isinstance(data["budget"], list) else [data["budget"]]
+    _expect(bool(budgets_raw), f"{where}: 'budget' must be a budget or a non-empty list of them")
     budgets = [Budget.parse(b) for b in budgets_raw]
+    check_unique([str(b) for b in budgets], f"{where}: 'budget'")
     protocols = data["protocols"]
     _expect(isinstance(protocols, dict) and protocols, f"{where}: 'protocols' must be a non-empty mapping")
     resolved = {pname: {**PROTOCOLS.get(pname).defaults, **_protocol_params(pname, params, where)}
@@ -145,6 +155,10 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     _expect(split in SPLITS, f"{where}: unknown train_split {split!r} (valid: {', '.join(SPLITS)})")
     vf = data.get("val_fraction", 0.1)
     _expect(isinstance(vf, (int, float)) and 0 <= vf < 1, f"{where}: val_fraction must be in [0, 1), got {vf!r}")
+    image_size = data.get("image_size")
+    _expect(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0),
+            f"{where}: image_size must be a positive integer (pixels per side) or absent for the dataset's own "
+            f"size, got {image_size!r}")
     tables = data.get("tables") or {}
     _expect(isinstance(tables, dict) and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
                                              for v in tables.values()),
@@ -154,14 +168,16 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
         extra = sorted(set(entry.protocols) - set(resolved))
         _expect(not extra, f"{where}: method {entry.label!r} sets protocol {extra[:1]} that the suite does not run "
                            f"(suite protocols: {', '.join(resolved)})")
-    for entry in methods:  # config keys are checked now, not after hours of training
-        resolve_config(METHODS.get(entry.name), scale, entry.config)
-        for overrides in entry.dataset_config.values():
-            resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
+    for entry in methods:  # configs are checked now, not after hours of training
+        for overrides in [{}, *entry.dataset_config.values()]:
+            try:
+                resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
+            except UsageError as exc:
+                raise UsageError(f"{where}: {exc}") from None
     return Suite(str(data.get("name", name)), str(data.get("description", "")), scale, backbone,
                  [str(d) for d in datasets], methods, seeds, budgets, resolved, float(vf),
                  bool(data.get("deterministic", True)), split, {str(k): v for k, v in tables.items()}, source,
-                 {"slurm": data["slurm"]} if data.get("slurm") else {})
+                 {"slurm": data["slurm"]} if data.get("slurm") else {}, image_size)
 
 
 def load_suite(name_or_path: str) -> Suite:
@@ -174,3 +190,40 @@ def load_suite(name_or_path: str) -> Suite:
         at = f" at line {mark.line + 1}" if mark else ""
         raise UsageError(f"suite file {str(path)!r} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     return parse_suite(data, path.stem, str(path))
+
+
+def _protocol_needs(pname: str, params: dict[str, Any]) -> tuple[str | None, list[int], bool]:
+    """What protocol ``pname`` draws from the data: the split its ``k`` neighbours or clusters come from
+    (None: no ``k``), those ``k`` values, and whether it reads coarse labels (``protocols/*.py``)."""
+    if pname in ("knn", "coarse_to_fine"):  # train+val vote for the test samples
+        return "train_full", [params["k"]], pname == "coarse_to_fine"
+    if pname == "clustering":  # k: None (the number of classes), an int or a sweep of ints
+        k = params["k"]
+        return params["split"], [] if k is None else list(k) if isinstance(k, (list, tuple)) else [k], params["coarse"]
+    return None, [], False
+
+
+def check_against_data(suite: Suite, load: Callable[[str, float], tuple[ImageData, SplitManifest]]) -> None:
+    """Check, before any training, what only the loaded data can tell: each protocol's ``k`` against the
+    size of the split it draws from, and coarse labels wherever a protocol or a method reads them.
+
+    ``load(dataset, val_fraction)`` gives the data and its split manifest (loading is where corrupt,
+    missing or mixed-size data is caught too).
+    """
+    for dataset in suite.datasets:
+        data, manifest = load(dataset, suite.val_fraction)
+        for entry in suite.methods:
+            where = f"suite {suite.name!r}: {entry.label} on {dataset}"
+            needs = {pname: _protocol_needs(pname, {**params, **entry.protocols.get(pname, {})})
+                     for pname, params in suite.protocols.items()}
+            readers = ([f"method {entry.name!r}"] if METHODS.get(entry.name).label_level == "coarse" else []) + \
+                [f"protocol {pname!r}" for pname, (_, _, coarse) in needs.items() if coarse]
+            if readers and data.coarse_labels is None:
+                raise UsageError(f"{where}: {readers[0]} reads coarse labels, which this dataset does not have; "
+                                 f"leave it out for this dataset")
+            for pname, (split, ks, _) in needs.items():
+                for k in ks:
+                    try:
+                        check_count(k, len(manifest.split(split)), f"{pname} k", f"the {split} split of {dataset}")
+                    except ValueError as exc:
+                        raise UsageError(f"{where}: {exc}") from None

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import optuna
 
 from harness.budget import Budget
-from harness.errors import UsageError
+from harness.errors import EnvironmentFailure, UsageError
 from harness.store import write_json_atomic
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS, register_protocol
@@ -122,6 +122,8 @@ def make_storage(url: str, heartbeat_s: int = 60):
     import inspect
 
     import optuna.storages as st
+    import sqlalchemy.exc
+
     params = inspect.signature(st.RDBStorage.__init__).parameters
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     with warnings.catch_warnings():
@@ -130,8 +132,16 @@ def make_storage(url: str, heartbeat_s: int = 60):
             retry = {"heartbeat_stale_trial_callback": st.RetryHeartbeatStaleTrialCallback(max_retry=2)}
         else:
             retry = {"failed_trial_callback": st.RetryFailedTrialCallback(max_retry=2)}
-        return st.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
-                             grace_period=max(2 * heartbeat_s, 120), **retry)
+        try:
+            return st.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                 grace_period=max(2 * heartbeat_s, 120), **retry)
+        except (sqlalchemy.exc.ArgumentError, ImportError) as exc:  # an unknown scheme, a driver not installed
+            raise UsageError(f"cannot use Optuna storage {_masked(url)!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0]}); valid: sqlite:///PATH, journal:///PATH, or a "
+                             f"database URL such as postgresql://user@host/db with its driver installed") from None
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # the database is there but cannot be opened
+            raise EnvironmentFailure(f"cannot open Optuna storage {_masked(url)!r} "
+                                     f"({str(exc).splitlines()[0]})") from None
 
 
 def _masked(url: str) -> str:
@@ -184,7 +194,8 @@ def _make_trial_runner(runner_kwargs: dict[str, Any], knn: dict[str, Any], rep: 
                 if (epoch + 1) % report_every or epoch >= final:  # the final value comes from the record
                     return
                 modes = [(m, m.training) for m in method.modules()]
-                value = val_knn_protocol(RunContext(method, data, manifest, device, seed), rep, **knn)["top1"]
+                value = val_knn_protocol(RunContext(method, data, manifest, device, seed,
+                                                      image_size=job.spec.get("image_size")), rep, **knn)["top1"]
                 for m, mode in modes:
                     m.train(mode)
                 trial.report(value, epoch + 1)

@@ -1,0 +1,273 @@
+"""Every bad input of issue 13 through the command line: exit code, one line naming the bad value, no
+traceback, and (for everything checkable up front) nothing trained and no record written.
+
+``BAD_INPUTS`` is the table: an id, a function that prepares what the case needs under a temporary
+directory and returns the command line, the expected exit code (2 for bad input, 1 for a broken
+environment: an unreadable file, a directory that cannot be written) and a fragment of the message.
+The cases that cannot be a table row (a full disk while a record is written, foreign files among the
+records, a closed pipe, a changed image folder, numeric strings that are accepted) follow it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from harness.cli import main
+from harness.data import load_dataset, load_split_data
+
+REPO = Path(__file__).resolve().parents[1]
+#: Where every command of this file keeps data, records and tables (under the test's tmp_path).
+DIRS = ("--data-dir", "d", "--results-dir", "r", "--leaderboard-dir", "l")
+
+
+def _dirs(tmp: Path) -> list[str]:
+    return [str(tmp / v) if i % 2 else v for i, v in enumerate(DIRS)]
+
+
+def _suite(tmp: Path, methods=("random",), protocols=None, **extra) -> str:
+    """A one-seed suite on digits (a run of ``random`` trains nothing and evaluates in seconds)."""
+    path = tmp / "s.yaml"
+    data = {"name": "s", "datasets": ["digits"], "methods": list(methods), "seeds": [0],
+            "budget": {"steps": 1}, "protocols": protocols or {"knn": {"k": 5}}, **extra}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _run(tmp: Path, *args: str, **suite) -> list[str]:
+    return ["run", _suite(tmp, **suite), *args, *_dirs(tmp)]
+
+
+def _image_tree(root: Path, train: int = 12, test: int = 4, size: int = 8) -> Path:
+    """``root/train/{a,b}/*.png``, ``root/test/{a,b}/*.png`` of random ``size``-pixel images."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _on_tree(tmp: Path, spoil: Callable[[Path], None], *args: str) -> list[str]:
+    """Run the one-method suite on an image folder after ``spoil(tree)``."""
+    tree = _image_tree(tmp / "tree")
+    spoil(tree)
+    return _run(tmp, "--datasets", f"imagefolder:{tree}", *args)
+
+
+def _corrupt(tree: Path) -> None:
+    (tree / "train" / "a" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+
+
+def _truncate(tree: Path) -> None:
+    path = tree / "train" / "b" / "5.png"
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def _not_an_image(tree: Path) -> None:
+    (tree / "test" / "a" / "notes.txt").write_text("labels checked by hand")
+
+
+def _mixed_sizes(tree: Path) -> None:
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tree / "test" / "b" / "1.png")
+
+
+def _empty_class(tree: Path) -> None:
+    for f in (tree / "test" / "b").iterdir():
+        f.unlink()
+
+
+def _truncated_manifest(tmp: Path) -> list[str]:
+    load_split_data("digits", tmp / "d", 0.1)
+    (manifest,) = (tmp / "d" / "manifests").glob("digits-*.json")
+    manifest.write_text(manifest.read_text()[:100])
+    return _run(tmp)
+
+
+def _blocked(tmp: Path, option: str) -> list[str]:
+    """``option`` pointing below a regular file: a directory that cannot be created, even by root."""
+    (tmp / "file").write_text("")
+    argv = _run(tmp)
+    argv[argv.index(option) + 1] = str(tmp / "file" / "out")
+    return argv
+
+
+def _read_only(tmp: Path) -> list[str]:
+    (tmp / "r").mkdir()
+    (tmp / "r").chmod(0o500)
+    return _run(tmp)
+
+
+BAD_INPUTS = [
+    # files the harness reads or writes are unusable: exit 1, naming the file
+    ("corrupt image", lambda t: _on_tree(t, _corrupt), 1, "cannot read image"),
+    ("truncated image", lambda t: _on_tree(t, _truncate), 1, f"b{os.sep}5.png"),
+    ("non-image file", lambda t: _on_tree(t, _not_an_image), 1, "notes.txt"),
+    ("truncated manifest", _truncated_manifest, 1, "delete it to rebuild"),
+    ("results dir cannot be created", lambda t: _blocked(t, "--results-dir"), 1, "--results-dir"),
+    ("leaderboard dir cannot be created", lambda t: _blocked(t, "--leaderboard-dir"), 1, "--leaderboard-dir"),
+    pytest.param("read-only results dir", _read_only, 1, "Permission denied", id="read-only results dir",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")),
+    # bad data: exit 2
+    ("images of mixed sizes", lambda t: _on_tree(t, _mixed_sizes), 2, "is 12x10 pixels but"),
+    ("empty class folder", lambda t: _on_tree(t, _empty_class), 2, f"test{os.sep}b has no images"),
+    ("quick suite on a folder without coarse labels",
+     lambda t: ["run", "quick", "--datasets", f"imagefolder:{_image_tree(t / 'tree', train=30)}", *_dirs(t)],
+     2, "reads coarse labels"),
+    # devices
+    pytest.param("cuda without a GPU", lambda t: _run(t, "--device", "cuda"), 2, "'cuda' is not available",
+                 id="cuda without a GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    ("unknown device", lambda t: _run(t, "--device", "tpu"), 2, "unknown device 'tpu'"),
+    # method configs: types, ranges, names
+    ("lr not a number", lambda t: _run(t, methods=["random", {"name": "simclr", "config": {"lr": "abc"}}]),
+     2, "'lr' of method 'simclr' must be a finite number, got 'abc'"),
+    ("batch_size 0", lambda t: _run(t, methods=[{"name": "simclr", "config": {"batch_size": 0}}]),
+     2, "'batch_size' of method 'simclr' must be at least 1, got 0"),
+    ("optimizer rmsprop in one method", lambda t: _run(t, methods=["random", {"name": "moco", "config": {
+        "optimizer": "rmsprop"}}]), 2, "unknown optimizer 'rmsprop' (valid: adam, adamw, sgd)"),
+    ("augment nosuch in one method", lambda t: _run(t, methods=["simclr", {"name": "moco", "config": {
+        "augment": "nosuch"}}]), 2, "unknown augment 'nosuch'"),
+    # protocol parameters and their feasibility
+    ("knn k not a number", lambda t: _run(t, protocols={"knn": {"k": "twenty"}}),
+     2, "'k' of protocol 'knn' must be an integer, got 'twenty'"),
+    ("k larger than the training set", lambda t: _run(t, protocols={"knn": {"k": 5000}}),
+     2, "knn k=5000 is larger than the train_full split of digits"),
+    ("clustering k larger than its split", lambda t: _run(t, protocols={"clustering": {"k": [10, 400], "split": "test"}}),
+     2, "clustering k=400 is larger than the test split"),
+    # budgets and command-line lists
+    ("infinite budget", lambda t: _run(t, "--budget", "epochs=inf"), 2, "must be a positive number (finite)"),
+    ("empty budget", lambda t: _run(t, "--budget", ""), 2, "cannot parse budget ''"),
+    ("empty method list", lambda t: _run(t, "--methods", ""), 2, "expected a comma-separated list"),
+    ("no workers", lambda t: _run(t, "--workers", "0"), 2, "--workers: expected a positive integer"),
+    ("a seed twice", lambda t: _run(t, "--seeds", "0,0"), 2, "0 given more than once"),
+    ("a dataset twice", lambda t: _run(t, "--datasets", "digits,digits"), 2, "digits given more than once"),
+    ("a seed twice in a suite", lambda t: _run(t, seeds=[1, 1]), 2, "'seeds' lists 1 more than once"),
+    # tuning
+    ("unknown tuning storage", lambda t: ["tune", "simclr", "digits", "--trials", "1", "--budget", "steps=1",
+                                          "--storage", "bogus://x", "--results-dir", str(t / "r")],
+     2, "cannot use Optuna storage 'bogus://x'"),
+]
+
+
+@pytest.mark.parametrize("name,command,code,fragment",
+                         [pytest.param(*row, id=row[0]) if type(row) is tuple else row for row in BAD_INPUTS])
+def test_bad_input_stops_before_training_with_one_line(name, command, code, fragment, tmp_path, capsys,
+                                                       monkeypatch):
+    """Each bad input exits with its code and one line holding ``fragment``, before any run starts.
+
+    Catches: a check removed or moved after training (Runner.run is called, or a record is
+    written), a traceback instead of a line, the wrong exit code, a message that no longer names
+    the bad value."""
+    from harness.runner import Runner
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the repository's results/ or leaderboards/
+    argv = command(tmp_path)
+    monkeypatch.setattr(Runner, "run", lambda *a, **k: pytest.fail(f"{name}: a run started"))
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+    assert not list(tmp_path.glob("r/**/*.json")), "a record was written"
+
+
+@pytest.fixture
+def stored_run(tmp_path, monkeypatch):
+    """A results dir holding the record of one ``random`` run on digits (nothing trains)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", _suite(tmp_path), "--quiet", *_dirs(tmp_path)]) == 0
+    return tmp_path
+
+
+def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(stored_run, capsys):
+    """``leaderboard`` skips a truncated record and a JSON file that is not a record, one warning line
+    naming each, and still builds the table. Catches: a traceback (JSONDecodeError, KeyError
+    'spec'), a file skipped silently, a warning that does not name the file."""
+    store = stored_run / "r" / "s"
+    (record,) = store.glob("*.json")
+    (store / "cut.json").write_text(record.read_text()[:200])
+    (store / "notes.json").write_text(json.dumps({"author": "me", "todo": ["more seeds"]}))
+    capsys.readouterr()
+    assert main(["leaderboard", str(stored_run / "s.yaml"), "--results-dir", str(stored_run / "r"),
+                 "--leaderboard-dir", str(stored_run / "l")]) == 0
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 2 and "cut.json" in warnings[0] and "notes.json" in warnings[1]
+    assert "random" in out.out and "Traceback" not in out.err
+
+
+def test_full_disk_while_writing_a_record_is_one_line_exit_1_and_leaves_no_temp_file(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """ENOSPC during a record's write: exit 1, one line, and neither the record nor its temporary
+    file on disk. Catches: a traceback, a half-written record, a temporary file left behind (the
+    issue saw a 62 KB one)."""
+    import harness.store
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness.store.os, "fsync", disk_full)
+    assert main(["run", _suite(tmp_path), "--quiet", *_dirs(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert [p.name for p in (tmp_path / "r" / "s").iterdir() if p.is_file()] == []
+
+
+def test_listing_into_a_closed_pipe_exits_quietly(tmp_path):
+    """``harness list | head``: a reader that has gone makes no BrokenPipeError traceback. The read
+    end is closed before the process starts, so every write fails (deterministic, unlike ``head``).
+    Catches: the traceback, and the second one Python prints when flushing stdout at exit."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "harness", "list"], stdout=write, stderr=subprocess.PIPE,
+                         cwd=tmp_path, env=env, text=True, timeout=300)
+    os.close(write)
+    assert out.returncode == 141 and out.stderr == ""
+
+
+def test_a_changed_image_folder_is_decoded_again_and_cached_in_the_data_dir(tmp_path):
+    """The decoded cache is keyed by the tree's file names, sizes and times and lives in
+    ``<data-dir>/cache``: an image replaced after first use is seen, and nothing is written beside
+    the user's folder. Catches: the stale cache of the issue (reused after the change), a cache
+    written into the data's parent folder."""
+    tree = _image_tree(tmp_path / "user" / "tree")
+    first = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    changed = np.full((8, 8, 3), 7, np.uint8)
+    Image.fromarray(changed).save(tree / "train" / "a" / "0.png")
+    again = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    assert first.images[0].permute(1, 2, 0).numpy().tolist() != changed.tolist()
+    assert np.array_equal(again.images[0].permute(1, 2, 0).numpy(), changed)
+    assert np.array_equal(again.images[1:], first.images[1:])
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == ["tree"]
+    assert len(list((tmp_path / "d" / "cache").glob("tree-native-*.pt"))) == 2
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as the string '1e-3'; configs, protocol parameters and budgets
+    take it as the number, converted to the declared type. Catches: the string reaching the
+    optimiser (a TypeError after other runs trained), or being rejected as bad input."""
+    from harness.runner import plan
+    from harness.suite import load_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndatasets: [digits]\nseeds: [0]\nbudget: {steps: 2e1}\n"
+                    "methods: [{name: simclr, config: {lr: 1e-3, batch_size: 6.4e1, milestones: [5e-1]}}]\n"
+                    "protocols: {knn: {k: 1e1, temperature: 5e-2}}\n")
+    assert yaml.safe_load(path.read_text())["methods"][0]["config"]["lr"] == "1e-3"
+    (job,) = plan(load_suite(str(path)))
+    config, knn = job.spec["config"], job.spec["protocols"]["knn"]
+    assert (config["lr"], config["batch_size"], config["milestones"]) == (0.001, 64, [0.5])
+    assert type(config["batch_size"]) is int and (knn["k"], knn["temperature"]) == (10, 0.05)
+    assert type(knn["k"]) is int and job.spec["budget"] == {"steps": 20}
