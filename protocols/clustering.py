@@ -226,7 +226,8 @@ def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Gen
 
 def _update_centres(x: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor, centres: torch.Tensor,
                     chunk_rows: int) -> torch.Tensor:
-    """Lloyd's update: each centre becomes the mean of its points (sums in float64, by chunks).
+    """Lloyd's update: each centre becomes the mean of its points (float32 sums within a chunk,
+    as scikit-learn sums float32 data; float64 across chunks).
 
     An empty cluster is re-seeded as scikit-learn's ``_relocate_empty_clusters_dense`` does: the
     points farthest from their centre (``dists``, to the centres that assigned ``labels``) become
@@ -237,7 +238,7 @@ def _update_centres(x: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor, 
     k = len(centres)
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
     for rows in _row_chunks(len(x), chunk_rows):
-        sums.index_add_(0, labels[rows], x[rows].double())
+        sums += torch.zeros_like(centres).index_add_(0, labels[rows], x[rows]).double()
     counts = torch.bincount(labels, minlength=k)
     empty = torch.nonzero(counts == 0).squeeze(1)
     if len(empty) and dists.max() > 0:
@@ -310,7 +311,7 @@ def kmeans(features: ArrayLike, k: int, seed: int, *, init: str = "k-means++", n
 
     ``backend="torch"`` runs in torch on ``device`` (a GPU when given one), distances in float32
     GEMMs of ``chunk_rows`` rows (default: ``2**24 / k`` rows, 64 MB per chunk, so 1.28M x 128
-    features with k=1000 fit), sums and inertia in float64. Restart ``i`` draws its random
+    features with k=1000 fit), inertia in float64. Restart ``i`` draws its random
     numbers from a CPU generator seeded with ``seed * n_init + i``: ``kmeans(seed=s,
     n_init=m)`` is the best of ``kmeans(seed=s*m + i, n_init=1)`` for ``i < m``, and different
     seeds never share a restart. ``backend="faiss"`` runs ``faiss.Kmeans`` (Johnson et al.
