@@ -452,6 +452,8 @@ def run_jobs(jobs: list, runner_kwargs: dict[str, Any], executor: str = "local",
     """
     if executor not in EXECUTORS:
         raise UsageError(f"unknown executor {executor!r} (valid: {', '.join(EXECUTORS)})")
+    if executor == "submitit" and submitit is None:  # before any data is prepared
+        raise missing_dependency("submitit", "--executor submitit")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise UsageError(f"workers must be a positive integer, got {workers!r}")
     slurm = dict(slurm or {})

@@ -1,0 +1,98 @@
+"""``bench gpu --smoke`` and the harness without its optional packages (issue 15).
+
+The GPU machine this harness is taken to has no faiss, optuna or submitit and installs nothing,
+so these tests run the CLI in a subprocess where importing those packages (and jinja2,
+tensorboard, wandb) fails, as it does there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.bench_gpu import _split
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = ("faiss", "optuna", "submitit", "jinja2", "tensorboard", "wandb")
+
+#: Runs ``python -m harness ARGS`` with MISSING unimportable: a meta-path finder ahead of all others.
+BLOCKED_HARNESS = f"""
+import runpy, sys
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MISSING!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+sys.argv = ["harness", *sys.argv[1:]]
+runpy.run_module("harness", run_name="__main__", alter_sys=True)
+"""
+
+
+def harness_without_optional_packages(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", BLOCKED_HARNESS, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """``benchmark -> cells`` of the markdown table's body."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def test_list_and_bench_gpu_smoke_run_without_the_optional_packages(tmp_path):
+    """``harness list`` and ``bench gpu --smoke`` work with faiss, optuna, submitit, jinja2, tensorboard
+    and wandb unimportable; the smoke table goes to a temporary file, not leaderboards/, and holds a
+    row per asked method plus kNN, both Sinkhorn precisions and k-means, each with a positive rate.
+
+    Catches: a module-level import of an optional package on these paths, a smoke run that writes
+    into leaderboards/, a benchmark row that goes missing or reports nothing."""
+    listed = harness_without_optional_packages("list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "npid_cld" in listed.stdout
+    before = (ROOT / "leaderboards" / "bench-gpu.md").stat().st_mtime_ns if (ROOT / "leaderboards" / "bench-gpu.md").exists() else None
+    smoke = harness_without_optional_packages("bench", "gpu", "--smoke", "--methods", "simclr,sela", cwd=ROOT)
+    assert smoke.returncode == 0, smoke.stderr[-3000:]
+    written = Path(smoke.stdout.strip().splitlines()[-1].removeprefix("written: "))
+    assert written.is_file() and ROOT not in written.parents
+    after = (ROOT / "leaderboards" / "bench-gpu.md").stat().st_mtime_ns if (ROOT / "leaderboards" / "bench-gpu.md").exists() else None
+    assert after == before
+    rows = table_rows(written.read_text())
+    assert set(rows) == {"simclr", "sela", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks",
+                         "kmeans torch"}
+    for name, cells in rows.items():
+        rate = float(cells[2])
+        assert math.isfinite(rate) and rate > 0, (name, cells)
+    assert rows["simclr"][3] == "images/s" and float(rows["simclr"][5]) > 0  # ratio to the bare backbone
+
+
+@pytest.mark.parametrize("args, package", [
+    (("tune", "simclr", "digits", "--trials", "1", "--budget", "steps=1"), "optuna"),
+    (("run", "quick", "--methods", "simclr", "--seeds", "0", "--executor", "submitit", "--results-dir", "r"),
+     "submitit"),
+    (("bench", "protocols", "--quick"), "faiss"),
+])
+def test_asking_for_a_missing_optional_package_is_a_one_line_usage_error(args, package, tmp_path):
+    """tune without optuna, ``--executor submitit`` without submitit and ``bench protocols`` without
+    faiss stop with exit code 2 and one line naming the package and how to install it.
+
+    Catches: a traceback (ImportError) instead of the usage error, or a message that does not
+    say which package is missing."""
+    out = harness_without_optional_packages(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and package in lines[0] and "pip install" in lines[0], out.stderr
+
+
+def test_time_split_shares_a_step_largest_first():
+    """A 10 ms step with a 6 ms backbone and 1 ms of augmentation leaves 3 ms for the rest
+    (hand-computed shares). Catches: shares of the wrong total, the rest not derived, a wrong order."""
+    assert _split(10.0, {"backbone": 6.0, "augment": 1.0}) == \
+        "backbone 60% (6.00 ms), rest 30% (3.00 ms), augment 10% (1.00 ms)"
