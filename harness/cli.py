@@ -197,6 +197,7 @@ def cmd_run(args) -> int:
     from harness.data import load_split_data, validate_dataset_name
     from harness.environment import check_writable, resolve_device
     from harness.errors import choices_error
+    from harness.store import ResultStore
     from harness.suite import check_against_data
 
     resolve_device(args.device)  # a device this machine lacks stops here, before anything is loaded
@@ -221,7 +222,9 @@ def cmd_run(args) -> int:
     # and what only the data can tell (k against the split sizes, coarse labels, unreadable files).
     check_writable(args.results_dir, "--results-dir")
     check_writable(args.leaderboard_dir, "--leaderboard-dir")
-    check_against_data(suite, lambda dataset, val_fraction: load_split_data(dataset, args.data_dir, val_fraction))
+    store = ResultStore(args.results_dir, suite.name)
+    check_against_data(suite, lambda dataset, val_fraction: load_split_data(dataset, args.data_dir, val_fraction),
+                       {job.dataset for job in jobs if args.force or not store.has(job.run_id)})
     from harness import distributed
 
     ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks

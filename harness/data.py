@@ -21,6 +21,7 @@ import torch
 
 from harness.errors import EnvironmentFailure, UsageError
 from harness.registry import Registry
+from harness.store import write_atomic
 
 #: CIFAR-100 fine label (alphabetical index) -> superclass index, the standard table
 #: (Krizhevsky 2009; as used by SCAN, CC and CD for "CIFAR-100-20").
@@ -281,19 +282,6 @@ def load_image_folder(root: Path, name: str, image_size: int | None = None,
     return ImageData(name, x, y, coarse, is_train, classes, mean, std)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``; on any
-    failure (a full disk) the temporary file is removed and the error raised."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def tree_fingerprint(folder: Path) -> str:
     """sha256 of every file's path, size and modification time under ``folder``: changes whenever a
     file is added, removed, replaced or edited, without reading the images."""
@@ -335,7 +323,7 @@ def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cach
             pass  # a cache cut short by a kill or a full disk: decode the tree again
     data = load_image_folder(folder, name, image_size, classes)
     payload = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.__dict__.items()}
-    _write_atomically(cache, lambda tmp: torch.save(payload, tmp))
+    write_atomic(cache, lambda f: torch.save(payload, f), binary=True)
     return data
 
 
@@ -470,7 +458,7 @@ def load_or_make_manifest(data: ImageData, manifest_dir: Path, val_fraction: flo
     m = make_manifest(data, val_fraction, seed)
     payload = {"dataset": m.dataset, "data": m.data_fingerprint, "train": m.train.tolist(),
                "val": m.val.tolist(), "test": m.test.tolist(), "sha256": m.sha256}
-    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload)))
+    write_atomic(path, lambda f: json.dump(payload, f))
     return m
 
 

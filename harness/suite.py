@@ -203,14 +203,16 @@ def _protocol_needs(pname: str, params: dict[str, Any]) -> tuple[str | None, lis
     return None, [], False
 
 
-def check_against_data(suite: Suite, load: Callable[[str, float], tuple[ImageData, SplitManifest]]) -> None:
+def check_against_data(suite: Suite, load: Callable[[str, float], tuple[ImageData, SplitManifest]],
+                       datasets: set[str] | None = None) -> None:
     """Check, before any training, what only the loaded data can tell: each protocol's ``k`` against the
     size of the split it draws from, and coarse labels wherever a protocol or a method reads them.
 
     ``load(dataset, val_fraction)`` gives the data and its split manifest (loading is where corrupt,
-    missing or mixed-size data is caught too).
+    missing or mixed-size data is caught too). ``datasets``: only these of the suite's (those with
+    runs left to do; a fully stored suite needs no data); default all.
     """
-    for dataset in suite.datasets:
+    for dataset in [d for d in suite.datasets if datasets is None or d in datasets]:
         data, manifest = load(dataset, suite.val_fraction)
         for entry in suite.methods:
             where = f"suite {suite.name!r}: {entry.label} on {dataset}"

@@ -27,12 +27,11 @@ from harness.cli import main
 from harness.data import load_dataset, load_split_data
 
 REPO = Path(__file__).resolve().parents[1]
-#: Where every command of this file keeps data, records and tables (under the test's tmp_path).
-DIRS = ("--data-dir", "d", "--results-dir", "r", "--leaderboard-dir", "l")
 
 
 def _dirs(tmp: Path) -> list[str]:
-    return [str(tmp / v) if i % 2 else v for i, v in enumerate(DIRS)]
+    """Data, records and tables of a command under the test's directory, never the repository's."""
+    return ["--data-dir", str(tmp / "d"), "--results-dir", str(tmp / "r"), "--leaderboard-dir", str(tmp / "l")]
 
 
 def _suite(tmp: Path, methods=("random",), protocols=None, **extra) -> str:
