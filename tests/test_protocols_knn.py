@@ -78,6 +78,28 @@ def test_accuracy_fractions_and_top5():
     assert set(few) == {"top1"}  # top-5 is only reported with at least 5 classes
 
 
+def test_top5_fraction_equals_numpy_vote_sums():
+    """Top-1 and top-5 strictly between 0 and 1 against NPID's summed votes in NumPy: a test
+    sample is a top-5 hit when its label has one of the five largest vote sums. k = 200 of 600
+    samples gives every query votes for at least 5 of its 10 classes, so no tie among classes
+    without votes decides a rank. Breakage tried (the vote weights set to 1, a plain count of
+    neighbours): top-1 0.127 -> 0.107, top-5 0.480 -> 0.567, and the test fails."""
+    train_x, train_y, test_x = random_problem(seed=4, num_classes=10)
+    test_y = np.random.default_rng(5).integers(0, 10, len(test_x)) * 10 - 30
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(test_x.astype(np.float64)) @ unit(train_x.astype(np.float64)).T
+    nearest = np.argsort(-sims, axis=1)[:, :200]
+    classes = np.unique(train_y)
+    votes = np.stack([[np.exp(row[idx][train_y[idx] == c] / 0.1).sum() for c in classes]
+                      for row, idx in zip(sims, nearest)])
+    assert ((votes > 0).sum(axis=1) >= 5).all()
+    ranked = classes[np.argsort(-votes, axis=1)]
+    expected = {"top1": np.mean(ranked[:, 0] == test_y), "top5": np.mean((ranked[:, :5] == test_y[:, None]).any(1))}
+    assert 0 < expected["top1"] < expected["top5"] < 1
+    got = knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1, backend="torch")
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(k=601), "k=601 is larger than the training set (600 samples)"),
     (dict(k=0), "k must be a positive integer, got 0"),
