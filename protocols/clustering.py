@@ -159,7 +159,7 @@ def cluster_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
 
 KMEANS_INITS = ("k-means++", "random")
 KMEANS_BACKENDS = ("torch", "faiss")
-CHUNK_ELEMENTS = 2**24  # distance-matrix entries per row chunk (64 MB of float32)
+CHUNK_ELEMENTS = 2**24  # entries of a row chunk's distance (or difference) matrix: 64 MB of float32
 
 
 def _faiss():
@@ -177,7 +177,10 @@ def _kmeans_faiss(faiss, x: np.ndarray, k: int, seed: int, n_init: int, max_iter
     return km.index.search(x, 1)[1].ravel()
 
 
-def _row_chunks(n: int, rows: int):
+def _row_chunks(n: int, width: int, chunk_elements: int):
+    """Slices of ``n`` rows, each small enough that a (rows, width) matrix has at most
+    ``chunk_elements`` entries (at least one row)."""
+    rows = max(1, chunk_elements // width)
     return (slice(start, min(start + rows, n)) for start in range(0, n, rows))
 
 
@@ -187,18 +190,18 @@ def _sq_distances(xs: torch.Tensor, xs_sq: torch.Tensor, centres: torch.Tensor, 
 
 
 def _nearest_centre(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor,
-                    chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each point's nearest centre and squared distance to it, ``chunk_rows`` rows at a time."""
+                    chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's nearest centre and squared distance to it, by row chunks."""
     centres_sq = centres.pow(2).sum(1)
     labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
     dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    for rows in _row_chunks(len(x), chunk_rows):
+    for rows in _row_chunks(len(x), len(centres), chunk_elements):
         dists[rows], labels[rows] = _sq_distances(x[rows], x_sq[rows], centres, centres_sq).min(dim=1)
     return labels, dists
 
 
 def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator,
-                     chunk_rows: int) -> torch.Tensor:
+                     chunk_elements: int) -> torch.Tensor:
     """Greedy k-means++ seeding, as scikit-learn's ``_kmeans_plusplus`` (Arthur & Vassilvitskii
     2007): the first centre uniformly, then at each step ``2 + int(log k)`` candidates drawn
     with probability proportional to the squared distance to the nearest chosen centre, keeping
@@ -210,7 +213,8 @@ def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Gen
     def distances_to(rows: torch.Tensor) -> torch.Tensor:  # (n, len(rows)) float64
         c = x[rows]
         c_sq = c.pow(2).sum(1)
-        return torch.cat([_sq_distances(x[s], x_sq[s], c, c_sq) for s in _row_chunks(n, chunk_rows)]).double()
+        return torch.cat([_sq_distances(x[s], x_sq[s], c, c_sq)
+                          for s in _row_chunks(n, len(rows), chunk_elements)]).double()
 
     closest = distances_to(chosen[:1])[:, 0]
     potential = closest.sum()
@@ -225,7 +229,7 @@ def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Gen
 
 
 def _update_centres(x: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor, centres: torch.Tensor,
-                    chunk_rows: int) -> torch.Tensor:
+                    chunk_elements: int) -> torch.Tensor:
     """Lloyd's update: each centre becomes the mean of its points (float32 sums within a chunk,
     as scikit-learn sums float32 data; float64 across chunks).
 
@@ -237,7 +241,7 @@ def _update_centres(x: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor, 
     """
     k = len(centres)
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
-    for rows in _row_chunks(len(x), chunk_rows):
+    for rows in _row_chunks(len(x), k, chunk_elements):
         sums += torch.zeros_like(centres).index_add_(0, labels[rows], x[rows]).double()
     counts = torch.bincount(labels, minlength=k)
     empty = torch.nonzero(counts == 0).squeeze(1)
@@ -251,20 +255,21 @@ def _update_centres(x: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor, 
     return torch.where(counts[:, None] > 0, means, centres)
 
 
-def _inertia(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, chunk_rows: int) -> float:
+def _inertia(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, chunk_elements: int) -> float:
     """Sum of squared distances of the points to their centres, exact differences, float64."""
-    return float(sum((x[s] - centres[labels[s]]).double().pow(2).sum() for s in _row_chunks(len(x), chunk_rows)))
+    return float(sum((x[s] - centres[labels[s]]).double().pow(2).sum()
+                     for s in _row_chunks(len(x), x.shape[1], chunk_elements)))
 
 
 def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float,
-           chunk_rows: int) -> tuple[torch.Tensor, float]:
+           chunk_elements: int) -> tuple[torch.Tensor, float]:
     """Lloyd's iterations with scikit-learn's stopping rule (``_kmeans_single_lloyd``): stop when
     the labels repeat (strict convergence) or the squared centre shift summed over centres is at
     most ``tol``; otherwise reassign once to the final centres. Returns labels and inertia."""
     previous, converged = None, False
     for _ in range(max_iter):
-        labels, dists = _nearest_centre(x, x_sq, centres, chunk_rows)
-        updated = _update_centres(x, labels, dists, centres, chunk_rows)
+        labels, dists = _nearest_centre(x, x_sq, centres, chunk_elements)
+        updated = _update_centres(x, labels, dists, centres, chunk_elements)
         shift = float((updated - centres).double().pow(2).sum())
         centres = updated
         if previous is not None and torch.equal(labels, previous):
@@ -274,12 +279,12 @@ def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter:
             break
         previous = labels
     if not converged:
-        labels, _ = _nearest_centre(x, x_sq, centres, chunk_rows)
-    return labels, _inertia(x, labels, centres, chunk_rows)
+        labels, _ = _nearest_centre(x, x_sq, centres, chunk_elements)
+    return labels, _inertia(x, labels, centres, chunk_elements)
 
 
 def _kmeans_torch(x: np.ndarray, k: int, seed: int, init: str, n_init: int, max_iter: int, tol: float,
-                  device: str, chunk_rows: int) -> np.ndarray:
+                  device: str, chunk_elements: int) -> np.ndarray:
     x = torch.from_numpy(x).to(device)
     x = x - x.sum(0, dtype=torch.float64).div(len(x)).to(x.dtype)  # centred, as sklearn: exact expansions
     x_sq = x.pow(2).sum(1)
@@ -288,10 +293,10 @@ def _kmeans_torch(x: np.ndarray, k: int, seed: int, init: str, n_init: int, max_
     for restart in range(n_init):
         gen = torch.Generator().manual_seed(seed * n_init + restart)
         if init == "k-means++":
-            rows = _kmeans_plusplus(x, x_sq, k, gen, chunk_rows)
+            rows = _kmeans_plusplus(x, x_sq, k, gen, chunk_elements)
         else:
             rows = torch.randperm(len(x), generator=gen)[:k].to(device)
-        labels, inertia = _lloyd(x, x_sq, x[rows].clone(), max_iter, tol, chunk_rows)
+        labels, inertia = _lloyd(x, x_sq, x[rows].clone(), max_iter, tol, chunk_elements)
         if inertia < best_inertia:
             best_inertia, best_labels = inertia, labels
     return best_labels.cpu().numpy()
@@ -299,7 +304,7 @@ def _kmeans_torch(x: np.ndarray, k: int, seed: int, init: str, n_init: int, max_
 
 def kmeans(features: ArrayLike, k: int, seed: int, *, init: str = "k-means++", n_init: int = 10,
            max_iter: int = 300, tol: float = 1e-4, backend: str = "torch", device: str = "cpu",
-           chunk_rows: int | None = None) -> np.ndarray:
+           chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
     """k-means labels (n,) of ``features`` (n, D), the lowest-inertia of ``n_init`` restarts.
 
     The defaults are scikit-learn's ``KMeans(init="k-means++", n_init=10, max_iter=300,
@@ -310,8 +315,8 @@ def kmeans(features: ArrayLike, k: int, seed: int, *, init: str = "k-means++", n
     clusters re-seeded from the points farthest from their centres.
 
     ``backend="torch"`` runs in torch on ``device`` (a GPU when given one), distances in float32
-    GEMMs of ``chunk_rows`` rows (default: ``2**24 / k`` rows, 64 MB per chunk, so 1.28M x 128
-    features with k=1000 fit), inertia in float64. Restart ``i`` draws its random
+    GEMMs over row chunks whose distance matrices hold at most ``chunk_elements`` entries
+    (default 2**24, 64 MB: 16,777 rows at k=1000, so 1.28M x 128 features fit), inertia in float64. Restart ``i`` draws its random
     numbers from a CPU generator seeded with ``seed * n_init + i``: ``kmeans(seed=s,
     n_init=m)`` is the best of ``kmeans(seed=s*m + i, n_init=1)`` for ``i < m``, and different
     seeds never share a restart. ``backend="faiss"`` runs ``faiss.Kmeans`` (Johnson et al.
@@ -328,10 +333,8 @@ def kmeans(features: ArrayLike, k: int, seed: int, *, init: str = "k-means++", n
     check_choice(backend, "backend", KMEANS_BACKENDS)
     x = np.ascontiguousarray(x)
     if backend == "torch":
-        if chunk_rows is None:
-            chunk_rows = max(1, CHUNK_ELEMENTS // k)
-        check_positive_int(chunk_rows, "chunk_rows")
-        return _kmeans_torch(x, k, seed, init, n_init, max_iter, tol, device, chunk_rows)
+        check_positive_int(chunk_elements, "chunk_elements")
+        return _kmeans_torch(x, k, seed, init, n_init, max_iter, tol, device, chunk_elements)
     faiss = _faiss()
     if faiss is None:
         raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")

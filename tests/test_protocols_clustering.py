@@ -203,7 +203,7 @@ def test_kmeans_plusplus_seeds_one_distinct_point_per_separated_blob():
                       random_state=0)
     x = torch.from_numpy(x.astype(np.float32))
     for seed in range(5):
-        rows = _kmeans_plusplus(x, x.pow(2).sum(1), 10, torch.Generator().manual_seed(seed), chunk_rows=64)
+        rows = _kmeans_plusplus(x, x.pow(2).sum(1), 10, torch.Generator().manual_seed(seed), chunk_elements=256)
         assert len(set(rows.tolist())) == 10 and 0 <= rows.min() and rows.max() < len(x)
         assert sorted(y[rows.numpy()]) == list(range(10))
 
@@ -216,9 +216,9 @@ def test_empty_cluster_takes_the_farthest_point():
     x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
     labels = torch.zeros(4, dtype=torch.int64)
     dists = (x[:, 0] - 1) ** 2
-    two = _update_centres(x, labels, dists, torch.tensor([[1.0], [50.0]]), chunk_rows=3)
+    two = _update_centres(x, labels, dists, torch.tensor([[1.0], [50.0]]), chunk_elements=6)
     assert two.tolist() == [[1.0], [10.0]]
-    three = _update_centres(x, labels, dists, torch.tensor([[1.0], [50.0], [60.0]]), chunk_rows=3)
+    three = _update_centres(x, labels, dists, torch.tensor([[1.0], [50.0], [60.0]]), chunk_elements=6)
     assert three[1].item() == 10.0 and (three[0].item(), three[2].item()) in [(1.5, 0.0), (0.5, 2.0)]
 
 
@@ -234,14 +234,15 @@ def test_duplicate_seeds_leave_no_cluster_empty():
 
 
 def test_chunked_distances_equal_one_chunk():
-    """Rows split into chunks of 3 (k-means++ seeding, assignment, sums, inertia) give the
-    labels of a single chunk holding every row. Catches a chunk boundary dropping or
-    double-counting rows."""
+    """Chunks of at most 21 entries (3 rows of distances to 7 centres and of sums, 7 rows of
+    k-means++'s 3 candidates, 4 rows of 5-D differences for the inertia) give the labels of a
+    single chunk holding every row. Catches a chunk
+    boundary dropping or double-counting rows, or a chunk using another chunk's norms."""
     x, _ = _blobs(n_per=40, k=6, dim=5, seed=3)
     x += np.random.default_rng(3).normal(size=x.shape).astype(np.float32) * 4  # overlapping: many iterations
     for init in ("k-means++", "random"):
-        whole = kmeans(x, 7, seed=0, init=init, n_init=2, chunk_rows=len(x))
-        assert np.array_equal(kmeans(x, 7, seed=0, init=init, n_init=2, chunk_rows=3), whole)
+        whole = kmeans(x, 7, seed=0, init=init, n_init=2, chunk_elements=7 * len(x))
+        assert np.array_equal(kmeans(x, 7, seed=0, init=init, n_init=2, chunk_elements=21), whole)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
