@@ -196,8 +196,24 @@ def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.T
     return torch.where(_per_sample(apply), flat.view(n, c, h, w), x)
 
 
+def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Float batch (n, C, H, W) -> (n, C, size, size): bilinear and antialiased, as torchvision's
+    ``Resize((size, size))`` on PIL images, the test transform of CC and CD
+    (Yunfan-Li/Contrastive-Clustering modules/transform.py, Hoper-J/Contrastive-Disentangling
+    dataset.py). ``size`` None, or already the batch's size: unchanged."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 class Augmenter:
-    """Callable uint8 (n, C, H, W) -> normalised float views. ``None`` config = normalisation only."""
+    """Callable uint8 (n, C, H, W) -> normalised float views. ``None`` config = normalisation only.
+
+    ``out_size`` is the side of every view (the suite's ``image_size``): the random crop box is
+    resampled to it, and unaugmented views (:meth:`plain`) are resized to it. ``None``: the
+    images' own height. A batch is resized on its device when it is augmented, so a large
+    ``out_size`` never holds the whole resized dataset in memory.
+    """
 
     def __init__(self, cfg: AugmentConfig | None, mean, std, allow_flip: bool = True,
                  out_size: int | None = None) -> None:
@@ -220,6 +236,11 @@ class Augmenter:
         if x.dtype == torch.uint8:
             x = x.float() / 255
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def plain(self, images: torch.Tensor) -> torch.Tensor:
+        """The unaugmented view of a uint8 batch: resized to ``out_size`` (:func:`resize`), normalised.
+        What evaluation and the training hooks' plain loader feed the encoder."""
+        return self.normalize(resize(images.float() / 255, self.out_size))
 
     def __call__(self, images: torch.Tensor, g: torch.Generator, rows: slice | None = None,
                  total: int | None = None) -> torch.Tensor:
@@ -246,6 +267,6 @@ class Augmenter:
                 x = torch.where(_per_sample(gray), _gray(x).expand_as(x), x)
             if cfg.blur > 0:
                 x = _gaussian_blur(x, cfg, draw)
-        elif self.out_size and self.out_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        else:
+            x = resize(x, self.out_size)
         return self.normalize(x)

@@ -17,15 +17,19 @@ class RunContext:
     """The :class:`protocols.base.EvalContext` of one trained method on one dataset.
 
     Representations (backbone, heads) and cluster-head assignments of every sample are
-    computed in one pass over the data without augmentation and cached.
+    computed in one pass over the data without augmentation and cached. ``image_size`` is the
+    side the encoder was trained at (the suite's ``image_size``; None: the data's own): every
+    batch the encoder sees is resized to it on the device, as CC's and CD's test transform
+    ``Resize((image_size, image_size))`` does, and probe crops are resampled to it.
     """
 
     def __init__(self, method: Method, data: ImageData, manifest: SplitManifest, device: str, seed: int,
-                 batch_size: int = 512) -> None:
+                 batch_size: int = 512, image_size: int | None = None) -> None:
         self.method, self.data, self.manifest = method, data, manifest
         self.device, self.seed, self.batch_size = device, seed, batch_size
-        self._norm = Augmenter(None, data.mean, data.std)
-        self._probe = Augmenter(get_preset("probe"), data.mean, data.std, allow_flip=data.name not in ("digits", "mnist"))
+        self._plain = Augmenter(None, data.mean, data.std, out_size=image_size)
+        self._probe = Augmenter(get_preset("probe"), data.mean, data.std,
+                                allow_flip=data.name not in ("digits", "mnist"), out_size=image_size)
         self._probe_gen = torch.Generator().manual_seed(seed)
         self._features: dict[str, np.ndarray] | None = None
         self._assignments: dict[str, np.ndarray] = {}
@@ -62,7 +66,7 @@ class RunContext:
         return self.method.backbone.eval()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return self._norm.normalize(images.to(self.device))
+        return self._plain.plain(images.to(self.device))
 
     def probe_augment(self, images: torch.Tensor) -> torch.Tensor:
         return self._probe(images.to(self.device), self._probe_gen)

@@ -251,8 +251,8 @@ class LoaderAugmenter(Augmenter):
     """
 
     def __init__(self, loader: DataLoader | Callable[[int, int], DataLoader], images: torch.Tensor, mean, std,
-                 views: int) -> None:
-        super().__init__(None, mean, std)
+                 views: int, out_size: int | None = None) -> None:
+        super().__init__(None, mean, std, out_size=out_size)  # out_size: the size of plain views (train's hooks)
         self.images, self.views = images, views
         self._make = None if isinstance(loader, DataLoader) else loader
         self.loader = loader if self._make is None else None
@@ -298,21 +298,22 @@ class LoaderAugmenter(Augmenter):
 
 
 def training_feed(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequence[float], std: Sequence[float], *,
-                  views: int, batch_size: int, seed: int, allow_flip: bool = True, num_workers: int | None = None,
-                  backend: str = "pil") -> LoaderAugmenter:
+                  views: int, batch_size: int, seed: int, allow_flip: bool = True, out_size: int | None = None,
+                  num_workers: int | None = None, backend: str = "pil") -> LoaderAugmenter:
     """The per-image DataLoader path as the training loop's view source (``run --pipeline per_image``).
 
     ``num_workers`` processes (default :func:`default_workers`) transform the images one by one
     with torchvision and prefetch whole batches in train()'s order; train() starts the loader at
     its starting step. The workers' random streams are seeded from (seed, epoch, step) of that
-    start, so a resumed run sees the right images with freshly drawn augmentations.
+    start, so a resumed run sees the right images with freshly drawn augmentations. ``out_size``
+    is the side of every view (crops resized to it), as in :class:`~harness.augment.Augmenter`.
     """
     cpu_images = images.cpu()
 
     def make(epoch: int, step: int) -> DataLoader:
         sampler = TrainOrderSampler(len(images), batch_size, seed, start=(epoch, step))
-        return per_image_loader(cpu_images, cfg, mean, std, views=views, allow_flip=allow_flip,
+        return per_image_loader(cpu_images, cfg, mean, std, views=views, allow_flip=allow_flip, out_size=out_size,
                                 num_workers=num_workers, seed=hash((seed, epoch, step)) % 2**62,
                                 batch_sampler=sampler, pin_memory=images.is_cuda, backend=backend)
 
-    return LoaderAugmenter(make, images, mean, std, views)
+    return LoaderAugmenter(make, images, mean, std, views, out_size)

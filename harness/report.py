@@ -359,7 +359,7 @@ def extract(runner, record: dict, pool: np.ndarray, device: str) -> Extracted:
     if cls.trains:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         method.load_state_dict(state["model"])
-    ctx = RunContext(method, _subset(data, pool), manifest, device, spec["seed"])
+    ctx = RunContext(method, _subset(data, pool), manifest, device, spec["seed"], image_size=spec.get("image_size"))
     features, heads = ctx.representation_names()
     note = "" if manifest.sha256 == record["split_sha256"] else \
         "the data on disk differs from the run's (split hash mismatch); features are of today's data"

@@ -60,6 +60,8 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
             "protocols": {p: {**params, **entry.protocols.get(p, {})} for p, params in suite.protocols.items()},
             "val_fraction": suite.val_fraction, "train_split": suite.train_split,
             "deterministic": suite.deterministic}
+    if suite.image_size is not None:  # only when set, so the run ids of suites without it stay as they were
+        spec["image_size"] = suite.image_size
     if cls.components:  # an evaluation-time combination of other runs: their specs are part of this one
         entries = {e.name: e for e in suite.methods}
         spec["components"] = [make_spec(suite, dataset, entries.get(name, MethodEntry(name, name, {}, {})), seed, budget)
@@ -146,7 +148,9 @@ class Runner:
         train_idx = manifest.split(spec["train_split"])
         extra = {"components": self.components(job)} if cls.components else {}
         generator = seed_everything(job.seed, spec["deterministic"])
-        info = DataInfo(num_samples=len(train_idx), image_shape=data.image_shape,
+        size = spec.get("image_size")
+        image_shape = data.image_shape if size is None else (data.image_shape[0], size, size)
+        info = DataInfo(num_samples=len(train_idx), image_shape=image_shape,
                         num_classes=(data.num_classes if cls.label_level == "fine" else
                                      data.num_coarse if cls.label_level == "coarse" else None), extra=extra)
         backbone = create_backbone(spec["backbone"], data.image_shape[0])
@@ -196,9 +200,11 @@ class Runner:
             if self.pipeline == "per_image":
                 augmenter = training_feed(images, preset, data.mean, data.std, views=cfg["views"],
                                           batch_size=min(int(cfg["batch_size"]), len(images)), seed=seed,
-                                          allow_flip=allow_flip, num_workers=self.loader_workers)
+                                          allow_flip=allow_flip, out_size=spec.get("image_size"),
+                                          num_workers=self.loader_workers)
             else:
-                augmenter = Augmenter(preset, data.mean, data.std, allow_flip=allow_flip)
+                augmenter = Augmenter(preset, data.mean, data.std, allow_flip=allow_flip,
+                                      out_size=spec.get("image_size"))
             with make_logger(self.log_backend, store.dir / ".logs" / job.run_id, spec) as logger:
                 result = train(method, images, labels, job.budget, augmenter, cfg, device=device, seed=seed,
                                generator=generator, checkpoint=store.checkpoint_path(job.run_id),
@@ -221,7 +227,7 @@ class Runner:
         record["train_seconds"] = round(time.perf_counter() - start, 3)
         record["metrics"], record["eval_seconds"] = {}, {}
         if record["status"] == "ok" and distributed.is_main():
-            ctx = RunContext(method, data, manifest, device, seed)
+            ctx = RunContext(method, data, manifest, device, seed, image_size=spec.get("image_size"))
             record["metrics"], record["eval_seconds"] = evaluate(ctx, spec["protocols"])
             record["eval_seconds"]["extract"] = round(ctx.extract_seconds, 3)
         record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
