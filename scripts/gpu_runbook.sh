@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One device call of docs/gpu.md: the CUDA tests, `harness bench gpu`, then cifar10-instance's npid_cld
+# on the carried CIFAR-10 JPEGs until the time is spent, resuming from its checkpoint when there is one.
+#
+#   scripts/gpu_runbook.sh [--seconds S] [--train-only] [--smoke]
+#
+# --seconds S    wall-clock budget of the whole script (default 560: a run call's 600 s limit less a margin);
+#                training gets what the checks leave, less 30 s to copy results, and is interrupted then
+#                (the harness checkpoints every minute; the next call resumes from the last one)
+# --train-only   skip the CUDA tests and the benchmark (a second call: all the time goes to training)
+# --smoke        the same steps at CPU scale (tests of the script): bench gpu --smoke on two methods,
+#                the quick suite's npid_cld on digits for 2 steps, results in a temporary folder
+#
+# Everything worth keeping is written flat into $OUT (the device tool returns at most 8 files of 16 MiB):
+# env.txt, cuda-tests.log, bench-gpu.md, bench-gpu.log, train.log, the run's record once it is finished,
+# and its checkpoint when it fits in 16 MiB (the paper-scale one, about 116 MB, stays on the machine).
+set -uo pipefail
+
+seconds=560 train_only=0 smoke=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds="$2"; shift 2 ;;
+    --train-only) train_only=1; shift ;;
+    --smoke) smoke=1; shift ;;
+    *) echo "error: unknown option $1 (valid: --seconds S, --train-only, --smoke)" >&2; exit 2 ;;
+  esac
+done
+case "$seconds" in ''|*[!0-9]*) echo "error: --seconds takes a whole number of seconds, got '$seconds'" >&2; exit 2 ;; esac
+
+start=$SECONDS
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python="${PYTHON:-python3}"
+
+if [ "$smoke" = 1 ]; then
+  bench_args=(--smoke --methods simclr,npid_cld)
+  results="$(mktemp -d)/results"
+  suite=quick
+  run_args=(run quick --methods npid_cld --seeds 0 --budget steps=2 --results-dir "$results" --quiet)
+else
+  bench_args=()
+  results=results
+  suite=cifar10-instance
+  run_args=(run cifar10-instance --methods npid_cld --datasets cifar10-jpeg --data-dir data-carry --quiet)
+fi
+
+{
+  date -u
+  nvidia-smi 2>&1 || echo "no nvidia-smi"
+  "$python" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  git log --oneline -1 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+
+if [ "$train_only" = 0 ]; then
+  "$python" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda-tests.log"
+  echo "cuda tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+  "$python" -m harness bench gpu "${bench_args[@]}" --out "$OUT/bench-gpu.md" 2>&1 | tee "$OUT/bench-gpu.log"
+  echo "bench gpu: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+fi
+
+left=$((seconds - (SECONDS - start) - 30))
+if [ "$left" -gt 60 ]; then
+  # SIGINT: the harness stops, keeps its last checkpoint (at most a minute old) and exits 130
+  timeout --signal=INT "$left" "$python" -m harness "${run_args[@]}" 2>&1 | tee "$OUT/train.log"
+  echo "training: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124 or 130: stopped at the deadline)"
+  find "$results/$suite" -maxdepth 1 -name '*.json' -newer "$OUT/env.txt" -exec cp {} "$OUT/" \; 2>/dev/null
+  for checkpoint in "$results/$suite"/.ckpt/*.pt; do
+    [ -f "$checkpoint" ] || continue
+    if [ "$(stat -c %s "$checkpoint")" -le $((16 * 1024 * 1024)) ]; then
+      cp "$checkpoint" "$OUT/"
+    else
+      echo "checkpoint $checkpoint ($(du -h "$checkpoint" | cut -f1)) is over the 16 MiB a returned file may hold: it stays on this machine for the next call while the machine is warm"
+    fi
+  done | tee -a "$OUT/train.log"
+else
+  echo "no time left to train ($left s)" | tee "$OUT/train.log"
+fi
+echo "runbook done after $((SECONDS - start)) s; files in $OUT:"
+ls -la "$OUT"
