@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ev.add_argument("--image-size", type=_positive_int,
+                    help="resize every input to this side, the size the encoder was trained at (default: the data's)")
 
     bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
     bench.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -413,7 +415,7 @@ def cmd_eval(args) -> int:
     seed_everything(args.seed)
     backbone = load_encoder(args.checkpoint, args.arch, data.image_shape[0])
     method = create_method("random", backbone, {}, DataInfo(len(data), data.image_shape))
-    metrics, _ = evaluate(RunContext(method, data, manifest, device, args.seed), protocols)
+    metrics, _ = evaluate(RunContext(method, data, manifest, device, args.seed, image_size=args.image_size), protocols)
     for rep, values in metrics.items():
         for k, v in sorted(values.items()):
             print(f"{rep:10s} {k:28s} {v:.4f}")

@@ -142,3 +142,24 @@ def test_bad_image_size_is_a_one_line_usage_error(bad):
         make_suite(["simclr"], protocols=FAST, image_size=bad)
     message = str(err.value)
     assert "\n" not in message and "image_size" in message and repr(bad) in message
+
+
+def test_cli_eval_resizes_to_image_size(tmp_path, monkeypatch, capsys):
+    """``harness eval --image-size 16`` feeds the checkpoint's encoder 16x16 digits; catches the flag
+    not reaching the RunContext (8x8 inputs)."""
+    import harness.checkpoint as checkpoint
+    from harness.cli import main
+
+    seen: list[tuple[int, int]] = []
+
+    def logged(name: str, in_channels: int):
+        backbone = SmallCNN(in_channels, width=4)
+        backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+        return backbone
+
+    monkeypatch.setattr(checkpoint, "create_backbone", logged)
+    torch.save(SmallCNN(1, width=4).state_dict(), tmp_path / "encoder.pt")
+    code = main(["eval", "--checkpoint", str(tmp_path / "encoder.pt"), "--arch", "small_cnn", "--protocols", "knn",
+                 "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--image-size", "16"])
+    assert code == 0 and "knn/top1" in capsys.readouterr().out
+    assert set(seen) == {(16, 16)}
