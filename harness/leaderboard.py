@@ -107,7 +107,8 @@ def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], No
             raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
         records = list(ResultStore(Path(results_dir), name_or_path).records())
         if not records:
-            raise UsageError(f"no stored records under {Path(results_dir) / name_or_path}; run the suite first") from None
+            raise UsageError(f"no stored records under {Path(results_dir) / name_or_path}; "
+                             f"run the suite first") from None
         return SuiteRecords(name_or_path, name_or_path, {}, records)
     return SuiteRecords(suite.name, suite.description or suite.name, suite.tables,
                         current_records(suite, results_dir, warn))
@@ -523,9 +524,9 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
     header = [f"# Leaderboard: {title or suite}", "",
               f"{len(records)} stored runs ({n_ok} ok). Cells: mean over seeds in percent with its {confidence} "
               f"confidence interval in brackets ({options.ci_name}); seeds per cell: {seeds}; \"(n<3)\": fewer than "
-              f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. Every number is an offline evaluation of the "
-              f"final checkpoint (no online probes, no best-epoch selection). Rows with [head] evaluate that head's "
-              f"features or assignments instead of the backbone's pooled output.", "",
+              f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. Every number is an "
+              f"offline evaluation of the final checkpoint (no online probes, no best-epoch selection). Rows with "
+              f"[head] evaluate that head's features or assignments instead of the backbone's pooled output.", "",
               significance_text(board, options), "", ranks_text, "",
               f"Budget: {', '.join(budgets)}. Split manifests (sha256): {'; '.join(hashes)}.", "",
               "Protocols and parameters:", *protocol_notes(records), "",

@@ -65,6 +65,10 @@ def tiny(tmp_path_factory):
     return types.SimpleNamespace(root=root, records=records, index=index)
 
 
+def _esc_text(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
 def _figures(index: Path) -> set[str]:
     return {p.name for p in (index.parent / "figures").glob("*.png")}
 
@@ -77,13 +81,23 @@ def test_report_writes_page_and_every_figure(tiny):
     index = tiny.index
     assert index == tiny.root / "out" / "tiny" / "index.html"
     page = index.read_text()
-    display, stats = leaderboard_table(tiny.records)
-    # the table: one row per leaderboard row, in rank order, with mean ± std and the seed count
+    board = leaderboard_table(tiny.records)
+    display, stats = board.display, board.stats
+    # the table: one row per leaderboard row, in rank order; two seeds each: a mean and "(n<3)", no interval
     table = page.split('<table id="leaderboard"', 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr><td>([^<]*)</td>", table)
     assert rows == [html.escape(r) for r in display.index]
     assert "_report_clusterer [cluster_head]" in display.index and "_report_clusterer [head]" in display.index
-    assert re.search(r"\d+\.\d ± \d+\.\d \(2\)", table)
+    assert re.search(r"<td [^>]*>\d+\.\d \(n&lt;3\)</td>", table) and not re.search(r"\d \[\d", table)
+    assert "paired t-test below 6 seeds" in page and "alpha = 0.05" in page
+    # ranks across the suite: Friedman's sentence and the critical-difference diagram over the headline columns
+    assert board.ranks is not None and _esc_text(board.ranks.summary()) in page
+    assert '<img src="figures/critical-difference.png"' in page
+    assert (index.parent / "figures" / "critical-difference.svg").is_file()
+    # protocol sensitivity: every kNN grid point (k clamped to the memory set) against the headline ranking
+    sensitivity = page.split('<table id="sensitivity"', 1)[1].split("</table>", 1)[0]
+    assert "<td>knn k10_t0.07</td>" in sensitivity and "<td>knn k200_t0.5</td>" in sensitivity
+    assert "<td>clustering (suite setting)</td>" in sensitivity
     # definitions, protocol parameters, environment and split hashes
     for metric in stats["metric"].unique():
         assert f"<dt>{metric}</dt>" in page
@@ -167,7 +181,8 @@ def test_page_in_headless_chromium(tiny, tmp_path):
     result = json.loads(html.unescape(found.group(1)))
     assert result["done"]
 
-    display, stats = leaderboard_table(tiny.records)
+    board = leaderboard_table(tiny.records)
+    display, stats = board.display, board.stats
     assert result["rows"] == list(display.index)  # every row, in rank order
     assert result["headers"] == ["method", *display.columns]
     # a click on the first metric column sorts it descending, a second click ascending; missing values last

@@ -37,7 +37,8 @@ def test_fewer_than_three_values_have_no_interval():
 
 def test_paired_t_and_wilcoxon_against_scipy():
     """Below 6 pairs the p-value is scipy's ttest_rel, from 6 on scipy's wilcoxon, and the interval is the t
-    interval of the differences. Catches an unpaired test (ttest_ind: p = 0.14 here, paired: 0.011) or the wrong switch."""
+    interval of the differences. Catches an unpaired test (ttest_ind: p = 0.14 here, paired: 0.011) or the wrong
+    switch."""
     a, b = np.array([0.71, 0.69, 0.74, 0.70, 0.72]), np.array([0.70, 0.66, 0.71, 0.69, 0.70])
     res = stats.paired_test(a, b)
     assert res.test == "paired t" and res.p_value == pytest.approx(st.ttest_rel(a, b).pvalue)
@@ -85,7 +86,8 @@ def test_friedman_matches_scipy_without_ties():
 
 
 def test_kendall_tau_by_pair_count():
-    """tau = (concordant - discordant) / pairs on tie-free scores, counted by hand; 1 for the same order, -1 reversed."""
+    """tau = (concordant - discordant) / pairs on tie-free scores, counted by hand; 1 for the same order, -1 for
+    the reverse."""
     a, b = [0.9, 0.8, 0.7, 0.6, 0.5], [0.8, 0.9, 0.7, 0.5, 0.6]
     signs = [np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i, j in itertools.combinations(range(5), 2)]
     assert stats.kendall_tau(a, b) == pytest.approx(sum(signs) / len(signs)) == pytest.approx(0.6)
