@@ -73,7 +73,8 @@ def _setup(name: str, dataset: str | ImageData, scale: str, device: str, data_di
 
 
 def method_images_per_second(name: str, dataset: str | ImageData, backbone_name: str, scale: str, device: str,
-                             steps: int, data_dir: Path, compile_backbone: bool = False) -> tuple[float, int, int, float]:
+                             steps: int, data_dir: Path,
+                             compile_backbone: bool = False) -> tuple[float, int, int, float]:
     """(images/s of the full training step, batch size, views, peak MB) for ``name`` on ``dataset`` (a name,
     or data already loaded). The warm-up run also pays for ``compile_backbone``'s compilation: the timed
     run's fresh backbone reuses the compiled code (same module class, parameters are graph inputs)."""
