@@ -169,10 +169,12 @@ def column_test(values: pd.DataFrame, means: pd.Series, alpha: float) -> ColumnT
     """
     best = means.idxmax()
     raw, tests = {}, set()
+    top = values[best].to_numpy(dtype=np.float64)
     for row in means.index.drop(best):
-        pair = values[[best, row]].dropna()
-        if len(pair) >= 2:
-            result = stats.paired_test(pair[best].to_numpy(), pair[row].to_numpy())
+        other = values[row].to_numpy(dtype=np.float64)
+        paired = ~np.isnan(top) & ~np.isnan(other)
+        if paired.sum() >= 2:
+            result = stats.paired_test(top[paired], other[paired])
             raw[row] = result.p_value
             tests.add(result.test)
     adjusted = dict(zip(raw, stats.holm(list(raw.values())))) if raw else {}
@@ -206,7 +208,7 @@ def summarize(frame: pd.DataFrame, options: StatsOptions = StatsOptions()) -> tu
         used |= result.tests
         at = table["column"] == column
         table.loc[at, "p_vs_best"] = table.loc[at, "row"].map(result.p_vs_best).astype(float)
-        table.loc[at, "mark"] = table.loc[at, "row"].map(result.marks).fillna("")
+        table.loc[at, "mark"] = table.loc[at, "row"].map(lambda row: result.marks.get(row, ""))
     return table, frozenset(used)
 
 
@@ -235,11 +237,10 @@ def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = Sta
         raise UsageError("no stored records to build a leaderboard from; run the suite first")
     table, tests = summarize(frame, options)
     means = table.pivot(index="row", columns="column", values="mean")
-    cells = table.set_index(["row", "column"])
+    cells = {(c.row, c.column): _cell(c.mean, c.ci_low, c.ci_high, c.mark) for c in table.itertuples()}
     display = pd.DataFrame(index=means.index)
     for col in means.columns:
-        display[col] = [_cell(*cells.loc[(row, col), ["mean", "ci_low", "ci_high", "mark"]])
-                        if (row, col) in cells.index else "–" for row in means.index]
+        display[col] = [cells.get((row, col), "–") for row in means.index]
     rank = means.rank(ascending=False, method="min").mean(axis=1)
     display.insert(0, "rank", rank.map(lambda v: f"{v:.1f}"))
     per_row = frame.groupby("row")
