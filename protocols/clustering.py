@@ -4,6 +4,10 @@ Every metric is computed from one contingency table (classes x clusters) built w
 ``np.unique`` + ``np.bincount``, so labels may be any ints or strings, need not start at
 0 or be contiguous, the number of clusters K may differ from the number of classes C,
 and clusters that never occur (empty clusters) simply have no column.
+
+:func:`kmeans` is scikit-learn's ``KMeans`` (k-means++ seeding, best of 10 restarts) in torch on
+the features' device, chunked so ImageNet-sized feature sets fit; the ``clustering`` protocol
+runs it on feature representations and scores a cluster head's assignments directly.
 """
 from __future__ import annotations
 
@@ -191,13 +195,14 @@ def _sq_distances(xs: torch.Tensor, xs_sq: torch.Tensor, centres: torch.Tensor, 
 
 def _nearest_centre(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor,
                     chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each point's nearest centre and squared distance to it, by row chunks."""
-    centres_sq = centres.pow(2).sum(1)
+    """Each point's nearest centre and squared distance to it, by row chunks: the largest
+    ``x.c - |c|^2 / 2`` (one GEMM and one pass over each chunk), then ``|x|^2 - 2`` times it."""
+    neg_half_sq = centres.pow(2).sum(1).div_(-2)
     labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
-    dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    scores = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for rows in _row_chunks(len(x), len(centres), chunk_elements):
-        dists[rows], labels[rows] = _sq_distances(x[rows], x_sq[rows], centres, centres_sq).min(dim=1)
-    return labels, dists
+        scores[rows], labels[rows] = torch.addmm(neg_half_sq, x[rows], centres.T).max(dim=1)
+    return labels, (x_sq - 2 * scores).clamp_min_(0)
 
 
 def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator,
@@ -261,11 +266,11 @@ def _inertia(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, chunk
                      for s in _row_chunks(len(x), x.shape[1], chunk_elements)))
 
 
-def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float,
+def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter: int, shift_tol: float,
            chunk_elements: int) -> tuple[torch.Tensor, float]:
     """Lloyd's iterations with scikit-learn's stopping rule (``_kmeans_single_lloyd``): stop when
     the labels repeat (strict convergence) or the squared centre shift summed over centres is at
-    most ``tol``; otherwise reassign once to the final centres. Returns labels and inertia."""
+    most ``shift_tol``; otherwise reassign once to the final centres. Returns labels and inertia."""
     previous, converged = None, False
     for _ in range(max_iter):
         labels, dists = _nearest_centre(x, x_sq, centres, chunk_elements)
@@ -275,7 +280,7 @@ def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter:
         if previous is not None and torch.equal(labels, previous):
             converged = True
             break
-        if shift <= tol:
+        if shift <= shift_tol:
             break
         previous = labels
     if not converged:
@@ -288,7 +293,7 @@ def _kmeans_torch(x: np.ndarray, k: int, seed: int, init: str, n_init: int, max_
     x = torch.from_numpy(x).to(device)
     x = x - x.sum(0, dtype=torch.float64).div(len(x)).to(x.dtype)  # centred, as sklearn: exact expansions
     x_sq = x.pow(2).sum(1)
-    tol = tol * float(x_sq.double().sum()) / x.numel()  # sklearn's _tolerance: tol x mean feature variance
+    shift_tol = tol * float(x_sq.double().sum()) / x.numel()  # sklearn's _tolerance: tol x mean feature variance
     best_inertia, best_labels = math.inf, None
     for restart in range(n_init):
         gen = torch.Generator().manual_seed(seed * n_init + restart)
@@ -296,7 +301,7 @@ def _kmeans_torch(x: np.ndarray, k: int, seed: int, init: str, n_init: int, max_
             rows = _kmeans_plusplus(x, x_sq, k, gen, chunk_elements)
         else:
             rows = torch.randperm(len(x), generator=gen)[:k].to(device)
-        labels, inertia = _lloyd(x, x_sq, x[rows].clone(), max_iter, tol, chunk_elements)
+        labels, inertia = _lloyd(x, x_sq, x[rows].clone(), max_iter, shift_tol, chunk_elements)
         if inertia < best_inertia:
             best_inertia, best_labels = inertia, labels
     return best_labels.cpu().numpy()
