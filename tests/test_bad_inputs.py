@@ -205,22 +205,27 @@ def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(
     assert "random" in out.out and "Traceback" not in out.err
 
 
-def test_full_disk_while_writing_a_record_is_one_line_exit_1_and_leaves_no_temp_file(tmp_path, capsys,
-                                                                                      monkeypatch):
-    """ENOSPC during a record's write: exit 1, one line, and neither the record nor its temporary
-    file on disk. Catches: a traceback, a half-written record, a temporary file left behind (the
-    issue saw a 62 KB one)."""
+@pytest.mark.parametrize("filled_at", ["manifest", "record"])
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the split manifest (before training) or a run's record (after it) is written:
+    exit 1, one line, and neither the file nor a temporary file on disk. Catches: a traceback, a
+    half-written file, a temporary file left behind (the issue saw a 62 KB one)."""
     import harness.store
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.chdir(tmp_path)
+    if filled_at == "record":  # the manifest is there, so the first file written is the record
+        load_split_data("digits", tmp_path / "d", 0.1)
     monkeypatch.setattr(harness.store.os, "fsync", disk_full)
     assert main(["run", _suite(tmp_path), "--quiet", *_dirs(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "No space left on device" in err
-    assert [p.name for p in (tmp_path / "r" / "s").iterdir() if p.is_file()] == []
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    manifests = [f"d/manifests/{p.name}" for p in (tmp_path / "d" / "manifests").glob("*.json")]
+    assert len(manifests) == (filled_at == "record")  # the one written before the disk filled, if any
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        manifests + ["s.yaml"]
 
 
 def test_listing_into_a_closed_pipe_exits_quietly(tmp_path):
