@@ -50,3 +50,56 @@ def metric(records, method: str, key: str, rep: str = "backbone") -> list[float]
     """The values of ``key`` for ``method``'s records, in seed order."""
     rows = sorted((r for r in records if r["spec"]["label"] == method), key=lambda r: r["spec"]["seed"])
     return [r["metrics"][rep][key] for r in rows]
+
+
+#: kNN top-1 may differ by two of digits' 359 test images between runs that train the same weights up to
+#: float reduction order (one process against two data-parallel ranks); a shard or a wrong model is far more.
+KNN_SAME_WEIGHTS_TOLERANCE = 2 / 359
+
+
+def trained_weights(results_dir: Path, suite: str, run_id: str) -> dict[str, Any]:
+    """The model state of a stored run's final checkpoint."""
+    import torch
+
+    from harness.store import ResultStore
+
+    path = ResultStore(results_dir, suite).checkpoint_path(run_id)
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def initial_weights(results_dir: Path, data_dir: Path, record: dict) -> dict[str, Any]:
+    """The freshly seeded adapter of ``record``'s run, as the runner builds it before training."""
+    from harness.runner import Job, Runner
+    from harness.suite import MethodEntry
+
+    spec = record["spec"]
+    runner = Runner(results_dir, data_dir, device="cpu", quiet=True)
+    job = Job(record["suite"], spec["dataset"], MethodEntry(spec["method"], spec["label"], spec["config"], {}),
+              spec["seed"], None, spec)
+    method, _, _ = runner.build(job, *runner.dataset(spec["dataset"], spec["val_fraction"]))
+    return method.state_dict()
+
+
+def assert_trained_alike(ref: dict, other: dict, initial: dict, what: str) -> None:
+    """``other`` holds the weights of ``ref`` up to float reduction order: each tensor at most 1% of
+    how far training moved it (plus 1e-6) apart; integer buffers equal; and training moved the backbone.
+
+    One process against two data-parallel ranks: the runs differ by a small fraction of what training
+    changed (Adam amplifies it where gradients are near zero: CC's cluster head ends 1.6e-3 apart),
+    never by a share of it (CC without its gathers: 4e-2 and more).
+    """
+    import torch
+
+    assert ref.keys() == other.keys(), what
+    for key, value in ref.items():
+        if "key_encoder" in key and ("running_" in key or "num_batches" in key):
+            continue  # MoCo's key encoder BN statistics are per group on each rank (never evaluated)
+        if not value.is_floating_point():
+            assert torch.equal(other[key], value), f"{what} {key}"
+            continue
+        assert torch.equal(value.isnan(), other[key].isnan()), f"{what} {key}"  # e.g. NPID's unused NCE constant
+        value, second, start = (torch.nan_to_num(t.float()) for t in (value, other[key], initial[key]))
+        moved, apart = float((value - start).norm()), float((second - value).norm())
+        assert apart <= 1e-2 * moved + 1e-6, f"{what} {key}: runs {apart:.2e} apart, training moved it {moved:.2e}"
+    assert max(float((ref[k] - v).norm()) for k, v in initial.items()  # training did move the backbone
+               if k.startswith("backbone.") and v.is_floating_point()) > 1e-2, what
