@@ -272,7 +272,7 @@ def load_image_folder(root: Path, name: str, image_size: int | None = None,
                 if imgs[-1].shape != first[1]:
                     (h, w, _), (h0, w0, _) = imgs[-1].shape, first[1]
                     raise UsageError(f"image {f} is {w}x{h} pixels but {first[0]} is {w0}x{h0}; an image folder "
-                                     f"needs images of one size (resize them to one size)")
+                                     f"needs images of one size; resize them")
         parts.append((np.stack(imgs).transpose(0, 3, 1, 2), np.array(labels)))
     x, y, is_train = _stack(parts)
     xf = x.float() / 255

@@ -19,7 +19,7 @@ from harness.errors import UsageError, choices_error
 from harness.validate import check_unique, coerce_like
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
-from protocols._common import check_count
+from protocols._common import check_count, check_positive, check_positive_int
 
 SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_SUITE = "quick"
@@ -84,6 +84,14 @@ def _expect(cond: bool, message: str) -> None:
         raise UsageError(message)
 
 
+#: Checks of protocol parameters that need no data, by parameter name, with the protocols' own
+#: checks (``protocols/_common.py``): what evaluation would reject after training, rejected before it.
+PARAMETER_CHECKS: dict[str, Callable[[Any, str], None]] = {
+    "temperature": check_positive, "lr": check_positive, "max_iter": check_positive_int,
+    "n_init": check_positive_int, "epochs": check_positive_int, "batch_size": check_positive_int,
+}
+
+
 def _protocol_params(pname: str, params: Any, where: str) -> dict[str, Any]:
     """``params`` for protocol ``pname``, checked against the protocol's declared parameters."""
     spec = PROTOCOLS.get(pname)
@@ -92,8 +100,15 @@ def _protocol_params(pname: str, params: Any, where: str) -> dict[str, Any]:
     bad = sorted(set(params) - set(spec.defaults))
     _expect(not bad, f"{where}: unknown parameter {bad[:1]} for protocol {pname!r} "
                      f"(valid: {', '.join(sorted(spec.defaults)) or 'none'})")
-    return {key: coerce_like(value, spec.defaults[key], f"{where}: parameter {key!r} of protocol {pname!r}")
-            for key, value in params.items()}
+    params = {key: coerce_like(value, spec.defaults[key], f"{where}: parameter {key!r} of protocol {pname!r}")
+              for key, value in params.items()}
+    for key, value in params.items():
+        if key in PARAMETER_CHECKS:
+            try:
+                PARAMETER_CHECKS[key](value, f"parameter {key!r} of protocol {pname!r}")
+            except ValueError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+    return params
 
 
 def _method_entries(raw: Any, where: str) -> list[MethodEntry]:

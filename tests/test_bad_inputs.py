@@ -141,6 +141,8 @@ BAD_INPUTS = [
     # protocol parameters and their feasibility
     ("knn k not a number", lambda t: _run(t, protocols={"knn": {"k": "twenty"}}),
      2, "'k' of protocol 'knn' must be an integer, got 'twenty'"),
+    ("knn temperature 0", lambda t: _run(t, protocols={"knn": {"k": 5, "temperature": 0}}),
+     2, "parameter 'temperature' of protocol 'knn' must be positive, got 0"),
     ("k larger than the training set", lambda t: _run(t, protocols={"knn": {"k": 5000}}),
      2, "knn k=5000 is larger than the train_full split of digits"),
     ("clustering k larger than its split", lambda t: _run(t, protocols={"clustering": {"k": [10, 400], "split": "test"}}),
