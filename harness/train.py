@@ -185,6 +185,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg)
     usage, history, epoch, step_in_epoch = Usage(), [], 0, 0
     epoch_losses: list[float] = []  # losses of the current epoch's steps, kept across a resume
+    logs: dict[str, float] = {}  # the adapter's scalars of the last step: its epoch's history entry, kept too
     resumed = checkpoint is not None and checkpoint.is_file()
     if resumed:
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -197,6 +198,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         usage, history = Usage(**state["usage"]), state["history"]
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         epoch_losses = list(state.get("epoch_losses", []))
+        logs = dict(state.get("logs", {}))  # a run saved at the end of an epoch resumes with no step left in it
         generator.set_state(state["generator"])
         if state.get("done"):
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
@@ -228,7 +230,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         if rank == 0:
             write_atomic(checkpoint, partial(torch.save, {"model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
                           "usage": usage.as_dict(), "history": history, "epoch": epoch,
-                          "step_in_epoch": step_in_epoch, "epoch_losses": epoch_losses,
+                          "step_in_epoch": step_in_epoch, "epoch_losses": epoch_losses, "logs": logs,
                           "generator": generator.get_state(), "done": done,
                           "peak_memory_mb": peak(), "memory_kind": memory_kind}), binary=True)
 

@@ -1,0 +1,237 @@
+"""Training and evaluation on CUDA (issue 15): every test body runs on each device of ``DEVICES``.
+
+``cuda`` (marker ``cuda``) runs where torch sees a GPU and is skipped elsewhere, so CI stays
+green; there each method trains 20 steps at its paper configuration with ResNet-18 (CIFAR
+stem) on CIFAR-sized uint8 data. ``cpu`` runs the same bodies at CPU scale (small CNN, CPU
+configs, 64 images of 8 px, 2 steps) so that the tests themselves are exercised on every machine.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import methods.sela
+from harness.augment import Augmenter, get_preset
+from harness.backbones import create_backbone
+from harness.bench_gpu import synthetic_cifar
+from harness.budget import Budget
+from harness.seeding import seed_everything
+from harness.train import TrainResult, train
+from methods import METHODS, DataInfo, create_method, resolve_config
+from methods.sinkhorn import sinkhorn_knopp
+from protocols.clustering import kmeans
+from protocols.knn import weighted_knn_predict
+from tests.test_sinkhorn import official_loop
+
+TRAINED = [name for name in METHODS.names() if METHODS.get(name).trains]
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA GPU")])]
+#: Per device: training scale, backbone, images, side in px, training steps.
+SCALE = {"cuda": ("paper", "resnet18_cifar", 2048, 32, 20), "cpu": ("cpu", "small_cnn", 64, 8, 2)}
+#: |loss_bf16 - loss_fp32| <= BF16_REL_TOL * |loss_fp32| at the first step. bf16 keeps 8 significant bits
+#: (relative rounding 2^-9 per operation); a ResNet-18 forward accumulates about 1e-2 of relative error in
+#: its features, and temperatures of 0.07-0.5 magnify logit errors 2-14x before the log-sum-exp, whose
+#: value at initialisation (log of the batch or bank size, 4-8) damps them again.
+BF16_REL_TOL = 0.05
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a run."""
+
+
+class StepLosses:
+    """A training logger that keeps every step's loss and kills the run during step ``kill_at``, after its
+    update and before its checkpoint."""
+
+    def __init__(self, kill_at: int | None = None) -> None:
+        self.losses: list[float] = []
+        self.kill_at = kill_at
+
+    def log_scalars(self, step: int, scalars: dict) -> None:
+        if step == self.kill_at:
+            raise Killed(f"killed in step {step}")  # the checkpoint holds step - 1
+        self.losses.append(scalars["train/loss"])
+
+
+def train_steps(name: str, device: str, steps: int, *, precision: str = "auto", checkpoint=None,
+                kill_at: int | None = None, compile_backbone: bool = False,
+                ) -> tuple[TrainResult, list[float], torch.nn.Module]:
+    """``name`` trained ``steps`` steps at the device's scale, as the runner builds it: (result, losses, method)."""
+    scale, backbone, n, side, _ = SCALE[device]
+    cls = METHODS.get(name)
+    data = synthetic_cifar(n, side, seed=1)
+    cfg = resolve_config(cls, scale)
+    labels = data.coarse_labels if cls.label_level == "coarse" else data.labels
+    classes = {"fine": data.num_classes, "coarse": data.num_coarse}.get(cls.label_level)
+    generator = seed_everything(0)  # deterministic algorithms, as suites train
+    method = create_method(name, create_backbone(backbone, 3), cfg, DataInfo(n, data.image_shape, classes))
+    augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    log = StepLosses(kill_at)
+    result = train(method, data.images.to(device), torch.as_tensor(labels).to(device), Budget("steps", steps),
+                   augmenter, cfg, device=device, seed=0, generator=generator, quiet=True, logger=log,
+                   precision=precision, checkpoint=checkpoint, checkpoint_seconds=0.0,
+                   compile_backbone=compile_backbone)
+    return result, log.losses, method
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_method_trains_in_bf16_and_fp32(device, name, monkeypatch):
+    """Each method trains its steps in fp32 and in bf16 autocast with finite losses; the first step's
+    bf16 loss is within BF16_REL_TOL of fp32's (same weights, same batch); every floating-point
+    parameter and buffer (memory banks, queues, prototypes, classifier weights, BN statistics) is
+    still float32 after bf16 training; SeLa's Sinkhorn-Knopp gets float32 logits.
+
+    Catches: autocast leaking into the epoch hooks (bf16 Sinkhorn input), a bank or queue rebuilt
+    from bf16 features, a loss that overflows or turns NaN in bf16, a bf16 path that computes a
+    different loss (beyond rounding)."""
+    sinkhorn_inputs = []
+
+    def recording_sinkhorn(logits, *args, **kwargs):
+        sinkhorn_inputs.append(logits.dtype)
+        return sinkhorn_knopp(logits, *args, **kwargs)
+
+    monkeypatch.setattr(methods.sela, "sinkhorn_knopp", recording_sinkhorn)
+    steps = SCALE[device][4]
+    first = {}
+    for precision in ("fp32", "bf16"):
+        result, losses, method = train_steps(name, device, steps, precision=precision)
+        assert result.status == "ok", result.reason
+        assert len(losses) == steps and all(math.isfinite(v) for v in losses), (precision, losses)
+        first[precision] = losses[0]
+        wrong = {k: v.dtype for k, v in method.state_dict().items()
+                 if v.is_floating_point() and v.dtype != torch.float32}
+        assert not wrong, f"{precision}: state that is not float32: {wrong}"
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=BF16_REL_TOL), first
+    if name == "sela":
+        assert sinkhorn_inputs and set(sinkhorn_inputs) == {torch.float32}, sinkhorn_inputs
+
+
+@pytest.mark.parametrize("name", ["npid_cld", "sela"])
+def test_killed_run_resumes_with_the_uninterrupted_next_loss(device, name, tmp_path):
+    """Killed in step 6 of 10 (checkpoints after every step), a run started again from scratch (new
+    adapter, new generator) resumes from its checkpoint and computes the same losses for steps 6-10 as
+    the run that was never stopped: weights, optimiser, memory bank or pseudo-labels, data order and
+    augmentation state all come back, and so does the per-epoch history (loss means and the adapter's
+    scalars). npid_cld is the runbook's long GPU run. On the CPU an epoch is one step, so the
+    checkpoint was saved on an epoch's last step.
+
+    Catches: a buffer or optimiser state missing from the checkpoint, a generator state not restored,
+    a resume that restarts the epoch or repeats a step, one that fails or loses the epoch's scalars
+    when the checkpoint fell on an epoch's last step."""
+    uninterrupted, whole, _ = train_steps(name, device, 10)
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train_steps(name, device, 10, checkpoint=checkpoint, kill_at=6)
+    result, resumed, _ = train_steps(name, device, 10, checkpoint=checkpoint)
+    assert result.status == "ok" and result.usage.steps == 10
+    tolerance = 1e-5 if device == "cpu" else 1e-3  # CUDA: bf16 autocast, atomics in scatter/index_add
+    assert resumed == pytest.approx(whole[5:], rel=tolerance), (resumed, whole)
+
+    def history(r: TrainResult) -> list[dict]:
+        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in r.history]
+
+    assert history(result) == [pytest.approx(entry, rel=tolerance) for entry in history(uninterrupted)]
+
+
+def test_compiled_backbone_trains(device):
+    """SimCLR with ``torch.compile`` on the backbone trains its steps with finite losses, and its first
+    loss matches the eager run's (the compiled graph computes the same network).
+
+    Catches: a compile failure on the channels-last bf16 path, a graph break that changes results."""
+    if device == "cpu":
+        pytest.skip("inductor's C++ build takes minutes on a small CPU; the CUDA run is the check")
+    steps = SCALE[device][4]
+    result, losses, _ = train_steps("simclr", device, steps, compile_backbone=True)
+    assert result.status == "ok", result.reason
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
+    _, eager, _ = train_steps("simclr", device, 1)
+    assert losses[0] == pytest.approx(eager[0], rel=BF16_REL_TOL)
+
+
+def reference_knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int, temperature: float,
+                  num_classes: int) -> np.ndarray:
+    """NPID's weighted vote in float64 numpy: cosine similarities, k nearest, weights exp(s / T)."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    sims = b.astype(np.float64) @ a.T.astype(np.float64)
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    votes = np.zeros((len(b), num_classes))
+    for row, (idx, s) in enumerate(zip(nearest, np.take_along_axis(sims, nearest, 1))):
+        np.add.at(votes[row], train_y[idx], np.exp(s / temperature))
+    return votes.argmax(1)
+
+
+def test_torch_knn_on_the_device_predicts_what_the_reference_and_cpu_predict(device):
+    """The torch kNN backend on the device predicts the float64 reference's labels, and the CPU's.
+
+    Catches: similarities or votes computed on the wrong device or in reduced precision, a top-k
+    that drops or repeats neighbours on the device."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(10, 64)) * 0.3
+    train_y, test_y = rng.integers(0, 10, 3000), rng.integers(0, 10, 500)
+    train_x = (means[train_y] + rng.normal(size=(3000, 64))).astype(np.float32)
+    test_x = (means[test_y] + rng.normal(size=(500, 64))).astype(np.float32)
+    on_device = weighted_knn_predict(train_x, train_y, test_x, k=50, temperature=0.1, backend="torch", device=device)
+    on_cpu = weighted_knn_predict(train_x, train_y, test_x, k=50, temperature=0.1, backend="torch", device="cpu")
+    np.testing.assert_array_equal(on_device, reference_knn(train_x, train_y, test_x, 50, 0.1, 10))
+    np.testing.assert_array_equal(on_device, on_cpu)
+
+
+def test_sinkhorn_on_the_device_gives_the_cpu_and_official_labels(device):
+    """Sinkhorn-Knopp on logits on the device gives SeLa's plain float64 loop's labels and the CPU's.
+
+    Catches: device-dependent chunking or precision in the solver, vectors left on the wrong device."""
+    logits = torch.randn(2000, 20, generator=torch.Generator().manual_seed(3)) * 2
+    official, _ = official_loop(logits, 10.0, tol=1e-9)  # converged far enough that no label is in doubt
+    on_device = sinkhorn_knopp(logits.to(device), 10.0, tol=1e-9)
+    on_cpu = sinkhorn_knopp(logits, 10.0, tol=1e-9)
+    assert on_device.labels.device.type == torch.device(device).type
+    assert torch.equal(on_device.labels.cpu(), official)
+    assert torch.equal(on_device.labels.cpu(), on_cpu.labels)
+
+
+def test_clustering_kmeans_on_the_device_recovers_separated_blobs(device):
+    """The clustering protocol's k-means (torch backend) on the device finds 8 well-separated blobs
+    exactly (ARI 1 against the blob ids, scikit-learn's metric), as on the CPU.
+
+    Catches: k-means failing or mis-assigning on the device (dtype, device transfers, empty clusters)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16)) * 10
+    blobs = rng.integers(0, 8, 4000)
+    x = (centres[blobs] + rng.normal(size=(4000, 16))).astype(np.float32)
+    on_device = kmeans(x, 8, 0, backend="torch", device=device)
+    assert adjusted_rand_score(blobs, on_device) == 1.0
+    assert adjusted_rand_score(kmeans(x, 8, 0, backend="torch", device="cpu"), on_device) == 1.0
+
+
+def test_views_and_weights_are_channels_last_on_cuda(device):
+    """The loop's views on CUDA are channels-last and the model's weights too (the bf16 fast path);
+    on the CPU they stay contiguous. Checked through a SimCLR step that records its input.
+
+    Catches: channels-last dropped from the views or the model on CUDA."""
+    recorded = []
+    scale, backbone, n, side, _ = SCALE[device]
+    cfg = resolve_config(METHODS.get("simclr"), scale)
+    data = synthetic_cifar(n, side)
+    method = create_method("simclr", create_backbone(backbone, 3), cfg, DataInfo(n, data.image_shape))
+    method.backbone.register_forward_pre_hook(lambda module, args: recorded.append(args[0]))
+    augmenter = Augmenter(get_preset(cfg["augment"]), data.mean, data.std)
+    train(method, data.images.to(device), None, Budget("steps", 1), augmenter, cfg, device=device, seed=0,
+          generator=seed_everything(0), quiet=True)
+    cuda = device.startswith("cuda")
+    view = recorded[0]
+    assert view.dtype == torch.float32 and view.device.type == torch.device(device).type
+    assert view.is_contiguous(memory_format=torch.channels_last) == cuda
+    conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == cuda
