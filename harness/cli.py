@@ -501,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                 importlib.import_module(module)
             except ImportError as exc:
                 raise UsageError(f"cannot import plugin {module!r}: {exc}") from None
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that has gone shows here, in the handler below, not at exit
+        return code
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
