@@ -208,8 +208,9 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def _protocol_needs(pname: str, params: dict[str, Any]) -> tuple[str | None, list[int], bool]:
-    """What protocol ``pname`` draws from the data: the split its ``k`` neighbours or clusters come from
-    (None: no ``k``), those ``k`` values, and whether it reads coarse labels (``protocols/*.py``)."""
+    """What protocol ``pname`` draws from the data (``protocols/*.py``): the split its samples and ``k``
+    neighbours or clusters come from (None: nothing to check), its ``k`` values, and whether it reads
+    coarse labels."""
     if pname in ("knn", "coarse_to_fine"):  # train+val vote for the test samples
         return "train_full", [params["k"]], pname == "coarse_to_fine"
     if pname == "clustering":  # k: None (the number of classes), an int or a sweep of ints
@@ -239,8 +240,9 @@ def check_against_data(suite: Suite, load: Callable[[str, float], tuple[ImageDat
                 raise UsageError(f"{where}: {readers[0]} reads coarse labels, which this dataset does not have; "
                                  f"leave it out for this dataset")
             for pname, (split, ks, _) in needs.items():
-                for k in ks:
-                    try:
-                        check_count(k, len(manifest.split(split)), f"{pname} k", f"the {split} split of {dataset}")
-                    except ValueError as exc:
-                        raise UsageError(f"{where}: {exc}") from None
+                try:
+                    size = 0 if split is None else len(manifest.split(split))  # an unknown split name fails here
+                    for k in ks:
+                        check_count(k, size, f"{pname} k", f"the {split} split of {dataset}")
+                except ValueError as exc:
+                    raise UsageError(f"{where}: {exc}") from None

@@ -4,8 +4,8 @@ traceback, and (for everything checkable up front) nothing trained and no record
 ``BAD_INPUTS`` is the table: an id, a function that prepares what the case needs under a temporary
 directory and returns the command line, the expected exit code (2 for bad input, 1 for a broken
 environment: an unreadable file, a directory that cannot be written) and a fragment of the message.
-The cases that cannot be a table row (a full disk while a record is written, foreign files among the
-records, a closed pipe, a changed image folder, numeric strings that are accepted) follow it.
+The cases that cannot be a table row (a disk that fills while a file is written, foreign files among
+the records, a closed pipe, a changed image folder, numeric strings that are accepted) follow it.
 """
 from __future__ import annotations
 
@@ -147,6 +147,8 @@ BAD_INPUTS = [
      2, "knn k=5000 is larger than the train_full split of digits"),
     ("clustering k larger than its split", lambda t: _run(t, protocols={"clustering": {"k": [10, 400], "split": "test"}}),
      2, "clustering k=400 is larger than the test split"),
+    ("clustering on an unknown split", lambda t: _run(t, protocols={"clustering": {"split": "validation"}}),
+     2, "unknown split 'validation' (valid: all, test, train, train_full, val)"),
     # budgets and command-line lists
     ("infinite budget", lambda t: _run(t, "--budget", "epochs=inf"), 2, "must be a positive number (finite)"),
     ("empty budget", lambda t: _run(t, "--budget", ""), 2, "cannot parse budget ''"),
