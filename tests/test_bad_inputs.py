@@ -279,3 +279,33 @@ def test_yaml_numbers_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
     assert (config["lr"], config["batch_size"], config["milestones"]) == (0.001, 64, [0.5])
     assert type(config["batch_size"]) is int and (knn["k"], knn["temperature"]) == (10, 0.05)
     assert type(knn["k"]) is int and job.spec["budget"] == {"steps": 20}
+
+
+@pytest.mark.parametrize("value,default,expected", [
+    ("1e-3", 0.06, 0.001), (1, 0.5, 1), ("1e3", 256, 1000), (64.0, 256, 64), (True, False, True),
+    (["5e-1", 0.8], [0.1], [0.5, 0.8]), ("k-means++", "random", "k-means++"), ({"a": 1}, {}, {"a": 1}),
+    ("anything", None, "anything"),
+])
+def test_values_take_the_type_of_their_declared_default(value, default, expected):
+    """coerce_like by hand: numeric strings become numbers, integral floats become ints, ints stay
+    ints for a float key (so specs written before keep their run ids). Catches: a YAML string left a
+    string, 64.0 reaching a batch size."""
+    from harness.validate import coerce_like
+
+    result = coerce_like(value, default, "key")
+    assert result == expected and type(result) is type(expected)
+
+
+@pytest.mark.parametrize("value,default,message", [
+    (True, 256, "must be an integer"), (2.5, 256, "must be an integer"), ("true", False, "true or false"),
+    (float("nan"), 0.1, "finite number"), ("inf", 0.1, "finite number"), (0.5, "sgd", "must be a string"),
+    ("0.5", [0.1], "must be a list"), ([1], {}, "must be a mapping"),
+])
+def test_values_of_another_type_are_rejected(value, default, message):
+    """Catches: True accepted as a batch size (bool subclasses int in Python), NaN or inf accepted
+    as a rate, a number where a name belongs."""
+    from harness.errors import UsageError
+    from harness.validate import coerce_like
+
+    with pytest.raises(UsageError, match=message):
+        coerce_like(value, default, "key")
