@@ -225,11 +225,16 @@ def cmd_run(args) -> int:
     check_writable(args.results_dir, "--results-dir")
     check_writable(args.leaderboard_dir, "--leaderboard-dir")
     store = ResultStore(args.results_dir, suite.name)
-    check_against_data(suite, lambda dataset, val_fraction: load_split_data(dataset, args.data_dir, val_fraction),
-                       {job.dataset for job in jobs if args.force or not store.has(job.run_id)})
     from harness import distributed
 
     ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks
+    in_process = not ranks.distributed and args.executor == "local" and not args.workers
+    runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
+                    precision=args.precision, compile=args.compile, pipeline=args.pipeline,
+                    retry_failed=args.retry_failed) if in_process else None
+    # the data this process trains on is loaded once: the check's load is the runner's
+    check_against_data(suite, runner.dataset if runner else lambda name, fraction: load_split_data(name, args.data_dir, fraction),
+                       {job.dataset for job in jobs if args.force or not store.has(job.run_id)})
     if ranks.distributed:
         return _run_data_parallel(args, suite, jobs, ranks)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
@@ -237,10 +242,7 @@ def cmd_run(args) -> int:
     from harness.logging_backends import check_backend
 
     check_backend(args.log)
-    if args.executor == "local" and not args.workers:
-        runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
-                        precision=args.precision, compile=args.compile, pipeline=args.pipeline,
-                        retry_failed=args.retry_failed)
+    if runner is not None:
         records = runner.run(jobs, force=args.force)
     else:
         from harness.executors import ExecutorError, run_jobs, slurm_options

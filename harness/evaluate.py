@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -97,10 +97,12 @@ class RunContext:
         self.extract_seconds = time.perf_counter() - start
 
 
-def evaluate(ctx: RunContext, protocols: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def evaluate(ctx: RunContext, protocols: dict[str, dict[str, Any]],
+             progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Run every protocol on every representation it reads.
 
-    Returns ``{representation: {"protocol/metric": value}}`` and the seconds each protocol took.
+    Returns ``{representation: {"protocol/metric": value}}`` and the seconds each protocol took;
+    ``progress`` hears one line as each (protocol, representation) ends.
     """
     features, heads = ctx.representation_names()
     metrics: dict[str, dict[str, float]] = {}
@@ -116,7 +118,10 @@ def evaluate(ctx: RunContext, protocols: dict[str, dict[str, Any]]) -> tuple[dic
             reps.append("backbone")
         start = time.perf_counter()
         for rep in reps:
+            began = time.perf_counter()
             out = spec.fn(ctx, rep, **params)
             metrics.setdefault(rep, {}).update({f"{name}/{k}": float(v) for k, v in out.items()})
+            if progress is not None:
+                progress(f"evaluated {name} on {rep} ({time.perf_counter() - began:.1f} s)")
         seconds[name] = round(time.perf_counter() - start, 3)
     return metrics, seconds

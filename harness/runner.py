@@ -1,6 +1,7 @@
 """Plan a suite's grid, run each job (train, evaluate, store), skip what is stored."""
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ from harness import distributed
 from harness.augment import Augmenter, get_preset
 from harness.backbones import create_backbone
 from harness.budget import Budget
-from harness.data import ImageData, SplitManifest, load_dataset, load_or_make_manifest
+from harness.data import ImageData, SplitManifest, load_split_data
 from harness.environment import environment, resolve_device
 from harness.errors import choices_error
 from harness.logging_backends import make_logger
 from harness.evaluate import RunContext, evaluate
+from harness.leaderboard import is_headline
 from harness.pil_augment import training_feed
 from harness.seeding import seed_everything
 from harness.store import ResultStore, run_id
@@ -75,6 +77,19 @@ def plan(suite: Suite) -> list[Job]:
             for d in suite.datasets for e in suite.methods for s in suite.seeds for b in suite.budgets]
 
 
+def run_summary(record: dict[str, Any]) -> str:
+    """One line for a finished run: its status, training and evaluation time, and headline metrics."""
+    if record.get("status") != "ok":
+        return f"FAILED after {record.get('train_seconds', 0):.1f} s: {record.get('reason', '')}"
+    eval_seconds = sum(record.get("eval_seconds", {}).values())
+    metrics = record.get("metrics", {})
+    rep = "backbone" if "backbone" in metrics else next(iter(metrics), None)
+    shown = {k: v for k, v in metrics.get(rep, {}).items() if is_headline(k)}
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items()))
+    return f"trained {record.get('train_seconds', 0):.1f} s, evaluated {eval_seconds:.1f} s" + (
+        f"; {rep}: {scores}" if scores else "")
+
+
 class Runner:
     """Runs jobs into a :class:`ResultStore`, loading each dataset and manifest once.
 
@@ -85,7 +100,7 @@ class Runner:
     def __init__(self, results_dir: Path, data_dir: Path, device: str = "auto", quiet: bool = False,
                  log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
                  log_backend: str = "none", precision: str = "auto", compile: bool = False,
-                 pipeline: str = "batched", loader_workers: int | None = None) -> None:
+                 pipeline: str = "batched", loader_workers: int | None = None, retry_failed: bool = False) -> None:
         self.results_dir, self.data_dir = Path(results_dir), Path(data_dir)
         self.log_backend = log_backend
         self.device = resolve_device(device)
@@ -96,33 +111,40 @@ class Runner:
         if distributed.get_world_size() > 1 and self.device == "cuda":  # this rank's GPU, set by init_distributed
             self.device = f"cuda:{torch.cuda.current_device()}"
         self.quiet, self.log, self.checkpoint_seconds = quiet, log, checkpoint_seconds
+        self.retry_failed = retry_failed
         self._data: dict[tuple[str, float], tuple[ImageData, SplitManifest]] = {}
 
     def dataset(self, name: str, val_fraction: float) -> tuple[ImageData, SplitManifest]:
         key = (name, val_fraction)
         if key not in self._data:
-            data = load_dataset(name, self.data_dir)
-            manifest = load_or_make_manifest(data, self.data_dir / "manifests", val_fraction)
-            self._data[key] = (data, manifest)
+            self._data[key] = load_split_data(name, self.data_dir, val_fraction)
         return self._data[key]
 
     def run(self, jobs: list[Job], force: bool = False) -> list[dict[str, Any]]:
-        """Run every job without a stored record (all of them with ``force``); return all records."""
+        """Run every job without a stored record (all of them with ``force``, failed ones too with
+        ``retry_failed``); return all records. Temp files of killed writers are removed first."""
         records = []
         main = distributed.is_main()
+        if main:
+            for suite in sorted({job.suite for job in jobs}):
+                ResultStore(self.results_dir, suite).clean_temp_files()
+            for job in jobs:  # an unreadable stored record stops the suite here, before anything trains
+                store = ResultStore(self.results_dir, job.suite)
+                if store.has(job.run_id):
+                    store.load(job.run_id)
         for i, job in enumerate(jobs, 1):
             store = ResultStore(self.results_dir, job.suite)
             rid = job.run_id
             with ExitStack() as held:
                 action = "run"
                 if main:
-                    if store.has(rid) and not force:
+                    if self._stored(store, rid, force):
                         action = "stored"
                     elif not held.enter_context(store.lock(rid)):
                         action = "busy"
-                    elif store.has(rid) and not force:  # finished by another process meanwhile
+                    elif self._stored(store, rid, force):  # finished by another process meanwhile
                         action = "stored"
-                    elif force:  # a forced rerun trains from scratch, not from the finished checkpoint
+                    elif store.has(rid) or force:  # a rerun trains from scratch, not from the last checkpoint
                         store.checkpoint_path(rid).unlink(missing_ok=True)
                 action = distributed.broadcast_object(action)
                 if action == "stored":
@@ -135,10 +157,20 @@ class Runner:
                 record = self.run_job(job, store)
                 if main:
                     store.write(record)
+                    self.log(f"[{i}/{len(jobs)}] {job.describe()}: {run_summary(record)}")
                 records.append(record)
-                if record["status"] != "ok":
-                    self.log(f"    failed: {record['reason']}")
         return records
+
+    def _stored(self, store: ResultStore, rid: str, force: bool) -> bool:
+        """Whether ``rid`` has a record that this run keeps (failed ones are rerun with ``retry_failed``)."""
+        if force or not store.has(rid):
+            return False
+        return not self.retry_failed or store.load(rid).get("status") == "ok"
+
+    def _eval_progress(self, message: str) -> None:
+        """A line per protocol while a run is evaluated, where there is no progress bar to watch."""
+        if self.quiet or not sys.stderr.isatty():
+            self.log(f"    {message}")
 
     def build(self, job: Job, data: ImageData,
               manifest: SplitManifest) -> tuple[Method, torch.Tensor, torch.Generator]:
@@ -224,11 +256,12 @@ class Runner:
                                "images_per_second": None}
             record["status"], record["reason"] = "ok", ""
         record["budget"] = {"asked": job.budget.as_dict(), "used": record["train"]["used"]}
-        record["train_seconds"] = round(time.perf_counter() - start, 3)
+        # training time over all segments of a resumed run (the loop's clock continues from its checkpoint)
+        record["train_seconds"] = round(result.usage.seconds if method.trains else time.perf_counter() - start, 3)
         record["metrics"], record["eval_seconds"] = {}, {}
         if record["status"] == "ok" and distributed.is_main():
             ctx = RunContext(method, data, manifest, device, seed, image_size=spec.get("image_size"))
-            record["metrics"], record["eval_seconds"] = evaluate(ctx, spec["protocols"])
+            record["metrics"], record["eval_seconds"] = evaluate(ctx, spec["protocols"], progress=self._eval_progress)
             record["eval_seconds"]["extract"] = round(ctx.extract_seconds, 3)
         record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return record

@@ -19,6 +19,8 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
+from harness.errors import EnvironmentFailure
+
 #: Floats in a spec are compared at this many significant digits (a float64 holds 15-17).
 SIGNIFICANT_DIGITS = 12
 #: Magnitudes below this are zero in a spec (one ulp away from 0.0 is a subnormal, 5e-324).
@@ -70,8 +72,10 @@ def write_atomic(path: Path, write: Callable[[IO], None], binary: bool = False) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # ENOSPC from write/fsync names no file
+            raise EnvironmentFailure(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 
@@ -112,7 +116,12 @@ class ResultStore:
         return self.record_path(rid).is_file()
 
     def load(self, rid: str) -> dict[str, Any]:
-        return json.loads(self.record_path(rid).read_text())
+        path = self.record_path(rid)
+        try:
+            return json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnvironmentFailure(f"record {path} is not readable JSON ({str(exc).splitlines()[0]}); "
+                                     f"delete it to rerun that run") from None
 
     def write(self, record: dict[str, Any]) -> Path:
         path = self.record_path(record["run_id"])

@@ -103,6 +103,9 @@ def _protocol_params(pname: str, params: Any, where: str) -> dict[str, Any]:
     params = {key: coerce_like(value, spec.defaults[key], f"{where}: parameter {key!r} of protocol {pname!r}")
               for key, value in params.items()}
     for key, value in params.items():
+        if key in spec.choices and value not in spec.choices[key]:
+            raise UsageError(f"{where}: parameter {key!r} of protocol {pname!r} is {value!r} "
+                             f"(valid: {', '.join(sorted(spec.choices[key]))})")
         if key in PARAMETER_CHECKS:
             try:
                 PARAMETER_CHECKS[key](value, f"parameter {key!r} of protocol {pname!r}")

@@ -72,6 +72,9 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {}}
     #: Optuna search space: {key: ("float"|"log"|"int"|"categorical", low, high) or ("categorical", [choices])}.
     search_space: ClassVar[dict[str, tuple]] = {}
+    #: Config keys that name one of a fixed set of variants, e.g. ``{"label_pass": ("official", "plain")}``;
+    #: :func:`resolve_config` checks them before any training.
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: ``None`` for methods without labels; ``"fine"`` or ``"coarse"`` for (weakly) supervised ones.
     label_level: ClassVar[str | None] = None
     #: False for baselines evaluated as built (pixels, random init) and for combinations.
@@ -192,4 +195,8 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
         if key in cfg:
             cfg[key] = number_in_range(cfg[key], low, high, f"config key {key!r} of method {cls.name!r}")
     _check_training_names(cfg, cls.name)
+    for key, valid in cls.choices.items():
+        if cfg[key] not in valid:
+            raise UsageError(f"config key {key!r} of method {cls.name!r} is {cfg[key]!r} "
+                             f"(valid: {', '.join(sorted(valid))})")
     return cfg

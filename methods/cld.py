@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from harness.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, register_method
-from methods.heads import make_head
+from methods.heads import HEADS, make_head
 from methods.moco import MoCo
 from methods.npid import NPID
 
@@ -81,6 +81,7 @@ class NPIDCLD(NPID):
         "cpu": {**NPID.defaults["cpu"], "views": 2, "clusters": 16},
     }
     search_space = {**NPID.search_space, **CLD_SEARCH}
+    choices = {**NPID.choices, "group_head": HEADS}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)
@@ -123,6 +124,7 @@ class MoCoCLD(MoCo):
         "cpu": {**MoCo.defaults["cpu"], "views": 3, "clusters": 16},
     }
     search_space = {**MoCo.search_space, **CLD_SEARCH}
+    choices = {**MoCo.choices, "group_head": HEADS}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)

@@ -38,6 +38,10 @@ class NormLinear(nn.Module):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
 
 
+#: Projection heads by name (see :func:`make_head`).
+HEADS = ("linear", "mlp", "normlinear")
+
+
 def make_head(kind: str, in_dim: int, out_dim: int, hidden: int = 512) -> nn.Module:
     """A projection head by name: ``linear`` (NPID), ``normlinear`` (CLD's NormedLinear option), ``mlp`` (MoCo v2)."""
     if kind == "linear":
@@ -46,4 +50,4 @@ def make_head(kind: str, in_dim: int, out_dim: int, hidden: int = 512) -> nn.Mod
         return NormLinear(in_dim, out_dim)
     if kind == "mlp":
         return mlp(in_dim, hidden, out_dim)
-    raise choices_error("head", kind, ("linear", "mlp", "normlinear"))
+    raise choices_error("head", kind, HEADS)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from harness.distributed import own_rows
 from methods.base import Batch, DataInfo, Method, register_method
-from methods.heads import make_head
+from methods.heads import HEADS, make_head
 from methods.losses import info_nce
-from methods.memory import MomentumEncoder, Queue
+from methods.memory import QUEUE_INITS, MomentumEncoder, Queue
 
 
 @register_method("moco")
@@ -36,6 +36,7 @@ class MoCo(Method):
                 "queue_size": 512, "ema": 0.99, "bn_splits": 4, "head_hidden": 128},
     }
     search_space = {"lr": ("log", 0.01, 0.5), "temperature": ("float", 0.05, 0.5), "ema": ("float", 0.9, 0.999)}
+    choices = {"head": HEADS, "queue_init": QUEUE_INITS}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)

@@ -6,9 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.distributed import all_gather_cat
-from harness.errors import choices_error
 from methods.base import Batch, DataInfo, Method, register_method
-from methods.heads import make_head
+from methods.heads import HEADS, make_head
 from methods.memory import MemoryBank
 
 BANK_UPDATES = ("in_backward", "after_step")
@@ -49,11 +48,10 @@ class NPID(Method):
                 "augment": "mild", "temperature": 0.5},
     }
     search_space = {"lr": ("log", 0.01, 0.5), "temperature": ("float", 0.05, 0.5)}
+    choices = {"bank_update": BANK_UPDATES, "head": HEADS}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)
-        if cfg["bank_update"] not in BANK_UPDATES:
-            raise choices_error("bank_update", cfg["bank_update"], BANK_UPDATES)
         self.head = make_head(cfg["head"], backbone.out_dim, cfg["feat_dim"], cfg["head_hidden"])
         self.bank = MemoryBank(info.num_samples, cfg["feat_dim"], cfg["bank_momentum"])
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.augment import Augmenter, get_preset
-from harness.errors import choices_error
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.sinkhorn import sinkhorn_knopp
 
@@ -48,11 +47,10 @@ class SeLa(Method):
     }
     search_space = {"lr": ("log", 0.005, 0.2), "num_clusters": ("categorical", [16, 32, 64, 128]),
                     "lam": ("float", 5.0, 30.0)}
+    choices = {"label_pass": LABEL_PASSES}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)
-        if cfg["label_pass"] not in LABEL_PASSES:
-            raise choices_error("label_pass", cfg["label_pass"], LABEL_PASSES)
         k, n = cfg["num_clusters"], info.num_samples
         self.heads = nn.ModuleList(nn.Linear(backbone.out_dim, k) for _ in range(cfg["num_heads"]))
         self.register_buffer("labels", torch.stack([torch.randperm(n) % k for _ in self.heads]))

@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.distributed import all_gather_cat, gather_with_grad
-from harness.errors import choices_error
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.losses import THANOS_SIMILARITIES, class_conditional_info_nce, supcon_loss
 
@@ -75,9 +74,9 @@ class SupCon(CoarseLabelMethod):
     }
     search_space = {"lr": ("log", 1e-4, 1e-2), "temperature": ("float", 0.1, 1.0)}
 
+    choices = {"similarity": THANOS_SIMILARITIES}
+
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
-        if cfg["similarity"] not in THANOS_SIMILARITIES:
-            raise choices_error("similarity", cfg["similarity"], THANOS_SIMILARITIES)
         super().__init__(backbone, cfg, info)
         official_no_clamp = cfg["similarity"] == "official" and cfg["clip_pos"] != 1.0
         self.clip_pos = None if official_no_clamp else cfg["clip_pos"]  # the positive clamp this run applies

@@ -62,13 +62,15 @@ class ProtocolSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     inputs: frozenset[str] = frozenset({"features"})
     description: str = ""
+    #: Parameters that name one of a fixed set of variants; suites are checked against them before training.
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 PROTOCOLS: Registry[ProtocolSpec] = Registry("protocol")
 
 
 def register_protocol(name: str, *, defaults: dict[str, Any] | None = None,
-                      inputs: tuple[str, ...] = ("features",)):
+                      inputs: tuple[str, ...] = ("features",), choices: dict[str, tuple[str, ...]] | None = None):
     """Register ``fn(ctx, rep, **params) -> dict`` under ``name``.
 
     ``rep`` is the representation name the harness evaluates (``backbone``, ``head``,
@@ -79,7 +81,7 @@ def register_protocol(name: str, *, defaults: dict[str, Any] | None = None,
     def decorator(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
         PROTOCOLS.register(name)(ProtocolSpec(name, fn, dict(defaults or {}), frozenset(inputs),
-                                              doc[0] if doc else ""))
+                                              doc[0] if doc else "", dict(choices or {})))
         return fn
 
     return decorator

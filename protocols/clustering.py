@@ -359,7 +359,7 @@ def _head_assignments(ctx: EvalContext, rep: str) -> np.ndarray | None:
 
 @register_protocol("clustering", defaults={"split": "all", "k": None, "coarse": False, "init": "k-means++",
                                            "n_init": 10, "max_iter": 300, "tol": 1e-4},
-                   inputs=("features", "assignments"))
+                   inputs=("features", "assignments"), choices={"init": KMEANS_INITS})
 def clustering_protocol(ctx: EvalContext, rep: str, *, split: str, k, coarse: bool, init: str,
                         n_init: int, max_iter: int, tol: float) -> dict[str, float]:
     """Clustering ACC/NMI/AMI/ARI of k-means on features, or of a cluster head's assignments.

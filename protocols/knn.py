@@ -21,6 +21,9 @@ from protocols._common import (ArrayLike, check_choice, check_classes, check_cou
                                check_same_dim, check_same_length, topk_accuracy)
 from protocols.base import EvalContext, register_protocol
 
+#: Where the neighbour search runs: FAISS when installed (``auto``), or torch on the features' device.
+KNN_BACKENDS = ("auto", "faiss", "torch")
+
 SIMILARITY_BLOCK = 2**26  # floats in one torch similarity block (256 MB): sets the default chunk
 
 Search = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -94,7 +97,7 @@ def _check_knn_inputs(train_x, train_y, test_x, k, temperature, backend, chunk_s
     check_same_dim(train_x, test_x, "train_x", "test_x")
     check_count(k, len(train_x), "k", "the training set")
     check_positive(temperature, "temperature")
-    check_choice(backend, "backend", ("auto", "faiss", "torch"))
+    check_choice(backend, "backend", KNN_BACKENDS)
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
     classes, train_idx = check_classes(train_y, "train_y")
@@ -163,7 +166,8 @@ GRID_TEMPERATURE = (0.07, 0.1, 0.5)
 
 
 @register_protocol("knn", defaults={"k": 200, "temperature": 0.1, "backend": "auto",
-                                    "grid_k": list(GRID_K), "grid_temperature": list(GRID_TEMPERATURE)})
+                                    "grid_k": list(GRID_K), "grid_temperature": list(GRID_TEMPERATURE)},
+                   choices={"backend": KNN_BACKENDS})
 def knn_protocol(ctx: EvalContext, rep: str, *, k: int, temperature: float, backend: str,
                  grid_k: Sequence[int] = (), grid_temperature: Sequence[float] = ()) -> dict[str, float]:
     """Weighted kNN (NPID) top-1/top-5: train+val features vote for each test sample's fine label.

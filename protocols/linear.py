@@ -245,7 +245,7 @@ def lbfgs_protocol(ctx: EvalContext, rep: str, *, l2_grid: list[float],
 
 @register_protocol("sgd", defaults={"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
                                     "batch_size": 256, "augment": True, "optimizer": "sgd"},
-                   inputs=("encoder",))
+                   inputs=("encoder",), choices={"optimizer": PROBE_OPTIMIZERS})
 def sgd_protocol(ctx: EvalContext, rep: str, *, epochs: int, lr: float, momentum: float,
                  weight_decay: float, batch_size: int, augment: bool, optimizer: str) -> dict[str, float]:
     """SGD linear evaluation of the frozen encoder on augmented train images (val picks the epoch)."""

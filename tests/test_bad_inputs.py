@@ -138,6 +138,10 @@ BAD_INPUTS = [
         "optimizer": "rmsprop"}}]), 2, "unknown optimizer 'rmsprop' (valid: adam, adamw, sgd)"),
     ("augment nosuch in one method", lambda t: _run(t, methods=["simclr", {"name": "moco", "config": {
         "augment": "nosuch"}}]), 2, "unknown augment 'nosuch'"),
+    ("an adapter's variant key (SeLa label_pass) misspelt", lambda t: _run(t, methods=["random", {"name": "sela",
+        "config": {"label_pass": "offical"}}]), 2, "'label_pass' of method 'sela' is 'offical' (valid: official, plain)"),
+    ("k-means init misspelt", lambda t: _run(t, protocols={"clustering": {"init": "kmeans++"}}), 2,
+     "parameter 'init' of protocol 'clustering' is 'kmeans++' (valid: k-means++, random)"),
     # protocol parameters and their feasibility
     ("knn k not a number", lambda t: _run(t, protocols={"knn": {"k": "twenty"}}),
      2, "'k' of protocol 'knn' must be an integer, got 'twenty'"),
@@ -209,6 +213,23 @@ def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(
     assert "random" in out.out and "Traceback" not in out.err
 
 
+def test_a_truncated_record_of_a_planned_run_stops_the_suite_before_training(stored_run, capsys, monkeypatch):
+    """A record cut short by hand (or a broken copy) of a run the suite plans: exit 1 with one line naming the
+    file and saying to delete it, before any other run trains. Catches: a JSONDecodeError traceback, and a
+    check made only when the run's turn comes (after earlier runs have trained)."""
+    import harness.runner
+
+    path = stored_run / "s.yaml"
+    path.write_text(path.read_text().replace("- random", "- simclr\n- random"))  # simclr plans first
+    (record,) = (stored_run / "r" / "s").glob("*.json")
+    record.write_text(record.read_text()[:100])
+    monkeypatch.setattr(harness.runner.Runner, "run_job", lambda *a: pytest.fail("a run trained"))
+    capsys.readouterr()
+    assert main(["run", str(path), "--quiet", *_dirs(stored_run)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and record.name in err and "delete it" in err
+
+
 @pytest.mark.parametrize("filled_at", ["manifest", "record"])
 def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_path, capsys, monkeypatch):
     """ENOSPC while the split manifest (before training) or a run's record (after it) is written:
@@ -226,6 +247,7 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_p
     assert main(["run", _suite(tmp_path), "--quiet", *_dirs(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert ("manifests" if filled_at == "manifest" else "/r/s/") in err  # the line names the file
     manifests = [f"d/manifests/{p.name}" for p in (tmp_path / "d" / "manifests").glob("*.json")]
     assert len(manifests) == (filled_at == "record")  # the one written before the disk filled, if any
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
