@@ -125,6 +125,7 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         base = {"method": r["spec"]["label"], "dataset": r["spec"]["dataset"], "seed": r["spec"]["seed"],
                 "budget": json.dumps(r["spec"]["budget"]), "split_sha256": r["split_sha256"], "status": r["status"],
+                "reason": r.get("reason", ""),
                 "train_seconds": r.get("train_seconds", np.nan),
                 "peak_memory_mb": (r.get("train") or {}).get("peak_memory_mb", np.nan)}
         if r["status"] != "ok":
@@ -237,20 +238,22 @@ def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = Sta
         raise UsageError("no stored records to build a leaderboard from; run the suite first")
     table, tests = summarize(frame, options)
     means = table.pivot(index="row", columns="column", values="mean")
+    failed = frame[frame["status"] != "ok"].groupby("row").agg(runs=("seed", "nunique"), reason=("reason", "first"))
+    rows = means.index.append(failed.index.difference(means.index))  # rows whose every run failed come last
     cells = {(c.row, c.column): _cell(c.mean, c.ci_low, c.ci_high, c.mark) for c in table.itertuples()}
-    display = pd.DataFrame(index=means.index)
+    display = pd.DataFrame(index=rows)
     for col in means.columns:
-        display[col] = [cells.get((row, col), "–") for row in means.index]
-    rank = means.rank(ascending=False, method="min").mean(axis=1)
-    display.insert(0, "rank", rank.map(lambda v: f"{v:.1f}"))
+        display[col] = [cells.get((row, col), "–") for row in rows]
+    rank = means.rank(ascending=False, method="min").mean(axis=1).reindex(rows)
+    display.insert(0, "rank", rank.map(lambda v: "–" if np.isnan(v) else f"{v:.1f}"))
     per_row = frame.groupby("row")
-    display["train s"] = per_row["train_seconds"].mean().reindex(means.index).map(lambda v: f"{v:.1f}")
-    display["peak MB"] = per_row["peak_memory_mb"].mean().reindex(means.index).map(
+    display["train s"] = per_row["train_seconds"].mean().reindex(rows).map(lambda v: f"{v:.1f}")
+    display["peak MB"] = per_row["peak_memory_mb"].mean().reindex(rows).map(
         lambda v: "–" if not v or np.isnan(v) else f"{v:.0f}")
-    failed = frame[frame["status"] != "ok"].groupby("row")["seed"].nunique()
-    if len(failed):
-        display["failed runs"] = failed.reindex(means.index).fillna(0).astype(int)
-    order = rank.sort_values(kind="stable").index
+    if len(failed):  # a failed run is a row's fact, not a missing number: say how many and why
+        display["failed"] = [f"{failed.at[row, 'runs']}: {failed.at[row, 'reason']}" if row in failed.index else ""
+                             for row in rows]
+    order = rank.sort_values(kind="stable", na_position="last").index
     ranks, note = suite_ranks(table, options.alpha)
     return Leaderboard(display.loc[order], table, tests, ranks, note)
 

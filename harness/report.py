@@ -466,12 +466,12 @@ dl dt { font-weight: bold; margin-top: .5em; } dl dd { margin-left: 1.5em; }
 
 def _leaderboard_html(board: Leaderboard) -> str:
     display, stats = board.display, board.stats
-    means = stats.pivot(index="row", columns="column", values="mean")
-    marks = stats.pivot(index="row", columns="column", values="mark")
+    means = stats.pivot(index="row", columns="column", values="mean").reindex(display.index)
+    marks = stats.pivot(index="row", columns="column", values="mark").reindex(display.index)
     metric_cols = list(means.columns)
     head = ['<th data-type="text" data-first="asc" data-kind="method" tabindex="0" scope="col">method</th>']
     kinds = {"rank": ("rank", "asc"), "train s": ("cost", "asc"), "peak MB": ("cost", "asc"),
-             "failed runs": ("cost", "asc")}
+             "failed": ("cost", "asc")}
     for col in display.columns:
         kind, first = kinds.get(col, ("metric", "desc"))
         sort = ' aria-sort="ascending"' if col == "rank" else ""

@@ -113,3 +113,18 @@ def test_each_finished_run_prints_one_line_with_time_and_headline_metrics(tmp_pa
     assert len(done) == 2
     assert all("knn/top1" in line and "clustering/acc" in line and " s" in line for line in done)
     assert any(line.strip().startswith("evaluated knn on backbone") for line in lines)
+
+
+def test_a_method_whose_runs_all_failed_keeps_a_row_that_says_why(tmp_path):
+    """The leaderboard used to drop a row with no successful run: the failure vanished from the table."""
+    from harness.leaderboard import leaderboard_table
+
+    jobs = plan(make_suite([{"name": "_nan_until_fixed", "config": CONFIG}, "random"], budget="steps=2",
+                           protocols=FAST))
+    _NaNUntilFixed.broken = True
+    records = _runner(tmp_path / "r", tmp_path).run(jobs)
+    display = leaderboard_table(records).display
+    assert list(display.index) == ["random", "_nan_until_fixed"]
+    assert display.at["_nan_until_fixed", "rank"] == "–"
+    assert display.at["_nan_until_fixed", "failed"].startswith("1: loss became nan")
+    assert display.at["random", "failed"] == ""
