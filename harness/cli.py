@@ -193,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from harness.budget import Budget
-    from harness.leaderboard import current_records, write_leaderboards
     from harness.runner import Runner, plan
     from harness.suite import DEFAULT_SUITE, load_suite
     from harness.data import load_split_data, validate_dataset_name
@@ -236,7 +235,7 @@ def cmd_run(args) -> int:
     check_against_data(suite, runner.dataset if runner else lambda name, fraction: load_split_data(name, args.data_dir, fraction),
                        {job.dataset for job in jobs if args.force or not store.has(job.run_id)})
     if ranks.distributed:
-        return _run_data_parallel(args, suite, jobs, ranks)
+        return _run_data_parallel(args, suite, jobs, ranks, every_method)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
           f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
     from harness.logging_backends import check_backend
@@ -261,27 +260,29 @@ def cmd_run(args) -> int:
     if not records:
         print("no records yet (all jobs are running elsewhere)")
         return 0
-    _report_failed(records)
-    suite.methods = every_method
-    records = current_records(suite, args.results_dir)  # all on disk: concurrent writers end with the whole table
-    display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables,
-                                 _stats_options(args))
-    _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
-    return 0
+    return _finish_run(args, suite, every_method, records)
 
 
-def _report_failed(records: list[dict]) -> None:
+def _finish_run(args, suite, every_method, records: list[dict]) -> int:
+    """Say how many runs failed, then write the suite's tables once, from every current record on disk (not
+    only this process's), so that concurrent writers of one suite end with the whole table."""
+    from harness.leaderboard import current_records, write_leaderboards
+
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         print(f"{len(failed)} of {len(records)} runs failed (first: {failed[0]['spec']['label']} on "
               f"{failed[0]['spec']['dataset']} seed {failed[0]['spec']['seed']}: {failed[0].get('reason', '')}); "
               f"the table marks them; rerun them with --retry-failed", file=sys.stderr)
+    suite.methods = every_method
+    display = write_leaderboards(current_records(suite, args.results_dir), suite.name, args.leaderboard_dir,
+                                 suite.description, suite.tables, _stats_options(args))
+    _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
+    return 0
 
 
-def _run_data_parallel(args, suite, jobs, ranks) -> int:
+def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
     """One process of a torchrun (or Slurm multi-task) launch: all ranks train each job together."""
     from harness import distributed
-    from harness.leaderboard import write_leaderboards
     from harness.runner import Runner
 
     if args.executor != "local" or args.workers:
@@ -298,11 +299,7 @@ def _run_data_parallel(args, suite, jobs, ranks) -> int:
         distributed.barrier()
     finally:
         distributed.cleanup()
-    if main and records:
-        display = write_leaderboards(records, suite.name, args.leaderboard_dir, suite.description, suite.tables,
-                                 _stats_options(args))
-        _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
-    return 0
+    return _finish_run(args, suite, every_method, records) if main and records else 0
 
 
 def cmd_leaderboard(args) -> int:
