@@ -258,7 +258,8 @@ def digits_records(tmp_path_factory):
     from harness.runner import Runner, plan
     from tests.conftest import make_suite
 
-    suite = make_suite(["random", *INSTANCE_METHODS], seeds=(0, 1), budget="epochs=15")
+    suite = make_suite(["random", *INSTANCE_METHODS], seeds=(0, 1), budget="epochs=15",
+                       protocols={"knn": {"k": 20}, "clustering": {}})
     root = tmp_path_factory.mktemp("instance")
     runner = Runner(root / "results", root / "data", device="cpu", quiet=True, log=lambda s: None)
     threads = torch.get_num_threads()
@@ -271,9 +272,20 @@ def digits_records(tmp_path_factory):
 
 @pytest.mark.parametrize("name", INSTANCE_METHODS)
 def test_short_training_beats_random_encoder(digits_records, name):
+    """k-means NMI of the trained backbone beats the untrained one's by 0.1 or more (2-seed means).
+
+    kNN cannot tell them apart on digits: the random encoder scores 0.95-0.96 top-1 and these
+    methods 0.94-0.97, so the old check (kNN mean above random's) passed or failed by an image or
+    two. k-means NMI of the same runs (seeds 0, 1, 2 of the committed quick suite, scored with the
+    k-means of that commit): random 0.50 / 0.35 / 0.42 (std 0.075); npid 0.75 / 0.72 / 0.71, moco
+    0.70 / 0.65 / 0.67, npid_cld 0.72 / 0.71 / 0.71, moco_cld 0.76 / 0.71 / 0.71, invcls 0.70 /
+    0.69 / 0.77 (std 0.01-0.04). The 2-seed gap is 0.25 (moco) to 0.31 (npid), its seed std about
+    0.06, so the 0.1 margin leaves 2.5 std. Breakage tried: npid at lr 1e-3 (the backbone barely
+    trained): NMI gap 0.05, this test fails (the old check failed too, by one image: 0.950 vs 0.953).
+    """
     records = [r for r in digits_records if r["spec"]["label"] == name]
     assert [r["status"] for r in records] == ["ok", "ok"]
     assert "head" in records[0]["metrics"]  # the instance head is evaluated as its own row
-    trained = metric(digits_records, name, "knn/top1")
-    random = metric(digits_records, "random", "knn/top1")
-    assert sum(trained) / 2 > sum(random) / 2, (trained, random)
+    trained = metric(digits_records, name, "clustering/nmi")
+    random = metric(digits_records, "random", "clustering/nmi")
+    assert sum(trained) / 2 >= sum(random) / 2 + 0.1, (trained, random)
