@@ -6,6 +6,7 @@ tensorboard, wandb) fails, as it does there.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -17,28 +18,34 @@ import pytest
 from harness.bench_gpu import _split
 
 ROOT = Path(__file__).resolve().parents[1]
-MISSING = ("faiss", "optuna", "submitit", "jinja2", "tensorboard", "wandb")
+#: Not on the GPU machine; the optional packages besides them (jinja2, for the .tex and .html tables
+#: of `run`, tensorboard) are there.
+NOT_ON_GPU_MACHINE = ("faiss", "optuna", "submitit", "wandb")
+MISSING = NOT_ON_GPU_MACHINE + ("jinja2", "tensorboard")
 
-#: Runs ``python -m harness ARGS`` with MISSING unimportable: a meta-path finder ahead of all others.
-BLOCKED_HARNESS = f"""
+#: Runs ``python -m harness ARGS`` with the packages named in argv[1] (comma-separated) unimportable:
+#: a meta-path finder ahead of all others.
+BLOCKED_HARNESS = """
 import runpy, sys
+
+missing = set(sys.argv[1].split(","))
 
 class Missing:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {MISSING!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        if name.split(".")[0] in missing:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 sys.meta_path.insert(0, Missing())
-sys.argv = ["harness", *sys.argv[1:]]
+sys.argv = ["harness", *sys.argv[2:]]
 runpy.run_module("harness", run_name="__main__", alter_sys=True)
 """
 
 
-def harness_without_optional_packages(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def harness_without_optional_packages(*args: str, cwd: Path, missing=MISSING) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-c", BLOCKED_HARNESS, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", BLOCKED_HARNESS, ",".join(missing), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
@@ -57,13 +64,13 @@ def test_list_and_bench_gpu_smoke_run_without_the_optional_packages(tmp_path):
     listed = harness_without_optional_packages("list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "npid_cld" in listed.stdout
-    before = (ROOT / "leaderboards" / "bench-gpu.md").stat().st_mtime_ns if (ROOT / "leaderboards" / "bench-gpu.md").exists() else None
+    committed = ROOT / "leaderboards" / "bench-gpu.md"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
     smoke = harness_without_optional_packages("bench", "gpu", "--smoke", "--methods", "simclr,sela", cwd=ROOT)
     assert smoke.returncode == 0, smoke.stderr[-3000:]
     written = Path(smoke.stdout.strip().splitlines()[-1].removeprefix("written: "))
     assert written.is_file() and ROOT not in written.parents
-    after = (ROOT / "leaderboards" / "bench-gpu.md").stat().st_mtime_ns if (ROOT / "leaderboards" / "bench-gpu.md").exists() else None
-    assert after == before
+    assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
     rows = table_rows(written.read_text())
     assert set(rows) == {"simclr", "sela", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks",
                          "kmeans torch"}
@@ -71,6 +78,22 @@ def test_list_and_bench_gpu_smoke_run_without_the_optional_packages(tmp_path):
         rate = float(cells[2])
         assert math.isfinite(rate) and rate > 0, (name, cells)
     assert rows["simclr"][3] == "images/s" and float(rows["simclr"][5]) > 0  # ratio to the bare backbone
+
+
+def test_run_trains_and_evaluates_with_the_gpu_machines_packages(tmp_path):
+    """``harness run`` trains, evaluates (kNN and k-means fall back to torch without faiss) and writes
+    its record and leaderboard with faiss, optuna, submitit and wandb unimportable.
+
+    Catches: a module-level import of those packages anywhere on the run path, a protocol that
+    needs faiss by default."""
+    done = harness_without_optional_packages(
+        "run", "quick", "--methods", "simclr", "--seeds", "0", "--budget", "steps=1", "--results-dir", "r",
+        "--leaderboard-dir", "lb", "--data-dir", str(tmp_path / "data"), "--quiet", cwd=tmp_path,
+        missing=NOT_ON_GPU_MACHINE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "r" / "quick").glob("*.json")]
+    assert record["status"] == "ok", record["reason"]
+    assert {"knn/top1", "clustering/acc"} <= set(record["metrics"]["backbone"]), record["metrics"]
 
 
 @pytest.mark.parametrize("args, package", [
@@ -96,3 +119,37 @@ def test_time_split_shares_a_step_largest_first():
     (hand-computed shares). Catches: shares of the wrong total, the rest not derived, a wrong order."""
     assert _split(10.0, {"backbone": 6.0, "augment": 1.0}) == \
         "backbone 60% (6.00 ms), rest 30% (3.00 ms), augment 10% (1.00 ms)"
+
+
+RUNBOOK = ROOT / "scripts" / "gpu_runbook.sh"
+
+
+def test_runbook_smoke_returns_every_result_within_the_device_tools_limits(tmp_path):
+    """``scripts/gpu_runbook.sh --smoke`` (the device call's script at CPU scale) leaves in ``$OUT`` the
+    environment, the CUDA test log (every test selected by ``-m cuda``, skipped here), the benchmark
+    table, the training log, the finished run's record and its checkpoint: at most 8 flat files of at
+    most 16 MiB, as the device tool returns them.
+
+    Catches: a step of the script that fails or writes elsewhere, a record or checkpoint not copied
+    back, more or larger files than the tool brings back."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(["bash", str(RUNBOOK), "--smoke", "--seconds", "3000"], env=env, capture_output=True,
+                          text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = {p.name: p for p in out.iterdir()}
+    assert {"env.txt", "cuda-tests.log", "bench-gpu.md", "bench-gpu.log", "train.log"} <= set(files), sorted(files)
+    assert len(files) <= 8 and all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in files.values())
+    tests_log = files["cuda-tests.log"].read_text()
+    assert "skipped" in tests_log and "failed" not in tests_log and "error" not in tests_log.lower(), tests_log
+    assert {"simclr", "npid_cld", "knn torch"} <= set(table_rows(files["bench-gpu.md"].read_text()))
+    records = [json.loads(p.read_text()) for name, p in files.items() if name.endswith(".json")]
+    assert len(records) == 1 and records[0]["status"] == "ok", records
+    assert records[0]["spec"]["method"] == "npid_cld" and records[0]["budget"]["used"]["steps"] == 2
+    assert [name for name in files if name.endswith(".pt")], "the small checkpoint comes back"
+
+
+def test_runbook_rejects_an_unknown_option_in_one_line():
+    """Catches: a typo in the device call's command running the whole script with defaults."""
+    done = subprocess.run(["bash", str(RUNBOOK), "--second", "100"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--second" in done.stderr
