@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,6 +22,7 @@ import pandas as pd
 
 from harness import stats
 from harness.errors import UsageError, choices_error
+from harness.store import write_atomic, write_text_atomic
 
 #: Metric name endings that are scores (higher is better); other stored values (chosen l2, ...) are not ranked.
 SCORE_SUFFIXES = ("top1", "top5", "acc", "nmi", "ami", "ari", "acc_majority")
@@ -525,7 +526,10 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
         ranks_text = f"{board.ranks.summary()} Diagram: `{cd_stem.name}.png` (`.svg`)."
     else:
         ranks_text = board.ranks_note
-    header = [f"# Leaderboard: {title or suite}", "",
+    summary, deviations = split_deviations(title or suite)
+    header = [f"# Leaderboard: {summary}", "",
+              *([f"Deviations from the official code ({len(deviations)}; docs/fidelity.md gives the reasons):",
+                 *[f"- {d}" for d in deviations], ""] if deviations else []),
               f"{len(records)} stored runs ({n_ok} ok). Cells: mean over seeds in percent with its {confidence} "
               f"confidence interval in brackets ({options.ci_name}); seeds per cell: {seeds}; \"(n<3)\": fewer than "
               f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. Every number is an "
@@ -544,17 +548,25 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
     _write_text(out_dir / f"{suite}.tex", plain.to_latex(escape=True))
     body = plain.to_html(escape=True, classes="leaderboard")
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(suite)}</title>"
-            f"<h1>Leaderboard: {html.escape(title or suite)}</h1>"
+            f"<h1>Leaderboard: {html.escape(summary)}</h1>"
             + "".join(f"<p>{html.escape(line)}</p>" for line in header[2:] if line) + body)
     _write_text(out_dir / f"{suite}.html", page)
     return display
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(data), binary=True)
 
 
 def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode())
+    write_text_atomic(path, text)
+
+
+def split_deviations(title: str) -> tuple[str, list[str]]:
+    """A suite description's summary and its numbered deviations from the official code (the text after
+    ``Deviations:`` or ``Deviation:``, items ``(1) ...; (2) ...``), so tables can list them one per line."""
+    match = re.search(r"Deviations?:", title)
+    if match is None:
+        return title.strip(), []
+    items = [item.strip().rstrip(";.").strip() for item in re.split(r"\(\d+\)\s*", title[match.end():])]
+    return title[:match.start()].strip().rstrip("."), [item for item in items if item]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.errors import UsageError
+from harness.store import write_atomic
 from harness.leaderboard import (Leaderboard, StatsOptions, is_score, leaderboard_table, records_frame,
                                  sensitivity, significance_text, suite_records, write_cd_diagram)
 
@@ -117,9 +117,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
     """Atomic write that leaves an identical file untouched."""
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(data), binary=True)
 
 
 def _save(fig, path: Path) -> None:

@@ -212,3 +212,15 @@ def test_leaderboard_and_report_read_the_same_current_records(tmp_path):
     page = write_report(str(suite_file), results, tmp_path / "out", tmp_path / "data", features=False).read_text()
     assert "0" * 16 not in page and all(j.run_id in page for j in jobs)
     assert "(n&lt;3)</td>" not in page and ">51.0 [" in page and ">61.0 [" in page  # 3 seeds each
+
+
+def test_a_suites_deviations_are_listed_one_per_line_in_the_header():
+    """Paper-scale suites end their description with 'Deviations: (1) ...; (2) ...'; the table header lists
+    each on its own line, so none hides in a run-on title."""
+    from harness.leaderboard import split_deviations
+
+    summary, items = split_deviations("CIFAR-10, 1000 epochs. Deviations: (1) warm-up from 0; (2) bf16 autocast "
+                                      "where CLD uses fp16 (apex O1); (3) the final checkpoint.")
+    assert summary == "CIFAR-10, 1000 epochs"
+    assert items == ["warm-up from 0", "bf16 autocast where CLD uses fp16 (apex O1)", "the final checkpoint"]
+    assert split_deviations("digits, 3 seeds") == ("digits, 3 seeds", [])
