@@ -64,7 +64,7 @@ def run_one(n: int, k: int, dtype: str, input_dtype: str, lam: float, tol: float
     return {"N": n, "K": k, "logits": input_dtype, "chunks": dtype,
             "logits GB": round(logits.numel() * logits.element_size() / 1e9, 2),
             "iterations": result.iterations, "error": f"{result.error:.3g}", "converged": result.error < tol,
-            "seconds": round(seconds, 1), "s/iteration": round(seconds / result.iterations, 2),
+            "seconds": round(seconds, 3), "s/iteration": round(seconds / result.iterations, 4),
             "peak MB": round(peak), "solver MB": round(peak - base),
             "labels per cluster min/max": f"{int(counts.min())}/{int(counts.max())} (N/K={n / k:.0f})"}
 
