@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import make_suite
+from tests.conftest import (KNN_SAME_WEIGHTS_TOLERANCE, assert_trained_alike, initial_weights, make_suite,
+                            trained_weights)
 
 WORLD = 2
 #: Every method family that trains (baselines without training and evaluation-time combinations excluded).
@@ -95,54 +96,22 @@ def runs(tmp_path_factory):
     return root, single, ranks
 
 
-def _weights(root: Path, which: str, run_id: str) -> dict[str, torch.Tensor]:
-    from harness.store import ResultStore
-
-    path = ResultStore(root / which, "ddp").checkpoint_path(run_id)
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
-
-
 @pytest.mark.parametrize("method", LABELS + ["invcls_sharded killed and resumed"])
 def test_two_ranks_train_the_same_weights_as_one_process(runs, method):
     root, single, _ = runs
     label, _, resumed = method.partition(" ")
     record = next(r for r in single if r["spec"]["label"] == label)
     assert record["status"] == "ok" and record["budget"]["used"]["steps"] == 4
-    ref = _weights(root, "single", record["run_id"])
-    ddp = _weights(root, "ddp-resumed" if resumed else "ddp", record["run_id"])
-    initial = _initial_weights(root, record)
-    assert ref.keys() == ddp.keys()
-    for key, value in ref.items():
-        if "key_encoder" in key and ("running_" in key or "num_batches" in key):
-            continue  # MoCo's key encoder BN statistics are per group on each rank (never evaluated)
-        if not value.is_floating_point():
-            assert torch.equal(ddp[key], value), f"{method} {key}"
-            continue
-        # float reduction order differs between 1 and 2 processes: the runs may differ by a small
-        # fraction of what training changed (Adam amplifies it where gradients are near zero: CC's
-        # cluster head ends 1.6e-3 apart), never by a share of it (CC without its gathers: 4e-2 and more)
-        assert torch.equal(value.isnan(), ddp[key].isnan()), f"{method} {key}"  # e.g. NPID's unused NCE constant
-        value, other, start = (torch.nan_to_num(t.float()) for t in (value, ddp[key], initial[key]))
-        moved, apart = float((value - start).norm()), float((other - value).norm())
-        assert apart <= 1e-2 * moved + 1e-6, f"{method} {key}: runs {apart:.2e} apart, training moved it {moved:.2e}"
-    assert max(float((ref[k] - v).norm()) for k, v in initial.items()  # training did move the backbone
-               if k.startswith("backbone.") and v.is_floating_point()) > 1e-2
-
-
-def _initial_weights(root: Path, record: dict) -> dict[str, torch.Tensor]:
-    """The freshly seeded adapter of ``record``'s run, as the runner builds it before training."""
-    from harness.runner import Job, Runner
-    from harness.suite import MethodEntry
-
-    spec = record["spec"]
-    runner = Runner(root / "single", root / "data", device="cpu", quiet=True)
-    job = Job("ddp", spec["dataset"], MethodEntry(spec["method"], spec["label"], spec["config"], {}), spec["seed"], None,
-              spec)
-    method, _, _ = runner.build(job, *runner.dataset(spec["dataset"], spec["val_fraction"]))
-    return method.state_dict()
+    ref = trained_weights(root / "single", "ddp", record["run_id"])
+    ddp = trained_weights(root / ("ddp-resumed" if resumed else "ddp"), "ddp", record["run_id"])
+    assert_trained_alike(ref, ddp, initial_weights(root / "single", root / "data", record), method)
 
 
 def test_rank_zero_alone_evaluates_and_writes_and_a_rerun_trains_nothing(runs):
+    """Rank 0 alone evaluates and writes each record; its kNN top-1 is the one-process run's within
+    two of the 359 test images. Breakage tried (the ranks patched in a scratch run): rank 0 scoring
+    kNN on half of the test split, a shard; SimCLR's top-1 moves by 0.011 and this test fails (the
+    old tolerance, 0.6, passed it)."""
     root, single, ranks = runs
     from harness.store import ResultStore
 
@@ -153,9 +122,10 @@ def test_rank_zero_alone_evaluates_and_writes_and_a_rerun_trains_nothing(runs):
     assert ranks[1]["metrics_on_this_rank"] == [False] * len(METHODS)
     assert ranks[0]["stored_on_rerun"] is True
     assert [r["steps_after_restart"] for r in ranks] == [2, 2]  # resumed after its 2 checkpointed steps
-    for ref in single:  # same weights, same evaluation: kNN accuracy within a couple of test images
+    for ref in single:  # same weights, same evaluation: kNN accuracy within two of the 359 test images
         ddp = stored[ref["run_id"]]
-        assert abs(ddp["metrics"]["backbone"]["knn/top1"] - ref["metrics"]["backbone"]["knn/top1"]) <= 0.6
+        gap = abs(ddp["metrics"]["backbone"]["knn/top1"] - ref["metrics"]["backbone"]["knn/top1"])
+        assert gap <= KNN_SAME_WEIGHTS_TOLERANCE + 1e-12, (ref["spec"]["label"], gap)
 
 
 def test_torchrun_launch_of_the_cli_trains_each_run_over_two_ranks(tmp_path):
