@@ -103,3 +103,19 @@ def assert_trained_alike(ref: dict, other: dict, initial: dict, what: str) -> No
         assert apart <= 1e-2 * moved + 1e-6, f"{what} {key}: runs {apart:.2e} apart, training moved it {moved:.2e}"
     assert max(float((ref[k] - v).norm()) for k, v in initial.items()  # training did move the backbone
                if k.startswith("backbone.") and v.is_floating_point()) > 1e-2, what
+
+
+def torch_lrs(scheduler_factory, epochs: int, base_lr: float) -> list[float]:
+    """The lr in force during each epoch 0..epochs of a torch scheduler stepped once per epoch (the
+    independent answer the harness's schedules are checked against)."""
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler = scheduler_factory(optimizer)
+    lrs = []
+    for _ in range(epochs + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+

@@ -7,29 +7,12 @@ import pytest
 import torch
 
 from conftest import make_suite
+from killable import Killed, KillableSimCLR
 from harness.runner import Runner, plan
 from methods import METHODS, Batch, register_method
 
 FAST = {"knn": {"k": 10}}
 CONFIG = {"batch_size": 128}  # digits' 1,293 training images: 10 steps an epoch
-
-
-class _Killed(Exception):
-    pass
-
-
-@register_method("_killable_simclr")
-class _KillableSimCLR(METHODS.get("simclr")):
-    """SimCLR that raises at a chosen call of its training step, as a killed process stops."""
-
-    kill_at: int | None = None
-    calls = 0
-
-    def training_step(self, batch: Batch):
-        type(self).calls += 1
-        if type(self).calls == self.kill_at:
-            raise _Killed
-        return super().training_step(batch)
 
 
 @register_method("_nan_until_fixed")
@@ -51,13 +34,13 @@ def test_a_resumed_epoch_reports_the_mean_loss_of_all_its_steps(tmp_path):
     """Killed at step 5 of the first epoch and resumed, the first epoch's loss must be the mean of its 10
     steps, as in an uninterrupted run. Before, the loss list restarted at the resume: the mean of steps 5-10."""
     (job,) = plan(make_suite([{"name": "_killable_simclr", "config": CONFIG}], budget="steps=14", protocols=FAST))
-    _KillableSimCLR.kill_at, _KillableSimCLR.calls = None, 0
+    KillableSimCLR.kill_at, KillableSimCLR.calls = None, 0
     straight = _runner(tmp_path / "a", tmp_path).run([job])[0]
     resumed_runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
-    _KillableSimCLR.kill_at, _KillableSimCLR.calls = 5, 0
-    with pytest.raises(_Killed):
+    KillableSimCLR.kill_at, KillableSimCLR.calls = 5, 0
+    with pytest.raises(Killed):
         resumed_runner.run([job])
-    _KillableSimCLR.kill_at = None
+    KillableSimCLR.kill_at = None
     resumed = resumed_runner.run([job])[0]
     first = [h["loss"] for h in straight["train"]["history"]]
     again = [h["loss"] for h in resumed["train"]["history"]]
@@ -75,10 +58,10 @@ def test_train_seconds_survive_a_kill_during_evaluation(tmp_path, monkeypatch):
     real_evaluate = runner_module.evaluate
 
     def killed(*args, **kwargs):
-        raise _Killed
+        raise Killed
 
     monkeypatch.setattr(runner_module, "evaluate", killed)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         runner.run([job])
     ckpt = torch.load(tmp_path / "r" / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)
     assert ckpt["done"] and ckpt["usage"]["seconds"] > 0

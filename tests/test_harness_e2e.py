@@ -6,19 +6,18 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_suite, metric
-from harness.budget import Budget
+from conftest import make_suite
+from killable import Killed, KillableSimCLR
 from harness.cli import main
 from harness.data import load_dataset
 from harness.errors import UsageError
-from methods import METHODS, Batch, Method, register_method
+from methods import Method, register_method
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"knn": {"k": 10}}
@@ -54,42 +53,24 @@ def test_budget_is_enforced_and_recorded(run_suite):
     assert 2 <= rec["budget"]["used"]["seconds"] < 10
 
 
-class _Interrupt(Exception):
-    pass
-
-
-@register_method("_interruptible_simclr")
-class _InterruptibleSimCLR(METHODS.get("simclr")):
-    """SimCLR that raises once at a chosen step, to simulate a killed process."""
-
-    fail_at: int | None = None
-    calls = 0
-
-    def training_step(self, batch: Batch):
-        type(self).calls += 1
-        if type(self).calls == self.fail_at:
-            raise _Interrupt
-        return super().training_step(batch)
-
-
 def test_killed_training_resumes_exactly(tmp_path):
     from harness.runner import Runner, plan
     from conftest import make_suite
 
-    suite = make_suite(["_interruptible_simclr"], budget="steps=12", protocols=FAST)
+    suite = make_suite(["_killable_simclr"], budget="steps=12", protocols=FAST)
     (job,) = plan(suite)
     straight = Runner(tmp_path / "a", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None)
-    _InterruptibleSimCLR.fail_at, _InterruptibleSimCLR.calls = None, 0
+    KillableSimCLR.kill_at, KillableSimCLR.calls = None, 0
     ref = straight.run([job])[0]
     resumed = Runner(tmp_path / "b", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None,
                      checkpoint_seconds=0.0)
-    _InterruptibleSimCLR.fail_at, _InterruptibleSimCLR.calls = 8, 0
-    with pytest.raises(_Interrupt):
+    KillableSimCLR.kill_at, KillableSimCLR.calls = 8, 0
+    with pytest.raises(Killed):
         resumed.run([job])
     assert not list((tmp_path / "b" / "test").glob("*.json"))  # no half record
     state = torch.load(tmp_path / "b" / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)
     assert state["usage"]["steps"] == 7
-    _InterruptibleSimCLR.fail_at = None
+    KillableSimCLR.kill_at = None
     out = resumed.run([job])[0]
     assert out["metrics"] == ref["metrics"]
     assert out["budget"]["used"]["steps"] == 12

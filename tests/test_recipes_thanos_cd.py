@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torch_lrs
 from harness.errors import UsageError
 from harness.runner import plan
 from harness.suite import load_suite
@@ -27,14 +28,8 @@ THANOS_FAMILY = ("supcon", "supcon_spread", "cond_autoencoder")
 
 def torch_cosine_annealing_lrs(base_lr: float, t_max: int, epochs: int) -> list[float]:
     """lr in force during epochs 0..epochs of torch's CosineAnnealingLR stepped once per epoch."""
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
-    lrs = []
-    for _ in range(epochs + 1):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
+    return torch_lrs(lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max), epochs,
+                     base_lr)
 
 
 def paper_configs() -> dict[str, dict]:
@@ -167,7 +162,7 @@ def test_clip_pos_other_than_one_means_no_clamp_with_the_official_similarity():
 
 
 def test_similarity_choice_is_validated_and_official_at_paper_scale_only():
-    with pytest.raises(UsageError, match="unknown similarity 'dot'.*cosine, official"):
+    with pytest.raises(UsageError, match=r"'similarity' of method 'supcon_spread' is 'dot' \(valid: cosine, official\)"):
         adapter("supcon_spread", similarity="dot")
     for name in ("supcon", "supcon_spread"):
         assert resolve_config(METHODS.get(name), "paper")["similarity"] == "official"

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from harness.augment import Augmenter
 from harness.budget import Budget
+from conftest import torch_lrs
 from harness.errors import UsageError
 from harness.train import SCHEDULES, lr_factor, train
 from methods.base import TRAINING_DEFAULTS, Batch, DataInfo, Method
@@ -20,18 +21,6 @@ from methods.base import TRAINING_DEFAULTS, Batch, DataInfo, Method
 
 def config(**overrides) -> dict:
     return {**TRAINING_DEFAULTS, "lr": 0.1, **overrides}
-
-
-def torch_lrs(scheduler_factory, epochs: int, base_lr: float) -> list[float]:
-    """The lr in force during each epoch 0..epochs of a torch scheduler stepped once per epoch."""
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
-    scheduler = scheduler_factory(optimizer)
-    lrs = []
-    for _ in range(epochs + 1):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
 
 
 def test_warmup_then_cosine_known_values():
