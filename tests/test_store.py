@@ -15,6 +15,7 @@ import pytest
 
 from harness.store import ResultStore, RunLock, canonical_spec, remove_stale_temp_files, run_id, write_json_atomic
 from harness.suite import load_suite, shipped_suites
+from methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,8 @@ def test_committed_records_of_every_shipped_suite_are_found_by_plan():
     committed = [d for d in (REPO / "results").iterdir() if d.is_dir() and d.name in suites and any(d.glob("*.json"))]
     assert committed, "no committed records found"
     for directory in committed:
-        planned = {job.run_id for job in plan(load_suite(directory.name))}
+        planned = {job.run_id for job in plan(load_suite(directory.name))  # 'methods: all' takes in the throwaway
+                   if METHODS.get(job.entry.name).__module__.startswith("methods.")}  # adapters tests register
         stored = {p.stem for p in directory.glob("*.json")}
         assert stored == planned, (directory.name, sorted(stored - planned)[:3], sorted(planned - stored)[:3])
         for path in directory.glob("*.json"):
