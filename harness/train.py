@@ -151,6 +151,23 @@ def _data_parallel(method: Method) -> DistributedDataParallel:
     return DistributedDataParallel(method, find_unused_parameters=True, **no_buffer_sync)
 
 
+def _global_rng(device: str) -> dict[str, torch.Tensor]:
+    """torch's global RNG states, which adapters draw from during training (MoCo's shuffled BN groups, NPID's
+    NCE noise): saved with each checkpoint so that a resumed run draws what an uninterrupted one would."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_global_rng(state: dict[str, torch.Tensor] | None, device: str) -> None:
+    if state is None:  # a checkpoint of an older version
+        return
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
+
+
 def _rank0_clock(elapsed: float, device: str) -> float:
     """Rank 0's elapsed seconds on every rank, so that all ranks agree when a seconds budget is spent."""
     if distributed.get_world_size() == 1:
@@ -200,6 +217,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         epoch_losses = list(state.get("epoch_losses", []))
         logs = dict(state.get("logs", {}))  # a run saved at the end of an epoch resumes with no step left in it
         generator.set_state(state["generator"])
+        _set_global_rng(state.get("global_rng"), device)
         if state.get("done"):
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
                                memory_kind=state.get("memory_kind", ""))
@@ -231,7 +249,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             write_atomic(checkpoint, partial(torch.save, {"model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
                           "usage": usage.as_dict(), "history": history, "epoch": epoch,
                           "step_in_epoch": step_in_epoch, "epoch_losses": epoch_losses, "logs": logs,
-                          "generator": generator.get_state(), "done": done,
+                          "generator": generator.get_state(), "global_rng": _global_rng(device), "done": done,
                           "peak_memory_mb": peak(), "memory_kind": memory_kind}), binary=True)
 
     memory_kind = "cuda_max_allocated" if cuda else "process_peak_rss"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_suite
-from killable import Killed, KillableSimCLR
+from killable import Killed, KillableMoCo, KillableSimCLR
 from harness.runner import Runner, plan
 from methods import METHODS, Batch, register_method
 
@@ -111,3 +111,24 @@ def test_a_method_whose_runs_all_failed_keeps_a_row_that_says_why(tmp_path):
     assert display.at["_nan_until_fixed", "rank"] == "–"
     assert display.at["_nan_until_fixed", "failed"].startswith("1: loss became nan")
     assert display.at["random", "failed"] == ""
+
+
+def test_a_killed_moco_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """MoCo draws its shuffled BatchNorm groups from torch's global RNG. The checkpoint keeps that RNG's state, so
+    a run killed at step 5 and resumed ends with the uninterrupted run's weights and queue, bit for bit. Before,
+    the resumed run drew other permutations (and NPID other NCE noise)."""
+    (job,) = plan(make_suite([{"name": "_killable_moco", "config": {"batch_size": 128, "queue_size": 512}}],
+                             budget="steps=8", protocols=FAST))
+    KillableMoCo.kill_at, KillableMoCo.calls = None, 0
+    _runner(tmp_path / "a", tmp_path).run([job])
+    resumed = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
+    KillableMoCo.kill_at, KillableMoCo.calls = 5, 0
+    with pytest.raises(Killed):
+        resumed.run([job])
+    KillableMoCo.kill_at = None
+    resumed.run([job])
+    straight, again = (torch.load(root / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)["model"]
+                       for root in (tmp_path / "a", tmp_path / "b"))
+    assert straight.keys() == again.keys()
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
