@@ -133,6 +133,7 @@ class Runner:
                 if store.has(job.run_id):
                     store.load(job.run_id)
         for i, job in enumerate(jobs, 1):
+            place = f"[{i}/{len(jobs)}] " if len(jobs) > 1 else ""  # a pool's worker runs one job; the pool counts
             store = ResultStore(self.results_dir, job.suite)
             rid = job.run_id
             with ExitStack() as held:
@@ -151,13 +152,13 @@ class Runner:
                     records.append(store.load(rid))
                     continue
                 if action == "busy":
-                    self.log(f"[{i}/{len(jobs)}] {job.describe()}: running in another process, skipped")
+                    self.log(f"{place}{job.describe()}: running in another process, skipped")
                     continue
-                self.log(f"[{i}/{len(jobs)}] {job.describe()}")
+                self.log(f"{place}{job.describe()}")
                 record = self.run_job(job, store)
                 if main:
                     store.write(record)
-                    self.log(f"[{i}/{len(jobs)}] {job.describe()}: {run_summary(record)}")
+                    self.log(f"{place}{job.describe()}: {run_summary(record)}")
                 records.append(record)
         return records
 
