@@ -70,6 +70,12 @@ def _add_stats_options(parser: argparse.ArgumentParser) -> None:
                              "(default 0.05); intervals are at 1 - alpha")
 
 
+def _add_leaderboard_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--leaderboard-dir", type=Path, default=None,
+                        help="where tables go (default: leaderboards/ for the default results dir, else beside "
+                             "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
+
+
 def _stats_options(args):
     from harness.leaderboard import StatsOptions
 
@@ -96,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"dataset directory (default {DEFAULT_DATA})")
     run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where records are stored (default results)")
-    run.add_argument("--leaderboard-dir", type=Path, default=None, help="where tables go (default: leaderboards/ for the default results dir, else beside "
-                         "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
+    _add_leaderboard_dir(run)
     run.add_argument("--retry-failed", action="store_true",
                      help="rerun stored runs that failed (a NaN loss, say) from scratch; others are kept")
     run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
@@ -122,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
     lb.add_argument("suite", nargs="?", default=None)
     lb.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
-    lb.add_argument("--leaderboard-dir", type=Path, default=None, help="where tables go (default: leaderboards/ for the default results dir, else beside "
-                         "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
+    _add_leaderboard_dir(lb)
     _add_stats_options(lb)
 
     cmp = sub.add_parser("compare", help="paired difference of two methods on every column of a suite, with "
@@ -154,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="HTML page and figures of a suite from its stored records (no training)")
     rep.add_argument("suite", nargs="?", default=None)
     rep.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
-    rep.add_argument("--leaderboard-dir", type=Path, default=None, help="where tables go (default: leaderboards/ for the default results dir, else beside "
-                         "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
+    _add_leaderboard_dir(rep)
     rep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--no-features", action="store_true", help="skip embeddings and galleries (no model rebuilt)")

@@ -125,13 +125,14 @@ class Runner:
         ``retry_failed``); return all records. Temp files of killed writers are removed first."""
         records = []
         main = distributed.is_main()
+        stored: dict[str, dict[str, Any] | None] = {}  # records on disk, each read once (again under its lock)
         if main:
             for suite in sorted({job.suite for job in jobs}):
                 ResultStore(self.results_dir, suite).clean_temp_files()
             for job in jobs:  # an unreadable stored record stops the suite here, before anything trains
                 store = ResultStore(self.results_dir, job.suite)
                 if store.has(job.run_id):
-                    store.load(job.run_id)
+                    stored[job.run_id] = store.load(job.run_id)
         for i, job in enumerate(jobs, 1):
             place = f"[{i}/{len(jobs)}] " if len(jobs) > 1 else ""  # a pool's worker runs one job; the pool counts
             store = ResultStore(self.results_dir, job.suite)
@@ -139,17 +140,19 @@ class Runner:
             with ExitStack() as held:
                 action = "run"
                 if main:
-                    if self._stored(store, rid, force):
+                    if self._keeps(stored.get(rid), force):
                         action = "stored"
                     elif not held.enter_context(store.lock(rid)):
                         action = "busy"
-                    elif self._stored(store, rid, force):  # finished by another process meanwhile
-                        action = "stored"
-                    elif store.has(rid) or force:  # a rerun trains from scratch, not from the last checkpoint
-                        store.checkpoint_path(rid).unlink(missing_ok=True)
+                    else:  # another process may have finished it meanwhile: read it again under the lock
+                        stored[rid] = store.load(rid) if store.has(rid) else None
+                        if self._keeps(stored[rid], force):
+                            action = "stored"
+                        elif stored[rid] is not None or force:  # a rerun starts from scratch
+                            store.checkpoint_path(rid).unlink(missing_ok=True)
                 action = distributed.broadcast_object(action)
                 if action == "stored":
-                    records.append(store.load(rid))
+                    records.append(stored[rid] if main else store.load(rid))
                     continue
                 if action == "busy":
                     self.log(f"{place}{job.describe()}: running in another process, skipped")
@@ -162,11 +165,11 @@ class Runner:
                 records.append(record)
         return records
 
-    def _stored(self, store: ResultStore, rid: str, force: bool) -> bool:
-        """Whether ``rid`` has a record that this run keeps (failed ones are rerun with ``retry_failed``)."""
-        if force or not store.has(rid):
+    def _keeps(self, record: dict[str, Any] | None, force: bool) -> bool:
+        """Whether a stored ``record`` stands (failed ones are rerun with ``retry_failed``; none with ``force``)."""
+        if force or record is None:
             return False
-        return not self.retry_failed or store.load(rid).get("status") == "ok"
+        return not self.retry_failed or record.get("status") == "ok"
 
     def _eval_progress(self, message: str) -> None:
         """A line per protocol while a run is evaluated, where there is no progress bar to watch."""
