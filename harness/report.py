@@ -36,8 +36,8 @@ import numpy as np
 
 from harness.errors import UsageError
 from harness.store import write_atomic
-from harness.leaderboard import (Leaderboard, StatsOptions, is_score, leaderboard_table, records_frame,
-                                 sensitivity, significance_text, suite_records, write_cd_diagram)
+from harness.leaderboard import (Leaderboard, StatsOptions, is_headline, is_score, leaderboard_table,
+                                 records_frame, sensitivity, significance_text, suite_records, write_cd_diagram)
 
 #: Samples in the 2-D embeddings (drawn once per dataset with :data:`SUBSAMPLE_SEED`, the same for every method).
 EMBED_SAMPLES = 500
@@ -181,6 +181,48 @@ def bar_chart(stats_rows, frame_rows, column: str, path: Path) -> None:
     ax.set_xlabel("percent: bar = mean, whiskers = ±1 std, dots = seeds")
     ax.set_title(column)
     _save(fig, path)
+
+
+def budget_axis(budgets: list[str]) -> tuple[list[float], str] | None:
+    """x positions of budgets (JSON text) that all count one unit (epochs, steps, samples or seconds),
+    and the unit; None when they mix units, so no curve over budget can be drawn."""
+    parsed = [json.loads(b) for b in budgets]
+    units = {unit for b in parsed for unit in b}
+    if len(units) != 1 or any(len(b) != 1 for b in parsed):
+        return None
+    unit = units.pop()
+    return [float(b[unit]) for b in parsed], unit
+
+
+def budget_chart(stats_rows, frame_rows, title: str, path: Path) -> bool:
+    """A learning curve over a budget grid: one line per row through its mean at each budget, seeds as
+    dots; untrained rows (random encoder, raw pixels) are flat lines to beat. False when the budgets mix
+    units (nothing drawn)."""
+    budgets = sorted({s["budget"] for s in stats_rows})
+    axis = budget_axis(budgets)
+    if axis is None:
+        return False
+    xs, unit = axis
+    where = dict(zip(budgets, xs))
+    rows = sorted({s["row"] for s in stats_rows})
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    colors = _class_colors(len(rows))
+    for color, row in zip(colors, rows):
+        mine = sorted((s for s in stats_rows if s["row"] == row), key=lambda s: where[s["budget"]])
+        ax.plot([where[s["budget"]] for s in mine], [100 * s["mean"] for s in mine], "-o", ms=4, color=color,
+                label=row)
+        for s in mine:
+            vals = [100 * v for v in frame_rows.get((row, s["budget"]), [])]
+            ax.scatter([where[s["budget"]]] * len(vals), vals, s=9, color=color, alpha=0.5, linewidths=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+    ax.set_xlabel(f"training budget ({unit}), one run per budget")
+    ax.set_ylabel("percent: line = mean, dots = seeds")
+    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(title)
+    _save(fig, path)
+    return True
 
 
 def curve_chart(runs: list[dict], title: str, path: Path) -> None:
@@ -615,7 +657,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
     fig_dir = root / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     names = _Names()
-    sections: dict[str, list[str]] = {"ranks": [], "bars": [], "curves": [], "embeddings": [], "galleries": []}
+    sections: dict[str, list[str]] = {"ranks": [], "bars": [], "budgets": [], "curves": [], "embeddings": [],
+                                        "galleries": []}
     notes: list[str] = []
 
     with matplotlib.rc_context(RC):
@@ -641,6 +684,19 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
             log(f"report: bar chart {column}")
             bar_chart(part.to_dict("records"), seeds, column, fig_dir / name)
             sections["bars"].append(_figure_html(f"{FIGURES}/{name}", column, f"bar chart of {column}"))
+
+        # ---- learning curves over a budget grid: one chart per dataset and headline metric
+        if multi_budget:
+            for (dataset, metric), part in stats.groupby(["dataset", "metric"]):
+                if not is_headline(metric):
+                    continue
+                cell = frame[(frame["dataset"] == dataset) & (frame["metric"] == metric) & (frame["status"] == "ok")]
+                seeds = {key: list(g["value"]) for key, g in cell.groupby(["row", "budget"])}
+                name = names("budget", dataset, metric)
+                log(f"report: learning curve {dataset} {metric}")
+                if budget_chart(part.to_dict("records"), seeds, f"{dataset} {metric}", fig_dir / name):
+                    sections["budgets"].append(_figure_html(f"{FIGURES}/{name}", f"{dataset} {metric} over the budget grid",
+                                                            f"learning curve of {dataset} {metric}"))
 
         groups: dict[tuple[str, str, str], list[dict]] = {}
         for r in records:
@@ -753,7 +809,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
          f"seeds {', '.join(map(str, seeds))}, budget {_esc('; '.join(budgets))}.</p>"),
         ("<nav>Contents: <a href='#leaderboard-section'>leaderboard</a> · <a href='#ranks'>ranks across the "
          "suite</a> · <a href='#sensitivity-section'>protocol sensitivity</a> · <a href='#definitions'>metrics and "
-         "protocols</a> · <a href='#bars'>bar charts</a> · <a href='#curves'>training curves</a> · "
+         "protocols</a> · <a href='#bars'>bar charts</a> · " + ("<a href='#budgets'>learning curves</a> · "
+         if multi_budget else "") + "<a href='#curves'>training curves</a> · "
          "<a href='#embeddings'>embeddings</a> · <a href='#galleries'>cluster galleries</a> · "
          "<a href='#environment'>environment</a></nav>"),
         "<h2 id='leaderboard-section'>Leaderboard</h2>",
@@ -780,6 +837,10 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
         section("Bar charts", "bars", sections["bars"],
                 "One chart per leaderboard column: bars are the mean over seeds, whiskers ±1 std, dots the seeds.",
                 "no scores to chart"),
+        (section("Learning curves", "budgets", sections["budgets"],
+                 "One chart per dataset and headline metric over the suite's budget grid (each budget a run of its "
+                 "own, trained from scratch): lines join the means over seeds, dots are the seeds.",
+                 "the budgets mix units (epochs and steps, say): no common axis") if multi_budget else ""),
         section("Training curves", "curves", sections["curves"],
                 "Training loss (mean over each epoch's steps) and learning rate per epoch, one line per seed "
                 "(failed runs dashed), and the other scalars a method logs, at each epoch's last step.",

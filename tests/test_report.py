@@ -292,3 +292,26 @@ def test_training_streams_to_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "results" / "tb" / ".logs" / job.run_id))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_budget_grid_gets_a_learning_curve_per_headline_metric(tmp_path):
+    """A suite with a budget grid: one learning-curve chart per dataset and headline metric (kNN top-1
+    here, not top-5), x at the budgets' amounts; budgets that mix units have no common axis."""
+    from harness.report import budget_axis
+    from harness.runner import Runner, plan
+
+    suite = make_suite(["random", "simclr"], budget=[{"steps": 1}, {"steps": 3}], protocols={"knn": {"k": 10}},
+                       name="grid")
+    Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None).run(plan(suite))
+    index = write_report("grid", tmp_path / "results", tmp_path / "out", tmp_path / "data", features=False)
+    page = index.read_text()
+    assert "<h2 id=\"budgets\">Learning curves</h2>" in page and "href='#budgets'" in page
+    assert [f for f in _figures(index) if f.startswith("budget_")] == ["budget_digits_knn-top1.png"]
+    assert '<img src="figures/budget_digits_knn-top1.png"' in page
+    assert budget_axis(['{"steps": 3}', '{"steps": 1}']) == ([3.0, 1.0], "steps")
+    assert budget_axis(['{"steps": 3}', '{"epochs": 1}']) is None
+
+
+def test_single_budget_suite_has_no_learning_curve_section(tiny):
+    page = tiny.index.read_text()
+    assert "Learning curves" not in page and not any(f.startswith("budget_") for f in _figures(tiny.index))
