@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import EnvironmentFailure, UsageError, missing_dependency
-from harness.validate import repeated
+from harness.execution.validate import repeated
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_LEADERBOARDS = Path("leaderboards")
@@ -77,7 +77,7 @@ def _add_leaderboard_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def _stats_options(args):
-    from harness.leaderboard import StatsOptions
+    from harness.reporting.leaderboard import StatsOptions
 
     return StatsOptions(args.ci, args.alpha)
 
@@ -195,24 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from harness.budget import Budget
-    from harness.runner import Runner, plan
-    from harness.suite import DEFAULT_SUITE, load_suite
-    from harness.data import load_split_data, validate_dataset_name
-    from harness.environment import check_writable, resolve_device
-    from harness.errors import choices_error
-    from harness.store import ResultStore
-    from harness.suite import check_against_data
+    from harness.data.datasets import load_split_data, validate_dataset_name
+    from harness.engine.budget import Budget
+    from harness.execution.environment import check_writable, resolve_device
+    from harness.execution.runner import Runner, plan
+    from harness.execution.store import ResultStore
+    from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
 
     resolve_device(args.device)  # a device this machine lacks stops here, before anything is loaded
     suite = load_suite(args.suite or DEFAULT_SUITE)
     every_method = list(suite.methods)  # the tables show every row on disk, whichever subset this process runs
     if args.methods:
-        known = {e.label: e for e in suite.methods} | {e.name: e for e in suite.methods}
-        for m in args.methods:
-            if m not in known:
-                raise choices_error("method (in this suite)", m, {e.label for e in suite.methods})
-        suite.methods = [e for e in suite.methods if e.label in args.methods or e.name in args.methods]
+        suite.methods = select_methods(suite, args.methods)
     if args.datasets:
         for d in args.datasets:
             validate_dataset_name(d)
@@ -227,7 +221,7 @@ def cmd_run(args) -> int:
     check_writable(args.results_dir, "--results-dir")
     check_writable(args.leaderboard_dir, "--leaderboard-dir")
     store = ResultStore(args.results_dir, suite.name)
-    from harness import distributed
+    from harness.engine import distributed
 
     ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks
     in_process = not ranks.distributed and args.executor == "local" and not args.workers
@@ -241,13 +235,13 @@ def cmd_run(args) -> int:
         return _run_data_parallel(args, suite, jobs, ranks, every_method)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
           f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
-    from harness.logging_backends import check_backend
+    from harness.engine.logging_backends import check_backend
 
     check_backend(args.log)
     if runner is not None:
         records = runner.run(jobs, force=args.force)
     else:
-        from harness.executors import ExecutorError, run_jobs, slurm_options
+        from harness.execution.executors import ExecutorError, run_jobs, slurm_options
 
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
@@ -269,7 +263,7 @@ def cmd_run(args) -> int:
 def _finish_run(args, suite, every_method, records: list[dict]) -> int:
     """Say how many runs failed, then write the suite's tables once, from every current record on disk (not
     only this process's), so that concurrent writers of one suite end with the whole table."""
-    from harness.leaderboard import current_records, write_leaderboards
+    from harness.reporting.leaderboard import current_records, write_leaderboards
 
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
@@ -285,8 +279,8 @@ def _finish_run(args, suite, every_method, records: list[dict]) -> int:
 
 def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
     """One process of a torchrun (or Slurm multi-task) launch: all ranks train each job together."""
-    from harness import distributed
-    from harness.runner import Runner
+    from harness.engine import distributed
+    from harness.execution.runner import Runner
 
     if args.executor != "local" or args.workers:
         raise UsageError(f"--executor {args.executor} / --workers cannot be combined with a {ranks.world_size}-process "
@@ -306,8 +300,8 @@ def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import suite_records, write_leaderboards
-    from harness.suite import DEFAULT_SUITE
+    from harness.reporting.leaderboard import suite_records, write_leaderboards
+    from harness.execution.suite import DEFAULT_SUITE
 
     options = _stats_options(args)
     chosen = suite_records(args.suite or DEFAULT_SUITE, args.results_dir, warn=_warn)
@@ -320,7 +314,7 @@ def cmd_leaderboard(args) -> int:
 def cmd_compare(args) -> int:
     import pandas as pd
 
-    from harness.leaderboard import StatsOptions, compare, suite_records
+    from harness.reporting.leaderboard import StatsOptions, compare, suite_records
 
     chosen = suite_records(args.suite, args.results_dir, warn=_warn)
     table = compare(chosen.records, args.a, args.b, StatsOptions(alpha=args.alpha))
@@ -345,9 +339,9 @@ def _print_table(display, path: Path) -> None:
 
 
 def cmd_list(args) -> int:
-    from harness.backbones import BACKBONES
-    from harness.data import DATASETS
-    from harness.suite import load_suite, shipped_suites
+    from harness.models.backbones import BACKBONES
+    from harness.data.datasets import DATASETS
+    from harness.execution.suite import load_suite, shipped_suites
     from methods import METHODS
     from protocols import PROTOCOLS
 
@@ -371,9 +365,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness.environment import resolve_device
-    from harness.report import write_report
-    from harness.suite import DEFAULT_SUITE
+    from harness.execution.environment import resolve_device
+    from harness.reporting.report import write_report
+    from harness.execution.suite import DEFAULT_SUITE
 
     page = write_report(args.suite or DEFAULT_SUITE, args.results_dir, args.leaderboard_dir, args.data_dir,
                         resolve_device(args.device), features=not args.no_features, log=print,
@@ -387,7 +381,7 @@ def cmd_tune(args) -> int:
         import optuna  # noqa: F401  (optional: only tuning needs it)
     except ImportError:
         raise missing_dependency("optuna", "harness tune") from None
-    from harness.tune import tune
+    from harness.execution.tune import tune
 
     best = tune(args.method, args.dataset, args.trials, args.budget, storage=args.storage, study_name=args.study,
                 results_dir=args.results_dir, data_dir=args.data_dir, seed=args.seed, scale=args.scale,
@@ -402,11 +396,11 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from harness.checkpoint import load_encoder
-    from harness.data import load_dataset, load_or_make_manifest
-    from harness.environment import resolve_device
-    from harness.evaluate import RunContext, evaluate
-    from harness.seeding import seed_everything
+    from harness.engine.checkpoint import load_encoder
+    from harness.data.datasets import load_dataset, load_or_make_manifest
+    from harness.execution.environment import resolve_device
+    from harness.engine.evaluate import RunContext, evaluate
+    from harness.engine.seeding import seed_everything
     from methods import DataInfo, create_method
     from protocols import PROTOCOLS
 
@@ -424,22 +418,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
-BENCHMARKS = {"protocols": "harness.bench", "train": "harness.bench_train", "gpu": "harness.bench_gpu"}
+BENCHMARKS = {"protocols": "harness.bench.protocols", "train": "harness.bench.train", "gpu": "harness.bench.gpu"}
 
 
 def cmd_bench(args) -> int:
     return importlib.import_module(BENCHMARKS[args.what]).main(args.options)
 
 
+def select_methods(suite, names: list[str]) -> list:
+    """The suite's method rows named (by label or method name) in ``--methods``; an unknown name is a
+    usage error listing the suite's rows."""
+    from harness.errors import choices_error
+
+    rows = {e.label for e in suite.methods} | {e.name for e in suite.methods}
+    for name in names:
+        if name not in rows:
+            raise choices_error("method (in this suite)", name, {e.label for e in suite.methods})
+    return [e for e in suite.methods if e.label in names or e.name in names]
+
+
 def cmd_reproduce(args) -> int:
-    from harness.reproduce import SEED_NOISE_STDS, reproduce
-    from harness.suite import DEFAULT_SUITE, load_suite
+    from harness.execution.reproduce import SEED_NOISE_STDS, reproduce
+    from harness.execution.suite import DEFAULT_SUITE, load_suite
 
     suite = load_suite(args.suite or DEFAULT_SUITE)
     if args.methods:
-        suite.methods = [e for e in suite.methods if e.label in args.methods or e.name in args.methods]
-        if not suite.methods:
-            raise UsageError(f"no method row of suite {suite.name!r} is named {', '.join(args.methods)}")
+        suite.methods = select_methods(suite, args.methods)
     table = reproduce(suite, args.results_dir, args.data_dir, runs=args.runs, device=args.device, quiet=args.quiet)
     if table.empty:
         raise UsageError(f"no stored successful run of suite {suite.name!r} to reproduce under {args.results_dir}")
@@ -455,7 +459,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_migrate(args) -> int:
-    from harness.store import ResultStore
+    from harness.execution.store import ResultStore
 
     root = args.results_dir
     names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

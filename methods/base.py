@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from harness.errors import UsageError, choices_error
 from harness.registry import Registry
-from harness.validate import coerce_like, number_in_range
+from harness.execution.validate import coerce_like, number_in_range
 
 #: Training settings every adapter has; ``defaults`` override them per scale. Schedule
 #: positions (``warmup``, ``milestones``) are fractions of the budget, so one config works
@@ -26,7 +26,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lr": 0.06,
     "weight_decay": 5e-4,
     "momentum": 0.9,
-    "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (harness.train.lr_factor)
+    "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (engine.train.lr_factor)
     "warmup": 0.0,            # fraction of the budget with linear warm-up
     "min_lr": 0.0,
     "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
@@ -34,7 +34,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "restarts": 1,            # cosine_restarts: number of equal cycles
     "half_periods": 1,        # cosine_annealing: budget / T_max of torch's CosineAnnealingLR (6 = T_max 100 of 600 epochs)
     "views": 2,               # augmented views per sample
-    "augment": "simclr",      # a preset of harness.augment
+    "augment": "simclr",      # a preset of harness.data.augment
     "augment_overrides": {},  # e.g. {"crop_scale": [0.2, 1.0]}
 }
 
@@ -163,9 +163,9 @@ TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
 
 def _check_training_names(cfg: dict[str, Any], method: str) -> None:
     """The optimiser, schedule and augmentation preset (and its overrides) name things that exist."""
-    # Imported here: harness.train imports this module.
-    from harness.augment import PRESETS, AugmentConfig
-    from harness.train import OPTIMIZERS, SCHEDULES
+    # Imported here: harness.engine.train imports this module.
+    from harness.data.augment import PRESETS, AugmentConfig
+    from harness.engine.train import OPTIMIZERS, SCHEDULES
 
     override_keys = [f.name for f in fields(AugmentConfig)]
     checks = [("optimizer", cfg["optimizer"], OPTIMIZERS), ("schedule", cfg["schedule"], SCHEDULES),

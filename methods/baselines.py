@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.backbones import Flatten
+from harness.models.backbones import Flatten
 from methods.base import Batch, DataInfo, Method, register_method
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from harness.distributed import gather_with_grad
+from harness.engine.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
 from methods.losses import column_nt_xent, entropy, nt_xent

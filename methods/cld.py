@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.distributed import gather_with_grad
+from harness.engine.distributed import gather_with_grad
 from methods.base import Batch, DataInfo, register_method
 from methods.heads import HEADS, make_head
 from methods.moco import MoCo

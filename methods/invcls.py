@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import distributed
-from harness.distributed import all_gather_cat
+from harness.engine import distributed
+from harness.engine.distributed import all_gather_cat
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import mlp
 

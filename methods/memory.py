@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import distributed
+from harness.engine import distributed
 from harness.errors import choices_error
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.distributed import all_gather_cat
+from harness.engine.distributed import all_gather_cat
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import HEADS, make_head
 from methods.memory import MemoryBank

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.augment import Augmenter, get_preset
+from harness.data.augment import Augmenter, get_preset
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.sinkhorn import sinkhorn_knopp
 

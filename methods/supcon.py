@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.distributed import all_gather_cat, gather_with_grad
+from harness.engine.distributed import all_gather_cat, gather_with_grad
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.losses import THANOS_SIMILARITIES, class_conditional_info_nce, supcon_loss
 

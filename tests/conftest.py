@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def make_suite(methods: list[Any], *, seeds=(0,), budget: Any = "epochs=2",
                protocols: dict | None = None, name: str = "test", scale: str = "cpu", **extra):
     """A validated Suite on digits (methods are names or method-entry mappings)."""
-    from harness.suite import parse_suite
+    from harness.execution.suite import parse_suite
 
     data = {"name": name, "scale": scale, "datasets": ["digits"], "methods": list(methods),
             "seeds": list(seeds), "budget": budget,
@@ -36,7 +36,7 @@ def one_torch_thread():
 @pytest.fixture
 def run_suite(tmp_path: Path):
     """``run_suite(methods, seeds=..., budget=..., protocols=...) -> list of records`` on digits."""
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
 
     def run(methods, **kw):
         suite = make_suite(methods, **kw)
@@ -61,7 +61,7 @@ def trained_weights(results_dir: Path, suite: str, run_id: str) -> dict[str, Any
     """The model state of a stored run's final checkpoint."""
     import torch
 
-    from harness.store import ResultStore
+    from harness.execution.store import ResultStore
 
     path = ResultStore(results_dir, suite).checkpoint_path(run_id)
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
@@ -69,8 +69,8 @@ def trained_weights(results_dir: Path, suite: str, run_id: str) -> dict[str, Any
 
 def initial_weights(results_dir: Path, data_dir: Path, record: dict) -> dict[str, Any]:
     """The freshly seeded adapter of ``record``'s run, as the runner builds it before training."""
-    from harness.runner import Job, Runner
-    from harness.suite import MethodEntry
+    from harness.execution.runner import Job, Runner
+    from harness.execution.suite import MethodEntry
 
     spec = record["spec"]
     runner = Runner(results_dir, data_dir, device="cpu", quiet=True)

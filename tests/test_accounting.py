@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_suite
 from killable import Killed, KillableMoCo, KillableSimCLR
-from harness.runner import Runner, plan
+from harness.execution.runner import Runner, plan
 from methods import METHODS, Batch, register_method
 
 FAST = {"knn": {"k": 10}}
@@ -51,7 +51,7 @@ def test_a_resumed_epoch_reports_the_mean_loss_of_all_its_steps(tmp_path):
 def test_train_seconds_survive_a_kill_during_evaluation(tmp_path, monkeypatch):
     """Training finished, evaluation killed, rerun: the record says how long training took (the loop's clock,
     summed over segments), not the 0.01 s of reloading the finished checkpoint."""
-    import harness.runner as runner_module
+    import harness.execution.runner as runner_module
 
     (job,) = plan(make_suite([{"name": "simclr", "config": CONFIG}], budget="steps=6", protocols=FAST))
     runner = _runner(tmp_path / "r", tmp_path)
@@ -100,7 +100,7 @@ def test_each_finished_run_prints_one_line_with_time_and_headline_metrics(tmp_pa
 
 def test_a_method_whose_runs_all_failed_keeps_a_row_that_says_why(tmp_path):
     """The leaderboard used to drop a row with no successful run: the failure vanished from the table."""
-    from harness.leaderboard import leaderboard_table
+    from harness.reporting.leaderboard import leaderboard_table
 
     jobs = plan(make_suite([{"name": "_nan_until_fixed", "config": CONFIG}, "random"], budget="steps=2",
                            protocols=FAST))

@@ -13,7 +13,7 @@ the two samples (two-sample Kolmogorov-Smirnov test, or a binomial tolerance for
   ``cc`` presets;
 * blur: mean absolute horizontal gradient of a noise image (``simclr_blur``), and the kernel rule.
 
-The per-image pipeline runs with both backends of :mod:`harness.pil_augment`: ``tensor`` (the
+The per-image pipeline runs with both backends of :mod:`harness.data.pil_augment`: ``tensor`` (the
 torchvision transforms in floating point: KS at alpha = 1e-3) and ``pil`` (the classic path: PIL
 truncates every op's result to 8 bits and quantises hue shifts to 1/255 turn, so its checks allow
 a KS distance of 0.08; the geometry needs no allowance). Outputs of both sides are put on the
@@ -33,8 +33,8 @@ import torch
 import torchvision.transforms as T
 from scipy.stats import ks_2samp
 
-from harness.augment import AugmentConfig, Augmenter, get_preset
-from harness.pil_augment import (BACKENDS, LoaderAugmenter, PerImageAugmenter, TrainOrderSampler,
+from harness.data.augment import AugmentConfig, Augmenter, get_preset
+from harness.data.pil_augment import (BACKENDS, LoaderAugmenter, PerImageAugmenter, TrainOrderSampler,
                                  blur_kernel_size, per_image_loader, per_image_transform)
 
 N = 2000            # views per pipeline and check
@@ -321,9 +321,9 @@ def test_dataset_and_loader_give_views_and_index():
 
 def test_loader_augmenter_feeds_train_in_its_order(tmp_path):
     """train() run on the DataLoader path: the sampler reproduces train's batch order across epochs."""
-    from harness.backbones import create_backbone
-    from harness.budget import Budget
-    from harness.train import train
+    from harness.models.backbones import create_backbone
+    from harness.engine.budget import Budget
+    from harness.engine.train import train
     from methods import DataInfo, create_method, resolve_config
     from methods.simclr import SimCLR
 

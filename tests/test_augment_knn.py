@@ -1,8 +1,8 @@
 """SimCLR reaches the same kNN accuracy with the batched augmentation and the per-image pipeline (#8).
 
 SimCLR (CPU scale: batch 128, the ``mild`` preset, small CNN) trains 5 epochs on the bundled
-digits with :func:`harness.train.train`, once with the on-device :class:`~harness.augment.Augmenter`
-and once with :class:`~harness.pil_augment.PerImageAugmenter` (torchvision on PIL images, one image
+digits with :func:`harness.engine.train.train`, once with the on-device :class:`~harness.data.augment.Augmenter`
+and once with :class:`~harness.data.pil_augment.PerImageAugmenter` (torchvision on PIL images, one image
 at a time) in its place, for seeds 0 and 1; the backbone is evaluated by the kNN protocol (k = 20,
 T = 0.1, as in the quick suite) on the held-out test split.
 
@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.augment import Augmenter, get_preset
-from harness.backbones import create_backbone
-from harness.budget import Budget
-from harness.data import load_dataset, make_manifest
-from harness.evaluate import RunContext
-from harness.pil_augment import PerImageAugmenter
-from harness.seeding import seed_everything
-from harness.train import train
+from harness.data.augment import Augmenter, get_preset
+from harness.models.backbones import create_backbone
+from harness.engine.budget import Budget
+from harness.data.datasets import load_dataset, make_manifest
+from harness.engine.evaluate import RunContext
+from harness.data.pil_augment import PerImageAugmenter
+from harness.engine.seeding import seed_everything
+from harness.engine.train import train
 from methods import METHODS, DataInfo, create_method, resolve_config
 from protocols import PROTOCOLS
 from protocols.clustering import clustering_protocol

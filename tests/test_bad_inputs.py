@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from harness.cli import main
-from harness.data import load_dataset, load_split_data
+from harness.data.datasets import load_dataset, load_split_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,6 +157,10 @@ BAD_INPUTS = [
     ("infinite budget", lambda t: _run(t, "--budget", "epochs=inf"), 2, "must be a positive number (finite)"),
     ("empty budget", lambda t: _run(t, "--budget", ""), 2, "cannot parse budget ''"),
     ("empty method list", lambda t: _run(t, "--methods", ""), 2, "expected a comma-separated list"),
+    ("a method the suite does not run", lambda t: _run(t, "--methods", "simclr,nosuch"), 2,
+     "unknown method (in this suite) 'nosuch'"),
+    ("reproduce a method the suite does not run", lambda t: ["reproduce", "quick", "--methods", "nosuch", *_dirs(t)[:4]],
+     2, "unknown method (in this suite) 'nosuch' (valid: cc, cd"),
     ("no workers", lambda t: _run(t, "--workers", "0"), 2, "--workers: expected a positive integer"),
     ("a seed twice", lambda t: _run(t, "--seeds", "0,0"), 2, "0 given more than once"),
     ("a dataset twice", lambda t: _run(t, "--datasets", "digits,digits"), 2, "digits given more than once"),
@@ -177,7 +181,7 @@ def test_bad_input_stops_before_training_with_one_line(name, command, code, frag
     Catches: a check removed or moved after training (Runner.run is called, or a record is
     written), a traceback instead of a line, the wrong exit code, a message that no longer names
     the bad value."""
-    from harness.runner import Runner
+    from harness.execution.runner import Runner
 
     monkeypatch.chdir(tmp_path)  # nothing may land in the repository's results/ or leaderboards/
     argv = command(tmp_path)
@@ -217,13 +221,13 @@ def test_a_truncated_record_of_a_planned_run_stops_the_suite_before_training(sto
     """A record cut short by hand (or a broken copy) of a run the suite plans: exit 1 with one line naming the
     file and saying to delete it, before any other run trains. Catches: a JSONDecodeError traceback, and a
     check made only when the run's turn comes (after earlier runs have trained)."""
-    import harness.runner
+    import harness.execution.runner
 
     path = stored_run / "s.yaml"
     path.write_text(path.read_text().replace("- random", "- simclr\n- random"))  # simclr plans first
     (record,) = (stored_run / "r" / "s").glob("*.json")
     record.write_text(record.read_text()[:100])
-    monkeypatch.setattr(harness.runner.Runner, "run_job", lambda *a: pytest.fail("a run trained"))
+    monkeypatch.setattr(harness.execution.runner.Runner, "run_job", lambda *a: pytest.fail("a run trained"))
     capsys.readouterr()
     assert main(["run", str(path), "--quiet", *_dirs(stored_run)]) == 1
     err = capsys.readouterr().err
@@ -235,7 +239,7 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_p
     """ENOSPC while the split manifest (before training) or a run's record (after it) is written:
     exit 1, one line, and neither the file nor a temporary file on disk. Catches: a traceback, a
     half-written file, a temporary file left behind (the issue saw a 62 KB one)."""
-    import harness.store
+    import harness.execution.store
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -243,7 +247,7 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_p
     monkeypatch.chdir(tmp_path)
     if filled_at == "record":  # the manifest is there, so the first file written is the record
         load_split_data("digits", tmp_path / "d", 0.1)
-    monkeypatch.setattr(harness.store.os, "fsync", disk_full)
+    monkeypatch.setattr(harness.execution.store.os, "fsync", disk_full)
     assert main(["run", _suite(tmp_path), "--quiet", *_dirs(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
@@ -288,8 +292,8 @@ def test_yaml_numbers_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
     """PyYAML reads ``1e-3`` (no dot) as the string '1e-3'; configs, protocol parameters and budgets
     take it as the number, converted to the declared type. Catches: the string reaching the
     optimiser (a TypeError after other runs trained), or being rejected as bad input."""
-    from harness.runner import plan
-    from harness.suite import load_suite
+    from harness.execution.runner import plan
+    from harness.execution.suite import load_suite
 
     path = tmp_path / "s.yaml"
     path.write_text("name: s\ndatasets: [digits]\nseeds: [0]\nbudget: {steps: 2e1}\n"
@@ -312,7 +316,7 @@ def test_values_take_the_type_of_their_declared_default(value, default, expected
     """coerce_like by hand: numeric strings become numbers, integral floats become ints, ints stay
     ints for a float key (so specs written before keep their run ids). Catches: a YAML string left a
     string, 64.0 reaching a batch size."""
-    from harness.validate import coerce_like
+    from harness.execution.validate import coerce_like
 
     result = coerce_like(value, default, "key")
     assert result == expected and type(result) is type(expected)
@@ -327,7 +331,7 @@ def test_values_of_another_type_are_rejected(value, default, message):
     """Catches: True accepted as a batch size (bool subclasses int in Python), NaN or inf accepted
     as a rate, a number where a name belongs."""
     from harness.errors import UsageError
-    from harness.validate import coerce_like
+    from harness.execution.validate import coerce_like
 
     with pytest.raises(UsageError, match=message):
         coerce_like(value, default, "key")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench_gpu import _split
+from harness.bench.gpu import _split
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Not on the GPU machine; the optional packages besides them (jinja2, for the .tex and .html tables

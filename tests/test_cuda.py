@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import methods.sela
-from harness.augment import Augmenter, get_preset
-from harness.backbones import create_backbone
-from harness.bench_gpu import synthetic_cifar
-from harness.budget import Budget
-from harness.seeding import seed_everything
-from harness.train import TrainResult, train
+from harness.data.augment import Augmenter, get_preset
+from harness.models.backbones import create_backbone
+from harness.bench.gpu import synthetic_cifar
+from harness.engine.budget import Budget
+from harness.engine.seeding import seed_everything
+from harness.engine.train import TrainResult, train
 from methods import METHODS, DataInfo, create_method, resolve_config
 from methods.sinkhorn import sinkhorn_knopp
 from protocols.clustering import kmeans

@@ -32,7 +32,7 @@ def _suite():
 
 
 def _run(results: Path, data: Path, only: str | None = None, checkpoint_seconds: float = 60.0) -> list[dict]:
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
 
     runner = Runner(results, data, device="cpu", quiet=True, log=lambda s: None, checkpoint_seconds=checkpoint_seconds)
     return runner.run([job for job in plan(_suite()) if only in (None, job.entry.label)])
@@ -63,7 +63,7 @@ def _interrupted_then_resumed(results: Path, data: Path) -> int:
 
 
 def _worker(rank: int, init_file: str, results: str, data: str, out: str) -> None:
-    from harness import distributed
+    from harness.engine import distributed
 
     torch.set_num_threads(1)
     env = {"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)}
@@ -113,7 +113,7 @@ def test_rank_zero_alone_evaluates_and_writes_and_a_rerun_trains_nothing(runs):
     kNN on half of the test split, a shard; SimCLR's top-1 moves by 0.011 and this test fails (the
     old tolerance, 0.6, passed it)."""
     root, single, ranks = runs
-    from harness.store import ResultStore
+    from harness.execution.store import ResultStore
 
     stored = {r["run_id"]: r for r in ResultStore(root / "ddp", "ddp").records()}
     assert set(stored) == {r["run_id"] for r in single}

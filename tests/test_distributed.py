@@ -1,4 +1,4 @@
-"""harness.distributed on two gloo processes on CPU: gathered NT-Xent equals one process on the
+"""harness.engine.distributed on two gloo processes on CPU: gathered NT-Xent equals one process on the
 concatenated batch (loss and gradients), sharding covers every index once per epoch."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness import distributed as hd
-from harness.seeding import epoch_order
+from harness.engine import distributed as hd
+from harness.engine.seeding import epoch_order
 from methods.losses import nt_xent
 
 WORLD = 2
@@ -97,7 +97,7 @@ def test_shard_indices_without_process_group():
         assert sorted(np.concatenate(shards).tolist()) == idx.tolist()
         again = [hd.shard_indices(idx, 4, rank=r, world_size=world, seed=1) for r in range(world)]
         assert all((a == b).all() for a, b in zip(shards, again))
-    # world 1 is the order harness.train uses for that epoch
+    # world 1 is the order harness.engine.train uses for that epoch
     assert (hd.shard_indices(idx, 2, rank=0, world_size=1, seed=5) == idx[epoch_order(1000, 2, 5).numpy()]).all()
     with pytest.raises(ValueError, match="outside"):
         hd.shard_indices(idx, 0, rank=2, world_size=2)

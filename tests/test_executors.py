@@ -12,9 +12,9 @@ import submitit
 
 from conftest import KNN_SAME_WEIGHTS_TOLERANCE, assert_trained_alike, initial_weights, make_suite, trained_weights
 from harness.errors import UsageError
-from harness.executors import (SLURM_KEYS, SubmititJob, gpu_assignment, make_submitit_executor, pending_jobs,
+from harness.execution.executors import (SLURM_KEYS, SubmititJob, gpu_assignment, make_submitit_executor, pending_jobs,
                                run_jobs, slurm_options)
-from harness.runner import plan
+from harness.execution.runner import plan
 
 FAST = {"knn": {"k": 10}}
 LOCAL = {"cluster": "local", "timeout_min": 10}
@@ -165,7 +165,7 @@ def test_submitit_job_with_two_ranks_trains_data_parallel(tmp_path):
     weights one process trains (up to float reduction order, relative to how far training moved each
     tensor) and a kNN top-1 within two of the 359 test images.
 
-    Breakage tried: the ranks' gradients not averaged (a plugin setting ``harness.train._data_parallel``
+    Breakage tried: the ranks' gradients not averaged (a plugin setting ``harness.engine.train._data_parallel``
     to return the bare method in the job's processes): the weight check fails; the old check, kNN
     within 0.6, passed it.
     """

@@ -15,7 +15,7 @@ import torch
 from conftest import make_suite
 from killable import Killed, KillableSimCLR
 from harness.cli import main
-from harness.data import load_dataset
+from harness.data.datasets import load_dataset
 from harness.errors import UsageError
 from methods import Method, register_method
 
@@ -54,7 +54,7 @@ def test_budget_is_enforced_and_recorded(run_suite):
 
 
 def test_killed_training_resumes_exactly(tmp_path):
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
     from conftest import make_suite
 
     suite = make_suite(["_killable_simclr"], budget="steps=12", protocols=FAST)
@@ -209,7 +209,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 
 
 def test_eval_checkpoint(tmp_path, capsys):
-    from harness.backbones import create_backbone
+    from harness.models.backbones import create_backbone
 
     good = tmp_path / "good.pt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in create_backbone("small_cnn", 1).state_dict().items()}}, good)
@@ -232,7 +232,7 @@ def test_eval_checkpoint(tmp_path, capsys):
 
 def test_leaderboard_refuses_mixed_splits_and_marks_best(run_suite, tmp_path):
     from harness.errors import UsageError
-    from harness.leaderboard import write_leaderboard
+    from harness.reporting.leaderboard import write_leaderboard
 
     recs = run_suite(["random", "pixels"], seeds=[0, 1], protocols=FAST)
     board = write_leaderboard(recs, "t", tmp_path / "lb")
@@ -260,7 +260,7 @@ def test_precision_and_compile_are_applied_and_recorded(tmp_path, monkeypatch, o
     the runner records bf16 (autocast off), and train() called without ``compile_backbone``;
     both pass the record check and fail this test.
     """
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
     from methods.simclr import SimCLR
 
     outputs, backbones, compiled = [], [], []
@@ -297,7 +297,7 @@ def test_precision_and_compile_are_applied_and_recorded(tmp_path, monkeypatch, o
 def test_per_image_dataloader_pipeline_trains_and_resumes_at_its_step(tmp_path, monkeypatch):
     """``--pipeline per_image``: views come from the DataLoader path in train()'s order; a run killed
     at its 3rd step resumes with the batches it had not trained on (the feed checks the images)."""
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
     from methods.simclr import SimCLR
 
     calls = []

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness.augment import Augmenter, get_preset
-from harness.budget import Budget, Usage
-from harness.data import (CIFAR100_FINE_TO_COARSE, load_dataset, load_image_folder, load_or_make_manifest,
+from harness.data.augment import Augmenter, get_preset
+from harness.engine.budget import Budget, Usage
+from harness.data.datasets import (CIFAR100_FINE_TO_COARSE, load_dataset, load_image_folder, load_or_make_manifest,
                           make_manifest)
 from harness.errors import UsageError
-from harness.store import ResultStore, run_id
-from harness.train import lr_factor
+from harness.execution.store import ResultStore, run_id
+from harness.engine.train import lr_factor
 from conftest import make_suite
 
 
@@ -121,7 +121,7 @@ def test_augmenting_a_share_of_a_batch_gives_those_rows_of_the_whole():
 
 
 def test_method_protocol_overrides_reach_only_that_methods_spec():
-    from harness.runner import plan
+    from harness.execution.runner import plan
 
     suite = make_suite(["npid", {"name": "moco", "protocols": {"knn": {"temperature": 0.07}}}],
                        protocols={"knn": {"k": 20, "temperature": 0.1}})
@@ -169,7 +169,7 @@ def test_store_is_atomic_and_ids_stable(tmp_path):
 
 
 def test_train_benchmark_table(tmp_path):
-    from harness.bench_train import train_benchmarks
+    from harness.bench.train import train_benchmarks
 
     df = train_benchmarks(steps=2, device="cpu", methods=["simclr", "pixels"], data_dir=tmp_path, loader_workers=1)
     assert df["method"].tolist() == ["simclr"]  # pixels does not train

@@ -12,14 +12,14 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import to_pil_image
 
 from conftest import make_suite
-from harness.augment import Augmenter, get_preset, resize
-from harness.backbones import SmallCNN
+from harness.data.augment import Augmenter, get_preset, resize
+from harness.models.backbones import SmallCNN
 from harness.errors import UsageError
-from harness.pil_augment import PerImageAugmenter, training_feed
-from harness.runner import Runner, plan
-from harness.seeding import epoch_order
-from harness.suite import load_suite
-from harness.train import PlainLoader
+from harness.data.pil_augment import PerImageAugmenter, training_feed
+from harness.execution.runner import Runner, plan
+from harness.engine.seeding import epoch_order
+from harness.execution.suite import load_suite
+from harness.engine.train import PlainLoader
 
 SIZE = 48
 FAST = {"knn": {"k": 10}}
@@ -29,7 +29,7 @@ MEAN, STD = (0.5,), (0.25,)
 def _record_backbone_inputs(monkeypatch) -> list[tuple[bool, tuple[int, int]]]:
     """Give the runner's jobs a narrow SmallCNN (width 4: 48 px stays fast on a busy CPU) that logs
     (training mode, input H x W) of every forward call."""
-    import harness.runner as runner
+    import harness.execution.runner as runner
 
     seen: list[tuple[bool, tuple[int, int]]] = []
 
@@ -120,7 +120,7 @@ def test_spec_names_image_size_only_when_set(monkeypatch):
     ``image_size`` was added; the method config and the protocols are fixed here so that other
     changes (paper defaults, protocol parameters) do not move it.
     """
-    import harness.runner as runner
+    import harness.execution.runner as runner
 
     (job,) = plan(load_suite("cifar10-invcls"))
     assert "image_size" not in job.spec
@@ -147,7 +147,7 @@ def test_bad_image_size_is_a_one_line_usage_error(bad):
 def test_cli_eval_resizes_to_image_size(tmp_path, monkeypatch, capsys):
     """``harness eval --image-size 16`` feeds the checkpoint's encoder 16x16 digits; catches the flag
     not reaching the RunContext (8x8 inputs)."""
-    import harness.checkpoint as checkpoint
+    import harness.engine.checkpoint as checkpoint
     from harness.cli import main
 
     seen: list[tuple[int, int]] = []

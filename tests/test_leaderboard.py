@@ -14,7 +14,7 @@ from scipy import stats as st
 from conftest import make_suite
 from harness.cli import main
 from harness.errors import UsageError
-from harness.leaderboard import (StatsOptions, compare, current_records, leaderboard_table, sensitivity,
+from harness.reporting.leaderboard import (StatsOptions, compare, current_records, leaderboard_table, sensitivity,
                                  write_leaderboard)
 
 T_975_2 = 4.302653  # Student t quantile 0.975 with 2 degrees of freedom (tables)
@@ -187,8 +187,8 @@ def test_leaderboard_and_report_read_the_same_current_records(tmp_path):
     superseded records in (n=2 in its cells) and a selection by (dataset, label, seed) that keeps both."""
     import yaml
 
-    from harness.report import write_report
-    from harness.runner import plan
+    from harness.reporting.report import write_report
+    from harness.execution.runner import plan
 
     suite_file = tmp_path / "s.yaml"
     suite_file.write_text(yaml.safe_dump({"name": "s", "datasets": ["digits"], "methods": ["random", "pixels"],
@@ -217,7 +217,7 @@ def test_leaderboard_and_report_read_the_same_current_records(tmp_path):
 def test_a_suites_deviations_are_listed_one_per_line_in_the_header():
     """Paper-scale suites end their description with 'Deviations: (1) ...; (2) ...'; the table header lists
     each on its own line, so none hides in a run-on title."""
-    from harness.leaderboard import split_deviations
+    from harness.reporting.leaderboard import split_deviations
 
     summary, items = split_deviations("CIFAR-10, 1000 epochs. Deviations: (1) warm-up from 0; (2) bf16 autocast "
                                       "where CLD uses fp16 (apex O1); (3) the final checkpoint.")

@@ -255,7 +255,7 @@ INSTANCE_METHODS = ["npid", "moco", "npid_cld", "moco_cld", "invcls"]
 
 @pytest.fixture(scope="module")
 def digits_records(tmp_path_factory):
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
     from tests.conftest import make_suite
 
     suite = make_suite(["random", *INSTANCE_METHODS], seeds=(0, 1), budget="epochs=15",

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from harness.backbones import create_backbone
-from harness.runner import Runner, plan
-from harness.store import ResultStore, run_id
-from harness.vit import ViT
+from harness.models.backbones import create_backbone
+from harness.execution.runner import Runner, plan
+from harness.execution.store import ResultStore, run_id
+from harness.models.vit import ViT
 from methods import METHODS, Batch, DataInfo, create_method, resolve_config
 from methods.autoencoder import ConvDecoder
 from methods.losses import class_conditional_info_nce, supcon_loss
@@ -212,7 +212,7 @@ def test_thanos_concatenates_the_frozen_component_backbones():
 
 
 def test_vit_small_patch4_is_the_papers_encoder():
-    from harness.backbones import BACKBONES, create_backbone
+    from harness.models.backbones import BACKBONES, create_backbone
 
     assert "vit_small_patch4" in BACKBONES.names()
     vit = create_backbone("vit_small_patch4", 3).eval()

@@ -79,7 +79,7 @@ def test_registry_lists_every_protocol_with_inputs_and_description():
 
 
 def test_protocol_benchmarks_quick_has_every_row():
-    from harness.bench import protocol_benchmarks
+    from harness.bench.protocols import protocol_benchmarks
 
     table = protocol_benchmarks(quick=True)
     assert table["benchmark"].tolist() == [

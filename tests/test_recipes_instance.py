@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.augment import Augmenter, get_preset
+from harness.data.augment import Augmenter, get_preset
 from harness.errors import UsageError
-from harness.runner import make_spec
-from harness.suite import load_suite
-from harness.train import PlainLoader
+from harness.execution.runner import make_spec
+from harness.execution.suite import load_suite
+from harness.engine.train import PlainLoader
 from methods import DataInfo, resolve_config
 from methods.cld import MoCoCLD, NPIDCLD
 from methods.heads import NormLinear

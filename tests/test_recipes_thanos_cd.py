@@ -16,9 +16,9 @@ import torch
 
 from conftest import torch_lrs
 from harness.errors import UsageError
-from harness.runner import plan
-from harness.suite import load_suite
-from harness.train import lr_factor
+from harness.execution.runner import plan
+from harness.execution.suite import load_suite
+from harness.engine.train import lr_factor
 from methods import METHODS, resolve_config
 from methods.losses import thanos_similarity
 from tests.test_methods_transfer import LABELS, adapter, direct_ce, direct_supcon

@@ -1,4 +1,4 @@
-"""The HTML report (harness.report) on records of a tiny real run, and the optional training loggers."""
+"""The HTML report (harness.reporting.report) on records of a tiny real run, and the optional training loggers."""
 from __future__ import annotations
 
 import html
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from conftest import make_suite
 from harness.errors import UsageError
-from harness.leaderboard import leaderboard_table
-from harness.logging_backends import NullLogger, check_backend, make_logger
-from harness.report import metric_definition, write_report
+from harness.reporting.leaderboard import leaderboard_table
+from harness.engine.logging_backends import NullLogger, check_backend, make_logger
+from harness.reporting.report import metric_definition, write_report
 from methods import METHODS, register_method
 
 FAST = {"knn": {"k": 10}, "clustering": {}}
@@ -55,7 +55,7 @@ class _Clusterer(METHODS.get("simclr")):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Records (and checkpoints) of random, pixels, simclr and the clusterer, 2 seeds, 3 steps; one report."""
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
 
     root = tmp_path_factory.mktemp("report")
     suite = make_suite(["random", "pixels", "simclr", "_report_clusterer"], seeds=(0, 1), budget="steps=3",
@@ -283,7 +283,7 @@ def test_training_streams_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from harness.runner import Runner, plan
+    from harness.execution.runner import Runner, plan
 
     suite = make_suite(["simclr"], budget="steps=3", protocols={"knn": {"k": 10}}, name="tb")
     (job,) = plan(suite)
@@ -297,8 +297,8 @@ def test_training_streams_to_tensorboard(tmp_path):
 def test_budget_grid_gets_a_learning_curve_per_headline_metric(tmp_path):
     """A suite with a budget grid: one learning-curve chart per dataset and headline metric (kNN top-1
     here, not top-5), x at the budgets' amounts; budgets that mix units have no common axis."""
-    from harness.report import budget_axis
-    from harness.runner import Runner, plan
+    from harness.reporting.report import budget_axis
+    from harness.execution.runner import Runner, plan
 
     suite = make_suite(["random", "simclr"], budget=[{"steps": 1}, {"steps": 3}], protocols={"knn": {"k": 10}},
                        name="grid")

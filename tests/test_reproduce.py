@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from harness.cli import default_leaderboard_dir, main
-from harness.reproduce import verdict
+from harness.execution.reproduce import verdict
 
 
 def _suite(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (harness.train.lr_factor) pinned at hand-computed values and against torch.
+"""Learning-rate schedules (harness.engine.train.lr_factor) pinned at hand-computed values and against torch.
 
 Each test names the plausible breakage it catches. The torch references are torch's own
 schedulers stepped in a loop, as the official codes step them.
@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from harness.augment import Augmenter
-from harness.budget import Budget
+from harness.data.augment import Augmenter
+from harness.engine.budget import Budget
 from conftest import torch_lrs
 from harness.errors import UsageError
-from harness.train import SCHEDULES, lr_factor, train
+from harness.engine.train import SCHEDULES, lr_factor, train
 from methods.base import TRAINING_DEFAULTS, Batch, DataInfo, Method
 
 

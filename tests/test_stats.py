@@ -1,4 +1,4 @@
-"""harness.stats against known answers: Demšar (2006)'s worked example, hand computation and scipy."""
+"""harness.reporting.stats against known answers: Demšar (2006)'s worked example, hand computation and scipy."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from harness import stats
+from harness.reporting import stats
 
 
 def test_t_interval_by_hand():

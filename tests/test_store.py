@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.store import ResultStore, RunLock, canonical_spec, remove_stale_temp_files, run_id, write_json_atomic
-from harness.suite import load_suite, shipped_suites
+from harness.execution.store import (ResultStore, RunLock, canonical_spec, remove_stale_temp_files, run_id,
+                                     write_json_atomic)
+from harness.execution.suite import load_suite, shipped_suites
 from methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_ids_ignore_float_noise_and_key_order_but_not_values():
 @pytest.mark.parametrize("suite_name", sorted(shipped_suites()))
 def test_one_ulp_on_any_float_of_a_shipped_spec_keeps_its_id(suite_name):
     """Perturb every float of the first planned spec of each shipped suite by one ulp, up and down."""
-    from harness.runner import plan
+    from harness.execution.runner import plan
 
     spec = json.loads(json.dumps(plan(load_suite(suite_name))[0].spec, default=str))
     rid = run_id(spec)
@@ -70,7 +71,7 @@ def test_one_ulp_on_any_float_of_a_shipped_spec_keeps_its_id(suite_name):
 def test_committed_records_of_every_shipped_suite_are_found_by_plan():
     """A fresh clone on any machine finds every committed record: each record's file name is the id that `plan`
     gives its run now, and every run `plan` gives has a record (so `harness run` trains nothing)."""
-    from harness.runner import plan
+    from harness.execution.runner import plan
 
     suites = shipped_suites()
     committed = [d for d in (REPO / "results").iterdir() if d.is_dir() and d.name in suites and any(d.glob("*.json"))]

@@ -1,4 +1,4 @@
-"""harness.tune: an Optuna study of simclr on digits scored on the validation split, resumed after a
+"""harness.execution.tune: an Optuna study of simclr on digits scored on the validation split, resumed after a
 stop, with its best trial written to results/tune/<study>.json."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import optuna
 import pytest
 import torch
 
-from harness.budget import Budget
+from harness.engine.budget import Budget
 from harness.errors import UsageError
 from methods import Method, register_method
-from harness.tune import _final_epoch, suggest, tune, val_knn_protocol
+from harness.execution.tune import _final_epoch, suggest, tune, val_knn_protocol
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

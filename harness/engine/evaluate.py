@@ -7,8 +7,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harness.augment import Augmenter, get_preset
-from harness.data import ImageData, SplitManifest
+from harness.data.augment import Augmenter, get_preset
+from harness.data.datasets import ImageData, SplitManifest
 from methods.base import Method
 from protocols import PROTOCOLS
 

@@ -11,27 +11,27 @@ from typing import Any, Callable
 
 import torch
 
-from harness import distributed
-from harness.augment import Augmenter, get_preset
-from harness.backbones import create_backbone
-from harness.budget import Budget
-from harness.data import ImageData, SplitManifest, load_split_data
-from harness.environment import environment, resolve_device
+from harness.engine import distributed
+from harness.data.augment import Augmenter, get_preset
+from harness.models.backbones import create_backbone
+from harness.engine.budget import Budget
+from harness.data.datasets import ImageData, SplitManifest, load_split_data
+from harness.execution.environment import environment, resolve_device
 from harness.errors import choices_error
-from harness.logging_backends import make_logger
-from harness.evaluate import RunContext, evaluate
-from harness.leaderboard import is_headline
-from harness.pil_augment import training_feed
-from harness.seeding import seed_everything
-from harness.store import ResultStore, run_id
-from harness.suite import MethodEntry, Suite
-from harness.train import resolve_precision, train
+from harness.engine.logging_backends import make_logger
+from harness.engine.evaluate import RunContext, evaluate
+from harness.reporting.leaderboard import is_headline
+from harness.data.pil_augment import training_feed
+from harness.engine.seeding import seed_everything
+from harness.execution.store import ResultStore, run_id
+from harness.execution.suite import MethodEntry, Suite
+from harness.engine.train import resolve_precision, train
 from methods import METHODS, DataInfo, Method, create_method, resolve_config
 
 #: Bump when the meaning of stored records changes (it is part of every run's spec).
 RECORD_VERSION = 1
 #: Where training views come from: whole batches augmented on the device, or the classic per-image
-#: torchvision transforms in DataLoader workers (``harness.pil_augment``); the same distribution.
+#: torchvision transforms in DataLoader workers (``harness.data.pil_augment``); the same distribution.
 PIPELINES = ("batched", "per_image")
 
 

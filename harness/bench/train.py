@@ -8,7 +8,7 @@ itself (1.0 = no overhead). Peak memory is recorded alongside.
 
 The ``loader`` columns time the same training step fed by the old per-image path instead: a
 DataLoader whose worker processes augment every image on its own with the torchvision transforms
-on PIL images (:mod:`harness.pil_augment`), ``--loader-workers`` of them (default min(4, CPUs)).
+on PIL images (:mod:`harness.data.pil_augment`), ``--loader-workers`` of them (default min(4, CPUs)).
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.augment import Augmenter, get_preset
-from harness.backbones import create_backbone
-from harness.budget import Budget
-from harness.data import ImageData, load_dataset
-from harness.environment import resolve_device
-from harness.pil_augment import default_workers, training_feed
-from harness.seeding import seed_everything
-from harness.train import _peak_rss_mb, _reset_peak_rss, train
+from harness.data.augment import Augmenter, get_preset
+from harness.models.backbones import create_backbone
+from harness.engine.budget import Budget
+from harness.data.datasets import ImageData, load_dataset
+from harness.execution.environment import resolve_device
+from harness.data.pil_augment import default_workers, training_feed
+from harness.engine.seeding import seed_everything
+from harness.engine.train import _peak_rss_mb, _reset_peak_rss, train
 from methods import METHODS, DataInfo, create_method, resolve_config
 
 
@@ -100,8 +100,8 @@ def loader_images_per_second(name: str, dataset: str, backbone_name: str, scale:
     """Images/s of the full training step when the views come from the per-image DataLoader path.
 
     ``workers`` DataLoader processes run the torchvision transform of the same augmentation preset
-    on PIL images (``harness.pil_augment``) and prefetch batches in the order train() draws them;
-    train() takes them through a :class:`~harness.pil_augment.LoaderAugmenter`. One run of
+    on PIL images (``harness.data.pil_augment``) and prefetch batches in the order train() draws them;
+    train() takes them through a :class:`~harness.data.pil_augment.LoaderAugmenter`. One run of
     ``warm-up + steps`` steps; the clock starts when step ``warm-up`` asks for its views (the first
     steps pay for starting the workers) and stops when train() returns.
     """
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     df = train_benchmarks(args.dataset, args.backbone, args.scale, args.steps, args.device,
                           args.methods.split(",") if args.methods else None, loader_workers=args.loader_workers)
-    from harness.leaderboard import to_markdown
+    from harness.reporting.leaderboard import to_markdown
 
     device = resolve_device(args.device)
     table = to_markdown(df.set_index("method"))
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = ("" if args.loader_workers < 0 else
               f" loader images/s: the same step with the views made by the old per-image path instead, a "
               f"DataLoader with {args.loader_workers} worker processes running torchvision's transforms of the "
-              "same preset on PIL images (harness/pil_augment.py), timed after its warm-up steps; loader ratio "
+              "same preset on PIL images (harness/data/pil_augment.py), timed after its warm-up steps; loader ratio "
               f"= loader images/s / floor. The loader path runs in {1 + args.loader_workers} processes, the "
               "others in one: on cores shared with other work it gets a larger share of them, which favours it.")
     args.out.write_text(f"# Training throughput ({args.dataset}, {args.backbone}, {args.scale} scale, {device}, "

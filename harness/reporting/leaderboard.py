@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from harness import stats
+from harness.reporting import stats
 from harness.errors import UsageError, choices_error
-from harness.store import write_atomic, write_text_atomic
+from harness.execution.store import write_atomic, write_text_atomic
 
 #: Metric name endings that are scores (higher is better); other stored values (chosen l2, ...) are not ranked.
 SCORE_SUFFIXES = ("top1", "top5", "acc", "nmi", "ami", "ari", "acc_majority")
@@ -47,7 +47,7 @@ def is_headline(metric: str) -> bool:
 
 @dataclass(frozen=True)
 class StatsOptions:
-    """How cells get their intervals and how rows are compared: ``ci`` in :data:`harness.stats.CI_METHODS`,
+    """How cells get their intervals and how rows are compared: ``ci`` in :data:`harness.reporting.stats.CI_METHODS`,
     ``alpha`` the significance level of the paired tests, the Friedman test and the critical difference."""
 
     ci: str = "t"
@@ -70,8 +70,8 @@ def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None
     ``leaderboard``, ``report`` and ``compare`` read. A record of another configuration (an older config
     or protocol, another budget or seed list) is left out, so it is never averaged in as an extra seed;
     ``warn`` hears how many were left out."""
-    from harness.runner import plan
-    from harness.store import ResultStore
+    from harness.execution.runner import plan
+    from harness.execution.store import ResultStore
 
     planned = {job.run_id for job in plan(suite)}
     stored = list(ResultStore(Path(results_dir), suite.name).records())
@@ -98,8 +98,8 @@ class SuiteRecords:
 def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], None] | None = None) -> SuiteRecords:
     """The records of a shipped suite or suite file through :func:`current_records`; for the name of a suite
     whose file is gone but whose records are stored, every record under ``results_dir/<name>``."""
-    from harness.store import ResultStore
-    from harness.suite import load_suite
+    from harness.execution.store import ResultStore
+    from harness.execution.suite import load_suite
 
     try:
         suite = load_suite(name_or_path)

@@ -13,9 +13,9 @@ saved as PNG beside it under ``figures/``:
 - for methods with cluster heads, a gallery of a few samples per cluster.
 
 Embeddings and galleries need features: the method is rebuilt from the record's spec with
-the :class:`~harness.runner.Runner`, its final weights loaded from the run's checkpoint
+the :class:`~harness.execution.runner.Runner`, its final weights loaded from the run's checkpoint
 (``results/<suite>/.ckpt/<run_id>.pt``), and features extracted with
-:class:`~harness.evaluate.RunContext`. A trained method whose checkpoint is gone (a fresh
+:class:`~harness.engine.evaluate.RunContext`. A trained method whose checkpoint is gone (a fresh
 clone) is skipped with a note on the page; baselines that do not train are built directly.
 
 Everything is deterministic: the same records (and checkpoints) give byte-identical files.
@@ -35,8 +35,8 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.errors import UsageError
-from harness.store import write_atomic
-from harness.leaderboard import (Leaderboard, StatsOptions, is_headline, is_score, leaderboard_table,
+from harness.execution.store import write_atomic
+from harness.reporting.leaderboard import (Leaderboard, StatsOptions, is_headline, is_score, leaderboard_table,
                                  records_frame, sensitivity, significance_text, suite_records, write_cd_diagram)
 
 #: Samples in the 2-D embeddings (drawn once per dataset with :data:`SUBSAMPLE_SEED`, the same for every method).
@@ -348,7 +348,7 @@ class Extracted:
 
 
 def _subset(data, idx: np.ndarray):
-    from harness.data import ImageData
+    from harness.data.datasets import ImageData
 
     t = __import__("torch").as_tensor(idx)
     return ImageData(data.name, data.images[t], data.labels[idx],
@@ -370,11 +370,11 @@ def extract(runner, record: dict, pool: np.ndarray, device: str) -> Extracted:
     """Rebuild ``record``'s method, load its final weights and extract features on ``pool``."""
     import torch
 
-    from harness.budget import Budget
-    from harness.evaluate import RunContext
-    from harness.runner import Job
-    from harness.store import ResultStore, run_id
-    from harness.suite import MethodEntry
+    from harness.engine.budget import Budget
+    from harness.engine.evaluate import RunContext
+    from harness.execution.runner import Job
+    from harness.execution.store import ResultStore, run_id
+    from harness.execution.suite import MethodEntry
     from methods import METHODS
 
     spec = record["spec"]
@@ -645,7 +645,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
     """Write ``out_dir/<suite_name>/index.html`` and its ``figures/``; return the page's path.
 
     ``features=False`` leaves out the embeddings and galleries (no model is rebuilt). The records are the
-    ones ``leaderboard`` reads (:func:`harness.leaderboard.suite_records`); ``options`` set the intervals and
+    ones ``leaderboard`` reads (:func:`harness.reporting.leaderboard.suite_records`); ``options`` set the intervals and
     the significance level as there.
     """
     import matplotlib
@@ -722,7 +722,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
 
         # ---- embeddings and galleries
         if features:
-            from harness.runner import Runner
+            from harness.execution.runner import Runner
 
             runner = Runner(Path(results_dir), Path(data_dir), device, quiet=True, log=lambda s: None)
             pools: dict[tuple[str, float], tuple[np.ndarray, str]] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from harness.errors import UsageError
-from harness.validate import parse_number
+from harness.execution.validate import parse_number
 
 UNITS = ("epochs", "steps", "samples", "seconds")
 

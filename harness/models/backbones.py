@@ -79,4 +79,4 @@ class Flatten(nn.Module):
 
 
 # The paper-specific ViT lives in its own module and registers itself on import.
-from harness import vit  # noqa: E402,F401
+from harness.models import vit  # noqa: E402,F401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from harness.backbones import register_backbone
+from harness.models.backbones import register_backbone
 
 
 class Block(nn.Module):

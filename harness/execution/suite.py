@@ -12,16 +12,16 @@ from typing import Any, Callable
 
 import yaml
 
-from harness.backbones import BACKBONES
-from harness.budget import Budget
-from harness.data import ImageData, SplitManifest, validate_dataset_name
+from harness.models.backbones import BACKBONES
+from harness.engine.budget import Budget
+from harness.data.datasets import ImageData, SplitManifest, validate_dataset_name
 from harness.errors import UsageError, choices_error
-from harness.validate import check_unique, coerce_like
+from harness.execution.validate import check_unique, coerce_like
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
 from protocols._common import check_count, check_positive, check_positive_int
 
-SUITES_DIR = Path(__file__).parent / "suites"
+SUITES_DIR = Path(__file__).parents[1] / "suites"
 DEFAULT_SUITE = "quick"
 
 TOP_KEYS = {"name", "description", "scale", "backbone", "datasets", "methods", "seeds", "budget",

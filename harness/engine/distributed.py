@@ -3,7 +3,7 @@
 Launch any ``python -m harness run ...`` under ``torchrun --nproc-per-node G`` (or under
 Slurm with one task per GPU; ``--executor submitit --gpus-per-job G`` does that): every rank
 runs the same jobs, rank 0 alone takes the locks, writes checkpoints and records and
-evaluates. The training loop (``harness.train``) then trains data-parallel at the suite's
+evaluates. The training loop (``harness.engine.train``) then trains data-parallel at the suite's
 global batch size: each rank takes its contiguous share of every global batch, augments it
 with the parameters a single process would draw for those rows, BatchNorm layers become
 global (:func:`sync_batchnorm`), adapters gather what their losses couple across samples
@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from harness.seeding import epoch_order
+from harness.engine.seeding import epoch_order
 
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from harness.backbones import create_backbone
+from harness.models.backbones import create_backbone
 from harness.errors import UsageError
 
 #: Prefixes that training frameworks put in front of encoder weights.

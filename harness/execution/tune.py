@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: one method on one dataset, every trial under the same budget.
 
 The search space is the adapter's ``search_space``. Each trial is a one-run suite built in
-code and trained by the :class:`harness.runner.Runner` (locks, checkpoints, an atomic record
+code and trained by the :class:`harness.execution.runner.Runner` (locks, checkpoints, an atomic record
 under ``results/tune-<study>/``), then scored by weighted kNN top-1 on the **validation**
 split: the training split votes for the held-out validation samples (protocol ``val_knn``,
 registered here). The test split is never evaluated while tuning.
@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import optuna
 
-from harness.budget import Budget
+from harness.engine.budget import Budget
 from harness.errors import EnvironmentFailure, UsageError
-from harness.store import write_json_atomic
+from harness.execution.store import write_json_atomic
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS, register_protocol
 from protocols.knn import knn_accuracy
@@ -174,8 +174,8 @@ def _make_trial_runner(runner_kwargs: dict[str, Any], knn: dict[str, Any], rep: 
                        log: Callable[[str], None]):
     """A Runner whose adapters report validation kNN to its current ``trial`` every ``report_every``
     epochs (one Runner per study, so the dataset is loaded once)."""
-    from harness.evaluate import RunContext
-    from harness.runner import Runner
+    from harness.engine.evaluate import RunContext
+    from harness.execution.runner import Runner
 
     class TrialRunner(Runner):
         trial: optuna.Trial | None = None
@@ -231,8 +231,8 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     atomically to ``<results_dir>/tune/<study>.json``.
     """
     from harness.cli import DEFAULT_DATA
-    from harness.runner import plan
-    from harness.suite import parse_suite
+    from harness.execution.runner import plan
+    from harness.execution.suite import parse_suite
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")

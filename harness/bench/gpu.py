@@ -5,15 +5,15 @@ Rows, on one GPU (CUDA when there is one):
 * every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
   stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
   ``harness run`` trains on CUDA (SimCLR also with ``--compile``): images/s of the full training
-  step (:func:`harness.bench_train.method_images_per_second`) against the bare backbone's bf16
-  forward+backward at the same batch and views (:func:`harness.bench_train.floor_images_per_second`),
+  step (:func:`harness.bench.train.method_images_per_second`) against the bare backbone's bf16
+  forward+backward at the same batch and views (:func:`harness.bench.train.floor_images_per_second`),
   their ratio, peak memory, and where a step's time goes: backbone (the floor), on-device
   augmentation of the step's views (timed alone), and the rest (method heads and losses,
   memory-bank/queue updates, optimiser, Python and the loop's per-step sync);
 * weighted kNN (``protocols.knn``, torch backend) of 10,000 queries against 50,000 x 512
   training features at k=200, against the bare float32 similarity matmul of the same shapes;
 * Sinkhorn-Knopp (``methods.sinkhorn``) on N = 1,281,167 x K = 3,000 logits (SeLa's ImageNet
-  scale): seconds per iteration and memory (:func:`harness.bench_sinkhorn.bench`, a fresh process);
+  scale): seconds per iteration and memory (:func:`harness.bench.sinkhorn.bench`, a fresh process);
 * the clustering protocol's k-means (``protocols.clustering.kmeans``, torch backend) on
   100,000 x 128, k = 1,000, 25 iterations from one random initialisation, against 25 bare assignment
   matmuls.
@@ -39,11 +39,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.augment import Augmenter, get_preset
-from harness.bench_sinkhorn import bench as sinkhorn_bench
-from harness.bench_train import _machine, _sync, floor_images_per_second, method_images_per_second
-from harness.data import CIFAR10_CLASSES, CIFAR10_FINE_TO_COARSE, CIFAR_MEAN_STD, ImageData
-from harness.environment import resolve_device
+from harness.data.augment import Augmenter, get_preset
+from harness.bench.sinkhorn import bench as sinkhorn_bench
+from harness.bench.train import _machine, _sync, floor_images_per_second, method_images_per_second
+from harness.data.datasets import CIFAR10_CLASSES, CIFAR10_FINE_TO_COARSE, CIFAR_MEAN_STD, ImageData
+from harness.execution.environment import resolve_device
 from harness.errors import choices_error
 from methods import METHODS, resolve_config
 from protocols.clustering import kmeans

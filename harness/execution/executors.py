@@ -1,6 +1,6 @@
 """Run a suite's jobs in parallel: a local process pool (one job per GPU) or submitit (Slurm).
 
-Every job runs through :meth:`harness.runner.Runner.run` in whichever process executes it,
+Every job runs through :meth:`harness.execution.runner.Runner.run` in whichever process executes it,
 so each writes its own atomic record into the shared results directory, takes the per-run
 lock, and skips a run another process has stored or is training. Only jobs without a stored
 record are dispatched; rerunning a suite after a crash, a ``scancel`` or a node failure
@@ -97,7 +97,7 @@ def _setup_process(plugins: Sequence[str], threads: int | None, gpu: str | None 
 
 
 def _runner(runner_kwargs: dict[str, Any], gpu: str | None):
-    from harness.runner import Runner
+    from harness.execution.runner import Runner
 
     kwargs = dict(runner_kwargs)
     if gpu is not None and str(kwargs.get("device", "auto")).startswith("cuda"):
@@ -112,7 +112,7 @@ def _run_in_process(job, runner_kwargs: dict[str, Any], force: bool, gpu: str | 
 
 def _pythonpath() -> str:
     """PYTHONPATH for child processes: this checkout (so ``harness`` imports) and the cwd (plugins)."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     parts = [root, os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
 
@@ -155,7 +155,7 @@ def _uses_gpu(runner_kwargs: dict[str, Any]) -> bool:
 
 def pending_jobs(jobs: list, results_dir: Path, force: bool = False) -> list:
     """The jobs that have no stored record (all of them with ``force``), each run id once, in order."""
-    from harness.store import ResultStore
+    from harness.execution.store import ResultStore
 
     seen, out = set(), []
     for job in jobs:
@@ -170,7 +170,7 @@ def pending_jobs(jobs: list, results_dir: Path, force: bool = False) -> list:
 
 def stored_records(jobs: list, results_dir: Path) -> list[dict[str, Any]]:
     """The stored record of every job that has one, in job order (what :meth:`Runner.run` returns)."""
-    from harness.store import ResultStore
+    from harness.execution.store import ResultStore
 
     out, seen = [], set()
     for job in jobs:
@@ -187,7 +187,7 @@ def _prepare_data(jobs: list, runner_kwargs: dict[str, Any]) -> None:
     Workers would otherwise race to download; on a cluster the login node usually is the
     only one with internet access.
     """
-    from harness.data import load_dataset, load_or_make_manifest
+    from harness.data.datasets import load_dataset, load_or_make_manifest
 
     data_dir = Path(runner_kwargs["data_dir"])
     for name, vf in dict.fromkeys((j.dataset, j.spec["val_fraction"]) for j in jobs):
@@ -282,7 +282,7 @@ class SubmititJob(submitit.helpers.Checkpointable if submitit else object):
         _setup_process(self.plugins, self.threads, self.gpu)
         if self.requeues:
             print(f"requeued {self.requeues}x: resuming {self.job.describe()} from its checkpoint", flush=True)
-        from harness import distributed
+        from harness.engine import distributed
 
         _init_job_ranks()
         try:
@@ -302,7 +302,7 @@ def _init_job_ranks() -> None:
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
         return
-    from harness import distributed
+    from harness.engine import distributed
 
     port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
     distributed.init_distributed(environ={"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
@@ -428,9 +428,9 @@ def run_jobs(jobs: list, runner_kwargs: dict[str, Any], executor: str = "local",
              slurm: dict[str, Any] | None = None, *, force: bool = False, plugins: Sequence[str] = (),
              log: Callable[[str], None] | None = None, wait: bool = True,
              start_method: str | None = None) -> list[dict[str, Any]]:
-    """Run ``jobs`` (from :func:`harness.runner.plan`) and return the records of all of them.
+    """Run ``jobs`` (from :func:`harness.execution.runner.plan`) and return the records of all of them.
 
-    ``runner_kwargs`` are :class:`harness.runner.Runner`'s keyword arguments (``results_dir``
+    ``runner_kwargs`` are :class:`harness.execution.runner.Runner`'s keyword arguments (``results_dir``
     and ``data_dir`` required; ``device``, ``quiet``, ``log``, ``checkpoint_seconds``).
     Jobs with a stored record are not dispatched again (all are with ``force``).
 
@@ -474,7 +474,7 @@ def run_jobs(jobs: list, runner_kwargs: dict[str, Any], executor: str = "local",
         workers = max(1, len(gpus)) if executor == "local" else 1
     errors: list[str] = []
     if todo and executor == "local" and workers == 1:
-        from harness.runner import Runner
+        from harness.execution.runner import Runner
         Runner(**runner_kwargs).run(todo, force=force)
     elif todo:
         _prepare_data(todo, runner_kwargs)

@@ -4,7 +4,7 @@ It enforces the budget (the adapter never counts), builds the optimiser and lr s
 the adapter's config, augments whole batches on the device, uses bf16 autocast on GPU,
 checkpoints periodically so a killed run resumes where it stopped, and stops a run whose
 loss turns non-finite as ``failed`` with the reason. Under ``torch.distributed`` (see
-``harness.distributed``) it trains data-parallel at the same global batch: every rank takes
+``harness.engine.distributed``) it trains data-parallel at the same global batch: every rank takes
 its share of each batch, BatchNorm is global and DDP averages the gradients.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from harness import distributed
-from harness.augment import Augmenter
-from harness.budget import Budget, Usage
+from harness.engine import distributed
+from harness.data.augment import Augmenter
+from harness.engine.budget import Budget, Usage
 from harness.errors import UsageError, choices_error
-from harness.seeding import epoch_order
-from harness.store import write_atomic
+from harness.engine.seeding import epoch_order
+from harness.execution.store import write_atomic
 from methods.base import Batch, Method
 
 

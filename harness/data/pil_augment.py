@@ -1,7 +1,7 @@
 """The per-image reference pipeline: the classic torchvision transform on PIL images, from an AugmentConfig.
 
-:mod:`harness.augment` augments whole uint8 batches on the device. This module builds, from the
-same :class:`~harness.augment.AugmentConfig`, the per-image pipeline self-supervised code bases
+:mod:`harness.data.augment` augments whole uint8 batches on the device. This module builds, from the
+same :class:`~harness.data.augment.AugmentConfig`, the per-image pipeline self-supervised code bases
 traditionally run in DataLoader workers (torchvision.transforms on PIL images)::
 
     RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio)      # bilinear, antialiased
@@ -13,8 +13,8 @@ traditionally run in DataLoader workers (torchvision.transforms on PIL images)::
 
 It serves three uses: the reference the batched pipeline is compared with (same distribution of
 augmentations, ``tests/test_augment_distribution.py``), the "old per-image DataLoader path" of the
-training benchmark (``harness/bench_train.py``), and a drop-in replacement of the batched
-:class:`~harness.augment.Augmenter` for :func:`harness.train.train`:
+training benchmark (``harness/bench/train.py``), and a drop-in replacement of the batched
+:class:`~harness.data.augment.Augmenter` for :func:`harness.engine.train.train`:
 
 * :func:`per_image_transform` - the transform of one PIL image;
 * :class:`PerImageViews` and :func:`per_image_loader` - a Dataset over a uint8 (N, C, H, W) tensor
@@ -22,7 +22,7 @@ training benchmark (``harness/bench_train.py``), and a drop-in replacement of th
 * :class:`PerImageAugmenter` - ``(uint8 batch, generator) -> normalised views``, each image
   transformed on the CPU, torchvision's random draws seeded from the generator;
 * :class:`TrainOrderSampler` and :class:`LoaderAugmenter` - views prefetched by DataLoader workers
-  in exactly the order :func:`harness.train.train` draws its batches, handed to it through the
+  in exactly the order :func:`harness.engine.train.train` draws its batches, handed to it through the
   augmenter argument (train has no hook for a batch source; see :class:`LoaderAugmenter`).
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms.functional import to_pil_image
 
-from harness.augment import AugmentConfig, Augmenter, blur_kernel_size
-from harness.seeding import epoch_order
+from harness.data.augment import AugmentConfig, Augmenter, blur_kernel_size
+from harness.engine.seeding import epoch_order
 
 #: Every AugmentConfig field this module maps to a torchvision transform. A field added to
 #: AugmentConfig without a mapping here makes :func:`per_image_transform` raise, so the two
@@ -57,7 +57,7 @@ def check_mappable(cfg: AugmentConfig) -> None:
     unknown = [f.name for f in fields(cfg) if f.name not in MAPPED_FIELDS]
     if unknown:
         raise ValueError(f"AugmentConfig field(s) {', '.join(unknown)} have no per-image equivalent in "
-                         f"harness.pil_augment (mapped: {', '.join(sorted(MAPPED_FIELDS))}); add the "
+                         f"harness.data.pil_augment (mapped: {', '.join(sorted(MAPPED_FIELDS))}); add the "
                          "matching torchvision transform to per_image_transform")
     if len(cfg.jitter) != 4:
         raise ValueError(f"AugmentConfig.jitter must be (brightness, contrast, saturation, hue), got {cfg.jitter!r}")
@@ -74,7 +74,7 @@ def per_image_transform(cfg: AugmentConfig | None, mean: Sequence[float], std: S
     works on 8-bit pixels, as PIL does. ``backend="tensor"`` takes a float (C, H, W) tensor in
     [0, 1] and runs the same torchvision transforms on it in floating point (no 8-bit rounding
     between steps). ``size`` is the output side: the batched Augmenter's ``out_size or H``. The
-    steps and their conditions mirror :class:`harness.augment.Augmenter` (a step whose
+    steps and their conditions mirror :class:`harness.data.augment.Augmenter` (a step whose
     probability or strength is zero is left out). ``cfg=None`` is normalisation only (a resize to
     ``size`` first if needed).
     """
@@ -160,7 +160,7 @@ def per_image_loader(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequ
 
 
 class PerImageAugmenter(Augmenter):
-    """Drop-in for :class:`harness.augment.Augmenter` that runs the per-image pipeline.
+    """Drop-in for :class:`harness.data.augment.Augmenter` that runs the per-image pipeline.
 
     ``augmenter(uint8 batch (n, C, H, W), generator)`` transforms each image on the CPU with
     :func:`per_image_transform` (as PIL images, or float tensors with ``backend="tensor"``) and
@@ -190,7 +190,7 @@ class PerImageAugmenter(Augmenter):
 
     def __call__(self, images: torch.Tensor, g: torch.Generator, rows: slice | None = None,
                  total: int | None = None) -> torch.Tensor:
-        """Augment a uint8 batch; ``rows`` of a batch of ``total`` as in :class:`~harness.augment.Augmenter`
+        """Augment a uint8 batch; ``rows`` of a batch of ``total`` as in :class:`~harness.data.augment.Augmenter`
         (one seed per row of the whole batch is drawn, so a row's views do not depend on the split)."""
         transform = self.transform(_output_side(images, self.out_size), images.shape[1])
         n = len(images) if total is None else total
@@ -207,9 +207,9 @@ class PerImageAugmenter(Augmenter):
 
 
 class TrainOrderSampler(Sampler):
-    """Index batches in the order :func:`harness.train.train` draws them.
+    """Index batches in the order :func:`harness.engine.train.train` draws them.
 
-    train() takes, in epoch ``e``, the permutation ``harness.seeding.epoch_order(n, e, seed)`` in
+    train() takes, in epoch ``e``, the permutation ``harness.engine.seeding.epoch_order(n, e, seed)`` in
     ``n // batch_size`` full batches. The sampler yields ``steps`` batches (endless with ``None``:
     train() stops at its budget) from ``start=(epoch, step)``, where a resumed run begins.
     """
@@ -236,7 +236,7 @@ class TrainOrderSampler(Sampler):
 
 
 class LoaderAugmenter(Augmenter):
-    """Feeds :func:`harness.train.train` views prefetched by the workers of a per-image DataLoader.
+    """Feeds :func:`harness.engine.train.train` views prefetched by the workers of a per-image DataLoader.
 
     train() calls ``augmenter(images[index], generator)`` ``views`` times per step. The first call
     of each step takes the next batch ``(view_1, ..., view_V, index)`` from the loader (whose batch
@@ -306,7 +306,7 @@ def training_feed(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequenc
     with torchvision and prefetch whole batches in train()'s order; train() starts the loader at
     its starting step. The workers' random streams are seeded from (seed, epoch, step) of that
     start, so a resumed run sees the right images with freshly drawn augmentations. ``out_size``
-    is the side of every view (crops resized to it), as in :class:`~harness.augment.Augmenter`.
+    is the side of every view (crops resized to it), as in :class:`~harness.data.augment.Augmenter`.
     """
     cpu_images = images.cpu()
 

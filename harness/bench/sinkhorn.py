@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp benchmark at SeLa's scale: seconds per iteration and peak memory of the solver.
 
-``python -m harness.bench_sinkhorn`` times :func:`methods.sinkhorn.sinkhorn_knopp` on synthetic
+``python -m harness.bench.sinkhorn`` times :func:`methods.sinkhorn.sinkhorn_knopp` on synthetic
 logits of N samples x K clusters (a random linear head on random 128-d features, the shape of
 SeLa's logits) for each N and chunk precision, each in a fresh process, and prints a table
 (``--out`` appends it to a markdown file such as ``leaderboards/bench-sinkhorn.md``). Peak memory
@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.environment import resolve_device
-from harness.train import _peak_rss_mb, _reset_peak_rss
+from harness.execution.environment import resolve_device
+from harness.engine.train import _peak_rss_mb, _reset_peak_rss
 from methods.sinkhorn import sinkhorn_knopp
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -81,7 +81,7 @@ def bench(sizes: list[int], k: int, dtypes: list[str], input_dtype: str, lam: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.bench_sinkhorn")
+    p = argparse.ArgumentParser(prog="python -m harness.bench.sinkhorn")
     p.add_argument("--sizes", default="50000,200000,1281167", help="comma-separated N")
     p.add_argument("--clusters", type=int, default=3000, help="K")
     p.add_argument("--dtypes", default="float32,float64", help="chunk precisions")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     df = bench([int(s) for s in args.sizes.split(",")], args.clusters, args.dtypes.split(","), args.input_dtype,
                args.lam, args.tol, args.max_iter, device)
-    from harness.leaderboard import to_markdown
+    from harness.reporting.leaderboard import to_markdown
 
     table = to_markdown(df.set_index("N"))
     print(table)

@@ -21,7 +21,7 @@ import torch
 
 from harness.errors import EnvironmentFailure, UsageError
 from harness.registry import Registry
-from harness.store import write_atomic
+from harness.execution.store import write_atomic
 
 #: CIFAR-100 fine label (alphabetical index) -> superclass index, the standard table
 #: (Krizhevsky 2009; as used by SCAN, CC and CD for "CIFAR-100-20").

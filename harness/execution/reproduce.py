@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from harness.leaderboard import current_records, is_headline
-from harness.runner import Runner, plan
+from harness.reporting.leaderboard import current_records, is_headline
+from harness.execution.runner import Runner, plan
 
 #: A rerun within this many standard deviations (over the stored seeds) of its stored value is seed noise.
 SEED_NOISE_STDS = 2.0

@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m harness bench ...`): protocols, training throughput, Sinkhorn, GPU."""

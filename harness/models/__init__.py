@@ -1,0 +1,1 @@
+"""Encoders the harness gives to methods (small CNN, ResNets, ViT), registered by name."""

@@ -1,0 +1,1 @@
+"""Reporting: leaderboard tables, the statistics behind them and the HTML report."""
