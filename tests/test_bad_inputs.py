@@ -157,7 +157,7 @@ BAD_INPUTS = [
     ("infinite budget", lambda t: _run(t, "--budget", "epochs=inf"), 2, "must be a positive number (finite)"),
     ("empty budget", lambda t: _run(t, "--budget", ""), 2, "cannot parse budget ''"),
     ("empty method list", lambda t: _run(t, "--methods", ""), 2, "expected a comma-separated list"),
-    ("a method the suite does not run", lambda t: _run(t, "--methods", "simclr,nosuch"), 2,
+    ("a method the suite does not run", lambda t: _run(t, "--methods", "random,nosuch"), 2,
      "unknown method (in this suite) 'nosuch'"),
     ("reproduce a method the suite does not run", lambda t: ["reproduce", "quick", "--methods", "nosuch", *_dirs(t)[:4]],
      2, "unknown method (in this suite) 'nosuch' (valid: cc, cd"),
