@@ -160,7 +160,7 @@ BAD_INPUTS = [
     ("a method the suite does not run", lambda t: _run(t, "--methods", "random,nosuch"), 2,
      "unknown method (in this suite) 'nosuch'"),
     ("reproduce a method the suite does not run", lambda t: ["reproduce", "quick", "--methods", "nosuch", *_dirs(t)[:4]],
-     2, "unknown method (in this suite) 'nosuch' (valid: cc, cd"),
+     2, "unknown method (in this suite) 'nosuch' (valid: "),
     ("no workers", lambda t: _run(t, "--workers", "0"), 2, "--workers: expected a positive integer"),
     ("a seed twice", lambda t: _run(t, "--seeds", "0,0"), 2, "0 given more than once"),
     ("a dataset twice", lambda t: _run(t, "--datasets", "digits,digits"), 2, "digits given more than once"),
