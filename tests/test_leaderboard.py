@@ -224,3 +224,16 @@ def test_a_suites_deviations_are_listed_one_per_line_in_the_header():
     assert summary == "CIFAR-10, 1000 epochs"
     assert items == ["warm-up from 0", "bf16 autocast where CLD uses fp16 (apex O1)", "the final checkpoint"]
     assert split_deviations("digits, 3 seeds") == ("digits, 3 seeds", [])
+
+
+def test_budget_columns_follow_the_budget_amount_not_its_text():
+    """A budget grid of 2, 4, 8 and 16 epochs gives its columns in that order (as text "16" sorts first)."""
+    records = []
+    for epochs in (16, 2, 8, 4):
+        for label, base in (("a", 0.5), ("b", 0.3)):
+            r = record(label, 0, {"knn/top1": base + epochs / 100})
+            r["run_id"] += f"-{epochs}"
+            r["spec"]["budget"] = {"epochs": epochs}
+            records.append(r)
+    columns = [c for c in leaderboard_table(records).display.columns if c.startswith("digits")]
+    assert columns == [f'digits knn/top1 {{"epochs": {e}}}' for e in (2, 4, 8, 16)]

@@ -232,6 +232,13 @@ class Leaderboard:
     ranks_note: str
 
 
+def _column_order(table: pd.DataFrame):
+    """Sort key of leaderboard columns: dataset, metric, then the budget by its amounts (2 before 16 epochs)."""
+    key = {c.column: (c.dataset, c.metric, sorted(json.loads(c.budget).items()))
+           for c in table[["column", "dataset", "metric", "budget"]].drop_duplicates().itertuples()}
+    return lambda column: key[column]
+
+
 def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = StatsOptions()) -> Leaderboard:
     """The leaderboard of ``records``. Values are shown in percent."""
     frame = records_frame(records)
@@ -239,6 +246,7 @@ def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = Sta
         raise UsageError("no stored records to build a leaderboard from; run the suite first")
     table, tests = summarize(frame, options)
     means = table.pivot(index="row", columns="column", values="mean")
+    means = means[sorted(means.columns, key=_column_order(table))]
     failed = frame[frame["status"] != "ok"].groupby("row").agg(runs=("seed", "nunique"), reason=("reason", "first"))
     rows = means.index.append(failed.index.difference(means.index))  # rows whose every run failed come last
     cells = {(c.row, c.column): _cell(c.mean, c.ci_low, c.ci_high, c.mark) for c in table.itertuples()}
@@ -522,7 +530,7 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     cd_stem = out_dir / f"{suite}-cd"
     if board.ranks is not None:
-        write_cd_diagram(board.ranks, cd_stem, title or suite)
+        write_cd_diagram(board.ranks, cd_stem, f"suite {suite}: mean ranks")
         ranks_text = f"{board.ranks.summary()} Diagram: `{cd_stem.name}.png` (`.svg`)."
     else:
         ranks_text = board.ranks_note

@@ -666,7 +666,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
         stats = board.stats
         table = _leaderboard_html(board)
         if board.ranks is not None:
-            cd_png, _ = write_cd_diagram(board.ranks, fig_dir / "critical-difference", title)
+            cd_png, _ = write_cd_diagram(board.ranks, fig_dir / "critical-difference", f"suite {suite_name}: mean ranks")
             sections["ranks"] = [_figure_html(
                 f"{FIGURES}/{cd_png.name}", "critical-difference diagram: mean rank over the headline columns "
                 "(1 = best); rows joined by a thick line are not significantly different (Nemenyi)",
