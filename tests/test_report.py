@@ -294,16 +294,27 @@ def test_training_streams_to_tensorboard(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
 
 
-def test_budget_grid_gets_a_learning_curve_per_headline_metric(tmp_path):
+def test_budget_grid_gets_a_learning_curve_per_headline_metric(tmp_path, monkeypatch):
     """A suite with a budget grid: one learning-curve chart per dataset and headline metric (kNN top-1
-    here, not top-5), x at the budgets' amounts; budgets that mix units have no common axis."""
+    here, not top-5), x at the budgets' amounts; the untrained random encoder is dashed, the trained rows
+    solid; budgets that mix units have no common axis."""
+    from harness.reporting import report
     from harness.reporting.report import budget_axis
     from harness.execution.runner import Runner, plan
 
     suite = make_suite(["random", "simclr"], budget=[{"steps": 1}, {"steps": 3}], protocols={"knn": {"k": 10}},
                        name="grid")
     Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None).run(plan(suite))
+    save, styles = report._save, {}
+
+    def save_and_read_styles(fig, path):
+        if path.name.startswith("budget_"):
+            styles.update({line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()})
+        save(fig, path)
+
+    monkeypatch.setattr(report, "_save", save_and_read_styles)
     index = write_report("grid", tmp_path / "results", tmp_path / "out", tmp_path / "data", features=False)
+    assert styles == {"random (untrained)": "--", "simclr": "-"}, styles
     page = index.read_text()
     assert "<h2 id=\"budgets\">Learning curves</h2>" in page and "href='#budgets'" in page
     assert [f for f in _figures(index) if f.startswith("budget_")] == ["budget_digits_knn-top1.png"]

@@ -37,7 +37,8 @@ import numpy as np
 from harness.errors import UsageError
 from harness.execution.store import write_atomic
 from harness.reporting.leaderboard import (Leaderboard, StatsOptions, is_headline, is_score, leaderboard_table,
-                                 records_frame, sensitivity, significance_text, suite_records, write_cd_diagram)
+                                 records_frame, row_label, sensitivity, significance_text, suite_records,
+                                 write_cd_diagram)
 
 #: Samples in the 2-D embeddings (drawn once per dataset with :data:`SUBSAMPLE_SEED`, the same for every method).
 EMBED_SAMPLES = 500
@@ -194,10 +195,10 @@ def budget_axis(budgets: list[str]) -> tuple[list[float], str] | None:
     return [float(b[unit]) for b in parsed], unit
 
 
-def budget_chart(stats_rows, frame_rows, title: str, path: Path) -> bool:
+def budget_chart(stats_rows, frame_rows, title: str, path: Path, untrained: frozenset[str] = frozenset()) -> bool:
     """A learning curve over a budget grid: one line per row through its mean at each budget, seeds as
-    dots; untrained rows (random encoder, raw pixels) are flat lines to beat. False when the budgets mix
-    units (nothing drawn)."""
+    dots; ``untrained`` rows (random encoder, raw pixels) are dashed: flat lines to beat. False when the
+    budgets mix units (nothing drawn)."""
     budgets = sorted({s["budget"] for s in stats_rows})
     axis = budget_axis(budgets)
     if axis is None:
@@ -210,8 +211,8 @@ def budget_chart(stats_rows, frame_rows, title: str, path: Path) -> bool:
     colors = _class_colors(len(rows))
     for color, row in zip(colors, rows):
         mine = sorted((s for s in stats_rows if s["row"] == row), key=lambda s: where[s["budget"]])
-        ax.plot([where[s["budget"]] for s in mine], [100 * s["mean"] for s in mine], "-o", ms=4, color=color,
-                label=row)
+        ax.plot([where[s["budget"]] for s in mine], [100 * s["mean"] for s in mine], "--" if row in untrained else "-o",
+                ms=4, color=color, label=row + (" (untrained)" if row in untrained else ""))
         for s in mine:
             vals = [100 * v for v in frame_rows.get((row, s["budget"]), [])]
             ax.scatter([where[s["budget"]]] * len(vals), vals, s=9, color=color, alpha=0.5, linewidths=0)
@@ -687,6 +688,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
 
         # ---- learning curves over a budget grid: one chart per dataset and headline metric
         if multi_budget:
+            untrained = frozenset(row_label(r, rep) for r in records if r["status"] == "ok"
+                                  and not (r.get("train") or {}).get("used") for rep in r.get("metrics", {}))
             for (dataset, metric), part in stats.groupby(["dataset", "metric"]):
                 if not is_headline(metric):
                     continue
@@ -694,7 +697,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                 seeds = {key: list(g["value"]) for key, g in cell.groupby(["row", "budget"])}
                 name = names("budget", dataset, metric)
                 log(f"report: learning curve {dataset} {metric}")
-                if budget_chart(part.to_dict("records"), seeds, f"{dataset} {metric}", fig_dir / name):
+                if budget_chart(part.to_dict("records"), seeds, f"{dataset} {metric}", fig_dir / name, untrained):
                     sections["budgets"].append(_figure_html(f"{FIGURES}/{name}", f"{dataset} {metric} over the budget grid",
                                                             f"learning curve of {dataset} {metric}"))
 
