@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -327,9 +328,40 @@ def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cach
     return data
 
 
-@register_dataset("cifar10-jpeg", "CIFAR-10 as JPEG files (ImageFolder tree cifar10-jpeg/ or cifar10-jpeg.tar.gz)",
-                  needs_download=False)
+def write_jpeg_tree(data: ImageData, folder: Path) -> None:
+    """Encode ``data`` as an ImageFolder tree ``train/<class>/NNNN.jpg``, ``test/<class>/NNNN.jpg``,
+    numbered within each class in dataset order, with PIL's default JPEG settings (quality 75, 4:2:0).
+
+    Those are the settings of the CIFAR-10 archive behind the committed ``cifar10-cpu`` records (read
+    from its quantisation tables), with the same names. The tree appears whole or not at all: it is
+    written beside ``folder`` and renamed into place.
+    """
+    from PIL import Image
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    images = data.images.permute(0, 2, 3, 1).numpy()
+    for part, mask in (("train", data.is_train), ("test", ~data.is_train)):
+        for c, cls in enumerate(data.classes):
+            out = partial / part / cls
+            out.mkdir(parents=True)
+            for i, index in enumerate(np.flatnonzero(mask & (data.labels == c))):
+                Image.fromarray(images[index]).save(out / f"{i:04d}.jpg")
+    partial.rename(folder)
+
+
+@register_dataset("cifar10-jpeg", "CIFAR-10 as JPEG files (ImageFolder tree cifar10-jpeg/ or cifar10-jpeg.tar.gz; "
+                  "encoded once from torchvision's CIFAR-10 when neither is there)")
 def load_cifar10_jpeg(root: Path, download: bool) -> ImageData:
+    folder, archive = root / "cifar10-jpeg", root / "cifar10-jpeg.tar.gz"
+    if not folder.is_dir() and not archive.is_file():
+        try:
+            source = load_cifar10(root, download)
+        except UsageError as exc:
+            raise UsageError(f"dataset 'cifar10-jpeg' not found: looked for {folder} (an ImageFolder tree "
+                             f"train/<class>/, test/<class>/) and {archive}, and could not encode it from "
+                             f"torchvision's CIFAR-10 ({exc})") from None
+        write_jpeg_tree(source, folder)
     return _cached_folder("cifar10-jpeg", root, "cifar10-jpeg", None, root / "cache", CIFAR10_CLASSES)
 
 

@@ -1,0 +1,83 @@
+"""``cifar10-jpeg`` without the archive: encoded once from torchvision's CIFAR-10.
+
+torchvision's CIFAR-10 cannot be downloaded here, so ``load_cifar10`` is replaced by generated
+CIFAR-shaped data (smooth colour gradients, 3 train + 1 test image per class): what is tested is
+the encoding (names, order, labels, JPEG settings, atomic tree) and the messages, not CIFAR itself.
+"""
+import numpy as np
+import pytest
+import torch
+
+from harness.data import datasets
+from harness.data.datasets import CIFAR10_CLASSES, ImageData, load_dataset
+from harness.errors import UsageError
+
+#: The first row of the archive's luminance quantisation table: PIL's default quality 75.
+ARCHIVE_LUMA_ROW = [8, 6, 5, 8, 12, 20, 26, 31]
+
+
+def generated_cifar(root, download) -> ImageData:
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(10), 4)
+    is_train = np.arange(40) < 30
+    ramp = np.linspace(0, 1, 32)
+    images = []
+    for _ in labels:
+        colour = rng.uniform(40, 215, size=3)
+        slope = rng.uniform(-40, 40, size=3)
+        images.append(colour[:, None, None] + slope[:, None, None] * (ramp[None, :, None] + ramp[None, None, :]))
+    x = torch.as_tensor(np.clip(np.stack(images), 0, 255).astype(np.uint8))
+    return ImageData("cifar10", x, labels, None, is_train, CIFAR10_CLASSES, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_tree_is_encoded_from_torchvision_cifar10_when_missing(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(datasets, "load_cifar10", generated_cifar)
+    source = generated_cifar(None, False)
+    data = load_dataset("cifar10-jpeg", tmp_path)
+    tree = tmp_path / "cifar10-jpeg"
+    assert sorted(p.name for p in (tree / "train" / "cat").iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert sorted(p.name for p in (tree / "test" / "cat").iterdir()) == ["0000.jpg"]
+    assert not (tmp_path / "cifar10-jpeg.partial").exists()
+    with Image.open(tree / "train" / "cat" / "0000.jpg") as im:
+        assert list(im.quantization[0])[:8] == ARCHIVE_LUMA_ROW
+    # the folder loader reads train before test and classes in order: the source's order per class
+    order = np.concatenate([np.flatnonzero((source.labels == c) & part)
+                            for part in (source.is_train, ~source.is_train) for c in range(10)])
+    assert data.classes == CIFAR10_CLASSES
+    np.testing.assert_array_equal(data.labels, source.labels[order])
+    np.testing.assert_array_equal(data.is_train, source.is_train[order])
+    error = (data.images.float() - source.images[torch.as_tensor(order)].float()).abs().mean()
+    assert 0 < error < 3, f"JPEG round trip mean abs error {error:.2f} grey levels"
+
+
+def test_a_kill_while_encoding_leaves_no_tree(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(datasets, "load_cifar10", generated_cifar)
+    save, calls = Image.Image.save, []
+
+    def save_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset("cifar10-jpeg", tmp_path)
+    assert not (tmp_path / "cifar10-jpeg").exists()
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert len(load_dataset("cifar10-jpeg", tmp_path)) == 40  # the next run starts over
+
+
+def test_no_tree_no_archive_no_torchvision_copy_is_one_line(tmp_path, monkeypatch):
+    def offline(root, download):
+        raise UsageError("dataset 'cifar10' not found under x and could not be downloaded; run once with internet")
+
+    monkeypatch.setattr(datasets, "load_cifar10", offline)
+    with pytest.raises(UsageError) as exc:
+        load_dataset("cifar10-jpeg-10k", tmp_path)
+    message = str(exc.value)
+    assert "\n" not in message and "cifar10-jpeg.tar.gz" in message and "run once with internet" in message
