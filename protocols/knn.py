@@ -187,3 +187,22 @@ def knn_protocol(ctx: EvalContext, rep: str, *, k: int, temperature: float, back
         for gt in temperatures:
             out |= {f"grid/{grid_key(gk, gt)}/{name}": value for name, value in grid[gk, gt].items()}
     return out
+
+
+VAL_PROTOCOL = "val_knn"
+
+
+@register_protocol(VAL_PROTOCOL, defaults={"k": 200, "temperature": 0.1, "backend": "auto"},
+                   choices={"backend": KNN_BACKENDS})
+def val_knn_protocol(ctx: EvalContext, rep: str, *, k: int, temperature: float, backend: str) -> dict[str, float]:
+    """Weighted kNN scored on the **validation** split: train-split features vote for each val sample.
+
+    What ``harness tune`` maximises, and what a suite lists to choose settings without looking at the
+    test split. ``k`` is clamped to the training split's size.
+    """
+    x, y = ctx.features(rep), ctx.labels("fine")
+    train, val = ctx.split("train"), ctx.split("val")
+    if len(val) == 0:
+        raise ValueError("the validation split is empty (val_fraction 0): val_knn has nothing to score")
+    return knn_accuracy(x[train], y[train], x[val], y[val], k=min(k, len(train)), temperature=temperature,
+                        backend=backend, device=ctx.device)

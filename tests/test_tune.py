@@ -12,7 +12,8 @@ import torch
 from harness.engine.budget import Budget
 from harness.errors import UsageError
 from methods import Method, register_method
-from harness.execution.tune import _final_epoch, suggest, tune, val_knn_protocol
+from harness.execution.tune import _final_epoch, suggest, tune
+from protocols.knn import val_knn_protocol
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

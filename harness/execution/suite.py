@@ -173,6 +173,9 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     _expect(split in SPLITS, f"{where}: unknown train_split {split!r} (valid: {', '.join(SPLITS)})")
     vf = data.get("val_fraction", 0.1)
     _expect(isinstance(vf, (int, float)) and 0 <= vf < 1, f"{where}: val_fraction must be in [0, 1), got {vf!r}")
+    _expect(vf > 0 or "val_knn" not in resolved,
+            f"{where}: protocol val_knn scores the validation split, which val_fraction 0 leaves empty "
+            f"(valid: val_fraction in (0, 1))")
     image_size = data.get("image_size")
     _expect(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0),
             f"{where}: image_size must be a positive integer (pixels per side) or absent for the dataset's own "

@@ -4,7 +4,7 @@ The search space is the adapter's ``search_space``. Each trial is a one-run suit
 code and trained by the :class:`harness.execution.runner.Runner` (locks, checkpoints, an atomic record
 under ``results/tune-<study>/``), then scored by weighted kNN top-1 on the **validation**
 split: the training split votes for the held-out validation samples (protocol ``val_knn``,
-registered here). The test split is never evaluated while tuning.
+``protocols/knn.py``). The test split is never evaluated while tuning.
 
 Median pruning: the adapter's ``on_epoch_end`` is wrapped so that after every
 ``report_every`` epochs the current backbone's validation kNN is reported to the trial and a
@@ -34,26 +34,11 @@ from harness.engine.budget import Budget
 from harness.errors import EnvironmentFailure, UsageError
 from harness.execution.store import write_json_atomic
 from methods import METHODS, resolve_config
-from protocols import PROTOCOLS, register_protocol
-from protocols.knn import knn_accuracy
+from protocols import PROTOCOLS
+from protocols.knn import VAL_PROTOCOL, val_knn_protocol
 
-VAL_PROTOCOL = "val_knn"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 PRIMITIVES = (type(None), bool, int, float, str)
-
-
-def val_knn_protocol(ctx, rep: str, *, k: int, temperature: float, backend: str) -> dict[str, float]:
-    """Weighted kNN (NPID) on the validation split: train-split features vote for val samples (tuning)."""
-    x, y = ctx.features(rep), ctx.labels("fine")
-    train, val = ctx.split("train"), ctx.split("val")
-    if len(val) == 0:
-        raise UsageError("the validation split is empty (val_fraction 0): nothing to tune on")
-    return knn_accuracy(x[train], y[train], x[val], y[val], k=min(k, len(train)), temperature=temperature,
-                        backend=backend, device=ctx.device)
-
-
-if VAL_PROTOCOL not in PROTOCOLS:
-    register_protocol(VAL_PROTOCOL, defaults={"k": 200, "temperature": 0.1, "backend": "auto"})(val_knn_protocol)
 
 
 # ---------------------------------------------------------------- search space
