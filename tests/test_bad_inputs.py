@@ -151,6 +151,8 @@ BAD_INPUTS = [
      2, "knn k=5000 is larger than the train_full split of digits"),
     ("clustering k larger than its split", lambda t: _run(t, protocols={"clustering": {"k": [10, 400], "split": "test"}}),
      2, "clustering k=400 is larger than the test split"),
+    ("val_knn with no validation split", lambda t: _run(t, protocols={"val_knn": {}}, val_fraction=0), 2,
+     "protocol val_knn scores the validation split, which val_fraction 0 leaves empty"),
     ("clustering on an unknown split", lambda t: _run(t, protocols={"clustering": {"split": "validation"}}),
      2, "unknown split 'validation' (valid: all, test, train, train_full, val)"),
     # budgets and command-line lists
