@@ -117,6 +117,9 @@ def test_friedman_and_the_critical_difference_diagram(tmp_path):
     assert first == {ext: (tmp_path / f"syn-cd.{ext}").read_bytes() for ext in ("png", "svg")}
     md = (tmp_path / "syn.md").read_text()
     assert "paired t" in md and "alpha = 0.05" in md and "chi2 = 4.00" in md and "syn-cd.png" in md
+    one_row = [r for r in synthetic_records() if r["spec"]["label"] == "best"]
+    write_leaderboard(one_row, "syn", tmp_path)  # no Friedman test: the old diagram goes, the table says why
+    assert not list(tmp_path.glob("syn-cd.*")) and "No Friedman test" in (tmp_path / "syn.md").read_text()
     csv = pd.read_csv(tmp_path / "syn.csv")
     assert {"mean", "std", "n", "ci_low", "ci_high"} <= set(csv.columns)
 

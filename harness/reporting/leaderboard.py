@@ -532,8 +532,10 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
     if board.ranks is not None:
         write_cd_diagram(board.ranks, cd_stem, f"suite {suite}: mean ranks")
         ranks_text = f"{board.ranks.summary()} Diagram: `{cd_stem.name}.png` (`.svg`)."
-    else:
+    else:  # a diagram left from earlier records would contradict this table's note
         ranks_text = board.ranks_note
+        for ext in ("png", "svg"):
+            cd_stem.with_suffix(f".{ext}").unlink(missing_ok=True)
     summary, deviations = split_deviations(title or suite)
     header = [f"# Leaderboard: {summary}", "",
               *([f"Deviations from the official code ({len(deviations)}; docs/fidelity.md gives the reasons):",
