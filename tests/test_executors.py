@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
-import submitit
 
 from conftest import KNN_SAME_WEIGHTS_TOLERANCE, assert_trained_alike, initial_weights, make_suite, trained_weights
 from harness.errors import UsageError
@@ -18,6 +18,8 @@ from harness.execution.runner import plan
 
 FAST = {"knn": {"k": 10}}
 LOCAL = {"cluster": "local", "timeout_min": 10}
+needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
+                                    reason="--executor submitit needs submitit (a dependency of ssl-harness)")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,6 +60,7 @@ class PreemptedSimCLR(METHODS.get("simclr")):
 '''
 
 
+@needs_submitit
 def test_pool_and_submitit_match_in_process_with_preemption_and_rerun_submits_only_missing(tmp_path, monkeypatch):
     (tmp_path / "preempt_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -101,8 +104,11 @@ def test_pool_and_submitit_match_in_process_with_preemption_and_rerun_submits_on
     assert len([p for p in folder.iterdir() if p.name.isdigit()]) == 1  # nothing submitted
 
 
+@needs_submitit
 def test_submitit_callable_is_checkpointable_and_requeues_itself():
     (job,) = plan(make_suite(["random"], protocols=FAST))
+    import submitit
+
     fn = SubmititJob(job, {"results_dir": "r", "data_dir": "d"}, force=True)
     assert isinstance(fn, submitit.helpers.Checkpointable)
     delayed = fn.checkpoint()
@@ -110,6 +116,7 @@ def test_submitit_callable_is_checkpointable_and_requeues_itself():
     assert fn.requeues == 1  # a requeued attempt resumes instead of forcing a retrain
 
 
+@needs_submitit
 def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path, monkeypatch):
     fake = tmp_path / "bin" / "srun"  # submitit only checks that Slurm's commands exist; nothing is submitted
     fake.parent.mkdir()
@@ -128,6 +135,9 @@ def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path,
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --time=720" in script and "module load cuda" in script
     with pytest.raises(UsageError, match="unknown slurm option 'gpus'"):
         slurm_options(gpus=2)
+    with pytest.raises(UsageError, match="unknown slurm option"):
+        run_jobs(plan(make_suite(["random"], protocols=FAST)), {"results_dir": tmp_path / "r", "data_dir": tmp_path / "d"},
+                 "submitit", slurm={"partitoin": "gpu"})
     assert {"partition", "gpus_per_job", "timeout_min", "array_parallelism"} <= set(SLURM_KEYS)
 
 
@@ -145,10 +155,9 @@ def test_gpu_assignment_pending_and_bad_arguments(tmp_path):
         run_jobs(jobs, kw, "ray")
     with pytest.raises(UsageError, match="workers"):
         run_jobs(jobs, kw, "local", workers=0)
-    with pytest.raises(UsageError, match="unknown slurm option"):
-        run_jobs(jobs, kw, "submitit", slurm={"partitoin": "gpu"})
 
 
+@needs_submitit
 def test_multi_gpu_slurm_jobs_get_one_task_per_gpu(tmp_path, monkeypatch):
     fake = tmp_path / "bin" / "srun"
     fake.parent.mkdir()
@@ -160,6 +169,7 @@ def test_multi_gpu_slurm_jobs_get_one_task_per_gpu(tmp_path, monkeypatch):
     assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --ntasks-per-node=4" in script
 
 
+@needs_submitit
 def test_submitit_job_with_two_ranks_trains_data_parallel(tmp_path):
     """submitit's local backend starts the job as two tasks; they train it as two gloo ranks, to the
     weights one process trains (up to float reduction order, relative to how far training moved each

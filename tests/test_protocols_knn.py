@@ -6,7 +6,7 @@ import pytest
 
 import protocols  # noqa: F401  (registers the wrappers)
 from protocol_context import BlobContext
-from protocols.knn import knn_accuracy, knn_grid_accuracy, knn_protocol, weighted_knn_predict
+from protocols.knn import knn_accuracy, knn_grid_accuracy, knn_protocol, val_knn_protocol, weighted_knn_predict
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss not installed")
 BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
@@ -149,8 +149,43 @@ def test_knn_wrapper_votes_with_train_and_val_for_test_samples_only():
     assert knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="torch") == by_hand
 
 
+class NoTestSplitContext:
+    """An EvalContext of random features and labels whose test split must not be read (model selection)."""
 
-def test_knn_grid_equals_the_numpy_rule_at_every_point():
+    device = "cpu"
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal((60, 3)).astype(np.float32)
+        self.y = rng.integers(0, 3, 60)
+
+    def features(self, rep):
+        return self.x
+
+    def labels(self, level="fine"):
+        return self.y
+
+    def split(self, name):
+        if name == "test":
+            raise AssertionError("val_knn read the test split")
+        return {"train": np.arange(0, 60, 2), "val": np.arange(1, 60, 4), "all": np.arange(60)}[name]
+
+
+def test_val_knn_scores_val_against_train_never_test():
+    """Train votes for val (and the test split is never asked for). On random features and
+    labels, 1-NN from train scores val 0.533; val voting for itself, or a bank of every sample,
+    scores 1.0 (each finds itself). Breakage tried (a patched copy of the protocol): bank val,
+    bank all; both fail (the old check, 1.0 on separable blobs, passed both)."""
+    ctx = NoTestSplitContext()
+    x, y = ctx.x, ctx.y
+    train, val = ctx.split("train"), ctx.split("val")
+    right = nearest_neighbour_top1(x[train], y[train], x[val], y[val])
+    assert right not in [nearest_neighbour_top1(x[bank], y[bank], x[val], y[val]) for bank in (val, ctx.split("all"))]
+    assert val_knn_protocol(ctx, "backbone", k=1, temperature=0.1, backend="torch")["top1"] == right
+
+
+
+def test_knn_grid_equals_the_numpy_rule_at_every_point_the_numpy_rule_at_every_point():
     """One search at the largest k scores each (k, T) as NPID's rule written out in NumPy does at that point.
     Breakage tried: slicing the last k of the largest-k neighbours, or one temperature for the whole grid."""
     train_x, train_y, test_x = random_problem()

@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,7 @@ def test_registry_lists_every_protocol_with_inputs_and_description():
     assert all(spec.description for spec in specs.values())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="bench protocols times FAISS")
 def test_protocol_benchmarks_quick_has_every_row():
     from harness.bench.protocols import protocol_benchmarks
 
