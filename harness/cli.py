@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train and evaluate a suite's grid, then print its leaderboard")
     run.add_argument("suite", nargs="?", default=None, help="shipped suite name or path to a YAML file (default: quick)")
-    run.add_argument("--methods", type=_csv, help="comma-separated subset of the suite's methods")
+    run.add_argument("--methods", type=_csv, help="comma-separated subset of the suite's method rows, by label "
+                     "(or by method name: every row of that method whose name is no row's label)")
     run.add_argument("--datasets", type=_csv, help="comma-separated datasets (replaces the suite's)")
     run.add_argument("--seeds", type=_seeds, help="comma-separated seeds (replaces the suite's)")
     run.add_argument("--budget", help="override the budget, e.g. epochs=20, steps=500, samples=1e5, seconds=60")
@@ -426,15 +427,17 @@ def cmd_bench(args) -> int:
 
 
 def select_methods(suite, names: list[str]) -> list:
-    """The suite's method rows named (by label or method name) in ``--methods``; an unknown name is a
-    usage error listing the suite's rows."""
+    """The suite's method rows named in ``--methods``: a name that is a row's label selects that row alone
+    (``npid_cld`` in cifar10-instance, not also the row ``npid``, which runs method npid_cld with
+    cld_weight 0); any other name selects every row of that method. An unknown name is a usage error
+    listing the suite's rows."""
     from harness.errors import choices_error
 
-    rows = {e.label for e in suite.methods} | {e.name for e in suite.methods}
+    labels = {e.label for e in suite.methods}
     for name in names:
-        if name not in rows:
-            raise choices_error("method (in this suite)", name, {e.label for e in suite.methods})
-    return [e for e in suite.methods if e.label in names or e.name in names]
+        if name not in labels | {e.name for e in suite.methods}:
+            raise choices_error("method (in this suite)", name, labels)
+    return [e for e in suite.methods if e.label in names or (e.name in names and e.name not in labels)]
 
 
 def cmd_reproduce(args) -> int:

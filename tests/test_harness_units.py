@@ -178,3 +178,22 @@ def test_train_benchmark_table(tmp_path):
     # the per-image DataLoader path (one worker process), against the same floor
     assert row["loader images/s"] > 0
     assert row["loader ratio"] == pytest.approx(row["loader images/s"] / row["floor images/s"], rel=1e-2)
+
+
+def test_methods_selects_a_label_alone_and_a_method_name_by_every_row():
+    """``--methods npid_cld`` on cifar10-instance is the npid_cld row, not also the row ``npid``, which runs
+    method npid_cld with cld_weight 0 (the old rule, label or method name, ran both: the GPU runbook would
+    have spent its minutes on the baseline, the suite's first row). A name that is no row's label selects
+    every row of that method."""
+    from harness.cli import select_methods
+    from harness.execution.suite import load_suite
+
+    suite = load_suite("cifar10-instance")
+    pick = lambda *names: [(e.label, e.name) for e in select_methods(suite, list(names))]  # noqa: E731
+    assert pick("npid_cld") == [("npid_cld", "npid_cld")]
+    assert pick("npid") == [("npid", "npid_cld")]
+    assert pick("npid (lemniscate)", "moco_cld") == [("moco_cld", "moco_cld"), ("npid (lemniscate)", "npid")]  # suite order
+    rule = load_suite("cifar10-cpu-rule")  # rows cpu-sela and paper-sela, both method sela
+    assert [e.label for e in select_methods(rule, ["sela", "random"])] == ["cpu-sela", "paper-sela", "random"]
+    with pytest.raises(UsageError, match="'nipd'"):
+        select_methods(suite, ["nipd"])

@@ -197,6 +197,12 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     if batch_size % world:
         raise UsageError(f"batch_size {batch_size} does not split over {world} ranks; use a multiple of {world}")
     rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    cuda = device.startswith("cuda")
+    # on the device before the optimizer exists: a resumed optimizer's state (momentum, Adam moments) is
+    # moved to its parameters' device by load_state_dict, and BatchNorm is synchronised for that device
+    method.to(device).train()
+    if cuda:
+        method.to(memory_format=torch.channels_last)
     if world > 1:
         distributed.sync_batchnorm(method)
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg)
@@ -205,7 +211,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     logs: dict[str, float] = {}  # the adapter's scalars of the last step: its epoch's history entry, kept too
     resumed = checkpoint is not None and checkpoint.is_file()
     if resumed:
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        # on the CPU: the data-order generator's state must be a CPU tensor; weights and optimizer state are
+        # copied to their parameters' device as they load
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         method.load_state_dict(state["model"])
         per_rank = state.get("optimizer_per_rank")
         if per_rank is not None and len(per_rank) != world:
@@ -221,10 +229,6 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         if state.get("done"):
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
                                memory_kind=state.get("memory_kind", ""))
-    cuda = device.startswith("cuda")
-    method.to(device).train()
-    if cuda:
-        method.to(memory_format=torch.channels_last)
     if compile_backbone:
         method.backbone.compile()
     autocast_bf16 = resolve_precision(precision, device) == "bf16"
