@@ -72,7 +72,7 @@ def test_list_and_bench_gpu_smoke_run_without_the_optional_packages(tmp_path):
     assert written.is_file() and ROOT not in written.parents
     assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
     rows = table_rows(written.read_text())
-    assert set(rows) == {"simclr", "sela", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks",
+    assert set(rows) == {"simclr", "simclr (deterministic: false)", "sela", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks",
                          "kmeans torch"}
     for name, cells in rows.items():
         rate = float(cells[2])
@@ -112,6 +112,28 @@ def test_asking_for_a_missing_optional_package_is_a_one_line_usage_error(args, p
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and package in lines[0] and "pip install" in lines[0], out.stderr
+
+
+def test_training_rows_time_the_deterministic_mode_a_suite_trains_with(monkeypatch):
+    """Every method row trains as ``harness run`` trains a suite by default (deterministic algorithms);
+    SimCLR's extra rows are --compile (also deterministic) and deterministic: false. Catches: the
+    benchmark timing the faster mode that no default run uses (as it did) and calling it the run's speed."""
+    import harness.bench.gpu as gpu
+
+    calls = []
+
+    def fake_rate(name, data, backbone, scale, device, steps, data_dir, compile_backbone, deterministic):
+        calls.append((name, compile_backbone, deterministic))
+        return 100.0, 8, 2, 1.0
+
+    monkeypatch.setattr(gpu, "method_images_per_second", fake_rate)
+    monkeypatch.setattr(gpu, "floor_images_per_second", lambda *a: 200.0)
+    monkeypatch.setattr(gpu, "augment_seconds_per_step", lambda *a: 0.01)
+    data = gpu.synthetic_cifar(16, 8)
+    rows = [r["benchmark"] for name in ("simclr", "npid_cld") for r in gpu.method_rows(data, name, gpu.PAPER, "cpu")]
+    assert rows == ["simclr", "simclr --compile", "simclr (deterministic: false)", "npid_cld"]
+    assert calls == [("simclr", False, True), ("simclr", True, True), ("simclr", False, False),
+                     ("npid_cld", False, True)]
 
 
 def test_time_split_shares_a_step_largest_first():

@@ -4,7 +4,8 @@ Rows, on one GPU (CUDA when there is one):
 
 * every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
   stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
-  ``harness run`` trains on CUDA (SimCLR also with ``--compile``): images/s of the full training
+  ``harness run`` trains on CUDA, with torch's deterministic algorithms as suites do by default (SimCLR
+  also with ``--compile`` and with ``deterministic: false``): images/s of the full training
   step (:func:`harness.bench.train.method_images_per_second`) against the bare backbone's bf16
   forward+backward at the same batch and views (:func:`harness.bench.train.floor_images_per_second`),
   their ratio, peak memory, and where a step's time goes: backbone (the floor), on-device
@@ -56,7 +57,7 @@ PAPER = dict(images=50_000, side=32, backbone="resnet18_cifar", scale="paper", s
 SMOKE = dict(images=64, side=8, backbone="small_cnn", scale="cpu", steps=1, augment_steps=1,
              compile=False, knn=(2_000, 500, 64, 20), sinkhorn=(5_000, 50), sinkhorn_iters=3, kmeans=(2_000, 16, 20))
 KMEANS_ITERS = 25
-COMPILED = ("simclr",)  # methods also timed with --compile
+COMPILED = ("simclr",)  # methods also timed with --compile, and without the deterministic mode
 COLUMNS = ("benchmark", "size", "rate", "unit", "floor", "ratio", "peak MB", "time split")
 
 
@@ -105,17 +106,23 @@ def _split(step_ms: float, parts: dict[str, float]) -> str:
 
 
 def method_rows(data: ImageData, name: str, size: dict, device: str) -> list[dict]:
-    """The method's row at ``size``'s scale and backbone (and its --compile row for :data:`COMPILED`)."""
+    """The method's row at ``size``'s scale and backbone, trained as ``harness run`` trains a suite by default
+    (``deterministic: true``); for :data:`COMPILED` also with ``--compile`` and with ``deterministic: false``."""
     cfg = resolve_config(METHODS.get(name), size["scale"])
     augment_ms = augment_seconds_per_step(data, cfg, device, size["augment_steps"]) * 1e3
+    variants = [("", False, True)]  # (label suffix, compile_backbone, deterministic)
+    if name in COMPILED:
+        variants += [(" --compile", True, True)] if size["compile"] else []
+        variants += [(" (deterministic: false)", False, False)]
     rows, floor = [], None
-    for compiled in (False, True) if name in COMPILED and size["compile"] else (False,):
+    for suffix, compiled, deterministic in variants:
         ips, batch, views, peak = method_images_per_second(name, data, size["backbone"], size["scale"], device,
-                                                           size["steps"], Path("."), compile_backbone=compiled)
+                                                           size["steps"], Path("."), compile_backbone=compiled,
+                                                           deterministic=deterministic)
         if floor is None:
             floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
         step_ms = batch / ips * 1e3
-        rows.append({"benchmark": name + (" --compile" if compiled else ""),
+        rows.append({"benchmark": name + suffix,
                      "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
                      "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
                      "time split": _split(step_ms, {"backbone": batch / floor * 1e3, "augment": augment_ms})})
@@ -220,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {_machine(device)}. Finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} after "
         f"{time.perf_counter() - started:.0f} s. Training rows: {size['scale']}-scale configs, {size['backbone']}, "
         f"{size['images']:,} random uint8 images of {size['side']} px, {precision}, {size['steps']} timed steps "
-        "after a 2-step warm-up run (which also pays for --compile).\n\n"
+        "after a 2-step warm-up run (which also pays for --compile), with torch's deterministic algorithms as "
+        "`harness run` trains a suite by default (`deterministic: true`; the row '(deterministic: false)' shows "
+        "what that mode costs).\n\n"
         "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
         "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "
-        "the same batch and views (training rows), or the seconds of the bare matmuls the protocol cannot "
+        "the same batch and views, fastest algorithms allowed (training rows), or the seconds of the bare matmuls the protocol cannot "
         "avoid. ratio: the share of the floor's speed reached (rate / floor for images/s, floor / rate for "
         "seconds; 1.0 = no overhead; goal >= 0.9). peak MB: CUDA max allocated (process peak RSS on CPU). "
         "time split: a training step's time as backbone (the floor), augmentation of its views (timed alone) "

@@ -40,7 +40,9 @@ def _sync(device: str) -> None:
 
 def floor_images_per_second(backbone_name: str, shape: tuple[int, int, int], batch: int, views: int,
                             device: str, steps: int) -> float:
-    """Source images per second of bare backbone forward+backward on ``views`` random views per image."""
+    """Source images per second of bare backbone forward+backward on ``views`` random views per image, torch's
+    fastest algorithms allowed (no deterministic mode; cuDNN autotuning on)."""
+    seed_everything(0, deterministic=False)
     net = create_backbone(backbone_name, shape[0]).to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     x = torch.randn(batch * views, *shape, device=device)
@@ -73,16 +75,17 @@ def _setup(name: str, dataset: str | ImageData, scale: str, device: str, data_di
 
 
 def method_images_per_second(name: str, dataset: str | ImageData, backbone_name: str, scale: str, device: str,
-                             steps: int, data_dir: Path,
-                             compile_backbone: bool = False) -> tuple[float, int, int, float]:
+                             steps: int, data_dir: Path, compile_backbone: bool = False,
+                             deterministic: bool = False) -> tuple[float, int, int, float]:
     """(images/s of the full training step, batch size, views, peak MB) for ``name`` on ``dataset`` (a name,
     or data already loaded). The warm-up run also pays for ``compile_backbone``'s compilation: the timed
-    run's fresh backbone reuses the compiled code (same module class, parameters are graph inputs)."""
+    run's fresh backbone reuses the compiled code (same module class, parameters are graph inputs).
+    ``deterministic``: torch's deterministic algorithms, as a suite's ``deterministic: true`` trains."""
     data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
     augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
     results = []
     for budget in (Budget("steps", 2), Budget("steps", steps)):  # the first run is warm-up
-        generator = seed_everything(0, deterministic=False)
+        generator = seed_everything(0, deterministic=deterministic)
         method = create_method(name, create_backbone(backbone_name, data.image_shape[0]), cfg, info)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
