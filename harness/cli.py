@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; stored records are kept, run again to finish", file=sys.stderr)
+        print("interrupted; stored records and the checkpoint of the run in training are kept, run again to finish",
+              file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,9 @@
 runs are stored, reported and retried on request, and every finished run prints one line without a terminal."""
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +135,39 @@ def test_a_killed_moco_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
     assert straight.keys() == again.keys()
     for key in straight:
         assert torch.equal(straight[key], again[key]), key
+
+
+def test_ctrl_c_checkpoints_the_step_it_interrupts_and_the_rerun_loses_nothing(tmp_path):
+    """SIGINT in step 5 (periodic checkpoints off): training finishes that step, saves it and stops with
+    KeyboardInterrupt (the CLI exits 130); the rerun resumes at step 6 and ends with the uninterrupted run's
+    weights. A second SIGINT stops at once. Catches: an interrupt that loses the steps since the last periodic
+    checkpoint (before, a run stopped within its first minute kept nothing), a checkpoint taken mid-step."""
+    (job,) = plan(make_suite([{"name": "_killable_simclr", "config": CONFIG}], budget="steps=8", protocols=FAST))
+    KillableSimCLR.kill_at, KillableSimCLR.interrupt_at, KillableSimCLR.calls = None, None, 0
+    _runner(tmp_path / "a", tmp_path).run([job])
+    interrupted = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=1e9)
+    KillableSimCLR.interrupt_at, KillableSimCLR.calls = 5, 0
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run([job])
+    checkpoint = tmp_path / "b" / "test" / ".ckpt" / f"{job.run_id}.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["usage"]["steps"] == 5 and not state["done"]
+    assert not (tmp_path / "b" / "test" / f"{job.run_id}.json").exists()
+    KillableSimCLR.interrupt_at, KillableSimCLR.calls = None, 0
+    (record,) = interrupted.run([job])
+    assert KillableSimCLR.calls == 3 and record["train"]["used"]["steps"] == 8
+    straight, again = (torch.load(root / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)["model"]
+                       for root in (tmp_path / "a", tmp_path / "b"))
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+
+
+def test_a_second_ctrl_c_stops_training_at_once():
+    from harness.engine.train import _checkpoint_on_interrupt
+
+    with _checkpoint_on_interrupt(True) as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -2,15 +2,19 @@
 
 It enforces the budget (the adapter never counts), builds the optimiser and lr schedule from
 the adapter's config, augments whole batches on the device, uses bf16 autocast on GPU,
-checkpoints periodically so a killed run resumes where it stopped, and stops a run whose
-loss turns non-finite as ``failed`` with the reason. Under ``torch.distributed`` (see
+checkpoints periodically so a killed run resumes where it stopped (and, on Ctrl-C or SIGINT, at the end
+of the current step before it stops), and stops a run whose loss turns non-finite as ``failed`` with the reason. Under ``torch.distributed`` (see
 ``harness.engine.distributed``) it trains data-parallel at the same global batch: every rank takes
 its share of each batch, BatchNorm is global and DDP averages the gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -168,6 +172,36 @@ def _set_global_rng(state: dict[str, torch.Tensor] | None, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
 
 
+class _InterruptRequest:
+    """Set by the first SIGINT (Ctrl-C, ``timeout --signal=INT``) while a run trains: the loop finishes its
+    step, checkpoints and raises KeyboardInterrupt, so the next call resumes with nothing lost (a periodic
+    checkpoint is up to a minute old). A second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: checkpointing after this step (again to stop at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _checkpoint_on_interrupt(enabled: bool) -> Iterator[_InterruptRequest]:
+    """Install :class:`_InterruptRequest` as the SIGINT handler for the block, when ``enabled`` and in the main
+    thread (only there can Python handle signals); the previous handler comes back afterwards."""
+    request = _InterruptRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _rank0_clock(elapsed: float, device: str) -> float:
     """Rank 0's elapsed seconds on every rank, so that all ranks agree when a seconds budget is spent."""
     if distributed.get_world_size() == 1:
@@ -262,7 +296,8 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         return torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
 
     augmenter.start(epoch, step_in_epoch)
-    try:
+    # one process only: ranks that stopped at different steps would wait on each other's collectives
+    with _checkpoint_on_interrupt(checkpoint is not None and world == 1) as interrupted, contextlib.closing(augmenter):
         bar = tqdm(total=float(budget.limit), desc=desc or "train", unit=budget.unit[:-1],
                    disable=True if quiet or rank > 0 else None,
                    leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
@@ -308,6 +343,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                                                      **{f"train/{k}": v for k, v in logs.items()}})
                 if usage.exhausted(budget):
                     break
+                if interrupted.requested:
+                    save()
+                    raise KeyboardInterrupt
                 if checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds:  # same on every rank
                     save()
                     last_save = usage.seconds
@@ -323,6 +361,6 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         result = TrainResult(status, usage, reason, history, peak(), memory_kind)
         if status == "ok":
             save(done=True)
+        if interrupted.requested:  # asked on the budget's last step: trained and saved, but stop as asked
+            raise KeyboardInterrupt
         return result
-    finally:
-        augmenter.close()
