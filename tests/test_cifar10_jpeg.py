@@ -81,3 +81,51 @@ def test_no_tree_no_archive_no_torchvision_copy_is_one_line(tmp_path, monkeypatc
         load_dataset("cifar10-jpeg-10k", tmp_path)
     message = str(exc.value)
     assert "\n" not in message and "cifar10-jpeg.tar.gz" in message and "run once with internet" in message
+
+
+def _archive_of_a_tree(tmp_path) -> "Path":
+    """cifar10-jpeg.tar.gz (members under cifar10-jpeg/, as the shared archive) of the generated tree."""
+    import tarfile
+
+    source = tmp_path / "source"
+    datasets.write_jpeg_tree(generated_cifar(None, False), source / "cifar10-jpeg")
+    archive = tmp_path / "data" / "cifar10-jpeg.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "cifar10-jpeg", arcname="cifar10-jpeg")
+    return archive
+
+
+def test_the_archive_is_extracted_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A kill in the middle of extracting leaves no cifar10-jpeg/ (a partial tree would be taken for the data:
+    fewer images, or a missing class, on every later run), and the next run extracts it all; a cut-short
+    archive is one line naming it."""
+    import tarfile
+
+    archive = _archive_of_a_tree(tmp_path)
+    root = archive.parent
+    extract, calls = tarfile.TarFile.makefile, []  # writes each regular file
+
+    def extract_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return extract(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "makefile", extract_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset("cifar10-jpeg", root)
+    assert sorted(p.name for p in root.iterdir()) == ["cifar10-jpeg.tar.gz"]
+    monkeypatch.setattr(tarfile.TarFile, "makefile", extract)
+    data = load_dataset("cifar10-jpeg", root)
+    assert len(data) == 40 and data.classes == CIFAR10_CLASSES
+    assert sorted(p.name for p in root.iterdir()) == ["cache", "cifar10-jpeg", "cifar10-jpeg.tar.gz"]
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "cifar10-jpeg.tar.gz").write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UsageError) as info:
+        load_dataset("cifar10-jpeg", cut)
+    message = str(info.value)
+    assert "\n" not in message and "cifar10-jpeg.tar.gz" in message and "complete copy" in message
+    assert sorted(p.name for p in cut.iterdir()) == ["cifar10-jpeg.tar.gz"]

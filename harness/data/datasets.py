@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -296,6 +297,28 @@ def tree_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+def extract_whole(archive: Path, folder: Path) -> None:
+    """Extract the ``.tar.gz`` ``archive`` (its members under ``folder.name/`` or at its top) into ``folder``,
+    which appears whole or not at all: the files go to a hidden folder beside it that is renamed into place,
+    so a kill or a full disk mid-way never leaves a partial tree that later runs would take for the data."""
+    import tarfile
+
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            nested = {m.name.split("/")[0] for m in tar.getmembers()} == {folder.name}
+            tar.extractall(partial, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UsageError(f"cannot extract {archive} ({exc}); replace it with a complete copy") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    (partial / folder.name if nested else partial).rename(folder)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
 def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cache_dir: Path,
                    classes=None) -> ImageData:
     """Decode an image tree once and cache it as a .pt tensor file (JPEG decoding is slow).
@@ -307,10 +330,7 @@ def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cach
     folder = root / sub
     archive = root / f"{sub}.tar.gz"
     if not folder.is_dir() and archive.is_file():
-        import tarfile
-        with tarfile.open(archive) as tar:
-            top = {m.name.split("/")[0] for m in tar.getmembers()}
-            tar.extractall(root if top == {sub} else folder, filter="data")
+        extract_whole(archive, folder)
     if not (folder / "train").is_dir():
         raise UsageError(f"dataset {name!r} not found: looked for {folder} (an ImageFolder tree "
                          f"train/<class>/, test/<class>/) and {archive}; pass --data-dir")
