@@ -5,11 +5,18 @@
 #   scripts/gpu_runbook.sh [--seconds S] [--train-only] [--smoke]
 #
 # --seconds S    wall-clock budget of the whole script (default 560: a run call's 600 s limit less a margin);
-#                training gets what the checks leave, less 30 s to copy results, and is interrupted then
-#                (the harness checkpoints every minute; the next call resumes from the last one)
+#                the CUDA tests get at most 210 s and the benchmark what is left less 90 s (each is stopped
+#                there; the benchmark's table keeps every finished row); training gets the rest less 30 s to
+#                copy results, and is then interrupted with SIGINT: the harness finishes its step, checkpoints
+#                it and stops, and the next call resumes from there
 # --train-only   skip the CUDA tests and the benchmark (a second call: all the time goes to training)
 # --smoke        the same steps at CPU scale (tests of the script): bench gpu --smoke on two methods,
 #                the quick suite's npid_cld on digits for 2 steps, results in a temporary folder
+#
+# The data: data-carry/cifar10-jpeg.tar.gz (carried in) is copied once into data/, an ignored folder that is
+# never carried, so the extracted tree, its decoded cache and split manifests stay on a warm machine for the
+# next call (a carried folder is replaced by each call's copy). data-carry/COMMIT, when there, names the
+# commit the records cite (the machine gets the files, not .git).
 #
 # Everything worth keeping is written flat into $OUT (the device tool returns at most 8 files of 16 MiB):
 # env.txt, cuda-tests.log, bench-gpu.md, bench-gpu.log, train.log, the run's record once it is finished,
@@ -33,6 +40,9 @@ OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
+if ! git rev-parse HEAD >/dev/null 2>&1 && [ -f data-carry/COMMIT ]; then
+  export SSL_HARNESS_COMMIT="$(tr -d '[:space:]' < data-carry/COMMIT)"
+fi
 
 if [ "$smoke" = 1 ]; then
   bench_args=(--smoke --methods simclr,npid_cld)
@@ -43,27 +53,33 @@ else
   bench_args=()
   results=results
   suite=cifar10-instance
-  run_args=(run cifar10-instance --methods npid_cld --datasets cifar10-jpeg --data-dir data-carry --quiet)
+  run_args=(run cifar10-instance --methods npid_cld --datasets cifar10-jpeg --data-dir data --quiet)
+  mkdir -p data
+  if [ ! -d data/cifar10-jpeg ] && [ ! -f data/cifar10-jpeg.tar.gz ]; then
+    cp data-carry/cifar10-jpeg.tar.gz data/ || { echo "error: no data-carry/cifar10-jpeg.tar.gz (docs/gpu.md)" >&2; exit 2; }
+  fi
 fi
 
 {
   date -u
   nvidia-smi 2>&1 || echo "no nvidia-smi"
   "$python" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-  git log --oneline -1 2>/dev/null
+  echo "commit $(git rev-parse HEAD 2>/dev/null || echo "${SSL_HARNESS_COMMIT:-unknown (no .git, no data-carry/COMMIT)}")"
 } > "$OUT/env.txt" 2>&1
 
 if [ "$train_only" = 0 ]; then
-  "$python" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda-tests.log"
-  echo "cuda tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
-  "$python" -m harness bench gpu "${bench_args[@]}" --out "$OUT/bench-gpu.md" 2>&1 | tee "$OUT/bench-gpu.log"
-  echo "bench gpu: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+  timeout -k 10 210 "$python" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda-tests.log"
+  echo "cuda tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped at 210 s)"
+  cap=$((seconds - (SECONDS - start) - 90))
+  timeout -k 10 "$((cap > 10 ? cap : 10))" "$python" -m harness bench gpu "${bench_args[@]}" --out "$OUT/bench-gpu.md" 2>&1 \
+    | tee "$OUT/bench-gpu.log"
+  echo "bench gpu: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped; the table holds the finished rows)"
 fi
 
 left=$((seconds - (SECONDS - start) - 30))
 if [ "$left" -gt 60 ]; then
-  # SIGINT: the harness stops, keeps its last checkpoint (at most a minute old) and exits 130
-  timeout --signal=INT "$left" "$python" -m harness "${run_args[@]}" 2>&1 | tee "$OUT/train.log"
+  # SIGINT: the harness finishes the step, checkpoints it and exits 130 (killed 20 s later if it has not)
+  timeout -k 20 --signal=INT "$left" "$python" -m harness "${run_args[@]}" 2>&1 | tee "$OUT/train.log"
   echo "training: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124 or 130: stopped at the deadline)"
   find "$results/$suite" -maxdepth 1 -name '*.json' -newer "$OUT/env.txt" -exec cp {} "$OUT/" \; 2>/dev/null
   for checkpoint in "$results/$suite"/.ckpt/*.pt; do

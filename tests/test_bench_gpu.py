@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,23 @@ def test_training_rows_time_the_deterministic_mode_a_suite_trains_with(monkeypat
                      ("npid_cld", False, True)]
 
 
+def test_a_benchmark_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """The table is rewritten after each benchmark: when the last one dies (or the device call's time
+    runs out), the file holds every finished row and says it is unfinished."""
+    import harness.bench.gpu as gpu
+
+    def dies(*args):
+        raise RuntimeError("out of time")
+
+    monkeypatch.setattr(gpu, "kmeans_row", dies)
+    out = tmp_path / "bench-gpu.md"
+    with pytest.raises(RuntimeError):
+        gpu.main(["--smoke", "--methods", "npid_cld", "--out", str(out), "--device", "cpu"])
+    text = out.read_text()
+    assert "Unfinished: 4 rows" in text and "Finished" not in text.replace("Unfinished", "")
+    assert set(table_rows(text)) == {"npid_cld", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks"}
+
+
 def test_time_split_shares_a_step_largest_first():
     """A 10 ms step with a 6 ms backbone and 1 ms of augmentation leaves 3 ms for the rest
     (hand-computed shares). Catches: shares of the wrong total, the rest not derived, a wrong order."""
@@ -169,6 +187,21 @@ def test_runbook_smoke_returns_every_result_within_the_device_tools_limits(tmp_p
     assert len(records) == 1 and records[0]["status"] == "ok", records
     assert records[0]["spec"]["method"] == "npid_cld" and records[0]["budget"]["used"]["steps"] == 2
     assert [name for name in files if name.endswith(".pt")], "the small checkpoint comes back"
+    assert re.search(r"^commit [0-9a-f]{40}$", files["env.txt"].read_text(), re.M), files["env.txt"].read_text()
+
+
+def test_records_name_the_commit_given_where_the_tree_has_no_git(tmp_path, monkeypatch):
+    """A lent GPU machine gets the checkout's files without .git: records then cite the commit that
+    SSL_HARNESS_COMMIT names (the runbook sets it from data-carry/COMMIT), not an empty string."""
+    from harness.execution import environment
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("SSL_HARNESS_COMMIT", sha)
+    assert environment.git_commit() != sha  # a checkout with .git names its own HEAD
+    monkeypatch.setattr(environment.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", ""))
+    assert environment.git_commit() == sha
+    monkeypatch.delenv("SSL_HARNESS_COMMIT")
+    assert environment.git_commit() == ""
 
 
 def test_runbook_rejects_an_unknown_option_in_one_line():

@@ -33,6 +33,7 @@ import math
 import tempfile
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +47,7 @@ from harness.bench.train import _machine, _sync, floor_images_per_second, method
 from harness.data.datasets import CIFAR10_CLASSES, CIFAR10_FINE_TO_COARSE, CIFAR_MEAN_STD, ImageData
 from harness.execution.environment import resolve_device
 from harness.errors import choices_error
+from harness.execution.store import write_atomic
 from methods import METHODS, resolve_config
 from protocols.clustering import kmeans
 from protocols.knn import knn_accuracy
@@ -174,21 +176,25 @@ def kmeans_row(n: int, dim: int, k: int, device: str) -> dict:
 
 
 def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
-                   log: Callable[[str], None] = print) -> pd.DataFrame:
-    """The table: method rows (``methods``: default every training method), then kNN, Sinkhorn, k-means."""
+                   log: Callable[[str], None] = print,
+                   on_rows: Callable[[pd.DataFrame], None] = lambda table: None) -> pd.DataFrame:
+    """The table: method rows (``methods``: default every training method), then kNN, Sinkhorn, k-means.
+    ``on_rows`` gets the table so far after each benchmark, so that a run cut short keeps what it measured."""
     size = SMOKE if smoke else PAPER
     trained = [n for n in METHODS.names() if METHODS.get(n).trains]
     for name in methods or ():
         if name not in trained:
             raise choices_error("training method", name, trained)
     data = synthetic_cifar(size["images"], size["side"])
+    benchmarks = [partial(method_rows, data, name, size, device) for name in methods or trained]
+    benchmarks += [lambda: [knn_row(*size["knn"], device)],
+                   lambda: sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device),
+                   lambda: [kmeans_row(*size["kmeans"], device)]]
     rows = []
-    for name in methods or trained:
-        rows += method_rows(data, name, size, device)
-        log(f"{rows[-1]['benchmark']}: {rows[-1]['rate']:.0f} images/s, ratio {rows[-1]['ratio']:.2f}")
-    rows.append(knn_row(*size["knn"], device))
-    rows += sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device)
-    rows.append(kmeans_row(*size["kmeans"], device))
+    for benchmark in benchmarks:
+        rows += benchmark()
+        log(f"{rows[-1]['benchmark']}: {rows[-1]['rate']:.4g} {rows[-1]['unit']}, ratio {rows[-1]['ratio']:.2f}")
+        on_rows(pd.DataFrame(rows, columns=list(COLUMNS)))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -210,35 +216,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", default=None, help="comma-separated training methods (default: all)")
     p.add_argument("--out", type=Path, default=None,
-                   help="markdown table (default leaderboards/bench-gpu.md; with --smoke a temporary file)")
+                   help="markdown table (default leaderboards/bench-gpu.md; with --smoke a temporary file); "
+                        "rewritten after each benchmark, so a run cut short keeps the rows it finished")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "bench-gpu.md" if args.smoke
                        else Path("leaderboards") / "bench-gpu.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    df = gpu_benchmarks(args.smoke, device, args.methods.split(",") if args.methods else None)
-    table = to_markdown(df)
-    print(table)
     size = SMOKE if args.smoke else PAPER
     precision = "bf16 autocast, channels-last" if device.startswith("cuda") else "float32"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        f"# GPU benchmark{' (smoke sizes)' if args.smoke else ''}: {device}, torch {torch.__version__}\n\n"
-        f"Machine: {_machine(device)}. Finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} after "
-        f"{time.perf_counter() - started:.0f} s. Training rows: {size['scale']}-scale configs, {size['backbone']}, "
-        f"{size['images']:,} random uint8 images of {size['side']} px, {precision}, {size['steps']} timed steps "
-        "after a 2-step warm-up run (which also pays for --compile), with torch's deterministic algorithms as "
-        "`harness run` trains a suite by default (`deterministic: true`; the row '(deterministic: false)' shows "
-        "what that mode costs).\n\n"
-        "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
-        "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "
-        "the same batch and views, fastest algorithms allowed (training rows), or the seconds of the bare matmuls the protocol cannot "
-        "avoid. ratio: the share of the floor's speed reached (rate / floor for images/s, floor / rate for "
-        "seconds; 1.0 = no overhead; goal >= 0.9). peak MB: CUDA max allocated (process peak RSS on CPU). "
-        "time split: a training step's time as backbone (the floor), augmentation of its views (timed alone) "
-        "and the rest (method heads, losses, bank/queue updates, optimiser, Python, the loop's per-step "
-        "loss sync); SeLa's steps include its per-epoch relabelling pass (features of all images + "
-        "Sinkhorn), which falls in the timed steps.\n\n" + table + "\n")
+
+    def write(table: pd.DataFrame, finished: bool) -> None:
+        when = (f"Finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} after" if finished else
+                f"Unfinished: {len(table)} rows by {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC},")
+        text = (
+            f"# GPU benchmark{' (smoke sizes)' if args.smoke else ''}: {device}, torch {torch.__version__}\n\n"
+            f"Machine: {_machine(device)}. {when} {time.perf_counter() - started:.0f} s. Training rows: "
+            f"{size['scale']}-scale configs, {size['backbone']}, {size['images']:,} random uint8 images of "
+            f"{size['side']} px, {precision}, {size['steps']} timed steps after a 2-step warm-up run (which also "
+            "pays for --compile), with torch's deterministic algorithms as `harness run` trains a suite by default "
+            "(`deterministic: true`; the row '(deterministic: false)' shows what that mode costs).\n\n"
+            "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
+            "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "
+            "the same batch and views, fastest algorithms allowed (training rows), or the seconds of the bare "
+            "matmuls the protocol cannot avoid. ratio: the share of the floor's speed reached (rate / floor for "
+            "images/s, floor / rate for seconds; 1.0 = no overhead; goal >= 0.9). peak MB: CUDA max allocated "
+            "(process peak RSS on CPU). time split: a training step's time as backbone (the floor), augmentation "
+            "of its views (timed alone) and the rest (method heads, losses, bank/queue updates, optimiser, "
+            "Python, the loop's per-step loss sync); SeLa's steps include its per-epoch relabelling pass "
+            "(features of all images + Sinkhorn), which falls in the timed steps.\n\n" + to_markdown(table) + "\n")
+        write_atomic(out, lambda f: f.write(text))
+
+    df = gpu_benchmarks(args.smoke, device, args.methods.split(",") if args.methods else None,
+                        on_rows=lambda table: write(table, finished=False))
+    write(df, finished=True)
+    print(to_markdown(df))
     print(f"\nwritten: {out}")
     return 0
 

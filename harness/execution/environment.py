@@ -1,6 +1,7 @@
 """What a record says about where it ran: packages, device, git commit."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import tempfile
@@ -48,12 +49,16 @@ def check_writable(directory: Path, option: str) -> None:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout the harness runs from; in a copy of the tree without ``.git`` (a lent GPU
+    machine gets only the files) the commit named by the environment variable ``SSL_HARNESS_COMMIT``."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
+        if out.returncode == 0:
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return ""
+        pass
+    return os.environ.get("SSL_HARNESS_COMMIT", "")
 
 
 def environment(device: str) -> dict:
