@@ -48,12 +48,13 @@ if [ "$smoke" = 1 ]; then
   bench_args=(--smoke --methods simclr,npid_cld)
   results="$(mktemp -d)/results"
   suite=quick
-  run_args=(run quick --methods npid_cld --seeds 0 --budget steps=2 --results-dir "$results" --quiet)
+  run_args=(run quick --methods npid_cld --seeds 0 --budget steps=2 --results-dir "$results")
 else
   bench_args=()
   results=results
   suite=cifar10-instance
-  run_args=(run cifar10-instance --methods npid_cld --datasets cifar10-jpeg --data-dir data --quiet)
+  # without --quiet: a progress line a minute (step, epoch, loss, images/s) and one at the interrupt
+  run_args=(run cifar10-instance --methods npid_cld --datasets cifar10-jpeg --data-dir data)
   mkdir -p data
   if [ ! -d data/cifar10-jpeg ] && [ ! -f data/cifar10-jpeg.tar.gz ]; then
     cp data-carry/cifar10-jpeg.tar.gz data/ || { echo "error: no data-carry/cifar10-jpeg.tar.gz (docs/gpu.md)" >&2; exit 2; }

@@ -137,7 +137,7 @@ def test_a_killed_moco_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
         assert torch.equal(straight[key], again[key]), key
 
 
-def test_ctrl_c_checkpoints_the_step_it_interrupts_and_the_rerun_loses_nothing(tmp_path):
+def test_ctrl_c_checkpoints_the_step_it_interrupts_and_the_rerun_loses_nothing(tmp_path, capsys):
     """SIGINT in step 5 (periodic checkpoints off): training finishes that step, saves it and stops with
     KeyboardInterrupt (the CLI exits 130); the rerun resumes at step 6 and ends with the uninterrupted run's
     weights. A second SIGINT stops at once. Catches: an interrupt that loses the steps since the last periodic
@@ -152,6 +152,8 @@ def test_ctrl_c_checkpoints_the_step_it_interrupts_and_the_rerun_loses_nothing(t
     checkpoint = tmp_path / "b" / "test" / ".ckpt" / f"{job.run_id}.pt"
     state = torch.load(checkpoint, weights_only=False)
     assert state["usage"]["steps"] == 5 and not state["done"]
+    assert "_killable_simclr/digits/s0: checkpointed at step 5 (62.5% of steps=8), epoch 0.50" in \
+        capsys.readouterr().err  # what the stopped run had done, even with --quiet
     assert not (tmp_path / "b" / "test" / f"{job.run_id}.json").exists()
     KillableSimCLR.interrupt_at, KillableSimCLR.calls = None, 0
     (record,) = interrupted.run([job])
@@ -171,3 +173,26 @@ def test_a_second_ctrl_c_stops_training_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_training_without_a_terminal_prints_a_progress_line_per_interval(capsys):
+    """In a log file or a Slurm job (no terminal, so no bar) training prints a line every
+    ``progress_seconds`` with the step, the budget's share, epoch, loss and images/s; ``quiet`` prints none."""
+    from harness.data.augment import Augmenter
+    from harness.engine.budget import Budget
+    from harness.engine.train import train
+    from harness.models.backbones import create_backbone
+    from methods import DataInfo, create_method, resolve_config
+
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = resolve_config(METHODS.get("simclr"), "cpu", {"batch_size": 16})
+    for quiet in (False, True):
+        method = create_method("simclr", create_backbone("small_cnn", 1), cfg, DataInfo(32, (1, 8, 8)))
+        train(method, images, None, Budget("steps", 3), Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0,
+              generator=torch.Generator().manual_seed(0), quiet=quiet, desc="simclr", progress_seconds=0.0)
+        lines = capsys.readouterr().out.splitlines()
+        if quiet:
+            assert lines == []
+        else:  # the last step ends the run: no line for it
+            assert [line.split(" (")[0] for line in lines] == ["    simclr: at step 1", "    simclr: at step 2"]
+            assert "(33.3% of steps=3), epoch 0.50" in lines[0] and lines[0].endswith("images/s")

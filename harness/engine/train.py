@@ -214,14 +214,16 @@ def _rank0_clock(elapsed: float, device: str) -> float:
 def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, budget: Budget,
           augmenter: Augmenter, cfg: dict[str, Any], *, device: str, seed: int, generator: torch.Generator,
           checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, quiet: bool = False,
-          desc: str = "", logger=None, precision: str = "auto", compile_backbone: bool = False) -> TrainResult:
+          desc: str = "", logger=None, precision: str = "auto", compile_backbone: bool = False,
+          progress_seconds: float = 60.0) -> TrainResult:
     """Train ``method`` on the uint8 ``images`` (already on ``device``) until ``budget`` is spent.
 
     ``labels`` (on device) are handed to the adapter only if it declares a ``label_level``.
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
     same batches it would have seen. ``precision`` (see :func:`resolve_precision`) sets autocast;
     on CUDA the model and views are channels-last; ``compile_backbone`` runs ``torch.compile`` on
-    the backbone in place (state-dict keys unchanged). With several ranks, ``batch_size`` is the global batch and
+    the backbone in place (state-dict keys unchanged). Progress is a bar on a terminal; elsewhere (a log
+    file, a Slurm job) one line every ``progress_seconds``; nothing when ``quiet``. With several ranks, ``batch_size`` is the global batch and
     rank r trains on rows [r b, (r + 1) b) of each, b = batch_size / world size.
     """
     n = len(images)
@@ -302,6 +304,12 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                    disable=True if quiet or rank > 0 else None,
                    leave=False, dynamic_ncols=True, initial=float(getattr(usage, budget.unit)))
         started, last_save = time.perf_counter() - usage.seconds, usage.seconds
+        progress_lines, last_line = not quiet and rank == 0 and bar.disable, usage.seconds
+
+        def progress(what: str) -> str:
+            return (f"{desc or 'train'}: {what} step {usage.steps} ({usage.fraction(budget):.1%} of {budget}), "
+                    f"epoch {usage.epochs:.2f}, {usage.seconds:.0f} s, loss {epoch_losses[-1]:.4f}, "
+                    f"{usage.samples / max(usage.seconds, 1e-9):.0f} images/s")
         status, reason = "ok", ""
         while not usage.exhausted(budget):
             if step_in_epoch == 0:
@@ -345,7 +353,11 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                     break
                 if interrupted.requested:
                     save()
+                    print(progress("checkpointed at"), file=sys.stderr, flush=True)
                     raise KeyboardInterrupt
+                if progress_lines and usage.seconds - last_line >= progress_seconds:
+                    print(f"    {progress('at')}", flush=True)
+                    last_line = usage.seconds
                 if checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds:  # same on every rank
                     save()
                     last_save = usage.seconds
