@@ -156,8 +156,9 @@ def test_ctrl_c_checkpoints_the_step_it_interrupts_and_the_rerun_loses_nothing(t
         capsys.readouterr().err  # what the stopped run had done, even with --quiet
     assert not (tmp_path / "b" / "test" / f"{job.run_id}.json").exists()
     KillableSimCLR.interrupt_at, KillableSimCLR.calls = None, 0
-    (record,) = interrupted.run([job])
+    (record,) = Runner(tmp_path / "b", tmp_path / "data", device="cpu", quiet=False, log=print).run([job])
     assert KillableSimCLR.calls == 3 and record["train"]["used"]["steps"] == 8
+    assert "_killable_simclr/digits/s0: resumed at step 5 (62.5% of steps=8)" in capsys.readouterr().out
     straight, again = (torch.load(root / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)["model"]
                        for root in (tmp_path / "a", tmp_path / "b"))
     for key in straight:

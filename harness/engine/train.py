@@ -307,9 +307,13 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         progress_lines, last_line = not quiet and rank == 0 and bar.disable, usage.seconds
 
         def progress(what: str) -> str:
+            loss = f", loss {epoch_losses[-1]:.4f}" if epoch_losses else ""
             return (f"{desc or 'train'}: {what} step {usage.steps} ({usage.fraction(budget):.1%} of {budget}), "
-                    f"epoch {usage.epochs:.2f}, {usage.seconds:.0f} s, loss {epoch_losses[-1]:.4f}, "
+                    f"epoch {usage.epochs:.2f}, {usage.seconds:.0f} s{loss}, "
                     f"{usage.samples / max(usage.seconds, 1e-9):.0f} images/s")
+
+        if resumed and not quiet and rank == 0:
+            tqdm.write(f"    {progress('resumed at')}")
         status, reason = "ok", ""
         while not usage.exhausted(budget):
             if step_in_epoch == 0:
