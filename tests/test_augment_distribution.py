@@ -343,3 +343,31 @@ def test_loader_augmenter_feeds_train_in_its_order(tmp_path):
     with pytest.raises(RuntimeError, match="order"):
         train(create_method("simclr", create_backbone("small_cnn", 1), cfg, DataInfo(40, (1, 8, 8))), images, None,
               Budget("steps", 1), wrong, cfg, device="cpu", seed=5, generator=torch.Generator(), quiet=True)
+
+
+@pytest.mark.parametrize("preset", ["simclr", "cld", "cc"])
+def test_jitter_of_the_whole_batch_with_a_select_gives_the_rows_own_jitter(preset):
+    """The GPU path (every op on the whole batch, each sample keeps its own result) gives bit for bit the
+    views of the CPU path (each op on the rows that take it at that position). Catches: a select that
+    keeps another position's or op's result, a factor of the whole batch applied to a subset."""
+    from harness.data.augment import _Draws, _Jitter, _color_jitter, _draw_jitter
+
+    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    jitter = _draw_jitter(get_preset(preset), True, _Draws(torch.Generator().manual_seed(1), 64, slice(None)))
+    assert jitter.takes.sum(1).le(1).all()  # at each position a sample takes at most one op
+    rows_only = _color_jitter(x, jitter, jitter, whole_batch=False)
+    whole = _color_jitter(x, jitter, _Jitter(jitter.ops, jitter.factors, jitter.takes), whole_batch=True)
+    assert torch.equal(rows_only, whole) and not torch.equal(rows_only, x)
+
+
+def test_a_batchs_parameters_unpack_to_their_shapes_and_dtypes():
+    """What the GPU path copies in one go (crop matrices, jitter factors and flags, grayscale and blur
+    draws) comes back as it went. Catches an offset or shape slip in the split."""
+    from harness.data.augment import unpack_like
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.rand(5, 2, 3, generator=g), torch.rand(3, 5, generator=g), torch.rand(4, 3, 5, generator=g) < 0.5,
+               torch.rand(5, generator=g) < 0.2, torch.rand(5, generator=g)]
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    back = unpack_like(flat, tensors)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(back, tensors))

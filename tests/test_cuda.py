@@ -237,3 +237,21 @@ def test_views_and_weights_are_channels_last_on_cuda(device):
     assert view.is_contiguous(memory_format=torch.channels_last) == cuda
     conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == cuda
+
+
+@pytest.mark.parametrize("preset", ["simclr", "simclr_blur", "cld"])
+def test_views_on_the_device_are_the_cpus_views(device, preset):
+    """The same generator gives the same views on the device as on the CPU (the GPU path moves all of a
+    batch's random parameters in one non-blocking copy and jitters the whole batch with a per-sample
+    select; the CPU path jitters the rows that take each op), and leaves the generator in the same state.
+
+    Catches: a parameter unpacked into the wrong slot or dtype after the one copy (a crop, jitter factor,
+    order, grayscale or blur flag of another sample), draws consumed in another order on the device."""
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augmenter = Augmenter(get_preset(preset), (0.5,) * 3, (0.25,) * 3)
+    g_device, g_cpu = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(2):
+        on_device = augmenter(images.to(device), g_device).cpu()
+        on_cpu = augmenter(images, g_cpu)
+        torch.testing.assert_close(on_device, on_cpu, rtol=0, atol=2e-4)  # float32 rounding; a wrong parameter moves pixels by >0.01
+    assert torch.equal(g_device.get_state(), g_cpu.get_state())

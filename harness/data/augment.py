@@ -152,25 +152,51 @@ def _hue(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(hsv).clamp(0, 1)
 
 
-def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue with factors drawn per sample, applied in a random
-    order per sample, as torchvision's ColorJitter permutes its four ops on every call (saturation
-    and hue do not commute). Each op runs only on the samples that take it at that position."""
+@dataclass
+class _Jitter:
+    """Colour-jitter draws of a batch: ``ops`` (the active ones of brightness, contrast, saturation, hue),
+    ``factors`` (len(ops), n) and ``takes`` (4 positions, len(ops), n): whether a sample applies op k at
+    position p (each sample that jitters applies every op once, in its own random order)."""
+
+    ops: list
+    factors: torch.Tensor
+    takes: torch.Tensor
+
+
+def _draw_jitter(cfg: AugmentConfig, colour: bool, draw: _Draws) -> _Jitter:
+    """Brightness, contrast, saturation and hue factors drawn per sample, and a random order per sample,
+    as torchvision's ColorJitter permutes its four ops on every call (saturation and hue do not commute)."""
     apply = draw.rand() < cfg.jitter_p
     b, c, s, hue = cfg.jitter
-    colour = x.shape[1] == 3
     ops = [(op, draw.uniform(lo, hi)) for op, strength, lo, hi in (
         (_brightness, b, max(0, 1 - b), 1 + b), (_contrast, c, max(0, 1 - c), 1 + c),
         (_saturation, s if colour else 0, max(0, 1 - s), 1 + s), (_hue, hue if colour else 0, -hue, hue))
         if strength > 0]
     order = torch.stack([draw.rand() for _ in range(4)], 1).argsort(1)  # a permutation of the 4 slots per sample
+    takes = torch.stack([torch.stack([apply & (order[:, position] == slot) for slot in range(len(ops))])
+                         if ops else torch.empty(0, draw.n, dtype=torch.bool) for position in range(4)])
+    factors = torch.stack([f for _, f in ops]) if ops else torch.empty(0, draw.n)
+    return _Jitter([op for op, _ in ops], factors, takes)
+
+
+def _color_jitter(x: torch.Tensor, jitter: _Jitter, on_device: _Jitter, whole_batch: bool) -> torch.Tensor:
+    """Apply the drawn jitter. ``jitter`` holds the draws on the CPU (which (position, op) pairs any
+    sample takes, known without asking the device), ``on_device`` the same tensors on ``x``'s device.
+    Without ``whole_batch`` (the CPU) each op runs on the rows that take it at that position (a quarter
+    of the work); with it (a GPU) each op runs on the whole batch and each sample keeps its own result
+    (torch.where): no index tensors, no data-dependent shapes, so nothing makes the host wait for the
+    device. Both give the same views."""
     y = x.clone()
     for position in range(4):
-        for slot, (op, factor) in enumerate(ops):
-            rows = apply & (order[:, position] == slot)
-            if rows.any():
-                idx = rows.nonzero().squeeze(1).to(x.device)
-                y[idx] = op(y[idx], factor[rows].to(x.device))
+        for slot, op in enumerate(jitter.ops):
+            rows = jitter.takes[position, slot]
+            if not rows.any():
+                continue
+            if not whole_batch:
+                idx = rows.nonzero().squeeze(1)
+                y[idx] = op(y[idx], jitter.factors[slot][rows])
+            else:
+                y = torch.where(_per_sample(on_device.takes[position, slot]), op(y, on_device.factors[slot]), y)
     return y
 
 
@@ -179,12 +205,11 @@ def blur_kernel_size(side: int) -> int:
     return max(3, int(0.1 * side) // 2 * 2 + 1)
 
 
-def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
-    """Per-sample Gaussian blur, kernel :func:`blur_kernel_size`, sigma ~ U(blur_sigma)."""
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian blur, kernel :func:`blur_kernel_size`, standard deviation ``sigma`` (drawn from
+    ``blur_sigma``), on the samples where ``apply`` (both on ``x``'s device)."""
     n, c, h, w = x.shape
     size = blur_kernel_size(min(h, w))
-    sigma = draw.uniform(*cfg.blur_sigma).to(x.device)
-    apply = (draw.rand() < cfg.blur).to(x.device)
     r = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
     k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)
@@ -194,6 +219,29 @@ def _gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, draw: _Draws) -> torch.T
     flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), k.view(n * c, 1, 1, size), groups=n * c)
     flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), k.view(n * c, 1, size, 1), groups=n * c)
     return torch.where(_per_sample(apply), flat.view(n, c, h, w), x)
+
+
+def to_device_at_once(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The CPU ``tensors`` (float32 or bool) on ``device``, in one copy. On a GPU the copy is from pinned
+    memory and does not block: each separate copy of ordinary (pageable) memory makes the host wait until
+    the device has finished all queued work, which would cost a batch one such stall per random parameter."""
+    if device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    return unpack_like(flat.to(device, non_blocking=True), tensors)
+
+
+def unpack_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Split the float32 ``flat`` (the ``tensors`` flattened and concatenated) back into their shapes and
+    dtypes (bool from 0/1)."""
+    out, start = [], 0
+    for t in tensors:
+        part = flat[start:start + t.numel()].view(t.shape)
+        out.append(part > 0.5 if t.dtype == torch.bool else part.to(t.dtype))
+        start += t.numel()
+    return out
 
 
 def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -256,17 +304,23 @@ class Augmenter:
             draw = _Draws(g, n if total is None else total, slice(None) if rows is None else rows)
             if draw.n != n:
                 raise ValueError(f"rows {rows} of a batch of {total} hold {draw.n} images, got {n}")
-            theta = _crop_flip_grid(h, w, cfg, self.allow_flip, draw).to(x.device)
+            # every random parameter is drawn on the CPU first, in a fixed order, then moved in one copy
+            theta = _crop_flip_grid(h, w, cfg, self.allow_flip, draw)
+            jitter = _draw_jitter(cfg, c == 3, draw) if cfg.jitter_p > 0 and any(cfg.jitter) else None
+            gray = draw.rand() < cfg.grayscale if cfg.grayscale > 0 and c == 3 else None
+            blur = (draw.uniform(*cfg.blur_sigma), draw.rand() < cfg.blur) if cfg.blur > 0 else None
+            drawn = [theta, *((jitter.factors, jitter.takes) if jitter else ()), *((gray,) if gray is not None else ()),
+                     *(blur or ())]
+            moved = iter(to_device_at_once(drawn, x.device))
             oh = ow = self.out_size or h
-            grid = F.affine_grid(theta, [n, c, oh, ow], align_corners=False)
+            grid = F.affine_grid(next(moved), [n, c, oh, ow], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-            if cfg.jitter_p > 0 and any(cfg.jitter):
-                x = _color_jitter(x, cfg, draw)
-            if cfg.grayscale > 0 and c == 3:
-                gray = (draw.rand() < cfg.grayscale).to(x.device)
-                x = torch.where(_per_sample(gray), _gray(x).expand_as(x), x)
-            if cfg.blur > 0:
-                x = _gaussian_blur(x, cfg, draw)
+            if jitter is not None:
+                x = _color_jitter(x, jitter, _Jitter(jitter.ops, next(moved), next(moved)), x.device.type != "cpu")
+            if gray is not None:
+                x = torch.where(_per_sample(next(moved)), _gray(x).expand_as(x), x)
+            if blur is not None:
+                x = _gaussian_blur(x, next(moved), next(moved))
         else:
             x = resize(x, self.out_size)
         return self.normalize(x)
