@@ -64,4 +64,4 @@ class CondAutoencoder(CoarseLabelMethod):
         z = self.embed_views(batch)
         ce = self.coarse_ce(z, batch.labels)
         mse = F.mse_loss(self.decoder(z), torch.cat(batch.views))
-        return ce + self.cfg["recon_weight"] * mse, {"ce": float(ce.detach()), "mse": float(mse.detach())}
+        return ce + self.cfg["recon_weight"] * mse, {"ce": ce.detach(), "mse": mse.detach()}

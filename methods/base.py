@@ -90,12 +90,13 @@ class Method(nn.Module):
         self.info = info
 
     # ------------------------------------------------------------ training
-    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """``training_step``; the loop calls the adapter this way so that DDP can wrap it."""
         return self.training_step(batch)
 
-    def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-        """Loss for one batch (optionally with a dict of scalars to log)."""
+    def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Loss for one batch (optionally with a dict of scalars to log: detached 0-d tensors, which the loop
+        reads a step later without stalling the device, or floats)."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
     def rank_local_parameters(self) -> list[str]:

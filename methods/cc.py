@@ -56,7 +56,7 @@ class ContrastiveClustering(Method):
         z1, z2, p1, p2 = (gather_with_grad(head(h)) for head in (self.instance_head, self.cluster_head) for h in (h1, h2))
         instance = nt_xent(z1, z2, self.cfg["instance_temperature"])
         cluster = cluster_loss(p1, p2, self.cfg["cluster_temperature"])
-        return instance + cluster, {"instance_loss": instance.item(), "cluster_loss": cluster.item()}
+        return instance + cluster, {"instance_loss": instance.detach(), "cluster_loss": cluster.detach()}
 
     def cluster_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"cluster": self.cluster_head(self.backbone(x))}

@@ -56,7 +56,7 @@ class ContrastiveDisentangling(Method):
         f1, f2 = (gather_with_grad(self.feature_head(z)) for z in (z1, z2))  # global batch under DDP
         instance = nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.cfg["instance_temperature"])
         feature = feature_loss(f1, f2, self.cfg["feature_temperature"])
-        return instance + feature, {"instance_loss": instance.item(), "feature_loss": feature.item()}
+        return instance + feature, {"instance_loss": instance.detach(), "feature_loss": feature.detach()}
 
     def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)

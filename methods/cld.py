@@ -93,7 +93,7 @@ class NPIDCLD(NPID):
         if self.cfg["cld_weight"] == 0:
             return instance
         cld = self.cld(h1, h2)
-        return instance + self.cfg["cld_weight"] * cld, {"cld": float(cld.detach())}
+        return instance + self.cfg["cld_weight"] * cld, {"cld": cld.detach()}
 
 
 @register_method("moco_cld")
@@ -136,4 +136,4 @@ class MoCoCLD(MoCo):
         if self.cfg["cld_weight"] == 0:
             return instance
         cld = self.cld(h1, h2)
-        return instance + self.cfg["cld_weight"] * cld, {"cld": float(cld.detach())}
+        return instance + self.cfg["cld_weight"] * cld, {"cld": cld.detach()}

@@ -15,7 +15,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     n = z1.shape[0]
     sim = z @ z.t() / temperature
     sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    target = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # n..2n-1, then 0..n-1
     return F.cross_entropy(sim, target)
 
 

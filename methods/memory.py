@@ -45,8 +45,8 @@ class MemoryBank(nn.Module):
         n_data = len(self.memory)
         weight = self.memory[torch.cat([index[:, None], noise], 1)].to(f.dtype)  # (n, K+1, d)
         scores = torch.einsum("nkd,nd->nk", weight, f).float() / temperature
-        if torch.isnan(self.log_z):
-            self.log_z.copy_(torch.logsumexp(scores.detach().flatten(), 0) - math.log(scores.numel()) + math.log(n_data))
+        estimate = torch.logsumexp(scores.detach().flatten(), 0) - math.log(scores.numel()) + math.log(n_data)
+        self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, self.log_z))  # set once; no host check
         log_p = scores - self.log_z  # log P(j|v)
         log_noise = math.log(noise.shape[1] / n_data)  # log(K P_n)
         log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, log_noise))

@@ -88,11 +88,11 @@ class SupCon(CoarseLabelMethod):
         z0, z1 = (gather_with_grad(v) for v in z.split(len(labels))[:2])  # contrast the global batch under DDP
         labels = all_gather_cat(labels)
         con = supcon_loss(z1, z0, labels, cfg["temperature"], self.clip_pos, cfg["similarity"])
-        logs = {"ce": float(ce.detach()), "supcon": float(con.detach())}
+        logs = {"ce": ce.detach(), "supcon": con.detach()}
         if cfg["a_spread"] > 0:
             spread = class_conditional_info_nce(z1, z0, labels, cfg["temperature"], cfg["similarity"])
             con = (cfg["a_lc"] * con + cfg["a_spread"] * spread) / (cfg["a_lc"] + cfg["a_spread"])
-            logs["spread"] = float(spread.detach())
+            logs["spread"] = spread.detach()
         else:
             con = cfg["a_lc"] * con
         return ce + con, logs

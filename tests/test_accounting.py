@@ -197,3 +197,35 @@ def test_training_without_a_terminal_prints_a_progress_line_per_interval(capsys)
         else:  # the last step ends the run: no line for it
             assert [line.split(" (")[0] for line in lines] == ["    simclr: at step 1", "    simclr: at step 2"]
             assert "(33.3% of steps=3), epoch 0.50" in lines[0] and lines[0].endswith("images/s")
+
+
+@register_method("_nan_from_step_3")
+class _NaNFromStep3(METHODS.get("simclr")):
+    """SimCLR whose loss turns NaN at its third step, logging one tensor and one float scalar."""
+
+    calls = 0
+
+    def training_step(self, batch: Batch):
+        type(self).calls += 1
+        loss = super().training_step(batch)
+        logs = {"doubled": (2 * loss).detach(), "step": float(type(self).calls)}
+        return (loss * float("nan") if type(self).calls >= 3 else loss), logs
+
+
+def test_a_loss_read_a_step_late_still_names_its_step_and_keeps_no_checkpoint_after_it(tmp_path):
+    """The loop reads a step's loss after queueing the next step (so that reading never stalls a GPU): a NaN at
+    step 3 still fails the run 'at step 3', no checkpoint is written once it is known, and the logged scalars
+    of the finite steps come back as floats in the adapter's order. Catches: a late read that names the step it
+    was read in, a checkpoint of NaN weights, scalars of one step logged under another."""
+    from harness.engine.train import _DeviceScalars
+
+    loss, logs = _DeviceScalars(torch.tensor(1.5), {"a": torch.tensor(2.0), "b": 3, "c": torch.tensor(4.0)}).read()
+    assert loss == 1.5 and list(logs.items()) == [("a", 2.0), ("b", 3.0), ("c", 4.0)]
+    (job,) = plan(make_suite([{"name": "_nan_from_step_3", "config": CONFIG}], budget="steps=8", protocols=FAST))
+    _NaNFromStep3.calls = 0
+    (record,) = _runner(tmp_path / "r", tmp_path, checkpoint_seconds=0.0).run([job])
+    assert record["status"] == "failed" and record["reason"] == "loss became nan at step 3"
+    state = torch.load(tmp_path / "r" / "test" / ".ckpt" / f"{job.run_id}.pt", weights_only=False)
+    assert state["usage"]["steps"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                                if v.is_floating_point())
+    assert state["logs"]["step"] == 2.0 and state["logs"]["doubled"] == pytest.approx(2 * state["epoch_losses"][-1])

@@ -270,6 +270,7 @@ class Augmenter:
         self.out_size = out_size
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copied once per device
 
     def start(self, epoch: int, step: int) -> None:
         """Called by the training loop before its first step, at the (epoch, step) it starts from
@@ -283,7 +284,10 @@ class Augmenter:
         """uint8 or [0,1] float batch -> (x - mean) / std."""
         if x.dtype == torch.uint8:
             x = x.float() / 255
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if x.device not in self._stats_on:
+            self._stats_on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._stats_on[x.device]
+        return (x - mean) / std
 
     def plain(self, images: torch.Tensor) -> torch.Tensor:
         """The unaugmented view of a uint8 batch: resized to ``out_size`` (:func:`resize`), normalised.

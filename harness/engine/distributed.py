@@ -288,9 +288,11 @@ class GlobalBatchNorm(_BatchNorm):
     The mean and variance come from differentiable all-reduces of per-channel sums (every rank
     holds the same number of rows; :class:`_AllReduceSum`'s backward sums the gradients over
     ranks, the same convention as :func:`gather_with_grad`), so the
-    forward and the gradients are those of a single process holding the whole batch. Works
-    on CPU (gloo), where ``torch.nn.SyncBatchNorm`` does not; on CUDA :func:`sync_batchnorm`
-    uses ``SyncBatchNorm``. Evaluation mode is plain BatchNorm with the running statistics.
+    forward and the gradients are those of a single process holding the whole batch. Used on
+    every device: on CPU (gloo) ``torch.nn.SyncBatchNorm`` does not run, and on CUDA it indexes
+    its per-rank counts with a boolean mask, which makes the host wait for the GPU in every
+    BatchNorm layer of every forward pass. Evaluation mode is plain BatchNorm with the running
+    statistics.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -323,10 +325,9 @@ class GlobalBatchNorm(_BatchNorm):
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm in ``module`` by one over the global batch, in place; returns ``module``.
-
-    ``torch.nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` elsewhere; parameters, buffers
-    and state-dict keys are kept, so checkpoints load into the plain model. Sub-modules with
+    """Replace every BatchNorm in ``module`` by :class:`GlobalBatchNorm` (statistics of the global batch), in
+    place; returns ``module``. Parameters, buffers and state-dict keys are kept, so checkpoints load into
+    the plain model. Sub-modules with
     ``sync_batchnorm = False`` (MoCo's key encoder, whose shuffled BN must stay per group)
     are left alone.
     """
@@ -334,9 +335,7 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
         if getattr(child, "sync_batchnorm", True) is False:
             continue
         if isinstance(child, _BatchNorm) and not isinstance(child, (GlobalBatchNorm, nn.SyncBatchNorm)):
-            on_cuda = any(t.is_cuda for t in child.state_dict().values())
-            new = (nn.SyncBatchNorm if on_cuda else GlobalBatchNorm)(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             new._parameters, new._buffers = child._parameters, child._buffers  # the same tensors, not copies
             setattr(module, name, new.train(child.training))
         else:

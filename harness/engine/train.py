@@ -172,6 +172,33 @@ def _set_global_rng(state: dict[str, torch.Tensor] | None, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
 
 
+class _DeviceScalars:
+    """A step's loss and logged scalars (0-d tensors, or floats) on their way to the host. On CUDA they go
+    in one copy to pinned memory, queued right behind the work that computed them; :meth:`read` waits for
+    that copy alone, where ``.item()`` would wait for everything queued since (the next step included)."""
+
+    def __init__(self, loss: torch.Tensor, logs: dict[str, torch.Tensor | float]) -> None:
+        self.logs = logs
+        tensors = [loss] + [v for v in logs.values() if torch.is_tensor(v)]
+        stacked = torch.stack([t.detach().float().reshape(()) for t in tensors])
+        self.copied = None
+        if stacked.is_cuda:
+            self.host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
+            self.host.copy_(stacked, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = stacked
+
+    def read(self) -> tuple[float, dict[str, float]]:
+        """(loss, logs as floats, in the adapter's order)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        loss, *values = self.host.tolist()
+        values = iter(values)
+        return loss, {k: next(values) if torch.is_tensor(v) else float(v) for k, v in self.logs.items()}
+
+
 class _InterruptRequest:
     """Set by the first SIGINT (Ctrl-C, ``timeout --signal=INT``) while a run trains: the loop finishes its
     step, checkpoints and raises KeyboardInterrupt, so the next call resumes with nothing lost (a periodic
@@ -314,6 +341,29 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
 
         if resumed and not quiet and rank == 0:
             tqdm.write(f"    {progress('resumed at')}")
+        # A step's loss and scalars stay on the device until the next step has been queued: reading them at
+        # once would make the host wait for the device at every step, leaving it idle while the host prepares
+        # the next batch. Every rank reads them at the same points, so a non-finite loss stops all together.
+        pending: tuple[int, _DeviceScalars, float] | None = None  # (step, its loss and scalars, its lr), unread
+
+        def settle() -> str:
+            """Read the pending step's loss and scalars; the failure reason if the loss is not finite."""
+            nonlocal pending, logs
+            if pending is None:
+                return ""
+            number, scalars, lr = pending
+            pending = None
+            value, step_logs = scalars.read()
+            if not math.isfinite(value):
+                return f"loss became {value} at step {number}"
+            logs = step_logs
+            epoch_losses.append(value)
+            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
+            if logger is not None:
+                logger.log_scalars(number, {"train/loss": value, "train/lr": lr,
+                                            **{f"train/{k}": v for k, v in logs.items()}})
+            return ""
+
         status, reason = "ok", ""
         while not usage.exhausted(budget):
             if step_in_epoch == 0:
@@ -331,40 +381,48 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                     group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
                 with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
                     out = model(batch)
-                loss, logs = out if isinstance(out, tuple) else (out, {})
-                logs = {k: float(v) for k, v in logs.items()}
-                loss_value = float(distributed.all_reduce_mean(loss.detach()))  # the same on every rank
-                if not math.isfinite(loss_value):
-                    status, reason = "failed", f"loss became {loss_value} at step {usage.steps + 1}"
-                    break
+                loss, step_logs = out if isinstance(out, tuple) else (out, {})
+                # the same on every rank; on its way to the host behind the forward pass
+                to_host = _DeviceScalars(distributed.all_reduce_mean(loss.detach()), step_logs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 method.after_optimizer_step()
+                reason = settle()  # the previous step's: its copy was queued a step ago, reading it stalls nothing
+                if reason:
+                    status = "failed"
+                    break
+                pending = (usage.steps + 1, to_host, optimizer.param_groups[0]["lr"])
                 before = getattr(usage, budget.unit)
                 usage.steps += 1
                 usage.samples += batch_size
                 usage.epochs = epoch + (step + 1) / steps_per_epoch
                 usage.seconds = _rank0_clock(time.perf_counter() - started, device)
                 step_in_epoch = step + 1
-                epoch_losses.append(loss_value)
                 bar.update(getattr(usage, budget.unit) - before)
-                bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", img_s=f"{usage.samples / max(usage.seconds, 1e-9):.0f}")
-                if logger is not None:
-                    logger.log_scalars(usage.steps, {"train/loss": epoch_losses[-1], "train/lr": optimizer.param_groups[0]["lr"],
-                                                     **{f"train/{k}": v for k, v in logs.items()}})
                 if usage.exhausted(budget):
                     break
+                due_line = usage.seconds - last_line >= progress_seconds  # the same on every rank
+                due_save = checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds
+                if interrupted.requested or due_line or due_save:  # these need the step's loss
+                    reason = settle()
+                    if reason:
+                        status = "failed"
+                        break
                 if interrupted.requested:
                     save()
                     print(progress("checkpointed at"), file=sys.stderr, flush=True)
                     raise KeyboardInterrupt
-                if progress_lines and usage.seconds - last_line >= progress_seconds:
-                    print(f"    {progress('at')}", flush=True)
+                if due_line:
+                    if progress_lines:
+                        print(f"    {progress('at')}", flush=True)
                     last_line = usage.seconds
-                if checkpoint is not None and usage.seconds - last_save >= checkpoint_seconds:  # same on every rank
+                if due_save:
                     save()
                     last_save = usage.seconds
+            if status != "failed":
+                reason = settle()  # the epoch's or the budget's last step
+                status = "failed" if reason else status
             if status == "failed":
                 break
             if step_in_epoch >= steps_per_epoch or usage.exhausted(budget):
