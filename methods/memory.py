@@ -112,8 +112,9 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, *modules: nn.Module, momentum: float) -> None:
-        for key, query in zip(self.net.parameters(), nn.Sequential(*modules).parameters(), strict=True):
-            key.lerp_(query.detach(), 1 - momentum)
+        pairs = list(zip(self.net.parameters(), nn.Sequential(*modules).parameters(), strict=True))
+        # one multi-tensor kernel on a GPU instead of a launch per parameter
+        torch._foreach_lerp_([key for key, _ in pairs], [query.detach() for _, query in pairs], 1 - momentum)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, bn_splits: int = 1) -> torch.Tensor:
