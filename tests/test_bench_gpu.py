@@ -138,20 +138,39 @@ def test_training_rows_time_the_deterministic_mode_a_suite_trains_with(monkeypat
 
 
 def test_a_benchmark_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
-    """The table is rewritten after each benchmark: when the last one dies (or the device call's time
-    runs out), the file holds every finished row and says it is unfinished."""
+    """The table is rewritten after each benchmark: when the process is stopped during the last one (the
+    device call's time runs out), the file holds every finished row and says it is unfinished."""
     import harness.bench.gpu as gpu
 
-    def dies(*args):
-        raise RuntimeError("out of time")
+    def stopped(*args):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpu, "kmeans_row", dies)
+    monkeypatch.setattr(gpu, "kmeans_row", stopped)
     out = tmp_path / "bench-gpu.md"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(KeyboardInterrupt):
         gpu.main(["--smoke", "--methods", "npid_cld", "--out", str(out), "--device", "cpu"])
     text = out.read_text()
     assert "Unfinished: 4 rows" in text and "Finished" not in text.replace("Unfinished", "")
     assert set(table_rows(text)) == {"npid_cld", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks"}
+
+
+def test_a_failing_benchmark_costs_its_row_not_the_table(tmp_path, monkeypatch, capsys):
+    """A benchmark that raises (an out-of-memory, a compile error on the lent GPU) becomes a row that says
+    how it failed, its traceback goes to stderr, the others run, and the command exits 1."""
+    import harness.bench.gpu as gpu
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(gpu, "knn_row", out_of_memory)
+    out = tmp_path / "bench-gpu.md"
+    assert gpu.main(["--smoke", "--methods", "npid_cld", "--out", str(out), "--device", "cpu"]) == 1
+    rows = table_rows(out.read_text())
+    assert set(rows) == {"npid_cld", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks", "kmeans torch"}
+    assert rows["knn torch"][-1] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert float(rows["kmeans torch"][2]) > 0
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "1 of 5 benchmarks failed: knn torch" in err
 
 
 def test_time_split_shares_a_step_largest_first():

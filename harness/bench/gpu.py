@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -118,17 +120,35 @@ def method_rows(data: ImageData, name: str, size: dict, device: str) -> list[dic
         variants += [(" (deterministic: false)", False, False)]
     rows, floor = [], None
     for suffix, compiled, deterministic in variants:
-        ips, batch, views, peak = method_images_per_second(name, data, size["backbone"], size["scale"], device,
-                                                           size["steps"], Path("."), compile_backbone=compiled,
-                                                           deterministic=deterministic)
-        if floor is None:
-            floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
-        step_ms = batch / ips * 1e3
-        rows.append({"benchmark": name + suffix,
-                     "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
-                     "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
-                     "time split": _split(step_ms, {"backbone": batch / floor * 1e3, "augment": augment_ms})})
+        def row() -> dict:
+            nonlocal floor
+            ips, batch, views, peak = method_images_per_second(name, data, size["backbone"], size["scale"], device,
+                                                               size["steps"], Path("."), compile_backbone=compiled,
+                                                               deterministic=deterministic)
+            if floor is None:
+                floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
+            step_ms = batch / ips * 1e3
+            return {"benchmark": name + suffix,
+                    "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
+                    "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
+                    "time split": _split(step_ms, {"backbone": batch / floor * 1e3, "augment": augment_ms})}
+
+        rows += attempt(name + suffix, lambda: [row()], device)
     return rows
+
+
+def attempt(name: str, benchmark: Callable[[], list[dict]], device: str) -> list[dict]:
+    """The rows of ``benchmark()``, or one row saying how it failed (its traceback goes to stderr), so that one
+    failure on a lent GPU costs its row, not the rest of the table."""
+    try:
+        return benchmark()
+    except Exception as exc:  # noqa: BLE001 -- any failure is a result to report, not a reason to stop
+        traceback.print_exc()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # an out-of-memory row leaves the next rows their memory
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        return [{"benchmark": name, "size": "", "rate": math.nan, "unit": "", "floor": math.nan, "ratio": math.nan,
+                 "peak MB": math.nan, "time split": f"failed: {type(exc).__name__}: {message}"}]
 
 
 def _gaussian_features(rng: np.random.Generator, n: int, dim: int, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,13 +207,16 @@ def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
             raise choices_error("training method", name, trained)
     data = synthetic_cifar(size["images"], size["side"])
     benchmarks = [partial(method_rows, data, name, size, device) for name in methods or trained]
-    benchmarks += [lambda: [knn_row(*size["knn"], device)],
-                   lambda: sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device),
-                   lambda: [kmeans_row(*size["kmeans"], device)]]
+    benchmarks += [lambda: attempt("knn torch", lambda: [knn_row(*size["knn"], device)], device),
+                   lambda: attempt("sinkhorn", lambda: sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device),
+                                   device),
+                   lambda: attempt("kmeans torch", lambda: [kmeans_row(*size["kmeans"], device)], device)]
     rows = []
     for benchmark in benchmarks:
         rows += benchmark()
-        log(f"{rows[-1]['benchmark']}: {rows[-1]['rate']:.4g} {rows[-1]['unit']}, ratio {rows[-1]['ratio']:.2f}")
+        last = rows[-1]
+        log(f"{last['benchmark']}: " + (last["time split"] if math.isnan(last["rate"]) else
+                                        f"{last['rate']:.4g} {last['unit']}, ratio {last['ratio']:.2f}"))
         on_rows(pd.DataFrame(rows, columns=list(COLUMNS)))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
@@ -253,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     write(df, finished=True)
     print(to_markdown(df))
     print(f"\nwritten: {out}")
-    return 0
+    failed = df["time split"].str.startswith("failed: ")
+    if failed.any():
+        print(f"{failed.sum()} of {len(df)} benchmarks failed: {', '.join(df['benchmark'][failed])} "
+              "(their tracebacks are above)", file=sys.stderr)
+    return 1 if failed.any() else 0
 
 
 if __name__ == "__main__":
