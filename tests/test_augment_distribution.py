@@ -371,3 +371,19 @@ def test_a_batchs_parameters_unpack_to_their_shapes_and_dtypes():
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     back = unpack_like(flat, tensors)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(back, tensors))
+
+
+@pytest.mark.parametrize("preset", ["simclr", "cld"])
+def test_the_gpu_jitter_compiles_as_one_graph_and_gives_the_same_views(preset):
+    """``--compile`` runs the GPU path's jitter through torch.compile: it traces as one graph (fullgraph: no
+    host checks, no data-dependent shapes) and gives the views of the uncompiled path. Traced here with the
+    eager backend (inductor's code generation is exercised on a GPU by tests/test_cuda.py)."""
+    from harness.data.augment import _Draws, _color_jitter, _draw_jitter, compiled_jitter, jitter_whole_batch
+
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    jitter = _draw_jitter(get_preset(preset), True, _Draws(torch.Generator().manual_seed(1), 32, slice(None)))
+    expected = _color_jitter(x, jitter, jitter, whole_batch=False)
+    assert torch.equal(jitter_whole_batch(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)
+    torch._dynamo.reset()
+    compiled = compiled_jitter("eager")(x, jitter.factors, jitter.takes, tuple(jitter.ops))
+    assert torch.equal(compiled, expected)

@@ -5,7 +5,7 @@ Rows, on one GPU (CUDA when there is one):
 * every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
   stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
   ``harness run`` trains on CUDA, with torch's deterministic algorithms as suites do by default (SimCLR
-  also with ``--compile`` and with ``deterministic: false``): images/s of the full training
+  also with ``--compile``, backbone and colour jitter, and with ``deterministic: false``): images/s of the full training
   step (:func:`harness.bench.train.method_images_per_second`) against the bare backbone's bf16
   forward+backward at the same batch and views (:func:`harness.bench.train.floor_images_per_second`),
   their ratio, peak memory, and where a step's time goes: backbone (the floor), on-device

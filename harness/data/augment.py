@@ -200,6 +200,26 @@ def _color_jitter(x: torch.Tensor, jitter: _Jitter, on_device: _Jitter, whole_ba
     return y
 
 
+def jitter_whole_batch(x: torch.Tensor, factors: torch.Tensor, takes: torch.Tensor, ops: tuple) -> torch.Tensor:
+    """The GPU path of :func:`_color_jitter` as one pure function of tensors (every op at every position, no
+    host checks): what ``torch.compile`` fuses into a few kernels instead of about 300 launches a view."""
+    y = x
+    for position in range(4):
+        for slot, op in enumerate(ops):
+            y = torch.where(_per_sample(takes[position, slot]), op(y, factors[slot]), y)
+    return y
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_jitter(backend: str = "inductor"):
+    """:func:`jitter_whole_batch` under ``torch.compile`` (made once per backend; shapes are static)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(jitter_whole_batch, fullgraph=True, dynamic=False, backend=backend)
+    return _COMPILED[backend]
+
+
 def blur_kernel_size(side: int) -> int:
     """Gaussian-blur kernel size for images of ``side`` pixels: ~10% of the side, odd, at least 3 (SimCLR)."""
     return max(3, int(0.1 * side) // 2 * 2 + 1)
@@ -271,6 +291,11 @@ class Augmenter:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copied once per device
+        self.compile_backend: str | None = None  # set by :meth:`compile`
+
+    def compile(self, backend: str = "inductor") -> None:
+        """Run the colour jitter of batches off the CPU through ``torch.compile`` (``--compile``)."""
+        self.compile_backend = backend
 
     def start(self, epoch: int, step: int) -> None:
         """Called by the training loop before its first step, at the (epoch, step) it starts from
@@ -320,7 +345,11 @@ class Augmenter:
             grid = F.affine_grid(next(moved), [n, c, oh, ow], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
             if jitter is not None:
-                x = _color_jitter(x, jitter, _Jitter(jitter.ops, next(moved), next(moved)), x.device.type != "cpu")
+                on_device = _Jitter(jitter.ops, next(moved), next(moved))
+                if self.compile_backend is not None and x.device.type != "cpu" and jitter.ops:
+                    x = compiled_jitter(self.compile_backend)(x, on_device.factors, on_device.takes, tuple(jitter.ops))
+                else:
+                    x = _color_jitter(x, jitter, on_device, x.device.type != "cpu")
             if gray is not None:
                 x = torch.where(_per_sample(next(moved)), _gray(x).expand_as(x), x)
             if blur is not None:

@@ -249,9 +249,10 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
     same batches it would have seen. ``precision`` (see :func:`resolve_precision`) sets autocast;
     on CUDA the model and views are channels-last; ``compile_backbone`` runs ``torch.compile`` on
-    the backbone in place (state-dict keys unchanged). Progress is a bar on a terminal; elsewhere (a log
-    file, a Slurm job) one line every ``progress_seconds``; nothing when ``quiet``. With several ranks, ``batch_size`` is the global batch and
-    rank r trains on rows [r b, (r + 1) b) of each, b = batch_size / world size.
+    the backbone in place (state-dict keys unchanged) and on the augmenter's colour jitter off the CPU.
+    Progress is a bar on a terminal; elsewhere (a log file, a Slurm job) one line every
+    ``progress_seconds``; nothing when ``quiet``. With several ranks, ``batch_size`` is the global
+    batch and rank r trains on rows [r b, (r + 1) b) of each, b = batch_size / world size.
     """
     n = len(images)
     batch_size = min(int(cfg["batch_size"]), n)
@@ -294,6 +295,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                                memory_kind=state.get("memory_kind", ""))
     if compile_backbone:
         method.backbone.compile()
+        augmenter.compile()
     autocast_bf16 = resolve_precision(precision, device) == "bf16"
     model = _data_parallel(method) if world > 1 else method
     if cuda:
