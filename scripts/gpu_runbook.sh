@@ -57,7 +57,9 @@ else
   run_args=(run cifar10-instance --methods npid_cld --datasets cifar10-jpeg --data-dir data)
   mkdir -p data
   if [ ! -d data/cifar10-jpeg ] && [ ! -f data/cifar10-jpeg.tar.gz ]; then
-    cp data-carry/cifar10-jpeg.tar.gz data/ || { echo "error: no data-carry/cifar10-jpeg.tar.gz (docs/gpu.md)" >&2; exit 2; }
+    # through a temporary name: a copy cut short must not pass for the archive in later calls
+    cp data-carry/cifar10-jpeg.tar.gz data/.cifar10-jpeg.tar.gz.tmp && mv data/.cifar10-jpeg.tar.gz.tmp data/cifar10-jpeg.tar.gz \
+      || { echo "error: cannot copy data-carry/cifar10-jpeg.tar.gz into data/ (docs/gpu.md)" >&2; exit 2; }
   fi
 fi
 

@@ -385,5 +385,6 @@ def test_the_gpu_jitter_compiles_as_one_graph_and_gives_the_same_views(preset):
     expected = _color_jitter(x, jitter, jitter, whole_batch=False)
     assert torch.equal(jitter_whole_batch(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)
     torch._dynamo.reset()
-    compiled = compiled_jitter("eager")(x, jitter.factors, jitter.takes, tuple(jitter.ops))
-    assert torch.equal(compiled, expected)
+    one_graph = torch.compile(jitter_whole_batch, fullgraph=True, backend="eager")  # raises on a graph break
+    assert torch.equal(one_graph(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)
+    assert torch.equal(compiled_jitter("eager")(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)

@@ -117,6 +117,12 @@ def test_the_archive_is_extracted_whole_or_not_at_all(tmp_path, monkeypatch):
         load_dataset("cifar10-jpeg", root)
     assert sorted(p.name for p in root.iterdir()) == ["cifar10-jpeg.tar.gz"]
     monkeypatch.setattr(tarfile.TarFile, "makefile", extract)
+    # a process that finds the tree already renamed into place by another one keeps that tree
+    datasets.extract_whole(archive, root / "cifar10-jpeg")
+    first = sorted(str(p.relative_to(root)) for p in (root / "cifar10-jpeg").rglob("*"))
+    datasets.extract_whole(archive, root / "cifar10-jpeg")
+    assert sorted(str(p.relative_to(root)) for p in (root / "cifar10-jpeg").rglob("*")) == first
+    assert sorted(p.name for p in root.iterdir()) == ["cifar10-jpeg", "cifar10-jpeg.tar.gz"]
     data = load_dataset("cifar10-jpeg", root)
     assert len(data) == 40 and data.classes == CIFAR10_CLASSES
     assert sorted(p.name for p in root.iterdir()) == ["cache", "cifar10-jpeg", "cifar10-jpeg.tar.gz"]

@@ -214,9 +214,10 @@ _COMPILED: dict[str, object] = {}
 
 
 def compiled_jitter(backend: str = "inductor"):
-    """:func:`jitter_whole_batch` under ``torch.compile`` (made once per backend; shapes are static)."""
+    """:func:`jitter_whole_batch` under ``torch.compile``, made once per backend. Not ``fullgraph``: past
+    torch's limit of recompilations (new batch shapes, presets) it then runs uncompiled instead of failing."""
     if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(jitter_whole_batch, fullgraph=True, dynamic=False, backend=backend)
+        _COMPILED[backend] = torch.compile(jitter_whole_batch, backend=backend)
     return _COMPILED[backend]
 
 

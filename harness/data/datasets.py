@@ -299,24 +299,32 @@ def tree_fingerprint(folder: Path) -> str:
 
 def extract_whole(archive: Path, folder: Path) -> None:
     """Extract the ``.tar.gz`` ``archive`` (its members under ``folder.name/`` or at its top) into ``folder``,
-    which appears whole or not at all: the files go to a hidden folder beside it that is renamed into place,
-    so a kill or a full disk mid-way never leaves a partial tree that later runs would take for the data."""
+    which appears whole or not at all: the files go to a hidden folder of this process beside it that is
+    renamed into place, so a kill or a full disk mid-way never leaves a partial tree that later runs would
+    take for the data, and processes extracting at once (ranks, workers) do not mix their files: the first
+    rename wins and the others drop their copy. Such folders left by killed processes over an hour ago
+    are removed."""
     import tarfile
+    import tempfile
+    import time
 
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         with tarfile.open(archive) as tar:
             nested = {m.name.split("/")[0] for m in tar.getmembers()} == {folder.name}
             tar.extractall(partial, filter="data")
+        try:
+            (partial / folder.name if nested else partial).rename(folder)
+        except OSError:
+            if not folder.is_dir():  # not another process's complete tree
+                raise
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
         raise UsageError(f"cannot extract {archive} ({exc}); replace it with a complete copy") from None
-    except BaseException:
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    (partial / folder.name if nested else partial).rename(folder)
-    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cache_dir: Path,

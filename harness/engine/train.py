@@ -186,7 +186,7 @@ class _DeviceScalars:
             self.host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
             self.host.copy_(stacked, non_blocking=True)
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(stacked.device))  # that GPU's stream, not the current GPU's
         else:
             self.host = stacked
 
@@ -345,7 +345,8 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             tqdm.write(f"    {progress('resumed at')}")
         # A step's loss and scalars stay on the device until the next step has been queued: reading them at
         # once would make the host wait for the device at every step, leaving it idle while the host prepares
-        # the next batch. Every rank reads them at the same points, so a non-finite loss stops all together.
+        # the next batch. Every rank reads them at the same points, so a non-finite loss stops all together;
+        # a failed run has then trained its failing step and at most one more (``usage`` counts them).
         pending: tuple[int, _DeviceScalars, float] | None = None  # (step, its loss and scalars, its lr), unread
 
         def settle() -> str:
@@ -437,6 +438,6 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         result = TrainResult(status, usage, reason, history, peak(), memory_kind)
         if status == "ok":
             save(done=True)
-        if interrupted.requested:  # asked on the budget's last step: trained and saved, but stop as asked
+        if interrupted.requested and status == "ok":  # asked on the budget's last step: saved, but stop as asked
             raise KeyboardInterrupt
         return result
