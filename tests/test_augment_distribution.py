@@ -388,3 +388,21 @@ def test_the_gpu_jitter_compiles_as_one_graph_and_gives_the_same_views(preset):
     one_graph = torch.compile(jitter_whole_batch, fullgraph=True, backend="eager")  # raises on a graph break
     assert torch.equal(one_graph(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)
     assert torch.equal(compiled_jitter("eager")(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)
+
+
+def test_loader_workers_leave_ctrl_c_to_the_training_loop():
+    """Ctrl-C reaches every process of the group: the per-image path's workers ignore it, so the loop can
+    finish its step and checkpoint (a worker killed by it failed the step first)."""
+    import signal
+
+    from harness.data.pil_augment import per_image_loader
+
+    images = torch.zeros(8, 1, 4, 4, dtype=torch.uint8)
+    loader = per_image_loader(images, None, (0.5,), (0.25,), batch_size=4, num_workers=1)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loader.worker_init_fn(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert per_image_loader(images, None, (0.5,), (0.25,), batch_size=4, num_workers=0).worker_init_fn is None

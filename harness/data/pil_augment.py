@@ -28,6 +28,7 @@ training benchmark (``harness/bench/train.py``), and a drop-in replacement of th
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import fields
 from typing import Callable, Iterator, Sequence
@@ -138,6 +139,12 @@ def _decode(image: torch.Tensor, backend: str):
     return to_pil_image(image) if backend == "pil" else image.float() / 255
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker killed by it
+    would fail the step before the training loop checkpoints it; the loop closes them when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def per_image_loader(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequence[float], std: Sequence[float],
                      *, views: int = 2, batch_size: int = 256, allow_flip: bool = True, out_size: int | None = None,
                      num_workers: int | None = None, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
@@ -153,7 +160,8 @@ def per_image_loader(images: torch.Tensor, cfg: AugmentConfig | None, mean: Sequ
     workers = default_workers() if num_workers is None else num_workers
     common = {"num_workers": workers, "pin_memory": pin_memory,
               "generator": torch.Generator().manual_seed(seed),
-              **({"prefetch_factor": prefetch_factor, "persistent_workers": False} if workers > 0 else {})}
+              **({"prefetch_factor": prefetch_factor, "persistent_workers": False, "worker_init_fn": ignore_interrupts}
+                 if workers > 0 else {})}
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
