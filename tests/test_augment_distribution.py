@@ -406,3 +406,41 @@ def test_loader_workers_leave_ctrl_c_to_the_training_loop():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert per_image_loader(images, None, (0.5,), (0.25,), batch_size=4, num_workers=0).worker_init_fn is None
+
+
+def sequential_crop_boxes(h: int, w: int, cfg, g: torch.Generator, n: int):
+    """torchvision's RandomResizedCrop sampling written try by try for each sample, from the draws the
+    harness takes (per try: area, log-ratio, x0, y0 for the whole batch): (cw, ch, x0, y0) or None."""
+    u = [[torch.rand(n, generator=g) for _ in range(4)] for _ in range(10)]
+    lo, hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+    boxes = []
+    for i in range(n):
+        box = None
+        for area_u, ratio_u, x_u, y_u in u:
+            target = float((cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * area_u[i:i + 1]) * h * w)
+            ratio = float(torch.exp(lo + (hi - lo) * ratio_u[i:i + 1]))
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                box = (cw, ch, math.floor(float(x_u[i]) * (w - cw + 1)), math.floor(float(y_u[i]) * (h - ch + 1)))
+                break
+        boxes.append(box)
+    return boxes
+
+
+@pytest.mark.parametrize("crop_scale,crop_ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.8, 1.0), (0.5, 3.0))])
+def test_crop_boxes_are_the_first_try_that_fits(crop_scale, crop_ratio):
+    """The 10 tries computed at once keep, per sample, the first that fits, as a try-by-try loop does; no
+    try fits -> the whole image (the second setting forces that often). Catches: the last fitting try kept,
+    draws of one try used for another, the fallback applied to samples that found a box."""
+    from harness.data.augment import AugmentConfig, _crop_flip_grid, _Draws
+
+    cfg = AugmentConfig(crop_scale=crop_scale, crop_ratio=crop_ratio, flip=0.0)
+    h, w, n = 20, 33, 300
+    theta = _crop_flip_grid(h, w, cfg, False, _Draws(torch.Generator().manual_seed(3), n, slice(None)))
+    boxes = sequential_crop_boxes(h, w, cfg, torch.Generator().manual_seed(3), n)
+    assert 0 < sum(box is None for box in boxes) < n if crop_scale[0] > 0.5 else None not in boxes
+    for i, box in enumerate(boxes):
+        cw, ch, x0, y0 = box or (w, h, 0, 0)
+        expected = [cw / w, ch / h, (x0 + cw / 2) / w * 2 - 1, (y0 + ch / 2) / h * 2 - 1]
+        got = [theta[i, 0, 0], theta[i, 1, 1], theta[i, 0, 2], theta[i, 1, 2]]
+        assert [float(v) for v in got] == pytest.approx(expected, abs=1e-6), i

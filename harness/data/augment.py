@@ -70,30 +70,35 @@ class _Draws:
     def rand(self) -> torch.Tensor:
         return torch.rand(self.total, generator=self.g)[self.rows]
 
+    def rand_rows(self, k: int) -> torch.Tensor:
+        """(k, n): what ``k`` calls of :meth:`rand` return, in one draw (the CPU generator fills a tensor
+        in order, so the numbers are the same)."""
+        return torch.rand(k, self.total, generator=self.g)[:, self.rows]
+
     def uniform(self, lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * self.rand()
 
 
 def _crop_flip_grid(h: int, w: int, cfg: AugmentConfig, allow_flip: bool, draw: _Draws) -> torch.Tensor:
-    """Affine matrices (n, 2, 3) of a random resized crop (torchvision's sampling, 10 tries) plus flip."""
+    """Affine matrices (n, 2, 3) of a random resized crop (torchvision's sampling: up to 10 tries of an area
+    and a log-uniform aspect ratio, the first that fits is kept) plus flip. The 10 tries are computed at
+    once, from the draws 10 sequential tries would take."""
     n, area = draw.n, h * w
-    scale = torch.empty(n, 2)
-    centre = torch.empty(n, 2)
-    todo = torch.ones(n, dtype=torch.bool)
     log_r = (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
-    for _ in range(10):
-        target = draw.uniform(*cfg.crop_scale) * area
-        ratio = torch.exp(draw.uniform(*log_r))
-        cw = torch.sqrt(target * ratio).round()
-        ch = torch.sqrt(target / ratio).round()
-        ok = todo & (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
-        x0 = (draw.rand() * (w - cw + 1)).floor()
-        y0 = (draw.rand() * (h - ch + 1)).floor()
-        scale[ok] = torch.stack([cw / w, ch / h], 1)[ok]
-        centre[ok] = torch.stack([(x0 + cw / 2) / w * 2 - 1, (y0 + ch / 2) / h * 2 - 1], 1)[ok]
-        todo &= ~ok
-    scale[todo] = 1.0  # fallback: the whole image (torchvision centre-crops; full image is the same here)
-    centre[todo] = 0.0
+    u = draw.rand_rows(40).view(10, 4, n)  # per try: area, log-ratio, x0, y0
+    target = (cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * u[:, 0]) * area
+    ratio = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 1])
+    cw = torch.sqrt(target * ratio).round()
+    ch = torch.sqrt(target / ratio).round()
+    fits = (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
+    x0 = (u[:, 2] * (w - cw + 1)).floor()
+    y0 = (u[:, 3] * (h - ch + 1)).floor()
+    first = fits.to(torch.uint8).argmax(0, keepdim=True)  # the first try that fits (0 when none does)
+    cw, ch, x0, y0 = (t.gather(0, first)[0] for t in (cw, ch, x0, y0))
+    found = fits.any(0)
+    # fallback: the whole image (torchvision centre-crops; the full image is the same here)
+    scale = torch.where(found[:, None], torch.stack([cw / w, ch / h], 1), 1.0)
+    centre = torch.where(found[:, None], torch.stack([(x0 + cw / 2) / w * 2 - 1, (y0 + ch / 2) / h * 2 - 1], 1), 0.0)
     theta = torch.zeros(n, 2, 3)
     sign = torch.ones(n)
     if allow_flip and cfg.flip > 0:
