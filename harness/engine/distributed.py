@@ -98,13 +98,34 @@ def init_distributed(backend: str | None = None, init_method: str | None = None,
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method or f"tcp://{info.master_addr}:{info.master_port}",
                             rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+    global _host_group
+    if backend != "gloo":
+        try:  # every rank, at the same point: a group's creation is collective
+            _host_group = dist.new_group(backend="gloo")
+        except (RuntimeError, ValueError):  # a torch built without gloo: host values go through the GPU group
+            _host_group = None
     return info
+
+
+#: A gloo group over all ranks beside an NCCL default group (see :func:`host_values_group`).
+_host_group = None
+
+
+def host_values_group():
+    """(group, device) for collectives on small host-side values (rank 0's clock, batch sizes): a gloo group
+    of CPU tensors where there is one, so that they never wait for a GPU's queue of work; the default group
+    otherwise (CPU tensors under gloo, GPU tensors under NCCL)."""
+    if _host_group is not None:
+        return _host_group, "cpu"
+    return None, "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def cleanup() -> None:
     """Destroy the process group if one is initialised."""
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def get_rank() -> int:
@@ -170,8 +191,9 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+        group, device = host_values_group()
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=device), group=group)
         sizes = [int(s.item()) for s in sizes]
         if len(set(sizes)) != 1:
             raise ValueError(f"gather_with_grad needs the same batch size on every rank, got {sizes}")

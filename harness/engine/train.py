@@ -229,12 +229,13 @@ def _checkpoint_on_interrupt(enabled: bool) -> Iterator[_InterruptRequest]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _rank0_clock(elapsed: float, device: str) -> float:
+def _rank0_clock(elapsed: float) -> float:
     """Rank 0's elapsed seconds on every rank, so that all ranks agree when a seconds budget is spent."""
     if distributed.get_world_size() == 1:
         return elapsed
-    t = torch.tensor([elapsed], dtype=torch.float64, device=device)
-    torch.distributed.broadcast(t, src=0)
+    group, on = distributed.host_values_group()  # gloo beside NCCL: the GPUs' queues are not waited for
+    t = torch.tensor([elapsed], dtype=torch.float64, device=on)
+    torch.distributed.broadcast(t, src=0, group=group)
     return float(t)
 
 
@@ -400,7 +401,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                 usage.steps += 1
                 usage.samples += batch_size
                 usage.epochs = epoch + (step + 1) / steps_per_epoch
-                usage.seconds = _rank0_clock(time.perf_counter() - started, device)
+                usage.seconds = _rank0_clock(time.perf_counter() - started)
                 step_in_epoch = step + 1
                 bar.update(getattr(usage, budget.unit) - before)
                 if usage.exhausted(budget):
