@@ -350,13 +350,13 @@ def test_jitter_of_the_whole_batch_with_a_select_gives_the_rows_own_jitter(prese
     """The GPU path (every op on the whole batch, each sample keeps its own result) gives bit for bit the
     views of the CPU path (each op on the rows that take it at that position). Catches: a select that
     keeps another position's or op's result, a factor of the whole batch applied to a subset."""
-    from harness.data.augment import _Draws, _Jitter, _color_jitter, _draw_jitter
+    from harness.data.augment import _Draws, _color_jitter, _draw_jitter, jitter_whole_batch
 
     x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     jitter = _draw_jitter(get_preset(preset), True, _Draws(torch.Generator().manual_seed(1), 64, slice(None)))
     assert jitter.takes.sum(1).le(1).all()  # at each position a sample takes at most one op
-    rows_only = _color_jitter(x, jitter, jitter, whole_batch=False)
-    whole = _color_jitter(x, jitter, _Jitter(jitter.ops, jitter.factors, jitter.takes), whole_batch=True)
+    rows_only = _color_jitter(x, jitter)
+    whole = jitter_whole_batch(x, jitter.factors, jitter.takes, tuple(jitter.ops))
     assert torch.equal(rows_only, whole) and not torch.equal(rows_only, x)
 
 
@@ -382,7 +382,7 @@ def test_the_gpu_jitter_compiles_as_one_graph_and_gives_the_same_views(preset):
 
     x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     jitter = _draw_jitter(get_preset(preset), True, _Draws(torch.Generator().manual_seed(1), 32, slice(None)))
-    expected = _color_jitter(x, jitter, jitter, whole_batch=False)
+    expected = _color_jitter(x, jitter)
     assert torch.equal(jitter_whole_batch(x, jitter.factors, jitter.takes, tuple(jitter.ops)), expected)
     torch._dynamo.reset()
     one_graph = torch.compile(jitter_whole_batch, fullgraph=True, backend="eager")  # raises on a graph break

@@ -184,30 +184,24 @@ def _draw_jitter(cfg: AugmentConfig, colour: bool, draw: _Draws) -> _Jitter:
     return _Jitter([op for op, _ in ops], factors, takes)
 
 
-def _color_jitter(x: torch.Tensor, jitter: _Jitter, on_device: _Jitter, whole_batch: bool) -> torch.Tensor:
-    """Apply the drawn jitter. ``jitter`` holds the draws on the CPU (which (position, op) pairs any
-    sample takes, known without asking the device), ``on_device`` the same tensors on ``x``'s device.
-    Without ``whole_batch`` (the CPU) each op runs on the rows that take it at that position (a quarter
-    of the work); with it (a GPU) each op runs on the whole batch and each sample keeps its own result
-    (torch.where): no index tensors, no data-dependent shapes, so nothing makes the host wait for the
-    device. Both give the same views."""
+def _color_jitter(x: torch.Tensor, jitter: _Jitter) -> torch.Tensor:
+    """Apply the drawn jitter on the CPU: each op runs on the rows that take it at that position (a quarter
+    of the work of :func:`jitter_whole_batch`, which gives the same views)."""
     y = x.clone()
     for position in range(4):
         for slot, op in enumerate(jitter.ops):
             rows = jitter.takes[position, slot]
-            if not rows.any():
-                continue
-            if not whole_batch:
+            if rows.any():
                 idx = rows.nonzero().squeeze(1)
                 y[idx] = op(y[idx], jitter.factors[slot][rows])
-            else:
-                y = torch.where(_per_sample(on_device.takes[position, slot]), op(y, on_device.factors[slot]), y)
     return y
 
 
 def jitter_whole_batch(x: torch.Tensor, factors: torch.Tensor, takes: torch.Tensor, ops: tuple) -> torch.Tensor:
-    """The GPU path of :func:`_color_jitter` as one pure function of tensors (every op at every position, no
-    host checks): what ``torch.compile`` fuses into a few kernels instead of about 300 launches a view."""
+    """Apply the drawn jitter on a GPU: every op on the whole batch at every position, each sample keeping
+    its own result (torch.where). No index tensors, no data-dependent shapes and no host checks, so nothing
+    makes the host wait for the device, and ``torch.compile`` can fuse it into a few kernels instead of
+    about 300 launches a view."""
     y = x
     for position in range(4):
         for slot, op in enumerate(ops):
@@ -351,11 +345,12 @@ class Augmenter:
             grid = F.affine_grid(next(moved), [n, c, oh, ow], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
             if jitter is not None:
-                on_device = _Jitter(jitter.ops, next(moved), next(moved))
-                if self.compile_backend is not None and x.device.type != "cpu" and jitter.ops:
-                    x = compiled_jitter(self.compile_backend)(x, on_device.factors, on_device.takes, tuple(jitter.ops))
+                factors, takes = next(moved), next(moved)
+                if x.device.type == "cpu":
+                    x = _color_jitter(x, jitter)
                 else:
-                    x = _color_jitter(x, jitter, on_device, x.device.type != "cpu")
+                    whole_batch = compiled_jitter(self.compile_backend) if self.compile_backend else jitter_whole_batch
+                    x = whole_batch(x, factors, takes, tuple(jitter.ops))
             if gray is not None:
                 x = torch.where(_per_sample(next(moved)), _gray(x).expand_as(x), x)
             if blur is not None:

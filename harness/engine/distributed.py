@@ -176,11 +176,10 @@ def assert_same_everywhere(value: str, what: str = "split manifest") -> None:
     """
     if get_world_size() == 1:
         return
-    digest = torch.tensor(list(hashlib.sha256(value.encode()).digest()[:8]), dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        digest = digest.cuda()
+    group, device = host_values_group()
+    digest = torch.tensor(list(hashlib.sha256(value.encode()).digest()[:8]), dtype=torch.int64, device=device)
     gathered = [torch.zeros_like(digest) for _ in range(get_world_size())]
-    dist.all_gather(gathered, digest)
+    dist.all_gather(gathered, digest, group=group)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError(f"ranks disagree on the {what}; every rank must use the same one")
 

@@ -2,10 +2,11 @@
 
 It enforces the budget (the adapter never counts), builds the optimiser and lr schedule from
 the adapter's config, augments whole batches on the device, uses bf16 autocast on GPU,
-checkpoints periodically so a killed run resumes where it stopped (and, on Ctrl-C or SIGINT, at the end
-of the current step before it stops), and stops a run whose loss turns non-finite as ``failed`` with the reason. Under ``torch.distributed`` (see
-``harness.engine.distributed``) it trains data-parallel at the same global batch: every rank takes
-its share of each batch, BatchNorm is global and DDP averages the gradients.
+checkpoints periodically so a killed run resumes where it stopped (and, on Ctrl-C or SIGINT, at
+the end of the current step before it stops), and stops a run whose loss turns non-finite as
+``failed`` with the reason. Under ``torch.distributed`` (see ``harness.engine.distributed``) it
+trains data-parallel at the same global batch: every rank takes its share of each batch,
+BatchNorm is global and DDP averages the gradients.
 """
 from __future__ import annotations
 
