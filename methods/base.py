@@ -96,7 +96,8 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Loss for one batch (optionally with a dict of scalars to log: detached 0-d tensors, which the loop
-        reads a step later without stalling the device, or floats)."""
+        reads a step later without stalling the device, or floats). Every trainable parameter must get a
+        gradient from it (DDP runs without ``find_unused_parameters``): freeze what a configuration leaves idle."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
     def rank_local_parameters(self) -> list[str]:

@@ -43,12 +43,17 @@ def cld_loss(g1: torch.Tensor, g2: torch.Tensor, k: int, temperature: float, ite
 
 
 class CLDBranch(nn.Module):
-    """The group head (linear or NormLinear, then L2 norm) and its weighted cross-level loss."""
+    """The group head (linear or NormLinear, then L2 norm) and its weighted cross-level loss.
+
+    With ``cld_weight: 0`` the branch is built (its initialisation draws from the seeded RNG, as the
+    official baseline scripts' models do) but frozen: the loss skips it, and every trainable parameter
+    must get a gradient each step for DDP to run without ``find_unused_parameters``."""
 
     def __init__(self, in_dim: int, cfg: dict) -> None:
         super().__init__()
         self.cfg = cfg
         self.head = make_head(cfg["group_head"], in_dim, cfg["feat_dim"], cfg["head_hidden"])
+        self.requires_grad_(cfg["cld_weight"] != 0)
 
     def forward(self, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         g1, g2 = (gather_with_grad(F.normalize(self.head(h), dim=1)) for h in (h1, h2))  # global batch under DDP

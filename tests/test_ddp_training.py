@@ -22,7 +22,9 @@ WORLD = 2
 METHODS = ["simclr", "moco", "npid_cld", "moco_cld", "invcls", "cc", "cd", "sela", "supcon", "supcon_spread",
            "cond_autoencoder", "supervised",
            # InvCls with W split by rows over the ranks (hybrid parallelism); one process holds all of W
-           {"name": "invcls", "as": "invcls_sharded", "config": {"shard_classifier": True}}]
+           {"name": "invcls", "as": "invcls_sharded", "config": {"shard_classifier": True}},
+           # CLD's NPID baseline: the group branch is built but idle (frozen, or DDP's second step fails)
+           {"name": "npid_cld", "as": "npid_cld_off", "config": {"cld_weight": 0}}]
 LABELS = [m if isinstance(m, str) else m["as"] for m in METHODS]
 BUDGET = "steps=4"
 
@@ -126,6 +128,54 @@ def test_rank_zero_alone_evaluates_and_writes_and_a_rerun_trains_nothing(runs):
         ddp = stored[ref["run_id"]]
         gap = abs(ddp["metrics"]["backbone"]["knn/top1"] - ref["metrics"]["backbone"]["knn/top1"])
         assert gap <= KNN_SAME_WEIGHTS_TOLERANCE + 1e-12, (ref["spec"]["label"], gap)
+
+
+def _shipped_configurations() -> list[tuple[str, str, dict]]:
+    """(method, scale, config overrides) of every trained method at both scales' defaults and of every row
+    of every shipped suite, each once."""
+    from harness.execution.suite import load_suite, shipped_suites
+    from methods import METHODS as REGISTRY
+
+    trained = [n for n in REGISTRY.names() if REGISTRY.get(n).trains and REGISTRY.get(n).__module__.startswith("methods.")]
+    found = [(name, scale, {}) for name in trained for scale in ("cpu", "paper")]
+    for path in shipped_suites().values():
+        suite = load_suite(str(path))
+        found += [(e.name, suite.scale, e.config) for e in suite.methods if REGISTRY.get(e.name).trains]
+    unique = {(n, s, json.dumps(c, sort_keys=True)): (n, s, c) for n, s, c in found}
+    return list(unique.values())
+
+
+@pytest.mark.parametrize("name,scale,overrides", _shipped_configurations(),
+                         ids=lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+def test_every_trainable_parameter_gets_a_gradient_in_every_step(name, scale, overrides):
+    """DDP runs without ``find_unused_parameters``: a trainable parameter that a step leaves without a
+    gradient makes its next step fail on every rank. Three steps of each shipped configuration (small CNN,
+    8 px, batches of at most 32) count the gradients each parameter accumulates. Breakage tried: the idle
+    CLD branch of the ``cld_weight: 0`` rows not frozen (npid and moco of cifar10-instance fail here)."""
+    from harness.bench.gpu import synthetic_cifar
+    from harness.data.augment import Augmenter, get_preset
+    from harness.engine.budget import Budget
+    from harness.engine.seeding import seed_everything
+    from harness.engine.train import train
+    from harness.models.backbones import create_backbone
+    from methods import METHODS as REGISTRY, DataInfo, create_method, resolve_config
+
+    steps, cls, data = 3, REGISTRY.get(name), synthetic_cifar(64, 8, seed=1)
+    cfg = resolve_config(cls, scale, overrides)
+    cfg["batch_size"] = min(cfg["batch_size"], 32)
+    labels = {"fine": data.labels, "coarse": data.coarse_labels}.get(cls.label_level, data.labels)
+    classes = {"fine": data.num_classes, "coarse": data.num_coarse}.get(cls.label_level)
+    generator = seed_everything(0)
+    method = create_method(name, create_backbone("small_cnn", 3), cfg, DataInfo(64, data.image_shape, classes))
+    counts = {n: 0 for n, p in method.named_parameters() if p.requires_grad}
+    for n, p in method.named_parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda _, n=n: counts.__setitem__(n, counts[n] + 1))
+    augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    result = train(method, data.images, torch.as_tensor(labels), Budget("steps", steps), augmenter, cfg,
+                   device="cpu", seed=0, generator=generator, quiet=True)
+    assert result.status == "ok", result.reason
+    assert {n: c for n, c in counts.items() if c != steps} == {}
 
 
 def test_torchrun_launch_of_the_cli_trains_each_run_over_two_ranks(tmp_path):

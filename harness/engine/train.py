@@ -145,15 +145,17 @@ def _peak_rss_mb() -> float:
 
 def _data_parallel(method: Method) -> DistributedDataParallel:
     """DDP around the adapter. Buffers (memory banks, queues, BN statistics) are kept equal on all
-    ranks by the adapters' gathered updates and global BN, so they are not re-broadcast every step;
-    some adapters leave parameters unused in a step (SeLa's heads), hence ``find_unused_parameters``."""
+    ranks by the adapters' gathered updates and global BN, so they are not re-broadcast every step.
+    Every trainable parameter gets a gradient in every step (adapters freeze what a configuration leaves
+    idle; tests/test_ddp_training.py checks each shipped configuration), so DDP need not search the
+    autograd graph for unused parameters and sync a used-parameter map each step."""
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                       inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
     local = method.rank_local_parameters()
     # DDP's reducer spells a top-level parameter ".name" (module name "" + "."), its other checks "name"
     ignore = local + [f".{name}" for name in local if "." not in name]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignore)
-    return DistributedDataParallel(method, find_unused_parameters=True, **no_buffer_sync)
+    return DistributedDataParallel(method, **no_buffer_sync)
 
 
 def _global_rng(device: str) -> dict[str, torch.Tensor]:
