@@ -178,6 +178,34 @@ def test_every_trainable_parameter_gets_a_gradient_in_every_step(name, scale, ov
     assert {n: c for n, c in counts.items() if c != steps} == {}
 
 
+def test_a_parameter_without_a_gradient_stops_training_with_its_name_before_any_update():
+    """An adapter that leaves a trainable parameter idle gets one line naming it at its first step, on one
+    process as under DDP (where it would otherwise fail a step later with DDP's reduction error)."""
+    from harness.bench.gpu import synthetic_cifar
+    from harness.data.augment import Augmenter, get_preset
+    from harness.engine.budget import Budget
+    from harness.engine.seeding import seed_everything
+    from harness.engine.train import train
+    from harness.errors import UsageError
+    from harness.models.backbones import create_backbone
+    from methods import DataInfo, resolve_config
+    from methods.simclr import SimCLR
+
+    class WithIdleHead(SimCLR):
+        def __init__(self, backbone, cfg, info):
+            super().__init__(backbone, cfg, info)
+            self.spare = torch.nn.Linear(backbone.out_dim, 3)
+
+    data, cfg = synthetic_cifar(64, 8, seed=1), resolve_config(SimCLR, "cpu")
+    method = WithIdleHead(create_backbone("small_cnn", 3), cfg, DataInfo(64, data.image_shape))
+    before = {k: v.detach().clone() for k, v in method.named_parameters()}
+    with pytest.raises(UsageError, match=r"method 'simclr': trainable parameter\(s\) spare.weight, spare.bias got no "
+                                         r"gradient.*requires_grad_\(False\)"):
+        train(method, data.images, None, Budget("steps", 2), Augmenter(get_preset(cfg["augment"]), data.mean, data.std),
+              cfg, device="cpu", seed=0, generator=seed_everything(0), quiet=True)
+    assert all(torch.equal(v, dict(method.named_parameters())[k]) for k, v in before.items())  # not updated
+
+
 def test_torchrun_launch_of_the_cli_trains_each_run_over_two_ranks(tmp_path):
     """``torchrun -m harness run``: one record per run, trained by 2 ranks, and the leaderboard printed once."""
     import subprocess

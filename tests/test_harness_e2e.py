@@ -82,6 +82,7 @@ class _NaNLoss(Method):
 
     def __init__(self, backbone, cfg, info):
         super().__init__(backbone, cfg, info)
+        backbone.requires_grad_(False)  # untrained: every trainable parameter must get a gradient
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     def training_step(self, batch):

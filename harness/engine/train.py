@@ -158,6 +158,17 @@ def _data_parallel(method: Method) -> DistributedDataParallel:
     return DistributedDataParallel(method, **no_buffer_sync)
 
 
+def _check_every_parameter_has_a_gradient(method: Method) -> None:
+    """After the first backward pass (before any update): a trainable parameter without a gradient would stop
+    data-parallel training at its second step with DDP's reduction error; name it on every machine instead."""
+    idle = [name for name, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    if idle:
+        shown = ", ".join(idle[:3]) + (f" and {len(idle) - 3} more" if len(idle) > 3 else "")
+        raise UsageError(f"method {method.name or type(method).__name__!r}: trainable parameter(s) {shown} got no "
+                         f"gradient in a training step; every trainable parameter must be used in every step "
+                         f"(freeze idle ones with requires_grad_(False))")
+
+
 def _global_rng(device: str) -> dict[str, torch.Tensor]:
     """torch's global RNG states, which adapters draw from during training (MoCo's shuffled BN groups, NPID's
     NCE noise): saved with each checkpoint so that a resumed run draws what an uninterrupted one would."""
@@ -371,7 +382,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                                             **{f"train/{k}": v for k, v in logs.items()}})
             return ""
 
-        status, reason = "ok", ""
+        status, reason, first_step = "ok", "", True
         while not usage.exhausted(budget):
             if step_in_epoch == 0:
                 method.on_epoch_start(epoch, plain)
@@ -393,6 +404,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                 to_host = _DeviceScalars(distributed.all_reduce_mean(loss.detach()), step_logs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if first_step:
+                    _check_every_parameter_has_a_gradient(method)
+                    first_step = False
                 optimizer.step()
                 method.after_optimizer_step()
                 reason = settle()  # the previous step's: its copy was queued a step ago, reading it stalls nothing
