@@ -15,12 +15,15 @@ saved as PNG beside it under ``figures/``:
 Embeddings and galleries need features: the method is rebuilt from the record's spec with
 the :class:`~harness.execution.runner.Runner`, its final weights loaded from the run's checkpoint
 (``results/<suite>/.ckpt/<run_id>.pt``), and features extracted with
-:class:`~harness.engine.evaluate.RunContext`. A trained method whose checkpoint is gone (a fresh
-clone) is skipped with a note on the page; baselines that do not train are built directly.
+:class:`~harness.engine.evaluate.RunContext`; baselines that do not train are built directly. Each
+embedding and gallery PNG names the run it was drawn from (and its caption) in its Description text
+chunk: where a run's checkpoint is gone (a fresh clone: checkpoints are not committed, figures are),
+the figures an earlier report drew from that run stay, with a note; without them the run is skipped
+with a note.
 
 Everything is deterministic: the same records (and checkpoints) give byte-identical files.
 Figures are drawn with matplotlib's Agg canvas without touching pyplot's global state, with
-fixed rc parameters and no PNG metadata; t-SNE uses a fixed seed and one thread.
+fixed rc parameters and no PNG metadata beyond that provenance; t-SNE uses a fixed seed and one thread.
 """
 from __future__ import annotations
 
@@ -121,12 +124,32 @@ def _write_bytes(path: Path, data: bytes) -> None:
     write_atomic(path, lambda f: f.write(data), binary=True)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, provenance: dict[str, str] | None = None) -> None:
+    """PNG without a Software tag; ``provenance`` (the run a figure was drawn from and its caption) goes into
+    its Description text chunk, so a report without that run's checkpoint can keep the figure."""
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    description = {"Description": json.dumps(provenance, sort_keys=True)} if provenance else {}
+    fig.savefig(buf, format="png", metadata={"Software": None, **description})
     _write_bytes(path, buf.getvalue())
+
+
+def drawn_figures(fig_dir: Path) -> dict[str, list[dict[str, str]]]:
+    """The figures under ``fig_dir`` drawn from one run's features, by run id: each one's provenance
+    (``name``, ``run_id``, ``section``, ``caption``, ``alt``, ``samples``). Figures without it are left out."""
+    from PIL import Image
+
+    found: dict[str, list[dict[str, str]]] = {}
+    for path in sorted(fig_dir.glob("*.png")):
+        try:
+            with Image.open(path) as image:
+                about = json.loads(image.text.get("Description", "null"))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(about, dict) and {"run_id", "section", "caption", "alt", "samples"} <= set(about):
+            found.setdefault(about["run_id"], []).append({**about, "name": path.name})
+    return found
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained"):
@@ -276,7 +299,8 @@ def tsne(features: np.ndarray, seed: int = TSNE_SEED) -> np.ndarray:
         return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
-def embedding_chart(panels: list[tuple[str, np.ndarray, np.ndarray, list[str]]], title: str, path: Path) -> None:
+def embedding_chart(panels: list[tuple[str, np.ndarray, np.ndarray, list[str]]], title: str, path: Path,
+                    provenance: dict[str, str] | None = None) -> None:
     """Scatter panels side by side: (panel title, (n, 2) coordinates, int colours, legend names)."""
     fig = _figure(4.4 * len(panels), 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
@@ -295,12 +319,12 @@ def embedding_chart(panels: list[tuple[str, np.ndarray, np.ndarray, list[str]]],
             handles = [Line2D([], [], marker="o", ls="", ms=4, color=palette[i]) for i in range(len(names))]
             ax.legend(handles, names, fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title)
-    _save(fig, path)
+    _save(fig, path, provenance)
 
 
 def gallery_chart(images: np.ndarray, assignments: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
                   title: str, path: Path, per_cluster: int = GALLERY_PER_CLUSTER,
-                  max_clusters: int = GALLERY_MAX_CLUSTERS) -> tuple[int, int]:
+                  max_clusters: int = GALLERY_MAX_CLUSTERS, provenance: dict[str, str] | None = None) -> tuple[int, int]:
     """A mosaic: one row per cluster (largest first) with its first samples; returns (shown, total) clusters."""
     ids, counts = np.unique(assignments, return_counts=True)
     order = sorted(range(len(ids)), key=lambda i: (-counts[i], ids[i]))[:max_clusters]
@@ -334,7 +358,7 @@ def gallery_chart(images: np.ndarray, assignments: np.ndarray, labels: np.ndarra
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
     ax.set_title(title)
-    _save(fig, path)
+    _save(fig, path, provenance)
     return len(order), len(ids)
 
 
@@ -346,6 +370,8 @@ class Extracted:
     features: dict[str, np.ndarray] = field(default_factory=dict)
     assignments: dict[str, np.ndarray] = field(default_factory=dict)
     note: str = ""
+    #: The run's weights (or a component's) are not here: figures an earlier report drew from them may stand.
+    weights_missing: bool = False
 
 
 def _subset(data, idx: np.ndarray):
@@ -387,12 +413,13 @@ def extract(runner, record: dict, pool: np.ndarray, device: str) -> Extracted:
     ckpt = store.checkpoint_path(record["run_id"])
     if cls.trains and not ckpt.is_file():
         return Extracted(note=f"no checkpoint of run {record['run_id']} (seed {spec['seed']}) under "
-                              f"{ckpt.parent}; rerun it to see its features")
+                              f"{ckpt.parent}; rerun it to see its features", weights_missing=True)
     for comp in spec.get("components", []):
         comp_cls = METHODS.get(comp["method"]) if comp["method"] in METHODS.names() else None
         if comp_cls is None or (comp_cls.trains and not store.checkpoint_path(run_id(comp)).is_file()) \
                 or not store.has(run_id(comp)):
-            return Extracted(note=f"component {comp['label']!r} has no stored record or checkpoint; no features")
+            return Extracted(note=f"component {comp['label']!r} has no stored record or checkpoint; no features",
+                             weights_missing=True)
     job = Job(record["suite"], spec["dataset"], MethodEntry(spec["method"], spec["label"], {}, {}), spec["seed"],
               Budget.parse(spec["budget"]), spec)
     data, manifest = runner.dataset(spec["dataset"], spec["val_fraction"])
@@ -729,6 +756,20 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
 
             runner = Runner(Path(results_dir), Path(data_dir), device, quiet=True, log=lambda s: None)
             pools: dict[tuple[str, float], tuple[np.ndarray, str]] = {}
+            drawn = drawn_figures(fig_dir)
+
+            def keep_drawn(record: dict, what: str, why: str) -> bool:
+                """Keep the figures an earlier report drew from ``record``'s run (same samples), if any."""
+                kept = [f for f in drawn.get(record["run_id"], []) if f["samples"] == str(embed_samples)]
+                for figure in kept:
+                    names.used.add(figure["name"])
+                    sections[figure["section"]].append(_figure_html(f"{FIGURES}/{figure['name']}", figure["caption"],
+                                                                    figure["alt"]))
+                if kept:
+                    notes.append(f"{what}: {why}; its {len(kept)} figure(s) were drawn by an earlier report from "
+                                 f"this run's weights")
+                return bool(kept)
+
             for key in order:
                 label, dataset, budget = key
                 ok = sorted((r for r in groups[key] if r["status"] == "ok"), key=lambda r: r["spec"]["seed"])
@@ -740,7 +781,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                 try:
                     data, manifest = runner.dataset(dataset, spec["val_fraction"])
                 except (UsageError, OSError) as exc:
-                    notes.append(f"{label} on {dataset}: dataset not available here ({exc}); no embedding")
+                    if not keep_drawn(record, f"{label} on {dataset}", "dataset not available here"):
+                        notes.append(f"{label} on {dataset}: dataset not available here ({exc}); no embedding")
                     continue
                 pk = (dataset, spec["val_fraction"])
                 if pk not in pools:
@@ -754,6 +796,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                 except (RuntimeError, UsageError, KeyError, ValueError, OSError) as exc:  # e.g. code changed since
                     got = Extracted(note=f"could not rebuild the method from its record and checkpoint: "
                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                if got.weights_missing and keep_drawn(record, what, "its weights are not here"):
+                    continue
                 if got.note:
                     notes.append(f"{what}: {got.note}")
                 if not got.features:
@@ -769,19 +813,22 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                     panels.append((f"backbone, by {head} assignment", panels[0][1], inv,
                                    [f"cluster {i}" for i in ids]))
                 name = names("embed", label, dataset, *([_budget_text(json.loads(budget))] if multi_budget else []))
-                embedding_chart(panels, f"{label} (seed {spec['seed']})", fig_dir / name)
-                sections["embeddings"].append(_figure_html(
-                    f"{FIGURES}/{name}", f"{what}: t-SNE of {n} fixed {source} samples", f"t-SNE of {what}"))
+                figure = {"run_id": record["run_id"], "samples": str(embed_samples), "section": "embeddings",
+                          "caption": f"{what}: t-SNE of {n} fixed {source} samples", "alt": f"t-SNE of {what}"}
+                embedding_chart(panels, f"{label} (seed {spec['seed']})", fig_dir / name, figure)
+                sections["embeddings"].append(_figure_html(f"{FIGURES}/{name}", figure["caption"], figure["alt"]))
                 for head, assign in got.assignments.items():
                     name = names("gallery", label, head, dataset,
                                  *([_budget_text(json.loads(budget))] if multi_budget else []))
-                    shown, total = gallery_chart(data.images[pool].numpy(), assign, labels, data.classes,
-                                                 f"{label} (seed {spec['seed']}): {head}", fig_dir / name)
+                    total = len(np.unique(assign))
+                    shown = min(total, GALLERY_MAX_CLUSTERS)
                     more = f" (the {shown} largest of {total})" if shown < total else ""
-                    sections["galleries"].append(_figure_html(
-                        f"{FIGURES}/{name}",
-                        f"{what}, {head}: first {GALLERY_PER_CLUSTER} of {len(pool)} fixed {source} samples per "
-                        f"cluster{more}", f"cluster gallery of {what}"))
+                    figure = {**figure, "section": "galleries", "alt": f"cluster gallery of {what}",
+                              "caption": f"{what}, {head}: first {GALLERY_PER_CLUSTER} of {len(pool)} fixed {source} "
+                                         f"samples per cluster{more}"}
+                    gallery_chart(data.images[pool].numpy(), assign, labels, data.classes,
+                                  f"{label} (seed {spec['seed']}): {head}", fig_dir / name, provenance=figure)
+                    sections["galleries"].append(_figure_html(f"{FIGURES}/{name}", figure["caption"], figure["alt"]))
         else:
             notes.append("embeddings and cluster galleries were not drawn (features off)")
 
