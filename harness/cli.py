@@ -419,7 +419,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-BENCHMARKS = {"protocols": "harness.bench.protocols", "train": "harness.bench.train", "gpu": "harness.bench.gpu"}
+BENCHMARKS = {"protocols": "harness.bench.protocols", "train": "harness.bench.train", "gpu": "harness.bench.gpu",
+              "sinkhorn": "harness.bench.sinkhorn"}
 
 
 def cmd_bench(args) -> int:

@@ -27,7 +27,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "weight_decay": 5e-4,
     "momentum": 0.9,
     "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (engine.train.lr_factor)
-    "warmup": 0.0,            # fraction of the budget with linear warm-up
+    "warmup": 0.0,            # fraction of the budget with linear warm-up (from 1e-3 / (warmup + 1e-3) of lr)
     "min_lr": 0.0,
     "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
     "gamma": 0.1,

@@ -345,3 +345,12 @@ def test_leaderboard_leaves_out_records_of_an_older_configuration(tmp_path, caps
 
     with open(tmp_path / "lb" / "s.csv") as f:
         assert {row["n"] for row in csv.DictReader(f)} == {"1"}  # one seed, the superseded record not averaged in
+
+
+def test_readme_shows_the_simclr_adapter_as_it_is_in_its_file():
+    """README's "Adding a method" calls its code block the whole adapter: it must be methods/simclr.py's code."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    source = (REPO / "methods" / "simclr.py").read_text()
+    assert block.strip() == source[source.index("from __future__"):].strip()

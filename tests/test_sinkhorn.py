@@ -79,3 +79,20 @@ def test_extreme_logits_stay_finite_and_balanced():
         counts = torch.bincount(result.labels, minlength=k)
         assert counts.min() >= 0.8 * n / k and counts.max() <= 1.2 * n / k, (dtype, counts)
         assert result.error < 1e-1
+
+
+def test_bench_sinkhorn_command_prints_and_appends_its_table(tmp_path):
+    """``python -m harness bench sinkhorn`` (the command leaderboards/bench-sinkhorn.md names) times each size
+    in a fresh process and appends the table under a heading to ``--out``."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, "-m", "harness", "bench", "sinkhorn", "--sizes", "600,900", "--clusters",
+                           "30", "--dtypes", "float32", "--max-iter", "20", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| 600") or
+            line.startswith("| 900")]
+    assert [r[0].strip() for r in rows] == ["600", "900"] and all(r[1].strip() == "30" for r in rows)
+    assert "lambda=25.0" in out.read_text() and "| 600 |" in done.stdout

@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp benchmark at SeLa's scale: seconds per iteration and peak memory of the solver.
 
-``python -m harness.bench.sinkhorn`` times :func:`methods.sinkhorn.sinkhorn_knopp` on synthetic
+``python -m harness bench sinkhorn`` times :func:`methods.sinkhorn.sinkhorn_knopp` on synthetic
 logits of N samples x K clusters (a random linear head on random 128-d features, the shape of
 SeLa's logits) for each N and chunk precision, each in a fresh process, and prints a table
 (``--out`` appends it to a markdown file such as ``leaderboards/bench-sinkhorn.md``). Peak memory
@@ -81,7 +81,7 @@ def bench(sizes: list[int], k: int, dtypes: list[str], input_dtype: str, lam: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.bench.sinkhorn")
+    p = argparse.ArgumentParser(prog="python -m harness bench sinkhorn")
     p.add_argument("--sizes", default="50000,200000,1281167", help="comma-separated N")
     p.add_argument("--clusters", type=int, default=3000, help="K")
     p.add_argument("--dtypes", default="float32,float64", help="chunk precisions")

@@ -78,6 +78,8 @@ SCHEDULES = ("constant", "cosine", "cosine_restarts", "cosine_annealing", "step"
 def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
     """Multiplier of the base lr at ``progress`` in [0, 1] of the budget (linear warm-up, then the schedule).
 
+    Warm-up rises linearly from 1e-3 / (warmup + 1e-3) at progress 0 to 1 at ``warmup``.
+
     After warm-up, t in [0, 1] is the progress through the rest of the budget and ``floor`` =
     min_lr / lr: ``cosine`` anneals once from 1 to the floor; ``cosine_restarts`` does so
     ``restarts`` times, jumping back to 1 (SGDR); ``cosine_annealing`` is torch's
