@@ -15,7 +15,7 @@ from conftest import make_suite
 from harness.cli import main
 from harness.errors import UsageError
 from harness.reporting.leaderboard import (StatsOptions, compare, current_records, leaderboard_table, sensitivity,
-                                 write_leaderboard)
+                                 write_leaderboard, write_leaderboards)
 
 T_975_2 = 4.302653  # Student t quantile 0.975 with 2 degrees of freedom (tables)
 
@@ -122,6 +122,23 @@ def test_friedman_and_the_critical_difference_diagram(tmp_path):
     assert not list(tmp_path.glob("syn-cd.*")) and "No Friedman test" in (tmp_path / "syn.md").read_text()
     csv = pd.read_csv(tmp_path / "syn.csv")
     assert {"mean", "std", "n", "ci_low", "ci_high"} <= set(csv.columns)
+
+
+def test_a_table_dropped_from_the_suite_is_removed_and_other_suites_tables_stay(tmp_path):
+    """``tables: {knn: [knn/]}`` writes ``syn-knn.*`` and names it in ``syn.md``; without that entry the next
+    write removes every ``syn-knn`` file, and leaves alone a suite named ``syn-extra`` that shares the prefix."""
+    records = synthetic_records()
+    write_leaderboard(records, "syn-extra", tmp_path)
+    write_leaderboards(records, "syn", tmp_path, tables={"knn": ["knn/"]})
+    assert "Other tables of this suite: `syn-knn.md`." in (tmp_path / "syn.md").read_text()
+    knn = {p.name for p in tmp_path.glob("syn-knn*")}
+    assert {"syn-knn.md", "syn-knn.csv", "syn-knn.tex", "syn-knn.html"} <= knn
+    assert "knn/top1" not in (tmp_path / "syn.md").read_text() and "knn/top1" in (tmp_path / "syn-knn.md").read_text()
+    extra = {p.name: p.read_bytes() for p in tmp_path.glob("syn-extra*")}
+    write_leaderboards(records, "syn", tmp_path)
+    assert not list(tmp_path.glob("syn-knn*")) and "Other tables" not in (tmp_path / "syn.md").read_text()
+    assert "knn/top1" in (tmp_path / "syn.md").read_text()
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("syn-extra*")} == extra
 
 
 def test_compare_is_the_paired_difference_with_its_interval():

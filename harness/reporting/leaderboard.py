@@ -496,11 +496,34 @@ def write_leaderboards(records: list[dict[str, Any]], suite: str, out_dir: Path,
     tables = tables or {}
     records = sorted(records, key=lambda r: r["run_id"])  # same input order, same float sums, same files
     claimed = tuple(p for prefixes in tables.values() for p in prefixes)
+    others = [f"{suite}-{name}" for name in tables]
+    for dropped in sorted(set(listed_tables(Path(out_dir) / f"{suite}.md")) - set(others)):
+        remove_leaderboard(Path(out_dir), dropped)  # an entry gone from the suite's ``tables``
     for name, prefixes in tables.items():
         write_leaderboard(select_metrics(records, lambda k, p=tuple(prefixes): k.startswith(p)), f"{suite}-{name}",
                           out_dir, f"{title or suite}: {name}", options)
     main = select_metrics(records, lambda k: not k.startswith(claimed)) if claimed else records
-    return write_leaderboard(main, suite, out_dir, title, options)
+    return write_leaderboard(main, suite, out_dir, title, options, others)
+
+
+#: The main table's line naming the suite's other tables (read back to remove those a suite no longer has).
+OTHER_TABLES = "Other tables of this suite:"
+
+
+def listed_tables(main_md: Path) -> list[str]:
+    """The other tables a main table ``<suite>.md`` names (none if it is missing or names none)."""
+    try:
+        lines = main_md.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    line = next((x for x in lines if x.startswith(OTHER_TABLES)), "")
+    return re.findall(r"`([^`]+)\.md`", line)
+
+
+def remove_leaderboard(out_dir: Path, name: str) -> None:
+    """Delete the files :func:`write_leaderboard` writes for ``name``."""
+    for suffix in (".md", ".csv", ".tex", ".html", "-cd.png", "-cd.svg"):
+        (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def significance_text(board: Leaderboard, options: StatsOptions, markdown: bool = True) -> str:
@@ -515,9 +538,10 @@ def significance_text(board: Leaderboard, options: StatsOptions, markdown: bool 
 
 
 def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "",
-                      options: StatsOptions = StatsOptions()) -> pd.DataFrame:
+                      options: StatsOptions = StatsOptions(), others: list[str] = ()) -> pd.DataFrame:
     """Write ``<suite>.md/.csv/.tex/.html`` into ``out_dir``, and ``<suite>-cd.png/.svg`` when the table
-    allows Friedman's test; return the display table."""
+    allows Friedman's test; return the display table. ``others`` are the names of the suite's other tables,
+    listed in the header."""
     board = leaderboard_table(records, options)
     display = board.display
     display.index.name = "method"
@@ -547,6 +571,7 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
               f"[head] evaluate that head's features or assignments instead of the backbone's pooled output.", "",
               significance_text(board, options), "", ranks_text, "",
               f"Budget: {', '.join(budgets)}. Split manifests (sha256): {'; '.join(hashes)}.", "",
+              *([f"{OTHER_TABLES} {', '.join(f'`{name}.md`' for name in others)}.", ""] if others else []),
               "Protocols and parameters:", *protocol_notes(records), "",
               "`train s` is wall-clock training time per run; `peak MB` is GPU max allocated on CUDA, "
               "peak resident memory of the process on CPU.", ""]
