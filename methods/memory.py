@@ -30,6 +30,7 @@ class MemoryBank(nn.Module):
         bound = 1 / math.sqrt(dim / 3)
         self.register_buffer("memory", torch.rand(size, dim).mul_(2 * bound).sub_(bound))
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE's normaliser, estimated once
+        self.z_checked = False  # whether this process has seen log_z set (it may come from a checkpoint)
 
     def logits(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
         """Non-parametric softmax logits f M^T / T over the whole bank (NPID Eq. 2)."""
@@ -38,15 +39,20 @@ class MemoryBank(nn.Module):
     def nce_loss(self, f: torch.Tensor, index: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
         """NCE approximation of the full softmax (NPID Sec. 3.2, Eqs. 5-8) with K uniform noise samples.
 
-        P(i|v) = exp(v.f_i / T) / Z, Z estimated once from the first batch as N mean(exp(v.f_j / T));
-        h(i, v) = P(i|v) / (P(i|v) + K/N). ``noise`` (n, K) holds bank indices drawn uniformly.
-        Loss: -[log h(i, v_i) + sum_noise log(1 - h(j, v_i))], averaged over the batch.
+        P(i|v) = exp(v.f_i / T) / Z, Z estimated once from the first batch as N mean(exp(v.f_j / T))
+        (lemniscate's NCEAverage; under DDP the mean is over the global batch, every rank's rows, as the
+        official single-process run takes it); h(i, v) = P(i|v) / (P(i|v) + K/N). ``noise`` (n, K) holds
+        bank indices drawn uniformly. Loss: -[log h(i, v_i) + sum_noise log(1 - h(j, v_i))], averaged over
+        the batch.
         """
         n_data = len(self.memory)
         weight = self.memory[torch.cat([index[:, None], noise], 1)].to(f.dtype)  # (n, K+1, d)
         scores = torch.einsum("nkd,nd->nk", weight, f).float() / temperature
-        estimate = torch.logsumexp(scores.detach().flatten(), 0) - math.log(scores.numel()) + math.log(n_data)
-        self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, self.log_z))  # set once; no host check
+        if not self.z_checked:  # this process's first step (a resumed run keeps its checkpoint's log_z)
+            per_rank = distributed.all_gather_cat(torch.logsumexp(scores.detach().flatten(), 0).reshape(1))
+            estimate = torch.logsumexp(per_rank, 0) - math.log(scores.numel() * len(per_rank)) + math.log(n_data)
+            self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, self.log_z))  # no host check
+            self.z_checked = True
         log_p = scores - self.log_z  # log P(j|v)
         log_noise = math.log(noise.shape[1] / n_data)  # log(K P_n)
         log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, log_noise))

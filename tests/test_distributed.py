@@ -1,5 +1,6 @@
 """harness.engine.distributed on two gloo processes on CPU: gathered NT-Xent equals one process on the
-concatenated batch (loss and gradients), sharding covers every index once per epoch."""
+concatenated batch (loss and gradients), NPID's NCE normaliser is the global batch's on every rank,
+sharding covers every index once per epoch."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,6 +35,20 @@ def _single_process():
     return loss.detach(), w.grad, x1.grad, x2.grad
 
 
+def _nce_first_step(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z, loss) of NPID's NCE at the first step of a fresh bank, on ``rows`` of a fixed batch."""
+    from methods.memory import MemoryBank
+
+    torch.manual_seed(0)
+    bank = MemoryBank(50, DIM_OUT)
+    g = torch.Generator().manual_seed(1)
+    f = torch.nn.functional.normalize(torch.randn(WORLD * N_PER_RANK, DIM_OUT, generator=g), dim=1)
+    index, noise = torch.randperm(50, generator=g)[:WORLD * N_PER_RANK], torch.randint(50, (WORLD * N_PER_RANK, 7),
+                                                                                         generator=g)
+    loss = bank.nce_loss(f[rows], index[rows], noise[rows], 0.1)
+    return bank.log_z, loss.detach()
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     env = {"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)}
     info = hd.init_distributed("gloo", init_method=f"file://{init_file}", environ=env)
@@ -53,6 +68,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.testing.assert_close(wgrad, ref_w)
         torch.testing.assert_close(x1.grad / WORLD, ref_x1[part])
         torch.testing.assert_close(x2.grad / WORLD, ref_x2[part])
+        # --- NPID's NCE normaliser: estimated from the global batch, the same on every rank
+        nce_log_z, nce_loss = _nce_first_step(slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK))
+        ref_log_z, ref_nce_loss = _nce_first_step(slice(None))
+        everyone = hd.all_gather_cat(nce_log_z.reshape(1))
+        torch.testing.assert_close(everyone, ref_log_z.expand(WORLD))
+        torch.testing.assert_close(hd.all_reduce_mean(nce_loss), ref_nce_loss)
         # --- sharding: disjoint, complete, same on every rank's view, new order each epoch
         train_idx = np.arange(3, 3 + 2 * 101, 2)  # an odd count: shards of 51 and 50
         shards = {}
