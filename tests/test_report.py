@@ -163,6 +163,11 @@ def test_fresh_clone_keeps_the_figures_an_earlier_report_drew_from_the_same_runs
     assert "were drawn by an earlier report from this run&#x27;s weights" in page and "rerun it to see" not in page
     other = write_report("tiny", results, out, tiny.root / "data", embed_samples=EMBED - 1)
     assert not any(f.startswith(("embed_simclr", "gallery_")) for f in _figures(other))
+    shutil.copytree(tiny.index.parent, out / "tiny", dirs_exist_ok=True)
+    for path in (results / "tiny").glob("*.json"):  # the same runs trained again (--force): not the figures' runs
+        path.write_text(path.read_text().replace('"created": "', '"created": "1'))
+    rerun = write_report("tiny", results, out, tiny.root / "data", embed_samples=EMBED)
+    assert not any(f.startswith(("embed_simclr", "gallery_")) for f in _figures(rerun))
 
 
 def test_report_without_records_is_a_usage_error(tmp_path):

@@ -759,8 +759,10 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
             drawn = drawn_figures(fig_dir)
 
             def keep_drawn(record: dict, what: str, why: str) -> bool:
-                """Keep the figures an earlier report drew from ``record``'s run (same samples), if any."""
-                kept = [f for f in drawn.get(record["run_id"], []) if f["samples"] == str(embed_samples)]
+                """Keep the figures an earlier report drew from ``record``'s run, the same training of it (a
+                rerun with --force keeps its id, not its ``created`` time) and samples, if any."""
+                kept = [f for f in drawn.get(record["run_id"], [])
+                        if f["samples"] == str(embed_samples) and f.get("created") == record.get("created")]
                 for figure in kept:
                     names.used.add(figure["name"])
                     sections[figure["section"]].append(_figure_html(f"{FIGURES}/{figure['name']}", figure["caption"],
@@ -813,7 +815,8 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                     panels.append((f"backbone, by {head} assignment", panels[0][1], inv,
                                    [f"cluster {i}" for i in ids]))
                 name = names("embed", label, dataset, *([_budget_text(json.loads(budget))] if multi_budget else []))
-                figure = {"run_id": record["run_id"], "samples": str(embed_samples), "section": "embeddings",
+                figure = {"run_id": record["run_id"], "created": record.get("created"),  # this training of it
+                          "samples": str(embed_samples), "section": "embeddings",
                           "caption": f"{what}: t-SNE of {n} fixed {source} samples", "alt": f"t-SNE of {what}"}
                 embedding_chart(panels, f"{label} (seed {spec['seed']})", fig_dir / name, figure)
                 sections["embeddings"].append(_figure_html(f"{FIGURES}/{name}", figure["caption"], figure["alt"]))
