@@ -18,8 +18,8 @@ the :class:`~harness.execution.runner.Runner`, its final weights loaded from the
 :class:`~harness.engine.evaluate.RunContext`; baselines that do not train are built directly. Each
 embedding and gallery PNG names the run it was drawn from (and its caption) in its Description text
 chunk: where a run's checkpoint is gone (a fresh clone: checkpoints are not committed, figures are),
-the figures an earlier report drew from that run stay, with a note; without them the run is skipped
-with a note.
+the figures an earlier report drew from that same training of the run stay, and the page is the one
+written where the weights are; without them the run is skipped with a note.
 
 Everything is deterministic: the same records (and checkpoints) give byte-identical files.
 Figures are drawn with matplotlib's Agg canvas without touching pyplot's global state, with
@@ -758,18 +758,16 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
             pools: dict[tuple[str, float], tuple[np.ndarray, str]] = {}
             drawn = drawn_figures(fig_dir)
 
-            def keep_drawn(record: dict, what: str, why: str) -> bool:
+            def keep_drawn(record: dict) -> bool:
                 """Keep the figures an earlier report drew from ``record``'s run, the same training of it (a
-                rerun with --force keeps its id, not its ``created`` time) and samples, if any."""
+                rerun with --force keeps its id, not its ``created`` time) and samples, if any: they are what
+                this report would draw, so the page is the same as where the weights are."""
                 kept = [f for f in drawn.get(record["run_id"], [])
                         if f["samples"] == str(embed_samples) and f.get("created") == record.get("created")]
                 for figure in kept:
                     names.used.add(figure["name"])
                     sections[figure["section"]].append(_figure_html(f"{FIGURES}/{figure['name']}", figure["caption"],
                                                                     figure["alt"]))
-                if kept:
-                    notes.append(f"{what}: {why}; its {len(kept)} figure(s) were drawn by an earlier report from "
-                                 f"this run's weights")
                 return bool(kept)
 
             for key in order:
@@ -783,7 +781,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                 try:
                     data, manifest = runner.dataset(dataset, spec["val_fraction"])
                 except (UsageError, OSError) as exc:
-                    if not keep_drawn(record, f"{label} on {dataset}", "dataset not available here"):
+                    if not keep_drawn(record):
                         notes.append(f"{label} on {dataset}: dataset not available here ({exc}); no embedding")
                     continue
                 pk = (dataset, spec["val_fraction"])
@@ -798,7 +796,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
                 except (RuntimeError, UsageError, KeyError, ValueError, OSError) as exc:  # e.g. code changed since
                     got = Extracted(note=f"could not rebuild the method from its record and checkpoint: "
                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                if got.weights_missing and keep_drawn(record, what, "its weights are not here"):
+                if got.weights_missing and keep_drawn(record):
                     continue
                 if got.note:
                     notes.append(f"{what}: {got.note}")
