@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import EnvironmentFailure, UsageError, missing_dependency
-from harness.execution.validate import repeated
+from harness.execution.validate import SEED_LIMIT, is_seed, repeated
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_LEADERBOARDS = Path("leaderboards")
@@ -35,10 +35,17 @@ def _seeds(value: str) -> list[int]:
         seeds = [int(v) for v in _csv(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {value!r}") from None
-    if min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, got {value!r}")
+    if not all(map(is_seed, seeds)):
+        raise argparse.ArgumentTypeError(f"seeds must be integers in [0, {SEED_LIMIT}), got {value!r}")
     _once(seeds, value)  # 0,00 too
     return seeds
+
+
+def _seed(value: str) -> int:
+    seeds = _seeds(value)
+    if len(seeds) != 1:
+        raise argparse.ArgumentTypeError(f"expected one seed, got {value!r}")
+    return seeds[0]
 
 
 def _positive_int(value: str) -> int:
@@ -173,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="Optuna storage URL (default sqlite:///results/tune/<study>.db)")
     tune.add_argument("--study", help="study name (default derived from method, dataset, budget, scale, seed)")
     tune.add_argument("--scale", default="cpu", choices=["cpu", "paper"])
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=_seed, default=0)
     tune.add_argument("--device", default="auto")
     tune.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     tune.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--arch", required=True, help="backbone name (see `list`)")
     ev.add_argument("--dataset", default="digits")
     ev.add_argument("--protocols", type=_csv, default=["knn", "clustering", "lbfgs"])
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ev.add_argument("--image-size", type=_positive_int,

@@ -25,6 +25,8 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        if not isinstance(name, str):  # e.g. a YAML list where a name goes
+            raise choices_error(self.kind, name, self._items)
         try:
             return self._items[name]
         except KeyError:

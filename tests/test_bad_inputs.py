@@ -104,6 +104,16 @@ def _blocked(tmp: Path, option: str) -> list[str]:
     return argv
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def _read_only(tmp: Path) -> list[str]:
     (tmp / "r").mkdir()
     (tmp / "r").chmod(0o500)
@@ -168,6 +178,38 @@ BAD_INPUTS = [
     ("a seed twice", lambda t: _run(t, "--seeds", "0,0"), 2, "0 given more than once"),
     ("a dataset twice", lambda t: _run(t, "--datasets", "digits,digits"), 2, "digits given more than once"),
     ("a seed twice in a suite", lambda t: _run(t, seeds=[1, 1]), 2, "'seeds' lists 1 more than once"),
+    # suite files: shapes and names (a CLI sweep found these printing tracebacks or writing elsewhere)
+    ("a method's config is a list", lambda t: _run(t, methods=[{"name": "simclr", "config": [1]}]), 2,
+     "'config' of method 'simclr' must map config keys to values, got [1]"),
+    ("a dataset_config entry is not a mapping", lambda t: _run(t, methods=[{"name": "simclr", "dataset_config": {
+        "digits": [1]}}]), 2, "'dataset_config' of method 'simclr' must map dataset names to config mappings"),
+    ("a dataset_config for a dataset the suite does not run", lambda t: _run(t, methods=[
+        {"name": "simclr", "dataset_config": {"mnist": {"lr": 0.1}}}]), 2, "has a dataset_config for ['mnist']"),
+    ("a list where a method name goes", lambda t: _run(t, methods=[{"name": ["simclr"]}]), 2,
+     "a mapping with a 'name' string, got {'name': ['simclr']}"),
+    ("a list where the backbone goes", lambda t: _run(t, backbone=["x"]), 2, "unknown backbone ['x']"),
+    ("keys of mixed types", lambda t: _run(t, **{"1": "a"}), 2, "unknown key ['1']"),
+    ("a suite name with a path in it", lambda t: _run(t, name="../escape"), 2,
+     "the suite name '../escape' must be letters, digits"),
+    ("an empty suite name", lambda t: _run(t, name=""), 2, "the suite name '' must be letters"),
+    ("a row label that is not a string", lambda t: _run(t, methods=[{"name": "simclr", "as": [1, 2]}]), 2,
+     "'as' of method 'simclr' must be a non-empty string"),
+    ("deterministic not a boolean", lambda t: _run(t, deterministic="no"), 2,
+     "deterministic must be true or false, got 'no'"),
+    ("a seed too large for the RNGs", lambda t: _run(t, "--seeds", "99999999999999999999"), 2,
+     "seeds must be integers in [0, 2147483648)"),
+    ("a fractional step budget", lambda t: _run(t, "--budget", "steps=1.5"), 2, "budget steps must be a whole number"),
+    ("a table that claims no protocol's metrics", lambda t: _run(t, tables={"extra": ["nosuchmetric"]}), 2,
+     "claims metrics 'nosuchmetric', which no protocol of the suite writes"),
+    ("a table that empties the main table", lambda t: _run(t, tables={"mine": ["knn/"]}), 2,
+     "leaves the main table empty"),
+    ("a slurm section that is not a mapping", lambda t: _run(t, slurm="bogus"), 2, "slurm must be a mapping"),
+    ("a slurm time limit that is not a number", lambda t: _run(t, slurm={"timeout_min": "abc"}), 2,
+     "timeout_min must be a whole number of at least 1, got 'abc'"),
+    ("a suite file that is not UTF-8", lambda t: ["run", str(_write(t / "u.yaml", "name: s".encode("utf-16"))),
+                                                 *_dirs(t)], 2, "is not UTF-8 text"),
+    ("a suite path that is a directory", lambda t: ["run", str(_mkdir(t / "dir.yaml")), *_dirs(t)], 2,
+     "is a directory"),
     # tuning
     pytest.param("unknown tuning storage", lambda t: ["tune", "simclr", "digits", "--trials", "1", "--budget",
                                                       "steps=1", "--storage", "bogus://x", "--results-dir", str(t / "r")],

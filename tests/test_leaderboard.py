@@ -141,6 +141,17 @@ def test_a_table_dropped_from_the_suite_is_removed_and_other_suites_tables_stay(
     assert {p.name: p.read_bytes() for p in tmp_path.glob("syn-extra*")} == extra
 
 
+def test_a_suite_whose_every_run_failed_gets_a_table_of_failed_rows(tmp_path):
+    """Every run NaN (e.g. a temperature of 0): the table lists each row with how many runs failed and why,
+    no scores and no rank test, instead of failing on an empty frame of scores."""
+    records = synthetic_records()
+    for r in records:
+        r.update(status="failed", reason="loss became nan at step 1", metrics={})
+    display = write_leaderboard(records, "syn", tmp_path)
+    assert list(display.index) == ["a", "b", "best"] and set(display["failed"]) == {"3: loss became nan at step 1"}
+    assert set(display["rank"]) == {"–"} and "No Friedman test" in (tmp_path / "syn.md").read_text()
+
+
 def test_compare_is_the_paired_difference_with_its_interval():
     """best - b on knn/top1: differences 0.19, 0.22, 0.22 -> 21.0 points, t interval 21 ± 4.3027 * 1.732 / sqrt 3,
     p of scipy's ttest_rel; p_holm over the two columns. Catches an unpaired difference of means' interval."""

@@ -1,6 +1,7 @@
 """Training budgets: epochs, optimiser steps, samples seen, or wall-clock seconds."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from harness.errors import UsageError
@@ -26,6 +27,8 @@ class Budget:
         limit = parse_number(self.limit)
         if limit is None or not limit > 0:
             raise UsageError(f"budget {self.unit} must be a positive number (finite), got {self.limit!r}")
+        if self.unit in ("steps", "samples") and not float(limit).is_integer():
+            raise UsageError(f"budget {self.unit} must be a whole number, got {self.limit!r}")
         if isinstance(self.limit, str):
             object.__setattr__(self, "limit", int(limit) if float(limit).is_integer() else float(limit))
 
@@ -42,9 +45,9 @@ class Budget:
         text = str(value).strip().replace(" ", "")
         if "=" in text:
             unit, num = text.split("=", 1)
-        else:
-            i = len(text) - len(text.lstrip("+-0123456789.e"))
-            num, unit = text[:i], text[i:]
+        else:  # "20epochs", "1e3steps": the number, then the unit's letters
+            match = re.fullmatch(r"([+-]?[0-9.]+(?:e[+-]?[0-9]+)?)([a-z]+)", text)
+            num, unit = match.groups() if match else ("", "")
         if not num or not unit:
             raise UsageError(f"cannot parse budget {value!r} (expected e.g. epochs=20, steps=500, "
                              f"samples=100000, seconds=60)")

@@ -55,6 +55,34 @@ SLURM_KEYS = {
     "signal_delay_s": "seconds before the time limit at which the job is signalled to checkpoint (default 120)",
 }
 SLURM_DEFAULTS = {"timeout_min": 720, "array_parallelism": 16, "max_num_timeout": 3, "signal_delay_s": 120}
+_SLURM_COUNTS = {"gpus_per_job": 0, "ranks_per_job": 1, "cpus_per_task": 1, "timeout_min": 1, "array_parallelism": 1,
+                 "max_num_timeout": 0, "signal_delay_s": 0}  # integer options and their least value
+_SLURM_TEXTS = ("cluster", "partition", "account", "qos", "constraint", "exclude", "folder")
+
+
+def check_slurm_options(slurm: Any, where: str = "slurm") -> dict[str, Any]:
+    """``slurm`` (a suite's ``slurm:`` section or run_jobs' argument) checked before anything is submitted:
+    known keys, whole numbers where counts go, text where names go; returns it as a dict."""
+    if not isinstance(slurm, dict):
+        raise UsageError(f"{where} must be a mapping of options (valid keys: {', '.join(sorted(SLURM_KEYS))}), "
+                         f"got {slurm!r}")
+    unknown = sorted(map(str, set(slurm) - set(SLURM_KEYS)))
+    if unknown:
+        raise UsageError(f"{where}: unknown slurm option {unknown[0]!r} (valid: {', '.join(sorted(SLURM_KEYS))})")
+    for key, value in slurm.items():
+        if value is None:
+            continue
+        if key in _SLURM_COUNTS and (not isinstance(value, int) or isinstance(value, bool) or value < _SLURM_COUNTS[key]):
+            raise UsageError(f"{where}: {key} must be a whole number of at least {_SLURM_COUNTS[key]}, got {value!r}")
+        if key == "mem_gb" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise UsageError(f"{where}: mem_gb must be a positive number, got {value!r}")
+        if key in _SLURM_TEXTS and not isinstance(value, str):
+            raise UsageError(f"{where}: {key} must be a string, got {value!r}")
+        if key == "additional" and not isinstance(value, dict):
+            raise UsageError(f"{where}: additional must be a mapping of sbatch options, got {value!r}")
+        if key == "setup" and not (isinstance(value, list) and all(isinstance(line, str) for line in value)):
+            raise UsageError(f"{where}: setup must be a list of shell lines, got {value!r}")
+    return dict(slurm)
 
 
 class ExecutorError(RuntimeError):
@@ -456,10 +484,7 @@ def run_jobs(jobs: list, runner_kwargs: dict[str, Any], executor: str = "local",
         raise missing_dependency("submitit", "--executor submitit")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise UsageError(f"workers must be a positive integer, got {workers!r}")
-    slurm = dict(slurm or {})
-    unknown = sorted(set(slurm) - set(SLURM_KEYS))
-    if unknown:
-        raise UsageError(f"unknown slurm option {unknown[0]!r} (valid: {', '.join(sorted(SLURM_KEYS))})")
+    slurm = check_slurm_options(slurm or {})
     if "results_dir" not in runner_kwargs or "data_dir" not in runner_kwargs:
         raise UsageError("runner_kwargs needs results_dir and data_dir")
     log = log or runner_kwargs.get("log") or _print

@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import re
+
 import yaml
 
 from harness.models.backbones import BACKBONES
 from harness.engine.budget import Budget
 from harness.data.datasets import ImageData, SplitManifest, validate_dataset_name
 from harness.errors import UsageError, choices_error
-from harness.execution.validate import check_unique, coerce_like
+from harness.execution.executors import check_slurm_options
+from harness.execution.validate import SEED_LIMIT, check_unique, coerce_like, is_seed
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
 from protocols._common import check_count, check_positive, check_positive_int
@@ -28,6 +31,8 @@ TOP_KEYS = {"name", "description", "scale", "backbone", "datasets", "methods", "
             "protocols", "val_fraction", "deterministic", "train_split", "tables", "slurm", "image_size"}
 METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone", "protocols"}
 SPLITS = ("train", "train_full", "all")
+#: A suite's name is a folder under results/ and the stem of its tables: no separators, no leading dot.
+SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def _suite_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
-            raise UsageError(f"suite file {name_or_path!r} does not exist")
+            raise UsageError(f"suite file {name_or_path!r} " + ("is a directory" if path.is_dir() else "does not exist"))
         return path
     suites = shipped_suites()
     if name_or_path not in suites:
@@ -97,7 +102,7 @@ def _protocol_params(pname: str, params: Any, where: str) -> dict[str, Any]:
     spec = PROTOCOLS.get(pname)
     _expect(params is None or isinstance(params, dict), f"{where}: parameters of protocol {pname!r} must be a mapping")
     params = dict(params or {})
-    bad = sorted(set(params) - set(spec.defaults))
+    bad = sorted(map(str, set(params) - set(spec.defaults)))
     _expect(not bad, f"{where}: unknown parameter {bad[:1]} for protocol {pname!r} "
                      f"(valid: {', '.join(sorted(spec.defaults)) or 'none'})")
     params = {key: coerce_like(value, spec.defaults[key], f"{where}: parameter {key!r} of protocol {pname!r}")
@@ -122,8 +127,9 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
     for item in raw:
         if isinstance(item, str):
             item = {"name": item}
-        _expect(isinstance(item, dict) and "name" in item, f"{where}: each method must be a name or a mapping with 'name'")
-        unknown = sorted(set(item) - METHOD_KEYS)
+        _expect(isinstance(item, dict) and isinstance(item.get("name"), str),
+                f"{where}: each method must be a name or a mapping with a 'name' string, got {item!r}")
+        unknown = sorted(map(str, set(item) - METHOD_KEYS))
         _expect(not unknown, f"{where}: unknown key {unknown[:1]} in method entry "
                              f"(valid: {', '.join(sorted(METHOD_KEYS))})")
         METHODS.get(item["name"])
@@ -131,8 +137,16 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
             BACKBONES.get(item["backbone"])
         overrides = item.get("protocols") or {}
         _expect(isinstance(overrides, dict), f"{where}: a method's 'protocols' must map protocol names to parameters")
-        entries.append(MethodEntry(item["name"], str(item.get("as", item["name"])), dict(item.get("config") or {}),
-                                   dict(item.get("dataset_config") or {}), item.get("backbone"),
+        label = item.get("as", item["name"])
+        _expect(isinstance(label, str) and label.strip(), f"{where}: 'as' of method {item['name']!r} must be a "
+                                                          f"non-empty string (the row's label), got {label!r}")
+        config, per_dataset = item.get("config") or {}, item.get("dataset_config") or {}
+        _expect(isinstance(config, dict), f"{where}: 'config' of method {label!r} must map config keys to values, "
+                                          f"got {config!r}")
+        _expect(isinstance(per_dataset, dict) and all(isinstance(c, dict) for c in per_dataset.values()),
+                f"{where}: 'dataset_config' of method {label!r} must map dataset names to config mappings, "
+                f"got {per_dataset!r}")
+        entries.append(MethodEntry(item["name"], label, dict(config), dict(per_dataset), item.get("backbone"),
                                    {p: _protocol_params(p, params, where) for p, params in overrides.items()}))
     labels = [e.label for e in entries]
     dup = sorted({x for x in labels if labels.count(x) > 1})
@@ -144,8 +158,12 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     """Validate a suite mapping and build a :class:`Suite`."""
     where = f"suite {name!r}"
     _expect(isinstance(data, dict), f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-    unknown = sorted(set(data) - TOP_KEYS)
+    unknown = sorted(map(str, set(data) - TOP_KEYS))
     _expect(not unknown, f"{where}: unknown key {unknown[:1]} (valid: {', '.join(sorted(TOP_KEYS))})")
+    suite_name = data.get("name", name)
+    _expect(isinstance(suite_name, str) and SUITE_NAME.fullmatch(suite_name) is not None,
+            f"{where}: the suite name {suite_name!r} must be letters, digits, '.', '_' or '-' (it names the "
+            f"results folder and the tables); set 'name:'")
     for key in ("datasets", "methods", "seeds", "budget", "protocols"):
         _expect(key in data, f"{where}: missing required key {key!r}")
     scale = data.get("scale", "cpu")
@@ -158,8 +176,8 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
         validate_dataset_name(str(d))
     check_unique([str(d) for d in datasets], f"{where}: 'datasets'")
     seeds = data["seeds"]
-    _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
-            f"{where}: 'seeds' must be a non-empty list of non-negative integers, got {seeds!r}")
+    _expect(isinstance(seeds, list) and seeds and all(map(is_seed, seeds)),
+            f"{where}: 'seeds' must be a non-empty list of integers in [0, {SEED_LIMIT}), got {seeds!r}")
     check_unique(seeds, f"{where}: 'seeds'")
     budgets_raw = data["budget"] if isinstance(data["budget"], list) else [data["budget"]]
     _expect(bool(budgets_raw), f"{where}: 'budget' must be a budget or a non-empty list of them")
@@ -181,11 +199,27 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
             f"{where}: image_size must be a positive integer (pixels per side) or absent for the dataset's own "
             f"size, got {image_size!r}")
     tables = data.get("tables") or {}
-    _expect(isinstance(tables, dict) and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
-                                             for v in tables.values()),
-            f"{where}: 'tables' must map a table name to a list of metric prefixes, got {tables!r}")
+    _expect(isinstance(tables, dict) and all(isinstance(k, str) and SUITE_NAME.fullmatch(k) and isinstance(v, list)
+                                             and v and all(isinstance(p, str) and p for p in v)
+                                             for k, v in tables.items()),
+            f"{where}: 'tables' must map a table name to a non-empty list of metric prefixes, got {tables!r}")
+    for table, prefixes in tables.items():  # metrics are named <protocol>/<metric>
+        for prefix in prefixes:
+            _expect(any(prefix.startswith(f"{p}/") or f"{p}/".startswith(prefix) for p in resolved),
+                    f"{where}: table {table!r} claims metrics {prefix!r}, which no protocol of the suite writes "
+                    f"(metrics are <protocol>/<name>; protocols: {', '.join(resolved)})")
+    claimed = [p for prefixes in tables.values() for p in prefixes]
+    _expect(not resolved or any(not any(f"{p}/".startswith(c) for c in claimed) for p in resolved),
+            f"{where}: 'tables' claims the metrics of every protocol, which leaves the main table empty; "
+            f"keep at least one protocol's metrics out of them")
     methods = _method_entries(data["methods"], where)
+    deterministic = data.get("deterministic", True)
+    _expect(isinstance(deterministic, bool), f"{where}: deterministic must be true or false, got {deterministic!r}")
+    slurm = check_slurm_options(data["slurm"], f"{where}: slurm") if data.get("slurm") is not None else {}
     for entry in methods:
+        unknown_data = sorted(set(entry.dataset_config) - {str(d) for d in datasets})
+        _expect(not unknown_data, f"{where}: method {entry.label!r} has a dataset_config for {unknown_data[:1]}, "
+                                  f"which the suite does not run (datasets: {', '.join(map(str, datasets))})")
         extra = sorted(set(entry.protocols) - set(resolved))
         _expect(not extra, f"{where}: method {entry.label!r} sets protocol {extra[:1]} that the suite does not run "
                            f"(suite protocols: {', '.join(resolved)})")
@@ -195,17 +229,19 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
                 resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
             except UsageError as exc:
                 raise UsageError(f"{where}: {exc}") from None
-    return Suite(str(data.get("name", name)), str(data.get("description", "")), scale, backbone,
+    return Suite(suite_name, str(data.get("description", "")), scale, backbone,
                  [str(d) for d in datasets], methods, seeds, budgets, resolved, float(vf),
-                 bool(data.get("deterministic", True)), split, {str(k): v for k, v in tables.items()}, source,
-                 {"slurm": data["slurm"]} if data.get("slurm") else {}, image_size)
+                 deterministic, split, {str(k): v for k, v in tables.items()}, source,
+                 {"slurm": slurm} if slurm else {}, image_size)
 
 
 def load_suite(name_or_path: str) -> Suite:
     """Load a shipped suite by name or a user's YAML file by path."""
     path = _suite_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"suite file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

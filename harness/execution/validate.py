@@ -88,6 +88,15 @@ def number_in_range(value: Any, low: float | None, high: float | None, name: str
     return float(number) if isinstance(value, str) else number
 
 
+#: Seeds are below 2**31: every RNG the harness seeds (torch, numpy, Python, derived per-epoch seeds) takes them.
+SEED_LIMIT = 2 ** 31
+
+
+def is_seed(value: Any) -> bool:
+    """A non-negative integer below :data:`SEED_LIMIT` (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT
+
+
 def repeated(values: list[Any]) -> list[str]:
     """The values that occur more than once in ``values``, as sorted strings."""
     return sorted({str(v) for v in values if values.count(v) > 1})

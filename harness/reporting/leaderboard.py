@@ -141,7 +141,7 @@ def seed_scores(frame: pd.DataFrame) -> pd.DataFrame:
     """The ok runs' test scores with their leaderboard ``column`` (dataset, metric and, when the records hold
     several budgets, the budget); refuses cells that mix split hashes."""
     ok = frame[(frame["status"] == "ok") & frame["metric"].notna()]
-    ok = ok[ok["metric"].map(is_score)]
+    ok = ok[ok["metric"].map(is_score).astype(bool)]  # a bool mask even when empty (else: a column selection)
     mixed = ok.groupby(["row", "dataset", "budget", "metric"])["split_sha256"].nunique()
     if (mixed > 1).any():
         row, dataset, _, metric = mixed[mixed > 1].index[0]
@@ -302,7 +302,7 @@ class SuiteRanks:
 def suite_ranks(table: pd.DataFrame, alpha: float) -> tuple[SuiteRanks | None, str]:
     """Friedman and Nemenyi over the headline columns (datasets x :func:`is_headline` metrics); rows missing a
     headline column are left out. None and the reason when fewer than 2 columns or 2 rows remain."""
-    head = table[table["metric"].map(is_headline)]
+    head = table[table["metric"].map(is_headline).astype(bool)]
     means = head.pivot(index="row", columns="column", values="mean")
     complete = means.dropna()
     if means.shape[1] < 2 or len(complete) < 2:
@@ -435,7 +435,7 @@ def sensitivity(records: list[dict[str, Any]]) -> pd.DataFrame:
         return pd.Series(stats.average_ranks(wide.to_numpy().T), index=wide.index)
 
     backbone = means[means["rep"] == "backbone"]
-    headline = ranking(backbone[backbone["metric"].map(is_headline)])
+    headline = ranking(backbone[backbone["metric"].map(is_headline).astype(bool)])
     settings: dict[str, pd.Series] = {}
     for metric in sorted(m for m in backbone["metric"].unique() if GRID in m and m.endswith("/top1")):
         settings[f"{metric.split(GRID)[0]} {metric.split(GRID)[1].rsplit('/', 1)[0]}"] = \
@@ -446,7 +446,7 @@ def sensitivity(records: list[dict[str, Any]]) -> pd.DataFrame:
             settings[f"{protocol} (suite setting)"] = ranking(backbone[backbone["metric"] == metric])
     heads = means[(means["rep"] == "head") & means["metric"].map(is_headline)]
     if not heads.empty:
-        swapped = pd.concat([backbone[backbone["metric"].map(is_headline) & ~backbone["method"].isin(heads["method"])],
+        swapped = pd.concat([backbone[backbone["metric"].map(is_headline).astype(bool) & ~backbone["method"].isin(heads["method"])],
                              heads])
         settings["head features where a method has them"] = ranking(swapped)
     rows = []
@@ -549,7 +549,8 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
     budgets = sorted({json.dumps(r["spec"]["budget"]) for r in records})
     hashes = sorted({f"{r['spec']['dataset']}: {r['split_sha256'][:12]}" for r in records})
     counts = sorted(board.stats["n"].unique())
-    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} (the csv's n column)"
+    seeds = ("none (no run succeeded)" if not counts else f"{counts[0]}" if len(counts) == 1
+             else f"{counts[0]}–{counts[-1]} (the csv's n column)")
     confidence = f"{100 * (1 - options.alpha):g}%"
     out_dir.mkdir(parents=True, exist_ok=True)
     cd_stem = out_dir / f"{suite}-cd"
