@@ -140,7 +140,7 @@ def test_unknown_augmentation_preset():
     ({"datasets": ["imagenet22k"]}, "unknown dataset 'imagenet22k'"),
     ({"protocols": {"telepathy": {}}}, "unknown protocol 'telepathy'"),
     ({"budget": {"epochs": -3}}, "must be a positive number"),
-    ({"seeds": [-1]}, "integers in [0, 2147483648)"),
+    ({"seeds": [-1]}, r"integers in \[0, 2147483648\)"),
     ({"colour": "blue"}, "unknown key"),
     ({"methods": [{"name": "simclr", "config": {"temprature": 0.2}}]}, "unknown config key 'temprature'"),
     ({"methods": [{"name": "moco", "protocols": {"lbfgs": {}}}]}, "sets protocol \\['lbfgs'\\] that the suite does not run"),
