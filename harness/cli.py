@@ -8,36 +8,23 @@ import sys
 from pathlib import Path
 
 from harness.errors import EnvironmentFailure, UsageError, missing_dependency
-from harness.execution.validate import SEED_LIMIT, is_seed, repeated
+from harness.execution.validate import SEED_LIMIT, UsageParser, csv_list, is_seed, once, positive_int
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_LEADERBOARDS = Path("leaderboards")
 DEFAULT_DATA = Path.home() / ".cache" / "ssl-harness" / "data"
 
 
-def _csv(value: str) -> list[str]:
-    """A non-empty comma-separated list, each item once (``--methods ""`` must not mean all methods)."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
-    _once(items, value)
-    return items
-
-
-def _once(items: list, value: str) -> None:
-    if repeated(items):
-        raise argparse.ArgumentTypeError(f"{', '.join(repeated(items))} given more than once in {value!r}; "
-                                         f"give each once")
 
 
 def _seeds(value: str) -> list[int]:
     try:
-        seeds = [int(v) for v in _csv(value)]
+        seeds = [int(v) for v in csv_list(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {value!r}") from None
     if not all(map(is_seed, seeds)):
         raise argparse.ArgumentTypeError(f"seeds must be integers in [0, {SEED_LIMIT}), got {value!r}")
-    _once(seeds, value)  # 0,00 too
+    once(seeds, value)  # 0,00 too
     return seeds
 
 
@@ -48,14 +35,6 @@ def _seed(value: str) -> int:
     return seeds[0]
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _alpha(value: str) -> float:
@@ -89,22 +68,19 @@ def _stats_options(args):
     return StatsOptions(args.ci, args.alpha)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harness", description="Benchmark representation-learning and deep-clustering methods.")
+    p = UsageParser(prog="harness", description="Benchmark representation-learning and deep-clustering methods.")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (registers your own methods, datasets or protocols); repeatable")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     run = sub.add_parser("run", help="train and evaluate a suite's grid, then print its leaderboard")
     run.add_argument("suite", nargs="?", default=None, help="shipped suite name or path to a YAML file (default: quick)")
-    run.add_argument("--methods", type=_csv, help="comma-separated subset of the suite's method rows, by label "
+    run.add_argument("--methods", type=csv_list, help="comma-separated subset of the suite's method rows, by label "
                      "(or by method name: every row of that method whose name is no row's label)")
-    run.add_argument("--datasets", type=_csv, help="comma-separated datasets (replaces the suite's)")
+    run.add_argument("--datasets", type=csv_list, help="comma-separated datasets (replaces the suite's)")
     run.add_argument("--seeds", type=_seeds, help="comma-separated seeds (replaces the suite's)")
     run.add_argument("--budget", help="override the budget, e.g. epochs=20, steps=500, samples=1e5, seconds=60")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
@@ -125,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also stream training scalars to TensorBoard or W&B (off by default)")
     run.add_argument("--executor", choices=["local", "submitit"], default="local",
                      help="local process pool, or submitit (Slurm; its local backend without Slurm)")
-    run.add_argument("--workers", type=_positive_int, help="jobs at once (default: one per visible GPU, else 1)")
+    run.add_argument("--workers", type=positive_int, help="jobs at once (default: one per visible GPU, else 1)")
     run.add_argument("--slurm-partition", dest="partition")
-    run.add_argument("--gpus-per-job", type=_positive_int)
-    run.add_argument("--timeout-min", type=_positive_int)
-    run.add_argument("--array-parallelism", type=_positive_int)
+    run.add_argument("--gpus-per-job", type=positive_int)
+    run.add_argument("--timeout-min", type=positive_int)
+    run.add_argument("--array-parallelism", type=positive_int)
     _add_stats_options(run)
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
@@ -151,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="retrain stored runs in a scratch dir and compare their headline "
                                           "metrics with the records (bit-identical, within seed noise, or not)")
     rp.add_argument("suite", nargs="?", default=None)
-    rp.add_argument("--runs", type=_positive_int, default=1, help="how many stored runs, in plan order (default 1)")
-    rp.add_argument("--methods", type=_csv, help="only runs of these method rows")
+    rp.add_argument("--runs", type=positive_int, default=1, help="how many stored runs, in plan order (default 1)")
+    rp.add_argument("--methods", type=csv_list, help="only runs of these method rows")
     rp.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     rp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     rp.add_argument("--device", default="auto")
@@ -189,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=Path, required=True, help="a state_dict saved with torch.save")
     ev.add_argument("--arch", required=True, help="backbone name (see `list`)")
     ev.add_argument("--dataset", default="digits")
-    ev.add_argument("--protocols", type=_csv, default=["knn", "clustering", "lbfgs"])
+    ev.add_argument("--protocols", type=csv_list, default=["knn", "clustering", "lbfgs"])
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    ev.add_argument("--image-size", type=_positive_int,
+    ev.add_argument("--image-size", type=positive_int,
                     help="resize every input to this side, the size the encoder was trained at (default: the data's)")
 
     bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
@@ -516,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         for module in args.plugin:
             try:
                 importlib.import_module(module)
-            except ImportError as exc:
-                raise UsageError(f"cannot import plugin {module!r}: {exc}") from None
+            except Exception as exc:  # a missing module, or one that raises (a syntax error, a name registered twice)
+                message = str(exc).replace("\n", " ")
+                raise UsageError(f"cannot import plugin {module!r}: {type(exc).__name__}: {message}") from None
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that has gone shows here, in the handler below, not at exit
         return code

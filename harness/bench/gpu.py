@@ -28,7 +28,6 @@ says otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from harness.execution.store import write_atomic
 from methods import METHODS, resolve_config
 from protocols.clustering import kmeans
 from protocols.knn import knn_accuracy
+from harness.execution.validate import UsageParser, csv_list, output_file
 
 #: Sizes of the paper-scale run and of the smoke run (``--smoke``).
 PAPER = dict(images=50_000, side=32, backbone="resnet18_cifar", scale="paper", steps=50, augment_steps=20,
@@ -236,11 +236,11 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="harness bench gpu", description=__doc__.splitlines()[0])
+    p = UsageParser(prog="harness bench gpu", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device, in seconds (a test)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--methods", default=None, help="comma-separated training methods (default: all)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--methods", type=csv_list, default=None, help="comma-separated training methods (default: all)")
+    p.add_argument("--out", type=output_file, default=None,
                    help="markdown table (default leaderboards/bench-gpu.md; with --smoke a temporary file); "
                         "rewritten after each benchmark, so a run cut short keeps the rows it finished")
     args = p.parse_args(argv)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "(features of all images + Sinkhorn), which falls in the timed steps.\n\n" + to_markdown(table) + "\n")
         write_atomic(out, lambda f: f.write(text))
 
-    df = gpu_benchmarks(args.smoke, device, args.methods.split(",") if args.methods else None,
+    df = gpu_benchmarks(args.smoke, device, args.methods,
                         on_rows=lambda table: write(table, finished=False))
     write(df, finished=True)
     print(to_markdown(df))

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -33,6 +32,7 @@ from harness.errors import missing_dependency
 from protocols.clustering import cluster_metrics, contingency_table, hungarian_accuracy, kmeans
 from protocols.knn import knn_accuracy
 from protocols.linear import L2_GRID, lbfgs_probe
+from harness.execution.validate import UsageParser, output_file
 
 SIZES = {
     False: dict(queries=10_000, train=(10_000, 50_000, 200_000), dim=512, k=200,
@@ -202,9 +202,9 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="harness bench protocols", description=__doc__.splitlines()[0])
+    p = UsageParser(prog="harness bench protocols", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
-    p.add_argument("--out", type=Path, default=Path("leaderboards") / "bench-protocols.md")
+    p.add_argument("--out", type=output_file, default=Path("leaderboards") / "bench-protocols.md")
     args = p.parse_args(argv)
     try:
         import faiss  # a dependency of the benchmark: its kNN and k-means rows time FAISS

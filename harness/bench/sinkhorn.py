@@ -9,7 +9,6 @@ the logits: what the solver itself adds.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import time
@@ -22,6 +21,8 @@ import torch
 from harness.execution.environment import resolve_device
 from harness.engine.train import _peak_rss_mb, _reset_peak_rss
 from methods.sinkhorn import sinkhorn_knopp
+from harness.errors import choices_error
+from harness.execution.validate import UsageParser, csv_list, output_file, positive_int, positive_ints, positive_number
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -81,19 +82,21 @@ def bench(sizes: list[int], k: int, dtypes: list[str], input_dtype: str, lam: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness bench sinkhorn")
-    p.add_argument("--sizes", default="50000,200000,1281167", help="comma-separated N")
-    p.add_argument("--clusters", type=int, default=3000, help="K")
-    p.add_argument("--dtypes", default="float32,float64", help="chunk precisions")
+    p = UsageParser(prog="python -m harness bench sinkhorn")
+    p.add_argument("--sizes", type=positive_ints, default=[50000, 200000, 1281167], help="comma-separated N")
+    p.add_argument("--clusters", type=positive_int, default=3000, help="K")
+    p.add_argument("--dtypes", type=csv_list, default=["float32", "float64"], help="chunk precisions")
     p.add_argument("--input-dtype", default="float32", choices=sorted(DTYPES), help="storage of the logits")
-    p.add_argument("--lam", type=float, default=25.0)
-    p.add_argument("--tol", type=float, default=1e-1)
-    p.add_argument("--max-iter", type=int, default=10)
+    p.add_argument("--lam", type=positive_number, default=25.0)
+    p.add_argument("--tol", type=positive_number, default=1e-1)
+    p.add_argument("--max-iter", type=positive_int, default=10)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
+    p.add_argument("--out", type=output_file, default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
+    if set(args.dtypes) - set(DTYPES):
+        raise choices_error("chunk precision", sorted(set(args.dtypes) - set(DTYPES))[0], DTYPES)
     device = resolve_device(args.device)
-    df = bench([int(s) for s in args.sizes.split(",")], args.clusters, args.dtypes.split(","), args.input_dtype,
+    df = bench(args.sizes, args.clusters, args.dtypes, args.input_dtype,
                args.lam, args.tol, args.max_iter, device)
     from harness.reporting.leaderboard import to_markdown
 

@@ -12,7 +12,6 @@ on PIL images (:mod:`harness.data.pil_augment`), ``--loader-workers`` of them (d
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
@@ -30,7 +29,9 @@ from harness.execution.environment import resolve_device
 from harness.data.pil_augment import default_workers, training_feed
 from harness.engine.seeding import seed_everything
 from harness.engine.train import _peak_rss_mb, _reset_peak_rss, train
+from harness.errors import choices_error
 from methods import METHODS, DataInfo, create_method, resolve_config
+from harness.execution.validate import UsageParser, csv_list, output_file, positive_int
 
 
 def _sync(device: str) -> None:
@@ -138,11 +139,12 @@ def train_benchmarks(dataset: str = "digits", backbone: str = "small_cnn", scale
     """
     device = resolve_device(device)
     workers = default_workers() if loader_workers is None else loader_workers
+    trained = [n for n in METHODS.names() if METHODS.get(n).trains]
+    for name in methods or []:  # before any timing: baselines (random, pixels) have no training step
+        if name not in trained:
+            raise choices_error("training method", name, trained)
     rows = []
-    for name in methods or METHODS.names():
-        cls = METHODS.get(name)
-        if not cls.trains:
-            continue
+    for name in methods or trained:
         ips, batch, views, peak = method_images_per_second(name, dataset, backbone, scale, device, steps, data_dir)
         data = load_dataset(dataset, data_dir)
         floor = floor_images_per_second(backbone, data.image_shape, batch, views, device, steps)
@@ -172,20 +174,23 @@ def _machine(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="harness bench train")
+    p = UsageParser(prog="harness bench train")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--backbone", default="small_cnn")
     p.add_argument("--scale", default="cpu")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--device", default="auto")
-    p.add_argument("--methods", default=None)
+    p.add_argument("--methods", type=csv_list, default=None, help="comma-separated training methods (default: all)")
     p.add_argument("--loader-workers", type=int, default=default_workers(),
                    help="DataLoader workers of the per-image path (default min(4, CPUs)); -1 leaves it out")
-    p.add_argument("--out", type=Path, default=Path("leaderboards") / "bench-train.md")
+    p.add_argument("--out", type=output_file, default=Path("leaderboards") / "bench-train.md")
     args = p.parse_args(argv)
+    if args.loader_workers < -1:
+        p.error(f"argument --loader-workers: expected -1 (no loader rows) or a number of workers, "
+                f"got {args.loader_workers}")
     started = time.perf_counter()
     df = train_benchmarks(args.dataset, args.backbone, args.scale, args.steps, args.device,
-                          args.methods.split(",") if args.methods else None, loader_workers=args.loader_workers)
+                          args.methods, loader_workers=args.loader_workers)
     from harness.reporting.leaderboard import to_markdown
 
     device = resolve_device(args.device)

@@ -7,7 +7,10 @@ stops with one line naming the key, the bad value and what would be valid.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
@@ -107,3 +110,65 @@ def check_unique(values: list[Any], what: str) -> None:
     twice = repeated(values)
     if twice:
         raise UsageError(f"{what} lists {', '.join(twice)} more than once; give each once")
+
+
+# ---------------------------------------------------------------- command-line argument types
+class UsageParser(argparse.ArgumentParser):
+    """argparse for the CLI and the benchmarks: a bad argument is a one-line UsageError (exit 2), not a usage block."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def csv_list(value: str) -> list[str]:
+    """A non-empty comma-separated list, each item once (``--methods ""`` must not mean all methods)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
+    once(items, value)
+    return items
+
+
+def once(items: list, value: str) -> None:
+    """No item twice in one command-line list."""
+    if repeated(items):
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated(items))} given more than once in {value!r}; "
+                                         f"give each once")
+
+
+def positive_int(value: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def positive_ints(value: str) -> list[int]:
+    """A comma-separated list of whole numbers of at least 1 (benchmark sizes)."""
+    return [positive_int(item) for item in csv_list(value)]
+
+
+def positive_number(value: str) -> float:
+    """A finite number above 0."""
+    number = parse_number(value)
+    if number is None or not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return float(number)
+
+
+def output_file(value: str) -> Path:
+    """A file to write (a benchmark's ``--out``), checked before the benchmark spends minutes: not a directory,
+    and in a directory that exists or can be made."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a directory; give a file path such as {str(path / 'bench.md')!r}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {str(parent)!r} is not a writable directory")
+    return path
