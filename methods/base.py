@@ -166,7 +166,7 @@ TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
 def _check_training_names(cfg: dict[str, Any], method: str) -> None:
     """The optimiser, schedule and augmentation preset (and its overrides) name things that exist."""
     # Imported here: harness.engine.train imports this module.
-    from harness.data.augment import PRESETS, AugmentConfig
+    from harness.data.augment import PRESETS, AugmentConfig, get_preset
     from harness.engine.train import OPTIMIZERS, SCHEDULES
 
     override_keys = [f.name for f in fields(AugmentConfig)]
@@ -176,6 +176,10 @@ def _check_training_names(cfg: dict[str, Any], method: str) -> None:
     for kind, value, valid in checks:
         if value not in valid:
             raise UsageError(f"method {method!r}: {choices_error(kind, value, valid)}")
+    try:
+        get_preset(cfg["augment"], **cfg["augment_overrides"])
+    except UsageError as exc:
+        raise UsageError(f"method {method!r}: {exc}") from None
 
 
 def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -183,8 +187,9 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
 
     Checked here, before any training, each with one line naming the bad value: an unknown key, a
     value not of its declared default's type (numeric strings, as PyYAML reads ``1e-3``, become
-    numbers), a shared training key outside :data:`TRAINING_RANGES`, and an optimiser, schedule or
-    augmentation preset that does not exist.
+    numbers), a shared training key outside :data:`TRAINING_RANGES`, an adapter's own number below 0
+    (below 1 for a count declared positive, at or below 0 for a temperature), an optimiser, schedule or
+    augmentation preset that does not exist, and augmentation overrides of the wrong shape or range.
     """
     if scale not in ("paper", "cpu"):
         raise UsageError(f"unknown scale {scale!r} (valid: cpu, paper)")
@@ -196,6 +201,16 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
     for key, (low, high) in TRAINING_RANGES.items():
         if key in cfg:
             cfg[key] = number_in_range(cfg[key], low, high, f"config key {key!r} of method {cls.name!r}")
+    declared = {**cls.defaults.get("method", {}), **cls.defaults.get(scale, {})}
+    for key, default in declared.items():  # the adapter's own numbers: sizes, counts, weights, temperatures
+        if key in TRAINING_DEFAULTS or isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        name = f"config key {key!r} of method {cls.name!r}"
+        if key == "temperature" or key.endswith("_temperature"):
+            if not cfg[key] > 0:
+                raise UsageError(f"{name} must be positive, got {cfg[key]!r}")
+        else:  # none is meaningful below 0; a count or size declared positive stays positive (a queue of 0)
+            number_in_range(cfg[key], 1 if isinstance(default, int) and default >= 1 else 0, None, name)
     _check_training_names(cfg, cls.name)
     for key, valid in cls.choices.items():
         if cfg[key] not in valid:

@@ -153,6 +153,14 @@ BAD_INPUTS = [
         "config": {"label_pass": "offical"}}]), 2, "'label_pass' of method 'sela' is 'offical' (valid: official, plain)"),
     ("k-means init misspelt", lambda t: _run(t, protocols={"clustering": {"init": "kmeans++"}}), 2,
      "parameter 'init' of protocol 'clustering' is 'kmeans++' (valid: k-means++, random)"),
+    ("a queue of -5 keys", lambda t: _run(t, methods=[{"name": "moco", "config": {"queue_size": -5}}]), 2,
+     "'queue_size' of method 'moco' must be at least 1, got -5"),
+    ("SeLa with no clusters", lambda t: _run(t, methods=[{"name": "sela", "config": {"num_clusters": 0}}]), 2,
+     "'num_clusters' of method 'sela' must be at least 1, got 0"),
+    ("a negative temperature", lambda t: _run(t, methods=[{"name": "simclr", "config": {"temperature": -1}}]), 2,
+     "'temperature' of method 'simclr' must be positive, got -1"),
+    ("a crop scale that is one number", lambda t: _run(t, methods=[{"name": "simclr", "config": {
+        "augment_overrides": {"crop_scale": 5}}}]), 2, "'crop_scale' must be a list of 2 numbers in [0, 1]"),
     # protocol parameters and their feasibility
     ("knn k not a number", lambda t: _run(t, protocols={"knn": {"k": "twenty"}}),
      2, "'k' of protocol 'knn' must be an integer, got 'twenty'"),

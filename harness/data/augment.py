@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from harness.errors import choices_error
+from harness.errors import UsageError, choices_error
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,40 @@ PRESETS: dict[str, AugmentConfig | None] = {
 }
 
 
+#: Allowed range of each AugmentConfig field's numbers (probabilities in [0, 1], crop area in (0, 1], ...).
+OVERRIDE_RANGES = {"crop_scale": (0, 1), "crop_ratio": (0, None), "flip": (0, 1), "jitter": (0, None), "jitter_p": (0, 1),
+                   "grayscale": (0, 1), "blur": (0, 1), "blur_sigma": (0, None)}
+
+
+def _override(key: str, value, default):
+    """One ``augment_overrides`` value shaped like its default (a number, or a list of as many numbers) and in
+    :data:`OVERRIDE_RANGES`; pairs (crop_scale, crop_ratio, blur_sigma) low <= high."""
+    low, high = OVERRIDE_RANGES[key]
+    shape = f"a list of {len(default)} numbers" if isinstance(default, tuple) else "a number"
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    ok = (len(numbers) == len(values) == (len(default) if isinstance(default, tuple) else 1)
+          and isinstance(value, (list, tuple)) == isinstance(default, tuple)
+          and all(v >= low and (high is None or v <= high) for v in numbers)
+          and (len(numbers) != 2 or numbers[0] <= numbers[1]))
+    if not ok:
+        bounds = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+        raise UsageError(f"augment_overrides {key!r} must be {shape} {bounds}"
+                         f"{' (low, high)' if isinstance(default, tuple) and len(default) == 2 else ''}, got {value!r}")
+    return tuple(values) if isinstance(default, tuple) else values[0]
+
+
 def get_preset(name: str, **overrides) -> AugmentConfig | None:
+    """The preset ``name`` with ``overrides`` (checked: known fields, their shapes and ranges)."""
     if name not in PRESETS:
         raise choices_error("augmentation", name, PRESETS)
     cfg = PRESETS[name]
     if cfg is None or not overrides:
         return cfg
-    return replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    unknown = sorted(set(overrides) - set(OVERRIDE_RANGES))
+    if unknown:
+        raise choices_error("augment_overrides key", unknown[0], OVERRIDE_RANGES)
+    return replace(cfg, **{k: _override(k, v, getattr(cfg, k)) for k, v in overrides.items()})
 
 
 class _Draws:
