@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import EnvironmentFailure, UsageError, missing_dependency
-from harness.execution.validate import SEED_LIMIT, UsageParser, csv_list, is_seed, once, positive_int
+from harness.errors import EnvironmentFailure, UsageError, choices_error, missing_dependency
+from harness.execution.validate import (SEED_LIMIT, UsageParser, csv_list, image_size, is_seed, once, path_arg,
+                                       positive_int)
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_LEADERBOARDS = Path("leaderboards")
@@ -57,7 +58,7 @@ def _add_stats_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_leaderboard_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--leaderboard-dir", type=Path, default=None,
+    parser.add_argument("--leaderboard-dir", type=path_arg, default=None,
                         help="where tables go (default: leaderboards/ for the default results dir, else beside "
                              "--results-dir: DIR/../leaderboards for a DIR named results, DIR-leaderboards otherwise)")
 
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_seeds, help="comma-separated seeds (replaces the suite's)")
     run.add_argument("--budget", help="override the budget, e.g. epochs=20, steps=500, samples=1e5, seconds=60")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
-    run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"dataset directory (default {DEFAULT_DATA})")
-    run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where records are stored (default results)")
+    run.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA, help=f"dataset directory (default {DEFAULT_DATA})")
+    run.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS, help="where records are stored (default results)")
     _add_leaderboard_dir(run)
     run.add_argument("--retry-failed", action="store_true",
                      help="rerun stored runs that failed (a NaN loss, say) from scratch; others are kept")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
     lb.add_argument("suite", nargs="?", default=None)
-    lb.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    lb.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     _add_leaderboard_dir(lb)
     _add_stats_options(lb)
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("suite", help="shipped suite name or path to a YAML file")
     cmp.add_argument("a", help="row label (a method's label; a head's row is 'label [head]')")
     cmp.add_argument("b", help="row label to compare against")
-    cmp.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    cmp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     cmp.add_argument("--alpha", type=_alpha, default=0.05, help="intervals at 1 - alpha (default 0.05)")
 
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
@@ -129,21 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("suite", nargs="?", default=None)
     rp.add_argument("--runs", type=positive_int, default=1, help="how many stored runs, in plan order (default 1)")
     rp.add_argument("--methods", type=csv_list, help="only runs of these method rows")
-    rp.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
-    rp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    rp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
+    rp.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
     rp.add_argument("--device", default="auto")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     mg = sub.add_parser("migrate", help="rename stored records to the run ids this version computes "
                                         "(for results dirs written by older versions)")
     mg.add_argument("suite", nargs="?", default=None, help="one suite's records (default: every suite)")
-    mg.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    mg.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
 
     rep = sub.add_parser("report", help="HTML page and figures of a suite from its stored records (no training)")
     rep.add_argument("suite", nargs="?", default=None)
-    rep.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    rep.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     _add_leaderboard_dir(rep)
-    rep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    rep.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--no-features", action="store_true", help="skip embeddings and galleries (no model rebuilt)")
     _add_stats_options(rep)
@@ -158,18 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--scale", default="cpu", choices=["cpu", "paper"])
     tune.add_argument("--seed", type=_seed, default=0)
     tune.add_argument("--device", default="auto")
-    tune.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    tune.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    tune.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
+    tune.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
 
     ev = sub.add_parser("eval", help="evaluate an external encoder checkpoint with the protocols")
-    ev.add_argument("--checkpoint", type=Path, required=True, help="a state_dict saved with torch.save")
+    ev.add_argument("--checkpoint", type=path_arg, required=True, help="a state_dict saved with torch.save")
     ev.add_argument("--arch", required=True, help="backbone name (see `list`)")
     ev.add_argument("--dataset", default="digits")
     ev.add_argument("--protocols", type=csv_list, default=["knn", "clustering", "lbfgs"])
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    ev.add_argument("--image-size", type=positive_int,
+    ev.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
+    ev.add_argument("--image-size", type=image_size,
                     help="resize every input to this side, the size the encoder was trained at (default: the data's)")
 
     bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
@@ -385,6 +386,7 @@ def cmd_eval(args) -> int:
     from harness.execution.environment import resolve_device
     from harness.engine.evaluate import RunContext, evaluate
     from harness.engine.seeding import seed_everything
+    from harness.execution.suite import check_against_data, parse_suite
     from methods import DataInfo, create_method
     from protocols import PROTOCOLS
 
@@ -392,6 +394,10 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     data = load_dataset(args.dataset, args.data_dir)
     manifest = load_or_make_manifest(data, args.data_dir / "manifests")
+    # the protocols against the data (k no larger than its split, coarse labels), as run checks a suite
+    check_against_data(parse_suite({"datasets": [args.dataset], "methods": ["random"], "seeds": [args.seed],
+                                    "budget": {"steps": 1}, "protocols": protocols}, "eval"),
+                       lambda name, fraction: (data, manifest))
     seed_everything(args.seed)
     backbone = load_encoder(args.checkpoint, args.arch, data.image_shape[0])
     method = create_method("random", backbone, {}, DataInfo(len(data), data.image_shape))
@@ -415,7 +421,6 @@ def select_methods(suite, names: list[str]) -> list:
     (``npid_cld`` in cifar10-instance, not also the row ``npid``, which runs method npid_cld with
     cld_weight 0); any other name selects every row of that method. An unknown name is a usage error
     listing the suite's rows."""
-    from harness.errors import choices_error
 
     labels = {e.label for e in suite.methods}
     for name in names:
@@ -449,7 +454,12 @@ def cmd_migrate(args) -> int:
     from harness.execution.store import ResultStore
 
     root = args.results_dir
-    names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        raise UsageError(f"results dir {str(root)!r} " + ("is a file" if root.exists() else "does not exist") +
+                         "; give the folder that holds <suite>/<run_id>.json records (--results-dir)")
+    if args.suite and not (root / args.suite).is_dir():
+        raise choices_error("suite (in this results dir)", args.suite, [p.name for p in root.iterdir() if p.is_dir()])
+    names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir())
     total = 0
     for name in names:
         renamed = ResultStore(root, name).migrate_run_ids()

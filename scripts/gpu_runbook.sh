@@ -26,7 +26,7 @@ set -uo pipefail
 seconds=560 train_only=0 smoke=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --seconds) seconds="$2"; shift 2 ;;
+    --seconds) seconds="${2-}"; shift $(( $# > 1 ? 2 : 1 )) ;;
     --train-only) train_only=1; shift ;;
     --smoke) smoke=1; shift ;;
     *) echo "error: unknown option $1 (valid: --seconds S, --train-only, --smoke)" >&2; exit 2 ;;

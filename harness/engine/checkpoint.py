@@ -27,12 +27,18 @@ def _state_dict(obj) -> dict[str, torch.Tensor]:
 def load_encoder(path: Path, arch: str, in_channels: int) -> nn.Module:
     """Build backbone ``arch`` and load the checkpoint's weights into it, strictly."""
     if not Path(path).is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist")
+        raise UsageError(f"checkpoint {str(path)!r} " + ("is a directory" if Path(path).is_dir() else "does not exist"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for non-torch files
-        raise UsageError(f"cannot load {str(path)!r} as a weights-only checkpoint: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for non-torch files, EOFError if empty
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"cannot load {str(path)!r} as a weights-only checkpoint (a state_dict saved with "
+                         f"torch.save): {first}") from None
     state = _state_dict(obj)
+    bad = [k for k, v in state.items() if not isinstance(k, str) or (v.is_floating_point() and not v.isfinite().all())]
+    if bad:
+        raise UsageError(f"checkpoint {str(path)!r} has {len(bad)} entries that are not named weights of finite "
+                         f"values, e.g. {bad[0]!r}")
     for prefix in PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}

@@ -19,7 +19,7 @@ from harness.engine.budget import Budget
 from harness.data.datasets import ImageData, SplitManifest, validate_dataset_name
 from harness.errors import UsageError, choices_error
 from harness.execution.executors import check_slurm_options
-from harness.execution.validate import SEED_LIMIT, check_unique, coerce_like, is_seed
+from harness.execution.validate import MAX_IMAGE_SIZE, SEED_LIMIT, check_unique, coerce_like, is_seed
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
 from protocols._common import check_count, check_positive, check_positive_int
@@ -195,9 +195,10 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
             f"{where}: protocol val_knn scores the validation split, which val_fraction 0 leaves empty "
             f"(valid: val_fraction in (0, 1))")
     image_size = data.get("image_size")
-    _expect(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0),
-            f"{where}: image_size must be a positive integer (pixels per side) or absent for the dataset's own "
-            f"size, got {image_size!r}")
+    _expect(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool)
+                                   and 0 < image_size <= MAX_IMAGE_SIZE),
+            f"{where}: image_size must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels per side) or absent for the "
+            f"dataset's own size, got {image_size!r}")
     tables = data.get("tables") or {}
     _expect(isinstance(tables, dict) and all(isinstance(k, str) and SUITE_NAME.fullmatch(k) and isinstance(v, list)
                                              and v and all(isinstance(p, str) and p for p in v)

@@ -136,6 +136,10 @@ def once(items: list, value: str) -> None:
                                          f"give each once")
 
 
+#: The largest image side a suite or ``eval --image-size`` may ask for (4096 px: 50 MB per image in float32).
+MAX_IMAGE_SIZE = 4096
+
+
 def positive_int(value: str) -> int:
     """A whole number of at least 1."""
     try:
@@ -145,6 +149,14 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
+
+
+def image_size(value: str) -> int:
+    """An image side in pixels, 1 to :data:`MAX_IMAGE_SIZE`."""
+    side = positive_int(value)
+    if side > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGE_SIZE} pixels, got {value!r}")
+    return side
 
 
 def positive_ints(value: str) -> list[int]:
@@ -158,6 +170,13 @@ def positive_number(value: str) -> float:
     if number is None or not number > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return float(number)
+
+
+def path_arg(value: str) -> Path:
+    """A path option that names something (``--results-dir ''`` would mean the current directory)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return Path(value)
 
 
 def output_file(value: str) -> Path:
