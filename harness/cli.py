@@ -188,6 +188,11 @@ def cmd_run(args) -> int:
     from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
 
     resolve_device(args.device)  # a device this machine lacks stops here, before anything is loaded
+    slurm_only = {"--slurm-partition": args.partition, "--gpus-per-job": args.gpus_per_job,
+                  "--timeout-min": args.timeout_min, "--array-parallelism": args.array_parallelism}
+    given = [flag for flag, value in slurm_only.items() if value is not None]
+    if given and args.executor != "submitit":
+        raise UsageError(f"{given[0]} applies to --executor submitit only (this run's executor: {args.executor})")
     suite = load_suite(args.suite or DEFAULT_SUITE)
     every_method = list(suite.methods)  # the tables show every row on disk, whichever subset this process runs
     if args.methods:

@@ -183,6 +183,8 @@ BAD_INPUTS = [
     ("reproduce a method the suite does not run", lambda t: ["reproduce", "quick", "--methods", "nosuch", *_dirs(t)[:4]],
      2, "unknown method (in this suite) 'nosuch' (valid: "),
     ("no workers", lambda t: _run(t, "--workers", "0"), 2, "--workers: expected a positive integer"),
+    ("a Slurm option with the local executor", lambda t: _run(t, "--slurm-partition", "gpu"), 2,
+     "--slurm-partition applies to --executor submitit only"),
     ("a seed twice", lambda t: _run(t, "--seeds", "0,0"), 2, "0 given more than once"),
     ("a dataset twice", lambda t: _run(t, "--datasets", "digits,digits"), 2, "digits given more than once"),
     ("a seed twice in a suite", lambda t: _run(t, seeds=[1, 1]), 2, "'seeds' lists 1 more than once"),
@@ -216,6 +218,8 @@ BAD_INPUTS = [
      "timeout_min must be a whole number of at least 1, got 'abc'"),
     ("a suite file that is not UTF-8", lambda t: ["run", str(_write(t / "u.yaml", "name: s".encode("utf-16"))),
                                                  *_dirs(t)], 2, "is not UTF-8 text"),
+    ("a key twice in a suite file", lambda t: ["run", str(_write(t / "d.yaml", b"name: s\nseeds: [0]\nseeds: [1]\n")),
+                                               *_dirs(t)], 2, "at line 3: key 'seeds' appears twice"),
     ("a suite path that is a directory", lambda t: ["run", str(_mkdir(t / "dir.yaml")), *_dirs(t)], 2,
      "is a directory"),
     ("an empty plugin name", lambda t: ["--plugin", "", "list"], 2, "cannot import plugin '': ValueError"),
@@ -249,6 +253,15 @@ BAD_INPUTS = [
     ("bench sinkhorn of an unknown precision", lambda t: ["bench", "sinkhorn", "--dtypes", "float16"], 2,
      "unknown chunk precision 'float16'"),
     # tuning
+    pytest.param("tuning on a device this machine lacks", lambda t: ["tune", "simclr", "digits", "--trials", "1",
+                                                                       "--budget", "steps=1", "--device", "tpu",
+                                                                       "--results-dir", str(t / "r")],
+                 2, "unknown device 'tpu'", id="tuning on a device this machine lacks",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna not installed")),
+    pytest.param("a study name with a path in it", lambda t: ["tune", "simclr", "digits", "--trials", "1", "--budget",
+                                                              "steps=1", "--study", "a/b", "--results-dir", str(t / "r")],
+                 2, "study name 'a/b' must be letters", id="a study name with a path in it",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna not installed")),
     pytest.param("unknown tuning storage", lambda t: ["tune", "simclr", "digits", "--trials", "1", "--budget",
                                                       "steps=1", "--storage", "bogus://x", "--results-dir", str(t / "r")],
                  2, "cannot use Optuna storage 'bogus://x'", id="unknown tuning storage",
@@ -274,6 +287,7 @@ def test_bad_input_stops_before_training_with_one_line(name, command, code, frag
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
     assert not list(tmp_path.glob("r/**/*.json")), "a record was written"
+    assert not (tmp_path / "r" / "tune").exists(), "an empty study database was left"
 
 
 @pytest.fixture
@@ -292,12 +306,21 @@ def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(
     (record,) = store.glob("*.json")
     (store / "cut.json").write_text(record.read_text()[:200])
     (store / "notes.json").write_text(json.dumps({"author": "me", "todo": ["more seeds"]}))
+    good = json.loads(record.read_text())  # hand-edited copies (a CLI sweep found each failing the table)
+    (store / "edited-metrics.json").write_text(json.dumps({**good, "run_id": "x1", "metrics": "abc"}))
+    (store / "edited-value.json").write_text(json.dumps({**good, "run_id": "x2", "metrics": {"backbone": {
+        "knn/top1": "nan"}}}))
+    (store / "edited-spec.json").write_text(json.dumps({**good, "run_id": "x3", "spec": {
+        k: v for k, v in good["spec"].items() if k != "label"}}))
     capsys.readouterr()
     assert main(["leaderboard", str(stored_run / "s.yaml"), "--results-dir", str(stored_run / "r"),
                  "--leaderboard-dir", str(stored_run / "l")]) == 0
     out = capsys.readouterr()
     warnings = [line for line in out.err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 2 and "cut.json" in warnings[0] and "notes.json" in warnings[1]
+    assert len(warnings) == 5 and "cut.json" in warnings[0] and "notes.json" in warnings[-1]
+    assert "edited-metrics.json" in warnings[1] and "'metrics' is not a mapping" in warnings[1]
+    assert "edited-spec.json" in warnings[2] and "spec 'label' is None" in warnings[2]
+    assert "edited-value.json" in warnings[3]
     assert "random" in out.out and "Traceback" not in out.err
 
 

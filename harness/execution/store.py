@@ -100,6 +100,25 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     return removed
 
 
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` (parsed JSON) is not a run record the tables can read, or None: a hand-edited or foreign
+    file is skipped with this reason instead of failing a leaderboard."""
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "run_id" not in record:
+        return "no 'run_id' and 'spec'"
+    spec = record["spec"]
+    for key, kind in (("label", str), ("method", str), ("dataset", str), ("seed", int), ("budget", dict)):
+        if not isinstance(spec.get(key), kind):
+            return f"spec {key!r} is {spec.get(key)!r}, not a {kind.__name__}"
+    if record.get("status") not in ("ok", "failed") or not isinstance(record.get("split_sha256"), str):
+        return "no status 'ok' or 'failed' with a split hash"
+    metrics = record.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+            isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in values.values()) for values in metrics.values()):
+        return "'metrics' is not a mapping of representations to numbers"
+    return None
+
+
 class ResultStore:
     """``results/<suite>/<run_id>.json`` plus ``.ckpt/`` (checkpoints, git-ignored) and ``.locks/``."""
 
@@ -140,8 +159,9 @@ class ResultStore:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 warn(f"warning: skipped {path}: not a readable JSON record ({str(exc).splitlines()[0]})")
                 continue
-            if not (isinstance(record, dict) and isinstance(record.get("spec"), dict) and "run_id" in record):
-                warn(f"warning: skipped {path}: JSON but not a run record (no 'run_id' and 'spec')")
+            problem = record_problem(record)
+            if problem:
+                warn(f"warning: skipped {path}: JSON but not a run record ({problem})")
                 continue
             yield record
 

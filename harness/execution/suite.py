@@ -236,11 +236,32 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
                  {"slurm": slurm} if slurm else {}, image_size)
 
 
+class _SuiteLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a
+    second ``seeds:`` or ``lr:`` would quietly replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *defaults': merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the safe loader's own error names it
+                continue
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_suite(name_or_path: str) -> Suite:
     """Load a shipped suite by name or a user's YAML file by path."""
     path = _suite_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SuiteLoader)
     except UnicodeDecodeError as exc:
         raise UsageError(f"suite file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:

@@ -22,6 +22,7 @@ trial is written to ``results/tune/<study>.json``.
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from datetime import datetime, timezone
@@ -85,7 +86,7 @@ def _check_space(method: str, space: dict[str, tuple], scale: str) -> None:
 
 def default_study_name(method: str, dataset: str, budget: Budget, scale: str, seed: int) -> str:
     limit = budget.limit
-    return f"{method}-{dataset.replace(':', '_').replace('/', '_')}-{budget.unit}{limit}-{scale}-s{seed}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{method}-{dataset}-{budget.unit}{limit}-{scale}-s{seed}")
 
 
 def default_storage(results_dir: Path, study: str) -> str:
@@ -217,7 +218,8 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     """
     from harness.cli import DEFAULT_DATA
     from harness.execution.runner import plan
-    from harness.execution.suite import parse_suite
+    from harness.execution.environment import resolve_device
+    from harness.execution.suite import SUITE_NAME, parse_suite
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
@@ -231,9 +233,9 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     knn = {**PROTOCOLS.get(VAL_PROTOCOL).defaults, **(knn or {})}
     results_dir, data_dir = Path(results_dir), Path(data_dir or DEFAULT_DATA)
     study_name = study_name or default_study_name(method, dataset, budget, scale, seed)
-    url = storage or default_storage(results_dir, study_name)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = make_storage(url)
+    if not SUITE_NAME.fullmatch(study_name):
+        raise UsageError(f"study name {study_name!r} must be letters, digits, '.', '_' or '-' (it names files "
+                         f"under {str(results_dir / 'tune')!r})")
     suite_name = f"tune-{study_name}"
 
     def suite_for(params: dict[str, Any]):
@@ -244,7 +246,11 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
                 "budget": budget.as_dict(), "protocols": {VAL_PROTOCOL: knn}, "val_fraction": val_fraction}
         return parse_suite(data, suite_name)
 
-    suite_for({})  # validate names and fixed config before anything runs
+    suite_for({})  # validate names and fixed config before anything runs or the study's storage is made
+    resolve_device(device)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or default_storage(results_dir, study_name)
+    store = make_storage(url)
     runner_kwargs = {"results_dir": results_dir, "data_dir": data_dir, "device": device, "quiet": quiet,
                      "log": (lambda s: None), "checkpoint_seconds": checkpoint_seconds}
     every = report_every if pruning and budget.unit != "seconds" else 0
