@@ -23,7 +23,7 @@
 # and its checkpoint when it fits in 16 MiB (the paper-scale one, about 116 MB, stays on the machine).
 set -uo pipefail
 
-seconds=560 train_only=0 smoke=0
+seconds=560 train_only=0 smoke=0 failed=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds="${2-}"; shift $(( $# > 1 ? 2 : 1 )) ;;
@@ -72,18 +72,21 @@ fi
 
 if [ "$train_only" = 0 ]; then
   timeout -k 10 210 "$python" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda-tests.log"
-  echo "cuda tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped at 210 s)"
+  status=${PIPESTATUS[0]}; [ "$status" = 0 ] || failed+=("cuda tests (exit $status)")
+  echo "cuda tests: exit $status after $((SECONDS - start)) s (124: stopped at 210 s)"
   cap=$((seconds - (SECONDS - start) - 90))
   timeout -k 10 "$((cap > 10 ? cap : 10))" "$python" -m harness bench gpu "${bench_args[@]}" --out "$OUT/bench-gpu.md" 2>&1 \
     | tee "$OUT/bench-gpu.log"
-  echo "bench gpu: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped; the table holds the finished rows)"
+  status=${PIPESTATUS[0]}; [ "$status" = 0 ] || failed+=("bench gpu (exit $status)")
+  echo "bench gpu: exit $status after $((SECONDS - start)) s (124: stopped; the table holds the finished rows)"
 fi
 
 left=$((seconds - (SECONDS - start) - 30))
 if [ "$left" -gt 60 ]; then
   # SIGINT: the harness finishes the step, checkpoints it and exits 130 (killed 20 s later if it has not)
   timeout -k 20 --signal=INT "$left" "$python" -m harness "${run_args[@]}" 2>&1 | tee "$OUT/train.log"
-  echo "training: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124 or 130: stopped at the deadline)"
+  status=${PIPESTATUS[0]}; case "$status" in 0|124|130) ;; *) failed+=("training (exit $status)") ;; esac
+  echo "training: exit $status after $((SECONDS - start)) s (124 or 130: stopped at the deadline)"
   find "$results/$suite" -maxdepth 1 -name '*.json' -newer "$OUT/env.txt" -exec cp {} "$OUT/" \; 2>/dev/null
   for checkpoint in "$results/$suite"/.ckpt/*.pt; do
     [ -f "$checkpoint" ] || continue
@@ -93,8 +96,15 @@ if [ "$left" -gt 60 ]; then
       echo "checkpoint $checkpoint ($(du -h "$checkpoint" | cut -f1)) is over the 16 MiB a returned file may hold: it stays on this machine for the next call while the machine is warm"
     fi
   done | tee -a "$OUT/train.log"
+elif [ "$train_only" = 1 ]; then
+  echo "error: --seconds $seconds leaves no time to train (at least 91 s are needed)" | tee "$OUT/train.log" >&2
+  exit 2
 else
   echo "no time left to train ($left s)" | tee "$OUT/train.log"
 fi
 echo "runbook done after $((SECONDS - start)) s; files in $OUT:"
 ls -la "$OUT"
+if [ ${#failed[@]} -gt 0 ]; then  # every step ran and its files are in $OUT; the exit status says what failed
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi

@@ -223,7 +223,11 @@ def test_records_name_the_commit_given_where_the_tree_has_no_git(tmp_path, monke
     assert environment.git_commit() == ""
 
 
-def test_runbook_rejects_an_unknown_option_in_one_line():
-    """Catches: a typo in the device call's command running the whole script with defaults."""
-    done = subprocess.run(["bash", str(RUNBOOK), "--second", "100"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--second" in done.stderr
+@pytest.mark.parametrize("args,fragment", [(["--second", "100"], "--second"), (["--seconds"], "--seconds takes"),
+                                           (["--smoke", "--train-only", "--seconds", "5"], "leaves no time to train")])
+def test_runbook_rejects_bad_options_in_one_line(args, fragment, tmp_path):
+    """Catches: a typo in the device call's command running the whole script with defaults, or a call that
+    can train nothing reporting success."""
+    done = subprocess.run(["bash", str(RUNBOOK), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and fragment in done.stderr, done.stderr
