@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from harness.data.datasets import load_split_data, validate_dataset_name
     from harness.engine.budget import Budget
-    from harness.execution.environment import check_writable, resolve_device
+    from harness.execution.environment import resolve_device
     from harness.execution.runner import Runner, plan
     from harness.execution.store import ResultStore
     from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
@@ -208,8 +208,6 @@ def cmd_run(args) -> int:
     jobs = plan(suite)
     # Everything that can fail is checked before the first run trains: where results and tables go,
     # and what only the data can tell (k against the split sizes, coarse labels, unreadable files).
-    check_writable(args.results_dir, "--results-dir")
-    check_writable(args.leaderboard_dir, "--leaderboard-dir")
     store = ResultStore(args.results_dir, suite.name)
     from harness.engine import distributed
 
@@ -475,6 +473,12 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+#: The directories each command writes (data: manifests and decoded caches), checked before it does any work:
+#: a file or read-only folder there is one line naming the option, not an errno from deep inside.
+WRITTEN_DIRS = {"run": ("data_dir", "results_dir", "leaderboard_dir"), "leaderboard": ("leaderboard_dir",),
+                "reproduce": ("data_dir", "results_dir"), "report": ("data_dir", "leaderboard_dir"),
+                "tune": ("data_dir", "results_dir"), "eval": ("data_dir",)}
+
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
             "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare,
             "reproduce": cmd_reproduce, "migrate": cmd_migrate}
@@ -510,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a missing module, or one that raises (a syntax error, a name registered twice)
                 message = str(exc).replace("\n", " ")
                 raise UsageError(f"cannot import plugin {module!r}: {type(exc).__name__}: {message}") from None
+        from harness.execution.environment import check_writable
+
+        for option in WRITTEN_DIRS.get(args.command, ()):
+            check_writable(getattr(args, option), "--" + option.replace("_", "-"))
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that has gone shows here, in the handler below, not at exit
         return code

@@ -99,9 +99,7 @@ def _truncated_manifest(tmp: Path) -> list[str]:
 def _blocked(tmp: Path, option: str) -> list[str]:
     """``option`` pointing below a regular file: a directory that cannot be created, even by root."""
     (tmp / "file").write_text("")
-    argv = _run(tmp)
-    argv[argv.index(option) + 1] = str(tmp / "file" / "out")
-    return argv
+    return _with(_run(tmp), option, str(tmp / "file" / "out"))
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -112,6 +110,12 @@ def _write(path: Path, data: bytes) -> Path:
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+def _with(argv: list[str], option: str, value: str) -> list[str]:
+    """``argv`` with ``option`` set to ``value`` (argparse keeps an option's last value, so replace it)."""
+    argv[argv.index(option) + 1] = value
+    return argv
 
 
 def _read_only(tmp: Path) -> list[str]:
@@ -128,6 +132,10 @@ BAD_INPUTS = [
     ("truncated manifest", _truncated_manifest, 1, "delete it to rebuild"),
     ("results dir cannot be created", lambda t: _blocked(t, "--results-dir"), 1, "--results-dir"),
     ("leaderboard dir cannot be created", lambda t: _blocked(t, "--leaderboard-dir"), 1, "--leaderboard-dir"),
+    ("a data dir that is a file", lambda t: _with(_run(t), "--data-dir", str(_write(t / "f", b""))), 1,
+     "--data-dir"),
+    ("leaderboard into a file", lambda t: ["leaderboard", "quick", "--leaderboard-dir", str(_write(t / "f", b""))], 1,
+     "is a file, not a directory"),
     pytest.param("read-only results dir", _read_only, 1, "Permission denied", id="read-only results dir",
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")),
     # bad data: exit 2

@@ -39,6 +39,8 @@ def resolve_device(device: str) -> str:
 def check_writable(directory: Path, option: str) -> None:
     """Create ``directory`` and write and remove a probe file in it, so that a read-only or missing
     location stops before any training, not when the first record is written."""
+    if directory.exists() and not directory.is_dir():
+        raise EnvironmentFailure(f"{option} {str(directory)!r} is a file, not a directory; pass a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
