@@ -6,11 +6,10 @@ line naming it and the valid choices.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-
-import re
 
 import yaml
 
@@ -218,7 +217,7 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     _expect(isinstance(deterministic, bool), f"{where}: deterministic must be true or false, got {deterministic!r}")
     slurm = check_slurm_options(data["slurm"], f"{where}: slurm") if data.get("slurm") is not None else {}
     for entry in methods:
-        unknown_data = sorted(set(entry.dataset_config) - {str(d) for d in datasets})
+        unknown_data = sorted(map(str, set(entry.dataset_config) - {str(d) for d in datasets}))
         _expect(not unknown_data, f"{where}: method {entry.label!r} has a dataset_config for {unknown_data[:1]}, "
                                   f"which the suite does not run (datasets: {', '.join(map(str, datasets))})")
         extra = sorted(set(entry.protocols) - set(resolved))
