@@ -318,8 +318,7 @@ def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(
     (store / "edited-metrics.json").write_text(json.dumps({**good, "run_id": "x1", "metrics": "abc"}))
     (store / "edited-value.json").write_text(json.dumps({**good, "run_id": "x2", "metrics": {"backbone": {
         "knn/top1": "nan"}}}))
-    (store / "edited-spec.json").write_text(json.dumps({**good, "run_id": "x3", "spec": {
-        k: v for k, v in good["spec"].items() if k != "label"}}))
+    (store / "edited-spec.json").write_text(json.dumps({**good, "run_id": "x3", "spec": {**good["spec"], "label": None}}))
     capsys.readouterr()
     assert main(["leaderboard", str(stored_run / "s.yaml"), "--results-dir", str(stored_run / "r"),
                  "--leaderboard-dir", str(stored_run / "l")]) == 0
