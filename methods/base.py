@@ -7,7 +7,7 @@ the budget, checkpoints and evaluation. Register an adapter with ``@register_met
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -166,13 +166,11 @@ TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
 def _check_training_names(cfg: dict[str, Any], method: str) -> None:
     """The optimiser, schedule and augmentation preset (and its overrides) name things that exist."""
     # Imported here: harness.engine.train imports this module.
-    from harness.data.augment import PRESETS, AugmentConfig, get_preset
+    from harness.data.augment import PRESETS, get_preset
     from harness.engine.train import OPTIMIZERS, SCHEDULES
 
-    override_keys = [f.name for f in fields(AugmentConfig)]
     checks = [("optimizer", cfg["optimizer"], OPTIMIZERS), ("schedule", cfg["schedule"], SCHEDULES),
               ("augment", cfg["augment"], PRESETS)]
-    checks += [("augment_overrides key", key, override_keys) for key in cfg["augment_overrides"]]
     for kind, value, valid in checks:
         if value not in valid:
             raise UsageError(f"method {method!r}: {choices_error(kind, value, valid)}")

@@ -76,12 +76,12 @@ def get_preset(name: str, **overrides) -> AugmentConfig | None:
     """The preset ``name`` with ``overrides`` (checked: known fields, their shapes and ranges)."""
     if name not in PRESETS:
         raise choices_error("augmentation", name, PRESETS)
+    unknown = sorted(map(str, set(overrides) - set(OVERRIDE_RANGES)))
+    if unknown:
+        raise choices_error("augment_overrides key", unknown[0], OVERRIDE_RANGES)
     cfg = PRESETS[name]
     if cfg is None or not overrides:
         return cfg
-    unknown = sorted(set(overrides) - set(OVERRIDE_RANGES))
-    if unknown:
-        raise choices_error("augment_overrides key", unknown[0], OVERRIDE_RANGES)
     return replace(cfg, **{k: _override(k, v, getattr(cfg, k)) for k, v in overrides.items()})
 
 
