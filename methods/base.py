@@ -75,6 +75,9 @@ class Method(nn.Module):
     #: Config keys that name one of a fixed set of variants, e.g. ``{"label_pass": ("official", "plain")}``;
     #: :func:`resolve_config` checks them before any training.
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Config keys with an upper bound as well, ``{key: (low, high)}`` (inclusive), e.g. a momentum
+    #: coefficient in [0, 1]; :func:`resolve_config` checks them before any training.
+    ranges: ClassVar[dict[str, tuple[float, float]]] = {}
     #: ``None`` for methods without labels; ``"fine"`` or ``"coarse"`` for (weakly) supervised ones.
     label_level: ClassVar[str | None] = None
     #: False for baselines evaluated as built (pixels, random init) and for combinations.
@@ -186,7 +189,8 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
     Checked here, before any training, each with one line naming the bad value: an unknown key, a
     value not of its declared default's type (numeric strings, as PyYAML reads ``1e-3``, become
     numbers), a shared training key outside :data:`TRAINING_RANGES`, an adapter's own number below 0
-    (below 1 for a count declared positive, at or below 0 for a temperature), an optimiser, schedule or
+    (below 1 for a count declared positive, at or below 0 for a temperature) or outside its
+    ``ranges``, an optimiser, schedule or
     augmentation preset that does not exist, and augmentation overrides of the wrong shape or range.
     """
     if scale not in ("paper", "cpu"):
@@ -209,6 +213,8 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
                 raise UsageError(f"{name} must be positive, got {cfg[key]!r}")
         else:  # none is meaningful below 0; a count or size declared positive stays positive (a queue of 0)
             number_in_range(cfg[key], 1 if isinstance(default, int) and default >= 1 else 0, None, name)
+    for key, (low, high) in cls.ranges.items():
+        number_in_range(cfg[key], low, high, f"config key {key!r} of method {cls.name!r}")
     _check_training_names(cfg, cls.name)
     for key, valid in cls.choices.items():
         if cfg[key] not in valid:

@@ -147,6 +147,7 @@ class InvCls(Method):
                 "augment": "mild", "head_hidden": 128, "smooth_k": 5},
     }
     search_space = {"lr": ("log", 0.03, 1.0), "temperature": ("float", 0.05, 0.5), "smooth_alpha": ("float", 0.0, 0.5)}
+    ranges = {"smooth_alpha": (0.0, 1.0)}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)

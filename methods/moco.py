@@ -37,6 +37,7 @@ class MoCo(Method):
     }
     search_space = {"lr": ("log", 0.01, 0.5), "temperature": ("float", 0.05, 0.5), "ema": ("float", 0.9, 0.999)}
     choices = {"head": HEADS, "queue_init": QUEUE_INITS}
+    ranges = {"ema": (0.0, 1.0)}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)

@@ -49,6 +49,7 @@ class NPID(Method):
     }
     search_space = {"lr": ("log", 0.01, 0.5), "temperature": ("float", 0.05, 0.5)}
     choices = {"bank_update": BANK_UPDATES, "head": HEADS}
+    ranges = {"bank_momentum": (0.0, 1.0)}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         super().__init__(backbone, cfg, info)

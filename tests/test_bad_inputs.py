@@ -167,6 +167,12 @@ BAD_INPUTS = [
      "'num_clusters' of method 'sela' must be at least 1, got 0"),
     ("a negative temperature", lambda t: _run(t, methods=[{"name": "simclr", "config": {"temperature": -1}}]), 2,
      "'temperature' of method 'simclr' must be positive, got -1"),
+    ("a momentum-encoder ema above 1", lambda t: _run(t, methods=[{"name": "moco", "config": {"ema": 1.5}}]), 2,
+     "'ema' of method 'moco' must be in [0.0, 1.0], got 1.5"),
+    ("a memory-bank momentum above 1", lambda t: _run(t, methods=[{"name": "npid_cld", "config": {"bank_momentum": 2}}]),
+     2, "'bank_momentum' of method 'npid_cld' must be in [0.0, 1.0], got 2"),
+    ("a smoothing weight above 1", lambda t: _run(t, methods=[{"name": "invcls", "config": {"smooth_alpha": 1.2}}]), 2,
+     "'smooth_alpha' of method 'invcls' must be in [0.0, 1.0], got 1.2"),
     ("a crop scale that is one number", lambda t: _run(t, methods=[{"name": "simclr", "config": {
         "augment_overrides": {"crop_scale": 5}}}]), 2, "'crop_scale' must be a list of 2 numbers in [0, 1]"),
     # protocol parameters and their feasibility
@@ -217,6 +223,8 @@ BAD_INPUTS = [
     ("a seed too large for the RNGs", lambda t: _run(t, "--seeds", "99999999999999999999"), 2,
      "seeds must be integers in [0, 2147483648)"),
     ("a fractional step budget", lambda t: _run(t, "--budget", "steps=1.5"), 2, "budget steps must be a whole number"),
+    ("an option given twice", lambda t: _run(t, "--seeds", "0,1", "--seeds", "2"), 2,
+     "argument --seeds: given more than once"),
     ("a table that claims no protocol's metrics", lambda t: _run(t, tables={"extra": ["nosuchmetric"]}), 2,
      "claims metrics 'nosuchmetric', which no protocol of the suite writes"),
     ("a table that empties the main table", lambda t: _run(t, tables={"mine": ["knn/"]}), 2,

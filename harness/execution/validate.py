@@ -113,8 +113,34 @@ def check_unique(values: list[Any], what: str) -> None:
 
 
 # ---------------------------------------------------------------- command-line argument types
+class _StoreOnce(argparse.Action):
+    """argparse's plain ``store``, except that an option given twice is an error: otherwise the last value
+    silently wins (``--seeds 0,1 --seeds 2`` would run seed 2 alone)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = namespace.__dict__.setdefault(_GIVEN, set())
+        if self.dest in given:
+            raise argparse.ArgumentError(self, "given more than once; give it once (a list is comma-separated)")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+_GIVEN = "__options_given"
+
+
 class UsageParser(argparse.ArgumentParser):
-    """argparse for the CLI and the benchmarks: a bad argument is a one-line UsageError (exit 2), not a usage block."""
+    """argparse for the CLI and the benchmarks: a bad argument is a one-line UsageError (exit 2), not a usage
+    block, and a value-taking option may be given only once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.__dict__.pop(_GIVEN, None)
+        return parsed, rest
 
     def error(self, message: str) -> None:
         raise UsageError(message)
