@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +107,13 @@ def _blocked(tmp: Path, option: str) -> list[str]:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def _saved(obj) -> bytes:
+    """``obj`` as torch.save writes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _mkdir(path: Path) -> Path:
@@ -245,6 +254,11 @@ BAD_INPUTS = [
     ("eval of an empty checkpoint file", lambda t: ["eval", "--checkpoint", str(_write(t / "e.pt", b"")), "--arch",
                                                    "small_cnn", "--data-dir", str(t / "d")], 2,
      "cannot load"),
+    ("eval of a pickled module", lambda t: ["eval", "--checkpoint", str(_write(t / "m.pt", _saved(torch.nn.Linear(2, 2)))),
+                                            "--arch", "small_cnn"], 2,
+     "it pickles torch.nn.modules.linear.Linear, which could run code when loaded; save the encoder's state_dict()"),
+    ("eval of a plain pickle", lambda t: ["eval", "--checkpoint", str(_write(t / "p.pkl", pickle.dumps({"w": [1.0]}))),
+                                          "--arch", "small_cnn"], 2, "it is not a file torch.save wrote"),
     ("eval of a directory as checkpoint", lambda t: ["eval", "--checkpoint", str(t), "--arch", "small_cnn"], 2,
      "is a directory"),
     ("eval at a huge image size", lambda t: ["eval", "--checkpoint", "x.pt", "--arch", "small_cnn", "--image-size",

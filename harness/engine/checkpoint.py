@@ -1,6 +1,9 @@
 """Load an external encoder checkpoint safely (``weights_only=True``: a pickle cannot run code)."""
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,16 +27,32 @@ def _state_dict(obj) -> dict[str, torch.Tensor]:
                      "'state_dict'/'model'/'encoder')")
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line (torch's own message is a
+    paragraph of advice to load it unsafely)."""
+    text = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (f"it pickles {refused.group(1)}, which could run code when loaded; save the encoder's "
+                f"state_dict() instead (torch.save(model.state_dict(), path))")
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    if isinstance(exc, (pickle.UnpicklingError, IndexError, ValueError)):  # a plain pickle, or not a pickle at all
+        return "it is not a file torch.save wrote (a plain pickle, another format, or damaged)"
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_encoder(path: Path, arch: str, in_channels: int) -> nn.Module:
     """Build backbone ``arch`` and load the checkpoint's weights into it, strictly."""
     if not Path(path).is_file():
         raise UsageError(f"checkpoint {str(path)!r} " + ("is a directory" if Path(path).is_dir() else "does not exist"))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a plain pickle
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for non-torch files, EOFError if empty
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot load {str(path)!r} as a weights-only checkpoint (a state_dict saved with "
-                         f"torch.save): {first}") from None
+                         f"torch.save): {_load_failure(exc)}") from None
     state = _state_dict(obj)
     bad = [k for k, v in state.items() if not isinstance(k, str) or (v.is_floating_point() and not v.isfinite().all())]
     if bad:
