@@ -266,3 +266,30 @@ def test_cld_table_baselines_are_clds_recipe_without_the_cld_term(suite_name):
         assert {**specs[baseline]["config"], "cld_weight": None} == {**specs[full]["config"], "cld_weight": None}
         assert specs[baseline]["protocols"] == specs[full]["protocols"]
     assert "deviation" in suite.description.lower()
+
+
+def test_clds_and_lemniscates_rows_train_a_resnet_with_pytorchs_default_initialisation():
+    """CLD's and lemniscate's ``models/resnet_cifar.py`` have no initialisation loop: every convolution
+    keeps PyTorch's default, uniform in +-1/sqrt(fan_in) (std bound/sqrt(3)), where torchvision's ResNet
+    draws kaiming-normal with fan_out (std sqrt(2/fan_out)). The MoCo demo builds torchvision's resnet18.
+    Catches: the CLD rows built with torchvision's initialisation, the demo row with the default one."""
+    from harness.models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    default, torchvision_init = create_backbone("resnet18_cifar_default_init", 3), create_backbone("resnet18_cifar", 3)
+    assert [(k, v.shape) for k, v in default.state_dict().items()] == \
+        [(k, v.shape) for k, v in torchvision_init.state_dict().items()]
+    for name, conv in default.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            bound = 1 / math.sqrt(conv.weight[0].numel())
+            assert conv.weight.abs().max() <= bound, name
+            assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+    block = torchvision_init.layer2[0].conv2  # 128 -> 128, 3x3: fan_out 1152
+    assert block.weight.std().item() == pytest.approx(math.sqrt(2 / 1152), rel=0.05)
+    for suite_name in ("cifar10-instance", "cifar100-instance"):
+        suite = load_suite(suite_name)
+        backbones = {e.label: make_spec(suite, suite.datasets[0], e, 0, suite.budgets[0])["backbone"]
+                     for e in suite.methods}
+        expected = {label: "resnet18_cifar" if label == "moco (CIFAR demo)" else "resnet18_cifar_default_init"
+                    for label in backbones}
+        assert backbones == expected, suite_name

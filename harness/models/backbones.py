@@ -44,7 +44,9 @@ def small_cnn(in_channels: int) -> nn.Module:
     return SmallCNN(in_channels)
 
 
-def _torchvision_resnet(arch: str, in_channels: int, cifar_stem: bool) -> nn.Module:
+def _torchvision_resnet(arch: str, in_channels: int, cifar_stem: bool, default_init: bool = False) -> nn.Module:
+    """torchvision's ``arch`` without its fc; ``default_init`` re-initialises every layer with PyTorch's
+    default (``reset_parameters``: kaiming-uniform convolutions) instead of torchvision's kaiming-normal."""
     import torchvision
 
     net = getattr(torchvision.models, arch)(weights=None)
@@ -56,6 +58,10 @@ def _torchvision_resnet(arch: str, in_channels: int, cifar_stem: bool) -> nn.Mod
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     net.out_dim = net.fc.in_features
     net.fc = nn.Identity()
+    if default_init:
+        for layer in net.modules():
+            if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d)):
+                layer.reset_parameters()
     return net
 
 
@@ -65,6 +71,11 @@ for _arch in ("resnet18", "resnet34", "resnet50"):
 for _arch in ("resnet18", "resnet34"):
     register_backbone(f"{_arch}_cifar", f"{_arch} with the CIFAR stem (3x3 conv, no max-pool)")(
         lambda c, a=_arch: _torchvision_resnet(a, c, cifar_stem=True))
+# The ResNet of CLD's and lemniscate's models/resnet_cifar.py (kuangliu/pytorch-cifar): the same layers and
+# state-dict shapes as resnet18_cifar, but no initialisation loop, so every layer has PyTorch's default.
+register_backbone("resnet18_cifar_default_init", "resnet18_cifar with PyTorch's default layer initialisation "
+                  "(CLD's and lemniscate's resnet_cifar.py)")(
+    lambda c: _torchvision_resnet("resnet18", c, cifar_stem=True, default_init=True))
 
 
 class Flatten(nn.Module):
