@@ -33,6 +33,8 @@ class Thanos(Method):
                    "combination of stored runs); published CIFAR-10 2->10 fine accuracy 79.1 (ViT)")
     trains = False
     components = ("supcon_spread", "cond_autoencoder")
+    #: Its components' paper augmentation: the transfer suites' linear head trains on it (``augment_preset: training``).
+    defaults = {"paper": {"augment": "simclr", "augment_overrides": {"crop_scale": [0.2, 1.0]}}, "cpu": {}}
 
     def __init__(self, backbone: nn.Module, cfg: dict, info: DataInfo) -> None:
         trained = info.extra["components"]

@@ -45,8 +45,9 @@ class EvalContext(Protocol):
     def normalize(self, images: Any) -> Any:
         """uint8 images -> float tensors the encoder expects (on ``device``)."""
 
-    def probe_augment(self, images: Any) -> Any:
-        """uint8 images -> randomly cropped and flipped, normalised float tensors (linear-eval augmentation)."""
+    def probe_augment(self, images: Any, preset: str = "probe") -> Any:
+        """uint8 images -> augmented, normalised float tensors: ``probe``, the linear-eval augmentation
+        (random crop and flip); ``training``, the run's own training augmentation (preset and overrides)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -142,6 +143,18 @@ def _encode(encoder: torch.nn.Module, images: Any, prepare: Callable[[Any], Any]
 
 
 PROBE_OPTIMIZERS = ("sgd", "adamw")
+#: The sgd protocol's training augmentation: the linear-eval crop and flip, or the run's own training augmentation.
+PROBE_AUGMENTATIONS = ("probe", "training")
+
+
+def _dropout_on(encoder: torch.nn.Module) -> None:
+    """Train mode for every module but BatchNorm: dropout and stochastic depth sample as in training while
+    batch statistics stay frozen (thanos-code freezes its encoder by ``requires_grad`` alone, and Lightning
+    trains the head with the whole model in train mode; the paper's ViT has no BatchNorm)."""
+    encoder.train()
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, test_images: Any,
@@ -149,12 +162,16 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
               augment: Callable[[Any], Any] | None = None, epochs: int = 10, lr: float = 0.1,
               momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256,
               seed: int = 0, device: str = "cpu", val_images: Any | None = None,
-              val_y: ArrayLike | None = None, optimizer: str = "sgd") -> dict[str, float]:
+              val_y: ArrayLike | None = None, optimizer: str = "sgd",
+              encoder_dropout: bool = False) -> dict[str, float]:
     """Standard linear evaluation: a linear head on the frozen ``encoder`` (eval mode, so
     BatchNorm statistics stay frozen; no gradients), trained with SGD + momentum (or AdamW with
     ``optimizer="adamw"``, as Thanos' head; ``momentum`` unused) and a per-step cosine
     learning-rate schedule for ``epochs`` epochs on ``augment(images)``
-    (``normalize(images)``, features cached once, when ``augment`` is None).
+    (``normalize(images)``, features cached once, when ``augment`` is None and
+    ``encoder_dropout`` False). ``encoder_dropout`` keeps the encoder's dropout and stochastic
+    depth on while the head trains (BatchNorm still frozen), as Thanos' transfer runs do;
+    validation and test features are always computed in eval mode.
 
     ``normalize``/``augment`` map a uint8 image batch to the encoder's float input.
     Returns the final head's ``top1``/``top5`` on test; with a validation set also the best
@@ -187,7 +204,10 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
             torch.manual_seed(seed)
             test_f = _encode(encoder, test_images, normalize, batch_size, device)
             val_f = None if val_y is None else _encode(encoder, val_images, normalize, batch_size, device)
-            fixed_f = None if augment else _encode(encoder, train_images, normalize, batch_size, device)
+            fixed_f = None if augment or encoder_dropout else _encode(encoder, train_images, normalize,
+                                                                      batch_size, device)
+            if encoder_dropout:
+                _dropout_on(encoder)
             head = torch.nn.Linear(test_f.shape[1], len(classes)).to(device)
             torch.nn.init.normal_(head.weight, std=0.01)
             torch.nn.init.zeros_(head.bias)
@@ -202,7 +222,7 @@ def sgd_probe(encoder: torch.nn.Module, train_images: Any, train_y: ArrayLike, t
                 order = rng.permutation(len(train_y))
                 for batch in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
                     if fixed_f is None:
-                        feats = _encode(encoder, train_images[batch], augment, batch_size, device)
+                        feats = _encode(encoder, train_images[batch], augment or normalize, batch_size, device)
                     else:
                         feats = fixed_f[batch]
                     loss = F.cross_entropy(head(feats), labels[batch])
@@ -244,16 +264,23 @@ def lbfgs_protocol(ctx: EvalContext, rep: str, *, l2_grid: list[float],
 
 
 @register_protocol("sgd", defaults={"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
-                                    "batch_size": 256, "augment": True, "optimizer": "sgd"},
-                   inputs=("encoder",), choices={"optimizer": PROBE_OPTIMIZERS})
+                                    "batch_size": 256, "augment": True, "augment_preset": "probe",
+                                    "optimizer": "sgd", "encoder_dropout": False},
+                   inputs=("encoder",), choices={"optimizer": PROBE_OPTIMIZERS,
+                                                 "augment_preset": PROBE_AUGMENTATIONS})
 def sgd_protocol(ctx: EvalContext, rep: str, *, epochs: int, lr: float, momentum: float,
-                 weight_decay: float, batch_size: int, augment: bool, optimizer: str) -> dict[str, float]:
-    """SGD linear evaluation of the frozen encoder on augmented train images (val picks the epoch)."""
+                 weight_decay: float, batch_size: int, augment: bool, augment_preset: str, optimizer: str,
+                 encoder_dropout: bool) -> dict[str, float]:
+    """SGD linear evaluation of the frozen encoder on augmented train images (val picks the epoch).
+
+    ``augment_preset``: ``probe`` (crop and flip) or ``training`` (the run's own augmentation, as
+    Thanos' transfer runs train their head)."""
     y = ctx.labels("fine")
     train, val, test = ctx.split("train"), ctx.split("val"), ctx.split("test")
     val_images, val_y = (ctx.images(val), y[val]) if len(val) else (None, None)
     return sgd_probe(ctx.encoder(), ctx.images(train), y[train], ctx.images(test), y[test],
-                     normalize=ctx.normalize, augment=ctx.probe_augment if augment else None,
+                     normalize=ctx.normalize,
+                     augment=partial(ctx.probe_augment, preset=augment_preset) if augment else None,
                      epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      batch_size=batch_size, seed=ctx.seed, device=ctx.device,
-                     val_images=val_images, val_y=val_y, optimizer=optimizer)
+                     val_images=val_images, val_y=val_y, optimizer=optimizer, encoder_dropout=encoder_dropout)

@@ -86,9 +86,9 @@ class BlobContext:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 255 - 0.5).to(self.device)
 
-    def probe_augment(self, images: torch.Tensor) -> torch.Tensor:
+    def probe_augment(self, images: torch.Tensor, preset: str = "probe") -> torch.Tensor:
         x = self.normalize(images)
-        return x + 0.02 * torch.randn_like(x)
+        return x + {"probe": 0.02, "training": 0.05}[preset] * torch.randn_like(x)
 
 
 def record_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[SimpleNamespace]:

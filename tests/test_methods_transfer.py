@@ -212,16 +212,52 @@ def test_thanos_concatenates_the_frozen_component_backbones():
 
 
 def test_vit_small_patch4_is_the_papers_encoder():
+    """The official encoder's shapes and parameter count: a bias-free qkv and no output projection per block
+    (``MHA_fused`` with ``d_out=None``), Linear + LayerNorm patch embedding, 1 + 64 learned positions.
+    Catches: torch's MultiheadAttention (q/k/v biases and an output projection: 466,816 more parameters)."""
     from harness.models.backbones import BACKBONES, create_backbone
 
     assert "vit_small_patch4" in BACKBONES.names()
     vit = create_backbone("vit_small_patch4", 3).eval()
     assert vit.out_dim == 256 and len(vit.blocks) == 7
     block = vit.blocks[0]
-    assert block.attn.num_heads == 8 and block.mlp[0].out_features == 512
+    assert block.attn.heads == 8 and block.mlp[0].out_features == 512 and block.attn.qkv.bias is None
     assert vit.embed[0].in_features == 3 * 4 * 4
+    width, mlp = 256, 512
+    per_block = 2 * 2 * width + width * 3 * width + (width * mlp + mlp) + (mlp * width + width)
+    expected = (48 * width + width + 2 * width) + width + 65 * width + 7 * per_block + 2 * width
+    assert sum(p.numel() for p in vit.parameters()) == expected
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 256)
     assert ViT(1)(torch.randn(2, 1, 8, 8)).shape == (2, 256)
+
+
+def _official_attention(x: torch.Tensor, qkv_weight: torch.Tensor, heads: int, rescale: float = 1.0) -> torch.Tensor:
+    """thanos-code's MHA_fused + MHA forward without dropout, written from their einsums: qkv split as
+    ``b s (k h d) -> b s k h d``, logits ``b s h t`` scaled by d^-0.5, softmax over keys, then
+    ``einsum('b s h d, b t h s -> b t h d', v, attn)``; ``rescale`` multiplies the logits (a kept row under
+    head dropout)."""
+    b, s, width = x.shape
+    q, k, v = (x @ qkv_weight.T).view(b, s, 3, heads, width // heads).unbind(2)
+    attn = torch.einsum("bshd,bthd->bsht", q, k).mul((width // heads) ** -0.5 * rescale).softmax(-1)
+    return torch.einsum("bshd,bths->bthd", v, attn).reshape(b, s, width)
+
+
+def test_vit_attention_equals_the_official_modules_and_drops_whole_query_rows():
+    """Eval mode: the official attention to rounding. Training with ``head_dropout`` p (other dropout 0):
+    each query row either attends uniformly (its logits zeroed: the mean of v over keys) or with logits
+    scaled by 1/(1-p), as ``nn.Dropout2d`` on the official (batch, query, head, key) logits does.
+    Catches: dropout on single logits or per head, dropping after the softmax, a missing rescale."""
+    from harness.models.vit import Attention
+
+    torch.manual_seed(0)
+    attn, x = Attention(32, 4, dropout=0.0, head_dropout=0.5), torch.randn(3, 9, 32)
+    torch.testing.assert_close(attn.eval()(x), _official_attention(x, attn.qkv.weight, 4))
+    out = attn.train()(x)
+    uniform = (x @ attn.qkv.weight.T)[..., 64:].mean(1, keepdim=True).expand_as(out)  # v averaged over keys
+    sharpened = _official_attention(x, attn.qkv.weight, 4, rescale=1 / 0.5)
+    is_uniform = torch.isclose(out, uniform, atol=1e-5).all(-1)
+    is_sharpened = torch.isclose(out, sharpened, atol=1e-5).all(-1)
+    assert (is_uniform ^ is_sharpened).all() and is_uniform.any() and is_sharpened.any()
 
 
 # ----------------------------------------------------------------------------- harness runs

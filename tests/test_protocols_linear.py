@@ -174,10 +174,15 @@ def test_sgd_probe_freezes_encoder_and_reports_best_val_epoch():
 
 def test_sgd_wrapper_is_seeded():
     ctx = BlobContext()
-    params = dict(epochs=5, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32, augment=True, optimizer="sgd")
+    params = dict(epochs=5, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32, augment=True,
+                  augment_preset="probe", optimizer="sgd", encoder_dropout=False)
     first = sgd_protocol(ctx, "backbone", **params)
     assert first == sgd_protocol(ctx, "backbone", **params)
     assert first["top1"] > 0.9
+    presets, augment = [], ctx.probe_augment
+    ctx.probe_augment = lambda images, preset="probe": presets.append(preset) or augment(images, preset)
+    assert sgd_protocol(ctx, "backbone", **(params | {"augment_preset": "training"}))["top1"] > 0.9
+    assert presets and set(presets) == {"training"}  # the run's own augmentation, every batch
     adamw = sgd_protocol(ctx, "backbone", **(params | {"optimizer": "adamw", "lr": 5e-2}))  # Thanos' head
     assert adamw["top1"] > 0.9 and adamw != first
     assert set(sgd_protocol(BlobContext(with_val=False), "backbone", **params)) == {"top1", "top5"}
@@ -192,3 +197,39 @@ def test_sgd_bad_input_raises():
         sgd_probe(ctx.encoder(), images, y, images, y, normalize=ctx.normalize, epochs=0)
     with pytest.raises(ValueError, match="unknown optimizer 'lamb' \\(valid: sgd, adamw\\)"):
         sgd_probe(ctx.encoder(), images, y, images, y, normalize=ctx.normalize, optimizer="lamb")
+
+
+def test_sgd_probe_keeps_encoder_dropout_on_for_the_head_only_when_asked():
+    """``encoder_dropout``: the training batches go through the encoder with its dropout in train mode and
+    BatchNorm in eval mode (running statistics unchanged); validation and test features are computed in eval
+    mode; the encoder's mode is restored afterwards. Without it every pass is in eval mode.
+    Catches: dropout left off (Thanos' head trains on dropped-out features), BatchNorm statistics updated
+    by the probe, test features computed with dropout."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop, self.bn = torch.nn.Linear(2, 8), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(8)
+            self.modes: list[tuple[int, bool, bool]] = []
+
+        def forward(self, x):
+            self.modes.append((len(x), self.drop.training, self.bn.training))
+            return self.bn(self.drop(self.lin(x)))
+
+    rng = np.random.default_rng(0)
+    train_x, test_x, val_x = (torch.as_tensor(rng.normal(size=(n, 2)), dtype=torch.float32) for n in (40, 12, 8))
+    train_y, test_y, val_y = (np.arange(n) % 2 for n in (40, 12, 8))
+    for dropout in (True, False):
+        encoder = Encoder().train()
+        before = {k: v.clone() for k, v in encoder.bn.state_dict().items()}
+        sgd_probe(encoder, train_x, train_y, test_x, test_y, normalize=lambda b: b, epochs=2, batch_size=20,
+                  val_images=val_x, val_y=val_y, encoder_dropout=dropout)
+        assert encoder.training and encoder.bn.training  # restored
+        assert all(torch.equal(before[k], v) for k, v in encoder.bn.state_dict().items())
+        by_size = {(n, drop, bn) for n, drop, bn in encoder.modes}
+        if dropout:  # 2 epochs x 2 batches of 20 with dropout; test (12) and val (8) once each without
+            assert by_size == {(20, True, False), (12, False, False), (8, False, False)}
+            assert len(encoder.modes) == 6
+        else:  # features cached: train (two batches of 20), test and val once each
+            assert by_size == {(20, False, False), (12, False, False), (8, False, False)}
+            assert len(encoder.modes) == 4

@@ -167,3 +167,18 @@ def test_similarity_choice_is_validated_and_official_at_paper_scale_only():
     for name in ("supcon", "supcon_spread"):
         assert resolve_config(METHODS.get(name), "paper")["similarity"] == "official"
         assert resolve_config(METHODS.get(name), "cpu")["similarity"] == "cosine"
+
+
+@pytest.mark.parametrize("suite_name", ["transfer-cifar10", "transfer-cifar100"])
+def test_transfer_head_trains_as_thanos_code_does(suite_name):
+    """The fine-label head of every row: AdamW lr 1e-3 with torch's default weight decay 0.01, 100 epochs,
+    batch 128, on the training augmentation (crop 0.2-1 of ``config/dataflow/transforms/cifar10.yaml``,
+    the same for every row, Thanos included) with the frozen encoder's dropout on.
+    Catches: weight decay 0 (the protocol's default), the probe's crop-and-flip, an eval-mode encoder."""
+    specs = [job.spec for job in plan(load_suite(suite_name))]
+    for spec in specs:
+        assert spec["protocols"]["sgd"] == {"epochs": 100, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.01,
+                                            "batch_size": 128, "augment": True, "augment_preset": "training",
+                                            "optimizer": "adamw", "encoder_dropout": True}, spec["label"]
+        assert (spec["config"]["augment"], spec["config"]["augment_overrides"]) == ("simclr", {"crop_scale": [0.2, 1.0]})
+    assert {spec["label"] for spec in specs} >= {"thanos", "supcon", "supcon_spread", "cond_autoencoder"}

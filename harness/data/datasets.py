@@ -72,6 +72,11 @@ class ImageData:
         return len(self.classes)
 
     @property
+    def flips(self) -> bool:
+        """Whether a horizontal flip is a label-preserving augmentation: not for handwritten digits."""
+        return self.name not in ("digits", "mnist")
+
+    @property
     def num_coarse(self) -> int:
         return 0 if self.coarse_labels is None else int(self.coarse_labels.max()) + 1
 

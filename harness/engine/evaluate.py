@@ -28,8 +28,8 @@ class RunContext:
         self.method, self.data, self.manifest = method, data, manifest
         self.device, self.seed, self.batch_size = device, seed, batch_size
         self._plain = Augmenter(None, data.mean, data.std, out_size=image_size)
-        self._probe = Augmenter(get_preset("probe"), data.mean, data.std,
-                                allow_flip=data.name not in ("digits", "mnist"), out_size=image_size)
+        self._image_size = image_size
+        self._augmenters: dict[str, Augmenter] = {}
         self._probe_gen = torch.Generator().manual_seed(seed)
         self._features: dict[str, np.ndarray] | None = None
         self._assignments: dict[str, np.ndarray] = {}
@@ -68,8 +68,13 @@ class RunContext:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self._plain.plain(images.to(self.device))
 
-    def probe_augment(self, images: torch.Tensor) -> torch.Tensor:
-        return self._probe(images.to(self.device), self._probe_gen)
+    def probe_augment(self, images: torch.Tensor, preset: str = "probe") -> torch.Tensor:
+        if preset not in self._augmenters:
+            cfg = self.method.cfg
+            choice = get_preset("probe") if preset == "probe" else get_preset(cfg["augment"], **cfg["augment_overrides"])
+            self._augmenters[preset] = Augmenter(choice, self.data.mean, self.data.std, out_size=self._image_size,
+                                                 allow_flip=self.data.flips)
+        return self._augmenters[preset](images.to(self.device), self._probe_gen)
 
     # -------------------------------------------------------------- extraction
     def representation_names(self) -> tuple[list[str], list[str]]:

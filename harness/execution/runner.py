@@ -232,7 +232,7 @@ class Runner:
             if level is not None:
                 source = data.labels if level == "fine" else data.coarse_labels
                 labels = torch.as_tensor(source[train_idx.numpy()]).to(device)
-            preset, allow_flip = get_preset(cfg["augment"], **cfg["augment_overrides"]), data.name not in ("digits", "mnist")
+            preset, allow_flip = get_preset(cfg["augment"], **cfg["augment_overrides"]), data.flips
             if self.pipeline == "per_image":
                 augmenter = training_feed(images, preset, data.mean, data.std, views=cfg["views"],
                                           batch_size=min(int(cfg["batch_size"]), len(images)), seed=seed,
