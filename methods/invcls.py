@@ -139,8 +139,9 @@ class InvCls(Method):
     defaults = {
         "method": {"temperature": 0.15, "feat_dim": 128, "head_hidden": 512, "smooth_alpha": 0.2, "smooth_k": 10,
                    "shard_classifier": False},
-        # The paper's text (Liu et al., AAAI 2021, implementation details; no official code was found):
-        # SGD momentum 0.9, wd 1e-4, lr 0.48, warm-up then cosine, tau 0.15, alpha 0.2; SimCLR augmentation.
+        # The paper's ImageNet optimiser (Liu et al., AAAI 2021, experiment setup; no official code was found):
+        # SGD momentum 0.9, wd 1e-4, lr 0.48, 10 warm-up epochs then cosine. The batch of 256 (lr unscaled),
+        # tau 0.15, alpha 0.2 and the SimCLR augmentation are CIFAR-10 choices (docs/fidelity.md).
         "paper": {"batch_size": 256, "lr": 0.48, "weight_decay": 1e-4, "warmup": 0.05, "views": 1,
                   "augment": "simclr"},
         "cpu": {"batch_size": 128, "lr": 0.2, "weight_decay": 1e-4, "warmup": 0.05, "views": 1,

@@ -56,7 +56,7 @@ class SeLa(Method):
         self.register_buffer("labels", torch.stack([torch.randperm(n) % k for _ in self.heads]))
 
     def label_features(self, epoch: int, loader) -> torch.Tensor:
-        """Backbone features of the whole training set, in index order, for the labelling pass."""
+        """Backbone features of the whole training set, returned in index order, for the labelling pass."""
         if self.cfg["label_pass"] == "plain":
             self.eval()
             features = torch.cat([self.backbone(x).float() for x, _ in loader])
@@ -68,7 +68,12 @@ class SeLa(Method):
                             source.mean.flatten().tolist(), source.std.flatten().tolist(),
                             allow_flip=source.allow_flip, out_size=source.out_size)
         generator = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + epoch) % 2**63)
-        return torch.cat([self.backbone(augment(loader.images[index], generator)).float() for _, index in loader])
+        # in a shuffled order, as cifar.py's pass over its shuffling trainloader: train-mode BatchNorm normalises
+        # each batch by its own statistics, so which images share a batch matters
+        order = torch.randperm(len(loader.images), generator=generator).to(loader.images.device)
+        shuffled = torch.cat([self.backbone(augment(loader.images[batch], generator)).float()
+                              for batch in order.split(loader.batch_size)])
+        return torch.empty_like(shuffled).index_copy_(0, order, shuffled)
 
     @torch.no_grad()
     def on_epoch_start(self, epoch: int, loader) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import methods.sela
 from harness.data.augment import Augmenter, get_preset
 from harness.errors import UsageError
 from harness.execution.runner import make_spec
@@ -212,22 +213,40 @@ def test_sela_labels_equal_sinkhorn_on_the_head_logits_plain_pass():
     assert method.training
 
 
-def test_sela_official_pass_trains_mode_on_augmented_images():
+def test_sela_official_pass_trains_mode_on_augmented_images(monkeypatch):
     """``label_pass: official`` (paper default), as self-label's cifar.py opt_sk: the features come
     from the network in train mode (BatchNorm uses and updates batch statistics) on augmented
-    images, and the labels are SeLa's Sinkhorn loop on the head's logits of exactly those features.
-    Catches: the eval-mode plain pass at paper scale, or labels computed from other features."""
+    images in batches of a shuffled order (its trainloader shuffles), and the labels are SeLa's
+    Sinkhorn loop on the head's logits of exactly those features, put back in index order.
+    Catches: the eval-mode plain pass at paper scale, batches in index order, features not put back
+    in index order, or labels computed from other features."""
     method, loader = sela_with_loader("official")
     assert method.cfg["label_pass"] == "official" and resolve_config(SeLa, "cpu")["label_pass"] == "plain"
     running_mean = method.backbone.net[2].running_mean.clone()
+    returned, augmented = [], []
+
+    class RecordingAugmenter(Augmenter):
+        def __call__(self, images, *args, **kwargs):
+            augmented.append(images.clone())
+            return super().__call__(images, *args, **kwargs)
+
+    monkeypatch.setattr(methods.sela, "Augmenter", RecordingAugmenter)
+    label_features = method.label_features
+    monkeypatch.setattr(method, "label_features", lambda *a: returned.append(label_features(*a)) or returned[-1])
     calls = captured_backbone_calls(method, loader, epoch=0)
-    assert all(training for _, _, training in calls)
-    inputs = torch.cat([x for x, _, _ in calls])
-    assert inputs.shape == (48, 3, 6, 6)
+    assert all(training for _, _, training in calls) and [len(x) for x, _, _ in calls] == [16, 16, 16]
+    inputs, outputs = torch.cat([x for x, _, _ in calls]), torch.cat([out for _, out, _ in calls])
     assert (inputs - loader.augmenter.normalize(loader.images)).abs().amax(dim=(1, 2, 3)).min() > 1e-3
     assert not torch.allclose(method.backbone.net[2].running_mean, running_mean)
+    # which image each computed row is: the raw images the pass handed its augmenter, matched to the training set
+    raw = torch.cat(augmented)
+    source = (raw.flatten(1)[:, None] == loader.images.flatten(1)[None]).all(-1).int().argmax(1)
+    assert torch.equal(loader.images[source], raw) and sorted(source.tolist()) == list(range(48))
+    assert source.tolist() != list(range(48))
+    features = returned[0]
+    assert torch.equal(features[source], outputs)  # row i of the features is image i's
     with torch.no_grad():
-        logits = method.heads[0](torch.cat([out for _, out, _ in calls]))
+        logits = method.heads[0](features)
     expected, _ = official_loop(logits, method.cfg["lam"], method.cfg["sk_tol"])
     assert torch.equal(method.labels[0], expected)
     with pytest.raises(UsageError, match="label_pass"):
