@@ -12,7 +12,7 @@ import torch
 from conftest import make_suite
 from killable import Killed, KillableMoCo, KillableSimCLR
 from harness.execution.runner import Runner, plan
-from methods import METHODS, Batch, register_method
+from methods import METHODS, Batch, Method, register_method
 
 FAST = {"knn": {"k": 10}}
 CONFIG = {"batch_size": 128}  # digits' 1,293 training images: 10 steps an epoch
@@ -230,3 +230,89 @@ def test_a_loss_read_a_step_late_still_names_its_step_and_keeps_no_checkpoint_af
     assert state["usage"]["steps"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
                                                 if v.is_floating_point())
     assert state["logs"]["step"] == 2.0 and state["logs"]["doubled"] == pytest.approx(2 * state["epoch_losses"][-1])
+
+
+class _Pixels(torch.nn.Module):
+    """A linear map of the flattened 2x2 image: the smallest backbone the loop can train."""
+
+    out_dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+class _EpochLoss(Method):
+    """Loss = its epoch number + 1 (the output times 0 keeps every weight in the graph), so each epoch's history loss
+    is known; records the sample indices of every step, dies with :class:`Killed` at call ``kill_at`` of its
+    training step and counts ``on_train_start`` over all instances (a resumed run must not start again)."""
+
+    train_starts = 0
+
+    def __init__(self, backbone, cfg, info, kill_at=None):
+        super().__init__(backbone, cfg, info)
+        self.epoch, self.batches, self.calls, self.kill_at = -1, [], 0, kill_at
+
+    def on_train_start(self, loader) -> None:
+        type(self).train_starts += 1
+
+    def on_epoch_start(self, epoch, loader) -> None:
+        self.epoch = epoch
+
+    def training_step(self, batch: Batch):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise Killed
+        self.batches.append(batch.index.tolist())
+        return self.backbone(batch.views[0]).sum() * 0 + (self.epoch + 1)
+
+
+def _train_epoch_loss(budget, checkpoint=None, kill_at=None, seed=5):
+    from harness.data.augment import Augmenter
+    from harness.engine.budget import Budget
+    from harness.engine.train import train
+    from methods import DataInfo, resolve_config
+
+    images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = {**resolve_config(METHODS.get("simclr"), "cpu", {"batch_size": 8}), "views": 1, "warmup": 0.0}
+    method = _EpochLoss(_Pixels(), cfg, DataInfo(32, (1, 2, 2)), kill_at)
+    result = train(method, images, None, Budget.parse(budget), Augmenter(None, [0.5], [0.25]), cfg, device="cpu",
+                   seed=seed, generator=torch.Generator().manual_seed(seed), quiet=True, checkpoint=checkpoint,
+                   checkpoint_seconds=0.0)
+    return method, result
+
+
+def test_each_epoch_has_its_own_data_order_and_its_own_mean_loss():
+    """3 epochs of 4 batches of 8: epoch e takes its batches in the order ``epoch_order(32, e, seed)``, a new
+    permutation each epoch, and its history loss is the mean over its own steps only (1, 2, 3 here). Catches one
+    order reused every epoch, and epoch losses that accumulate across epochs (1, 1.5, 2)."""
+    from harness.engine.seeding import epoch_order
+
+    method, result = _train_epoch_loss("epochs=3")
+    assert result.status == "ok" and len(method.batches) == 12
+    orders = [epoch_order(32, e, 5).view(4, 8).tolist() for e in range(3)]
+    assert method.batches == orders[0] + orders[1] + orders[2]
+    assert orders[0] != orders[1] != orders[2]
+    assert [h["loss"] for h in result.history] == [1.0, 2.0, 3.0]
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
+
+
+def test_a_resumed_run_keeps_counting_its_seconds_and_does_not_start_again(tmp_path):
+    """Killed in its 4th step (checkpoint after every step), the run resumes at step 4 of 6. The checkpoint says the
+    first 3 steps took 1000 s (as on a slow machine): the resumed run's clock goes on from there, so a seconds budget
+    and ``train_seconds`` count both segments, and ``on_train_start`` (bank and queue initialisation) is not called
+    again. Catches a clock restarted at the resume and a second on_train_start that overwrites restored state."""
+    checkpoint = tmp_path / "run.pt"
+    _EpochLoss.train_starts = 0
+    with pytest.raises(Killed):
+        _train_epoch_loss("steps=6", checkpoint, kill_at=4)
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["usage"]["steps"] == 3 and _EpochLoss.train_starts == 1
+    state["usage"]["seconds"] = 1000.0
+    torch.save(state, checkpoint)
+    method, result = _train_epoch_loss("steps=6", checkpoint)
+    assert method.calls == 3 and result.usage.steps == 6 and result.usage.samples == 48
+    assert result.usage.seconds >= 1000.0 and _EpochLoss.train_starts == 1

@@ -24,7 +24,7 @@ def test_budget_parse(text, unit, limit):
     assert (b.unit, b.limit) == (unit, limit)
 
 
-@pytest.mark.parametrize("bad", ["epochs=-1", "epochs=0", "fortnights=2", "abc", {"epochs": 1, "steps": 2}])
+@pytest.mark.parametrize("bad", ["epochs=-1", "epochs=0", "fortnights=2", "abc", {"epochs": 1, "steps": 2}, {}])
 def test_budget_rejects(bad):
     with pytest.raises(UsageError):
         Budget.parse(bad)
@@ -34,6 +34,56 @@ def test_usage_fraction_and_exhaustion():
     u = Usage(epochs=1.5, steps=30, samples=3000, seconds=2.0)
     assert u.fraction(Budget("epochs", 3)) == 0.5
     assert u.exhausted(Budget("steps", 30)) and not u.exhausted(Budget("samples", 3001))
+    assert Usage(epochs=3.5).fraction(Budget("epochs", 3)) == 1.0  # in [0, 1] even past the budget
+
+
+def test_a_budget_as_text_or_as_a_number_is_one_budget_and_one_run():
+    """"epochs=20", "20epochs", {"epochs": 20}, {"epochs": 20.0} and YAML's string {"epochs": "20"} are the same
+    budget with the integer limit 20, so they name the same run (a float 20.0 would hash as another run id);
+    "1e3steps" is steps=1000. Catches whole limits kept as floats and an exponent the unit-suffix form cannot read."""
+    budgets = [Budget.parse(v) for v in ("epochs=20", "20epochs", {"epochs": 20}, {"epochs": 20.0}, {"epochs": "20"})]
+    assert {str(b) for b in budgets} == {"epochs=20"}
+    assert len({run_id({"budget": b.as_dict()}) for b in budgets}) == 1
+    assert str(Budget.parse("1e3steps")) == "steps=1000" and Budget.parse("seconds=1.5").limit == 1.5
+
+
+def test_seed_everything_seeds_every_generator_and_sets_the_mode():
+    """The same seed gives the same draws from Python's random, NumPy's global generator, torch's global generator
+    and the returned data-order generator, another seed other draws from each; ``deterministic`` turns torch's
+    deterministic algorithms on (cudnn autotuning off) or off. Catches any one of them left unseeded or unset."""
+    import random
+
+    from harness.engine.seeding import seed_everything
+
+    def draws(seed):
+        g = seed_everything(seed)
+        return random.random(), float(np.random.rand()), torch.rand(1).item(), torch.rand(1, generator=g).item()
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    try:
+        assert draws(3) == draws(3)
+        assert all(a != b for a, b in zip(draws(3), draws(4)))
+        seed_everything(3, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        seed_everything(3)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def test_epoch_order_is_a_permutation_of_its_own_for_each_seed_and_epoch():
+    """``epoch_order(n, epoch, seed)`` is a permutation of range(n), the same for the same arguments, and different
+    for each of 3 seeds x 3 epochs. Catches an order that ignores the epoch, and seed and epoch mixed so that
+    (seed 0, epoch 1) repeats (seed 1, epoch 0): two seeds of a suite would then train on shifted copies of one
+    data order."""
+    from harness.engine.seeding import epoch_order
+
+    assert sorted(epoch_order(50, 2, 1).tolist()) == list(range(50))
+    assert torch.equal(epoch_order(50, 2, 1), epoch_order(50, 2, 1))
+    orders = {tuple(epoch_order(50, e, s).tolist()) for s in range(3) for e in range(3)}
+    assert len(orders) == 9
 
 
 def test_lr_schedules():
@@ -199,3 +249,105 @@ def test_methods_selects_a_label_alone_and_a_method_name_by_every_row():
     assert [e.label for e in select_methods(rule, ["sela", "random"])] == ["cpu-sela", "paper-sela", "random"]
     with pytest.raises(UsageError, match="'nipd'"):
         select_methods(suite, ["nipd"])
+
+
+def _toy_data(sizes=(10, 16, 27, 40), unlabeled=20, name="toy") -> "ImageData":
+    """Train part: ``sizes[c]`` images of class c, then ``unlabeled`` unlabeled ones (label 0, as STL-10 stores
+    them); test part: 2 images per class. Pixels are the sample's index, so every image differs."""
+    from harness.data.datasets import ImageData
+
+    labels = np.concatenate([np.repeat(np.arange(len(sizes)), sizes), np.zeros(unlabeled, np.int64),
+                             np.repeat(np.arange(len(sizes)), 2)])
+    n_train = sum(sizes) + unlabeled
+    is_labeled = np.ones(len(labels), bool)
+    is_labeled[sum(sizes):n_train] = False
+    images = torch.arange(len(labels), dtype=torch.int64).remainder(256).to(torch.uint8).view(-1, 1, 1, 1).expand(
+        -1, 1, 2, 2).contiguous()
+    images[:, 0, 0, 0] = torch.arange(len(labels)) // 256
+    return ImageData(name, images, labels, None, np.arange(len(labels)) < n_train, tuple("abcd"[:len(sizes)]),
+                     (0.5,), (0.25,), is_labeled=is_labeled)
+
+
+def test_manifest_is_stratified_reproducible_and_keeps_unlabeled_and_test_out_of_val():
+    """Classes of 10, 16, 27 and 40 labeled training images give round(0.1 n) = 1, 2, 3, 4 validation images each
+    (a floor would give 1, 1, 2, 4; one draw over all classes other counts); the 20 unlabeled images stay in train;
+    ``train_full`` is train + val without a test image; two calls give the same lists. Catches an unstratified or
+    unseeded split, unlabeled samples in val and a test image in the kNN bank (train_full)."""
+    data = _toy_data()
+    m = make_manifest(data)
+    assert np.bincount(data.labels[m.val], minlength=4).tolist() == [1, 2, 3, 4]
+    assert data.is_labeled[m.val].all() and set(np.flatnonzero(~data.is_labeled)) <= set(m.train)
+    assert not set(m.train) & set(m.val) and not (set(m.train) | set(m.val)) & set(m.test)
+    assert m.split("train_full").tolist() == sorted(np.concatenate([m.train, m.val]).tolist())
+    assert data.is_train[m.split("train_full")].all()
+    again = make_manifest(_toy_data())
+    assert again.sha256 == m.sha256 and all(np.array_equal(getattr(m, k), getattr(again, k)) for k in ("train", "val"))
+
+
+def test_data_fingerprint_covers_the_labels():
+    """Relabelling one image changes the data fingerprint and so the manifest's hash: results on other labels never
+    share a leaderboard cell. Catches a fingerprint of the pixels alone."""
+    data, relabelled = _toy_data(), _toy_data()
+    relabelled.labels[0] = 3
+    assert relabelled.fingerprint() != data.fingerprint()
+    assert make_manifest(relabelled).sha256 != make_manifest(data).sha256
+
+
+def test_stored_manifests_are_per_data_and_val_fraction_and_verified(tmp_path):
+    """One directory of manifests: changed pixels under the same dataset name, or another val fraction, get their
+    own manifest (the changed data's fingerprint, 2 / 3 / 5 / 8 val images at 0.2), never the stored one of other
+    data; a stored manifest whose lists were edited (its hash not) is refused as corrupted. Catches a manifest
+    file named without the fingerprint or the fraction, and a manifest read without checking its hash."""
+    from harness.errors import EnvironmentFailure
+
+    data = _toy_data()
+    first = load_or_make_manifest(data, tmp_path)
+    changed = _toy_data()
+    changed.images[0, 0, 1, 1] ^= 1
+    other = load_or_make_manifest(changed, tmp_path)
+    assert other.data_fingerprint == changed.fingerprint() != first.data_fingerprint
+    wider = load_or_make_manifest(data, tmp_path, val_fraction=0.2)
+    assert np.bincount(data.labels[wider.val], minlength=4).tolist() == [2, 3, 5, 8]
+    assert load_or_make_manifest(data, tmp_path).sha256 == first.sha256
+    (path,) = [p for p in tmp_path.glob("toy-*.json") if "val0.1" in p.name and data.fingerprint()[:16] in p.name]
+    stored = json.loads(path.read_text())
+    stored["val"].append(stored["train"].pop())  # a train image moved into val, hash left as it was
+    path.write_text(json.dumps(stored))
+    with pytest.raises(EnvironmentFailure, match="corrupted"):
+        load_or_make_manifest(data, tmp_path)
+
+
+def test_digits_test_part_is_a_fifth_of_each_class():
+    """scikit-learn's digits has no split: the harness takes round(0.2 n) of each class as test, 359 of 1,797."""
+    data = load_dataset("digits", "unused")
+    for c in range(10):
+        n = int((data.labels == c).sum())
+        assert int((~data.is_train & (data.labels == c)).sum()) == round(0.2 * n)
+    assert int((~data.is_train).sum()) == 359
+
+
+def test_encoder_checkpoint_loader_on_known_inputs(tmp_path):
+    """``load_encoder`` reads a backbone's weights under 'state_dict', 'model' or 'encoder', strips stacked training
+    prefixes (DDP's 'module.' around MoCo's 'encoder_q.'), drops a classifier 'fc.' head, and refuses with a
+    UsageError non-finite weights, a mis-shaped weight and entries that are not tensors. Catches each of those
+    rules dropped (a mis-shaped weight would end in torch's RuntimeError instead of one line)."""
+    from harness.engine.checkpoint import load_encoder
+    from harness.models.backbones import create_backbone
+
+    state = create_backbone("small_cnn", 1).state_dict()
+    key = "features.0.weight"
+
+    def load(obj):
+        path = tmp_path / "c.pt"
+        torch.save(obj, path)
+        return load_encoder(path, "small_cnn", 1)
+
+    nested = {"model": {f"module.encoder_q.{k}": v for k, v in state.items()}}
+    assert torch.equal(load(nested).state_dict()[key], state[key])
+    assert torch.equal(load({"encoder": {**state, "fc.weight": torch.zeros(10, 64)}}).state_dict()[key], state[key])
+    with pytest.raises(UsageError, match="finite"):
+        load({**state, key: torch.full_like(state[key], float("nan"))})
+    with pytest.raises(UsageError, match="mis-shaped"):
+        load({**state, key: state[key][:1]})
+    with pytest.raises(UsageError, match="no state_dict of tensors"):
+        load({"epoch": 3, "lr": 0.1})

@@ -268,3 +268,90 @@ def test_budget_columns_follow_the_budget_amount_not_its_text():
             records.append(r)
     columns = [c for c in leaderboard_table(records).display.columns if c.startswith("digits")]
     assert columns == [f'digits knn/top1 {{"epochs": {e}}}' for e in (2, 4, 8, 16)]
+
+
+def test_a_row_without_two_common_seeds_keeps_the_best_from_bold():
+    """Row "c" has seed 0 only: it cannot be paired with the best (one common seed), so it gets no p-value and no
+    mark, and the best is not bold although it beats "b" significantly (p = scipy's ttest_rel, Holm over the one
+    tested row). Catches bold without a test of every other row, and a paired test tried on a single pair."""
+    records = [r for r in synthetic_records() if r["spec"]["label"] != "a"]
+    records.append(record("c", 0, {"knn/top1": 0.5, "lbfgs/top1": 0.5}))
+    cells = leaderboard_table(records).stats
+    knn = cells[cells["metric"] == "knn/top1"].set_index("row")
+    p_b = st.ttest_rel(VALUES["best"]["knn/top1"], VALUES["b"]["knn/top1"]).pvalue
+    assert knn.at["b", "p_vs_best"] == pytest.approx(p_b) and p_b < 0.05 and math.isnan(knn.at["c", "p_vs_best"])
+    assert knn["mark"].to_dict() == {"b": "", "best": "", "c": ""}
+
+
+def test_intervals_and_marks_follow_alpha():
+    """--alpha 0.1: the cells' intervals are 90% t intervals, 0.92 ± t_{0.95, 2} * 0.02 / sqrt 3 with t_{0.95, 2} =
+    2.919986. --alpha 0.001: in knn/top1 the Holm-adjusted p of "a" (2 * 0.00026) is still <= alpha but that of "b"
+    (0.00226) is not, so "b" is tied with the best and the best is no longer bold. Catches a 95% interval and a
+    0.05 test that ignore --alpha."""
+    cells = leaderboard_table(synthetic_records(), StatsOptions(alpha=0.1)).stats.set_index(["row", "metric"])
+    half = 2.919986 * 0.02 / math.sqrt(3)
+    assert tuple(cells.loc[("best", "knn/top1"), ["ci_low", "ci_high"]]) == pytest.approx((0.92 - half, 0.92 + half),
+                                                                                          abs=1e-6)
+    strict = leaderboard_table(synthetic_records(), StatsOptions(alpha=0.001)).stats
+    marks = strict[strict["metric"] == "knn/top1"].set_index("row")["mark"].to_dict()
+    assert marks == {"a": "", "b": "tied", "best": "tied"}
+
+
+def test_intervals_are_cut_at_one():
+    """Seeds (0.97, 0.99, 1.0): the t interval's upper end 0.9867 + 4.3027 * 0.01528 / sqrt 3 = 1.0246 is cut at
+    1 (every score is at most 1), its lower end is kept. Catches intervals above 100%."""
+    values = [0.97, 0.99, 1.0]
+    records = [record("top", seed, {"knn/top1": v}) for seed, v in enumerate(values)]
+    cell = leaderboard_table(records).stats.iloc[0]
+    half = T_975_2 * np.std(values, ddof=1) / math.sqrt(3)
+    assert np.mean(values) + half > 1.02 and cell["ci_high"] == 1.0
+    assert cell["ci_low"] == pytest.approx(np.mean(values) - half)
+
+
+def test_rows_with_equal_means_share_the_better_rank():
+    """Rows "x" and "y" have the same mean in every column, "z" is below: x and y both rank 1, z ranks 3 (the
+    leaderboard's rank is the minimum rank of tied rows, as in a sports table). Catches ties given the worse rank
+    (2, 2, 3), which would leave the table without a first place."""
+    records = [record(label, seed, {"knn/top1": v + 0.01 * seed, "lbfgs/top1": v})
+               for label, v in (("x", 0.8), ("y", 0.8), ("z", 0.6)) for seed in range(3)]
+    display = leaderboard_table(records).display
+    assert display["rank"].to_dict() == {"x": "1.0", "y": "1.0", "z": "3.0"}
+
+
+def test_validation_scores_are_not_ranked():
+    """``sgd/val_top1`` (the accuracy used to pick the SGD probe's epoch) is model selection, not a test score: it
+    is neither a score nor a headline, and gets no leaderboard column. Catches ranking methods on validation data."""
+    from harness.reporting.leaderboard import is_headline, is_score
+
+    assert is_score("sgd/top1@best_val") and not is_score("sgd/val_top1") and not is_headline("sgd/val_top1")
+    records = [record(label, seed, {"knn/top1": v + 0.01 * seed, "sgd/val_top1": 1 - v})
+               for label, v in (("p", 0.8), ("q", 0.6)) for seed in range(3)]
+    assert [c for c in leaderboard_table(records).display.columns if c.startswith("digits")] == ["digits knn/top1"]
+
+
+def test_compare_holm_and_interval_follow_the_columns_and_alpha():
+    """best - b over two columns: p_knn = 0.00226, p_lbfgs = 0.000287 (scipy's ttest_rel); Holm: the smaller times 2,
+    the larger max(itself, that). With --alpha 0.1 the interval of knn's differences (0.19, 0.22, 0.22) uses
+    t_{0.95, 2} = 2.919986. Catches unadjusted p_holm (it would equal p) and a 95% interval under alpha 0.1."""
+    table = compare(synthetic_records(), "best", "b", StatsOptions(alpha=0.1)).set_index("column")
+    p = {m: st.ttest_rel(VALUES["best"][m], VALUES["b"][m]).pvalue for m in ("knn/top1", "lbfgs/top1")}
+    assert 2 * p["lbfgs/top1"] < p["knn/top1"]  # so only lbfgs's adjusted value differs from its raw one
+    assert table.at["digits lbfgs/top1", "p_holm"] == pytest.approx(2 * p["lbfgs/top1"])
+    assert table.at["digits knn/top1", "p_holm"] == pytest.approx(max(p["knn/top1"], 2 * p["lbfgs/top1"]))
+    d = np.array([0.19, 0.22, 0.22])
+    half = 100 * 2.919986 * d.std(ddof=1) / math.sqrt(3)
+    knn = table.loc["digits knn/top1"]
+    assert (knn["ci_low"], knn["ci_high"]) == pytest.approx((21.0 - half, 21.0 + half), abs=1e-4)
+
+
+def test_friedman_uses_complete_rows_and_alpha_names_the_verdict():
+    """Row "c" lacks lbfgs/top1: it is left out of Friedman's test, which stays the one of rows a, b, best (chi2 = 4,
+    p = exp(-2) = 0.135). That p is above 0.05 but below 0.2: the summary says the mean ranks differ only at
+    alpha 0.2. Catches a missing score counted as 0 (rank last) and a verdict at a fixed 0.05."""
+    records = synthetic_records() + [record("c", seed, {"knn/top1": 0.5}) for seed in range(3)]
+    ranks = leaderboard_table(records).ranks
+    assert ranks.rows == ["a", "b", "best"] and ranks.left_out == ["c"]
+    assert ranks.friedman.chi2 == pytest.approx(4.0)
+    assert "no difference in mean rank is shown at alpha = 0.05" in ranks.summary()
+    loose = leaderboard_table(records, StatsOptions(alpha=0.2)).ranks
+    assert "the mean ranks differ at alpha = 0.2" in loose.summary()

@@ -34,6 +34,8 @@ def test_warmup_then_cosine_known_values():
     assert lr_factor(1.0, cfg) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(0.05, cfg) == pytest.approx(0.5, abs=0.01)
     assert lr_factor(0.0, cfg) == pytest.approx(0.0, abs=0.01)
+    # the documented start, 1e-3 / (warmup + 1e-3): the first step trains (a warm-up from exactly 0 wastes it)
+    assert lr_factor(0.0, cfg) == pytest.approx(1e-3 / 0.101, rel=1e-9)
 
 
 def test_min_lr_is_the_floor_of_the_cosine():
@@ -132,3 +134,19 @@ def test_training_loop_applies_cosine_annealing_per_epoch_like_torch():
     reference = torch_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6), 12, 0.05)
     first_step_lrs = [recorder.lrs[4 * epoch + 1] for epoch in range(12)]
     assert first_step_lrs == pytest.approx(reference[:12], rel=1e-9, abs=1e-15)
+
+
+def test_each_step_of_a_step_budget_gets_the_lr_of_the_progress_before_it():
+    """A budget of 8 steps, cosine from 0.05 to 0: step s (counted from 1) trains at 0.05 * lr_factor((s - 1) / 8),
+    so the first step at the full lr and the last at 0.05 * (1 + cos(7 pi / 8)) / 2 = 0.00190, never at 0.
+    Catches a schedule fed the progress after the step (a wasted last step at lr 0, a first step below the top)."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
+    cfg = config(lr=0.05, optimizer="sgd", weight_decay=0.0, batch_size=8, views=1, schedule="cosine")
+    method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
+    recorder = LrRecorder()
+    train(method, images, None, Budget("steps", 8), Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0,
+          generator=torch.Generator().manual_seed(0), quiet=True, logger=recorder)
+    expected = [0.05 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 8)) for s in range(1, 9)]
+    assert [recorder.lrs[s] for s in range(1, 9)] == pytest.approx(expected, rel=1e-12)
+    assert recorder.lrs[1] == 0.05 and recorder.lrs[8] == pytest.approx(0.0019030117, rel=1e-6)

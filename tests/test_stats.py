@@ -58,12 +58,33 @@ def test_paired_edge_cases():
     assert stats.paired_test([0.6, 0.7, 0.8], [0.5, 0.6, 0.7]).p_value == 0.0
 
 
+def test_paired_interval_follows_the_confidence():
+    """At confidence 0.9 the interval of the differences is mean ± t_{0.95, n-1} * std(ddof=1) / sqrt(n): t_{0.95, 4} =
+    2.131847 for these 5 pairs, not the 95% interval's 2.776445. Catches a confidence that never reaches the
+    interval (``compare --alpha 0.1`` would print 95% intervals under a 90% heading)."""
+    a, b = np.array([0.71, 0.69, 0.74, 0.70, 0.72]), np.array([0.70, 0.66, 0.71, 0.69, 0.70])
+    d = a - b
+    half = 2.131847 * d.std(ddof=1) / np.sqrt(5)
+    res = stats.paired_test(a, b, confidence=0.9)
+    assert (res.ci_low, res.ci_high) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-6)
+
+
+def test_tied_scores_share_their_average_rank():
+    """Demšar's convention: tied methods get the average of the ranks they span. Scores (0.9, 0.9, 0.5) rank
+    (1.5, 1.5, 3), (0.8, 0.7, 0.6) rank (1, 2, 3): mean ranks (1.25, 1.75, 3). Catches 'min' ranks for ties (1, 1, 3:
+    mean ranks 1, 1.5, 3, which no longer sum to k (k + 1) / 2 per block and inflate chi2_F)."""
+    ranks = stats.average_ranks(np.array([[0.9, 0.9, 0.5], [0.8, 0.7, 0.6]]))
+    assert ranks.tolist() == pytest.approx([1.25, 1.75, 3.0])
+
+
 def test_holm_by_hand():
     """p = (0.01, 0.04, 0.03, 0.005): sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04,
     made monotone -> 0.02, 0.03, 0.06, 0.06, returned in input order. Catches Bonferroni (0.04, 0.16, ...),
     a missing running maximum (0.04 for the largest) or results in sorted order."""
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    # 0.6 * 2 = 1.2 must be cut to 1 (0.5 * 2 above is exactly 1 and so cannot tell a missing cap)
+    assert stats.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 def test_friedman_of_demsar_2006_section_3_2_4():
@@ -72,6 +93,10 @@ def test_friedman_of_demsar_2006_section_3_2_4():
     res = stats.friedman_from_ranks([3.143, 2.000, 2.893, 1.964], 14)
     assert res.chi2 == pytest.approx(9.28, abs=0.01) and res.iman_davenport_f == pytest.approx(3.69, abs=0.01)
     assert stats.nemenyi_critical_difference(4, 14) == pytest.approx(1.25, abs=0.005)
+    # F_F is distributed as F with k - 1 = 3 and (k - 1)(N - 1) = 39 degrees of freedom; Demšar: "the critical value
+    # of F(3, 39) for alpha = 0.05 is 2.85", so p < 0.05. Catches N - 1 = 13 denominator degrees of freedom (p = 0.040).
+    assert st.f.isf(0.05, 3, 39) == pytest.approx(2.85, abs=0.005)
+    assert res.f_p_value == pytest.approx(st.f.sf(res.iman_davenport_f, 3, 39)) and res.f_p_value < 0.05
     for k, q in {2: 1.960, 3: 2.343, 5: 2.728, 10: 3.164}.items():  # Table 5(a), alpha = 0.05
         assert stats.nemenyi_critical_difference(k, 6) == pytest.approx(q * np.sqrt(k * (k + 1) / 36), abs=1e-3)
 

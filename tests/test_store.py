@@ -186,3 +186,57 @@ def test_a_lock_of_a_live_process_or_another_host_is_never_broken(tmp_path):
     mine.release()
     assert not (tmp_path / "x.lock").exists()
     assert RunLock(tmp_path / "x.lock").acquire()
+
+
+def test_negative_floats_and_booleans_keep_their_own_run_ids():
+    """Only magnitudes below 1e-200 are zero: -0.5 is not 0.0 (a negative hyperparameter or score is a real
+    value), -1e-300 is; and True is not 1. Catches a signed comparison with ZERO_BELOW and booleans hashed as
+    integers."""
+    assert run_id({"x": -0.5}) != run_id({"x": 0.0}) and run_id({"x": -1e-300}) == run_id({"x": 0.0})
+    assert canonical_spec({"x": -0.5, "flag": True}) == {"x": -0.5, "flag": True}
+    assert run_id({"flag": True}) != run_id({"flag": 1})
+
+
+def test_a_record_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """The data must be on disk before the rename makes it the record: a crash after the rename must never leave
+    an empty or partial record under the real name. The calls are observed, not replaced: the temporary file is
+    fsynced, then renamed over the target."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_json_atomic(tmp_path / "r.json", {"v": 1})
+    assert [c[0] for c in calls] == ["fsync", "replace"]
+    assert calls[0][1] == calls[1][1] != str(tmp_path / "r.json") == calls[1][2]
+    assert json.loads((tmp_path / "r.json").read_text()) == {"v": 1}
+
+
+def test_a_lock_of_a_reused_pid_is_stale_and_a_live_old_format_lock_is_not(tmp_path):
+    """A lock naming this host and a running pid whose process started at another time belongs to a process that
+    is gone (the pid was reused): it is broken. An old-format lock ("host pid", no start time) of a running pid
+    is kept. Catches a liveness check that ignores the start time, and one that treats a missing start as dead."""
+    host = socket.gethostname()
+    (tmp_path / "reused.lock").write_text(f"{host} {os.getpid()} 1 deadbeefdeadbeef")
+    assert RunLock(tmp_path / "reused.lock").acquire()
+    (tmp_path / "old.lock").write_text(f"{host} {os.getpid()}")
+    assert not RunLock(tmp_path / "old.lock").acquire()
+
+
+def test_release_leaves_a_lock_that_another_process_now_holds(tmp_path):
+    """A holder judged stale (e.g. its pid looked dead from a container) may find its lock broken and taken by
+    another process: releasing must then leave the new owner's lock in place."""
+    lock = RunLock(tmp_path / "x.lock")
+    assert lock.acquire()
+    other = f"{socket.gethostname()} 1 - 0123456789abcdef"
+    (tmp_path / "x.lock").write_text(other)
+    lock.release()
+    assert (tmp_path / "x.lock").read_text() == other

@@ -29,8 +29,8 @@ class Budget:
             raise UsageError(f"budget {self.unit} must be a positive number (finite), got {self.limit!r}")
         if self.unit in ("steps", "samples") and not float(limit).is_integer():
             raise UsageError(f"budget {self.unit} must be a whole number, got {self.limit!r}")
-        if isinstance(self.limit, str):
-            object.__setattr__(self, "limit", int(limit) if float(limit).is_integer() else float(limit))
+        # one budget, one run id: "samples=1e5", {samples: 1e5} and 100000 are all the int 100000
+        object.__setattr__(self, "limit", int(limit) if float(limit).is_integer() else float(limit))
 
     @classmethod
     def parse(cls, value: "str | dict | Budget") -> "Budget":
