@@ -55,6 +55,17 @@ def test_memory_bank_initialisation_and_update():
     assert torch.equal(bank.memory[untouched], before[untouched])
 
 
+def test_memory_bank_momentum_weighs_the_old_entry():
+    """With m = 0.8 (NPID's ``bank_momentum``) the update is normalise(0.8 M[i] + 0.2 f_i): the
+    old entry keeps the larger share. Catches m and 1 - m swapped, which m = 0.5 cannot see."""
+    torch.manual_seed(0)
+    bank = MemoryBank(10, 4, momentum=0.8)
+    before, f = bank.memory.clone(), unit(1, 4)
+    bank.update(torch.tensor([2]), f)
+    mixed = 0.8 * before[2] + 0.2 * f[0]
+    assert torch.allclose(bank.memory[2], mixed / mixed.norm(), atol=1e-6)
+
+
 def npid(num_samples: int = 20, **overrides) -> NPID:
     cfg = resolve_config(NPID, "cpu", {"feat_dim": 4, **overrides})
     return NPID(Tiny(), cfg, DataInfo(num_samples, (1, 2, 3)))
@@ -96,6 +107,21 @@ def test_npid_nce_loss_matches_equation():
     assert bank.log_z.item() == pytest.approx(math.log(z), rel=1e-6)
     bank.nce_loss(unit(4, 8), index, noise, temperature)
     assert bank.log_z.item() == pytest.approx(math.log(z), rel=1e-6)  # not re-estimated
+
+
+def test_npid_nce_keeps_a_resumed_banks_normaliser():
+    """A bank restored from a checkpoint (its ``log_z`` already estimated) keeps that Z in a new
+    process: the first step there must not re-estimate it from its own batch (lemniscate estimates Z
+    once per run). Catches overwriting ``log_z`` on every process's first step."""
+    torch.manual_seed(0)
+    trained = MemoryBank(50, 8)
+    f, index, noise = unit(4, 8), torch.tensor([1, 2, 30, 49]), torch.randint(50, (4, 6))
+    trained.nce_loss(f, index, noise, 0.1)
+    resumed = MemoryBank(50, 8)
+    resumed.load_state_dict(trained.state_dict())
+    assert not resumed.z_checked
+    resumed.nce_loss(unit(4, 8) * 0.5, index, noise, 0.1)  # another batch would give another estimate
+    assert resumed.log_z.item() == trained.log_z.item()
 
 
 # ----------------------------------------------------------------------------- MoCo

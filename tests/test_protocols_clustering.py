@@ -96,6 +96,20 @@ def test_nmi_is_arithmetic_mean_normalised():
         metrics.normalized_mutual_info_score(y_true, y_pred, average_method="geometric"))
 
 
+def test_ami_and_ari_below_chance_are_negative_as_sklearn():
+    """Hand-worked: each cluster holds one sample of each class, so MI = 0 while E[MI] > 0: AMI and
+    ARI fall below chance, to -0.5 both (scikit-learn agrees). Catches clamping a negative
+    ``MI - E[MI]`` to +eps (AMI ~ 0) as if it could not be negative."""
+    y_true, y_pred = [0, 0, 1, 1], [0, 1, 0, 1]
+    m = cluster_metrics(y_true, y_pred)
+    assert m["ami"] == pytest.approx(metrics.adjusted_mutual_info_score(y_true, y_pred), abs=1e-12)
+    assert m["ami"] == pytest.approx(-0.5) and m["ari"] == pytest.approx(-0.5)
+    rng = np.random.default_rng(3)  # independent labellings: AMI scatters around 0, negative about half the time
+    y_true, y_pred = rng.integers(0, 4, 60), rng.integers(0, 5, 60)
+    expected = metrics.adjusted_mutual_info_score(y_true, y_pred)
+    assert expected < 0 and cluster_metrics(y_true, y_pred)["ami"] == pytest.approx(expected, abs=1e-10)
+
+
 @pytest.mark.parametrize("y_true,y_pred,message", [
     ([0, 1, 1], [0, 1], "different lengths: 3 != 2"),
     ([], [], "y_true is empty"),
@@ -195,6 +209,63 @@ def test_n_init_keeps_the_lowest_inertia_restart(init, k):
     assert best == pytest.approx(min(singles), rel=1e-9)
 
 
+def test_restarts_of_a_seed_are_the_documented_single_seeds():
+    """``kmeans(seed=1, n_init=3)`` keeps the best of ``kmeans(seed=3 + i, n_init=1)``, i < 3
+    (inertia 11,986, 17,112, 20,834 from random starts on these blobs): its labels are the
+    seed-3 run's, label for label. Catches restart seeds ``seed + i``, which would share
+    restarts between seeds 1 and 2 and here keep seed 1's better start (inertia 9,503)."""
+    x, _ = _ten_blobs(2)
+    singles = [kmeans(x, 10, seed=3 + i, init="random", n_init=1) for i in range(3)]
+    best = singles[int(np.argmin([_partition_sse(x, labels) for labels in singles]))]
+    assert np.array_equal(kmeans(x, 10, seed=1, init="random", n_init=3), best)
+
+
+@pytest.mark.parametrize("tol", [1e-2, 0.2, 1e9])
+def test_tol_stops_lloyd_as_sklearn_from_the_same_random_start(tol):
+    """From the same start (``init="random"``: the first k rows of ``torch.randperm`` seeded with
+    ``seed * n_init``), the labels equal scikit-learn's ``KMeans(init=those rows, n_init=1, tol=tol)``
+    label for label: its rule stops once the summed squared centre shift is at most ``tol`` times
+    the mean per-feature variance (12, 4 and 1 iterations at these tols, 34 at tol 0) and then
+    reassigns once. Catches a tolerance scaled by the feature count (variance summed, not
+    averaged) and a loop that ignores ``tol`` (runs to strict convergence)."""
+    x = np.random.default_rng(2).normal(size=(500, 4)).astype(np.float32)
+    seed, k = 3, 8
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k].numpy()
+    reference = KMeans(k, init=x[rows], n_init=1, tol=tol, algorithm="lloyd").fit(x)
+    assert reference.n_iter_ < 34  # tol decides where Lloyd stops on this data
+    assert np.array_equal(kmeans(x, k, seed=seed, init="random", n_init=1, tol=tol), reference.labels_)
+
+
+def numpy_greedy_kmeans_plusplus(x: np.ndarray, k: int, gen: torch.Generator) -> list[int]:
+    """scikit-learn's ``_kmeans_plusplus`` written out in NumPy (float64), drawing its random numbers
+    from ``gen`` as documented: the first centre by ``torch.randint``, then per step ``2 + int(log k)``
+    uniforms scaled by the potential, each mapped to a point through the cumulative squared
+    distances, keeping the candidate that lowers the potential most."""
+    x = x.astype(np.float64)
+    trials = 2 + int(np.log(k))
+    chosen = [int(torch.randint(len(x), (1,), generator=gen))]
+    closest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        draws = torch.rand(trials, generator=gen, dtype=torch.float64).numpy() * closest.sum()
+        candidates = np.minimum(np.searchsorted(np.cumsum(closest), draws), len(x) - 1)
+        closest_if = np.minimum(closest[:, None], ((x[:, None, :] - x[candidates][None]) ** 2).sum(-1))
+        best = int(np.argmin(closest_if.sum(0)))
+        closest, chosen = closest_if[:, best], chosen + [int(candidates[best])]
+    return chosen
+
+
+@pytest.mark.parametrize("k", [3, 8, 25])
+def test_kmeans_plusplus_equals_greedy_seeding_written_out(k):
+    """Integer coordinates keep every float32 distance exact, so the torch seeding must pick the
+    very rows the NumPy reference picks from the same generator. Catches a wrong number of
+    local trials per step (``1 + int(log k)``: 2 instead of 3 at k = 3 or 8, 3 instead of 5 at
+    k = 25) and keeping the worst candidate."""
+    x = np.random.default_rng(k).integers(-10, 11, size=(200, 3)).astype(np.float32)
+    t = torch.from_numpy(x)
+    rows = _kmeans_plusplus(t, t.pow(2).sum(1), k, torch.Generator().manual_seed(7), chunk_elements=2**24)
+    assert rows.tolist() == numpy_greedy_kmeans_plusplus(x, k, torch.Generator().manual_seed(7))
+
+
 def test_kmeans_plusplus_seeds_one_distinct_point_per_separated_blob():
     """Sampling proportional to the squared distance to the chosen centres puts one seed in each
     of 10 far-apart tight blobs (uniform seeding would do so with probability 10!/10^10 = 4e-4).
@@ -284,3 +355,16 @@ def test_clustering_wrapper_on_features_assignments_and_coarse():
     sweep = clustering_protocol(ctx, "backbone", split="all", k=[3, 6], coarse=False, **params)
     assert sweep["acc@k6"] == 1.0 and sweep["acc_majority@k3"] == pytest.approx(0.5)
     assert set(sweep) == {f"{key}@k{k}" for k in (3, 6) for key in ("acc", "nmi", "ami", "ari")} | {"acc_majority@k3"}
+
+
+def test_clustering_wrapper_seeds_kmeans_with_the_runs_seed():
+    """The wrapper's k-means draws from the run's seed (CD fixes 42; here it is ``ctx.seed``): with one
+    random start and k = 4 on 6 blobs, the partition depends on the seed, and the wrapper's scores
+    equal those of :func:`kmeans` called with ``seed=ctx.seed``, not with seed 0. Catches a fixed seed."""
+    ctx = BlobContext(seed=3)
+    x, y = ctx.features("backbone"), ctx.labels()
+    params = {"init": "random", "n_init": 1, "max_iter": 300, "tol": 1e-4}
+    by_seed = [cluster_metrics(y, kmeans(x, 4, seed, init="random", n_init=1)) for seed in (ctx.seed, 0)]
+    assert by_seed[0] != by_seed[1]
+    got = clustering_protocol(ctx, "backbone", split="all", k=[4], coarse=False, **params)
+    assert got == {f"{key}@k4": value for key, value in by_seed[0].items()}

@@ -78,6 +78,15 @@ def test_accuracy_fractions_and_top5():
     assert set(few) == {"top1"}  # top-5 is only reported with at least 5 classes
 
 
+def test_top5_is_reported_from_exactly_five_classes():
+    """Five classes are enough for top-5 (every class is in it: 1.0); four are not. Catches an
+    off-by-one in how many classes are ranked (``len(classes) - 1`` ranks 4 of 5 and drops top-5)."""
+    train_x, train_y, test_x = random_problem(seed=3, num_classes=5)
+    truth = numpy_weighted_knn(train_x, train_y, test_x, 20, 0.1)
+    assert knn_accuracy(train_x, train_y, test_x, truth, k=20) == {"top1": 1.0, "top5": 1.0}
+    assert set(knn_accuracy(train_x, train_y % 4, test_x, truth % 4, k=20)) == {"top1"}
+
+
 def test_top5_fraction_equals_numpy_vote_sums():
     """Top-1 and top-5 strictly between 0 and 1 against NPID's summed votes in NumPy: a test
     sample is a top-5 hit when its label has one of the five largest vote sums. k = 200 of 600
@@ -184,6 +193,17 @@ def test_val_knn_scores_val_against_train_never_test():
     assert val_knn_protocol(ctx, "backbone", k=1, temperature=0.1, backend="torch")["top1"] == right
 
 
+def test_val_knn_clamps_k_to_the_training_split():
+    """The suite's k = 200 is more than the 30 training samples here: val_knn votes with all 30,
+    exactly as k = 30 (NPID's rule in NumPy), instead of raising. Catches a missing clamp."""
+    ctx = NoTestSplitContext()
+    x, y = ctx.x, ctx.y
+    train, val = ctx.split("train"), ctx.split("val")
+    truth = numpy_weighted_knn(x[train], y[train], x[val], 30, 0.1)
+    out = val_knn_protocol(ctx, "backbone", k=200, temperature=0.1, backend="torch")
+    assert out["top1"] == pytest.approx(np.mean(truth == y[val]))
+
+
 
 def test_knn_grid_equals_the_numpy_rule_at_every_point_the_numpy_rule_at_every_point():
     """One search at the largest k scores each (k, T) as NPID's rule written out in NumPy does at that point.
@@ -219,3 +239,20 @@ def test_knn_protocol_grid_keys_are_stable_and_k_is_clamped():
             assert out[f"grid/k{k}_t{name}/top1"] == pytest.approx(np.mean(truth == y[test])), (k, t)
     headline = numpy_weighted_knn(x[bank], y[bank], x[test], 20, 0.1)
     assert out["top1"] == pytest.approx(np.mean(headline == y[test]))
+
+
+def test_knn_protocol_headline_is_scored_at_its_own_k_not_a_grid_point():
+    """With a grid whose points all differ from the headline (k 20, T 0.1), ``top1``/``top5`` are
+    still NPID's rule at (20, 0.1), the same as without a grid, on data where k changes the score
+    (every label redrawn: top-1 0.133 at (20, 0.1) against 0.233 at k = 1 and 0.15-0.167 at the
+    clamped k = 180). Catches a headline read from another grid point."""
+    ctx = BlobContext(relabel=("train", "val", "test"))
+    x, y = ctx.features("backbone"), ctx.labels()
+    bank, test = ctx.split("train_full"), ctx.split("test")
+    alone = knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="torch")
+    out = knn_protocol(ctx, "backbone", k=20, temperature=0.1, backend="torch", grid_k=[1, 200],
+                       grid_temperature=[0.07, 0.5])
+    assert alone["top1"] not in {value for key, value in out.items() if key.startswith("grid/") and key.endswith("top1")}
+    assert {key: out[key] for key in ("top1", "top5")} == alone
+    truth = numpy_weighted_knn(x[bank], y[bank], x[test], 20, 0.1)
+    assert alone["top1"] == pytest.approx(np.mean(truth == y[test]))

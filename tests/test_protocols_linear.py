@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 
 import protocols  # noqa: F401  (registers the wrappers)
 from protocol_context import BlobContext, record_calls
 from protocols import linear
-from protocols.linear import lbfgs_probe, lbfgs_protocol, sgd_probe, sgd_protocol
+from protocols.linear import _fit_softmax, _standardize_, lbfgs_probe, lbfgs_protocol, sgd_probe, sgd_protocol
 
 
 def overlapping_blobs(n, seed, num_classes=5, dim=20, means_seed=0):
@@ -32,6 +33,73 @@ def test_matches_sklearn_at_equal_l2(l2):
     assert 0.5 < sk_top1 < 0.95  # a problem where the probes can disagree
     assert ours["top1"] == pytest.approx(sk_top1, abs=0.005)
     assert ours["l2"] == l2 and set(ours) == {"top1", "top5", "l2", "val_top1", f"val_top1@l2={l2:g}"}
+
+
+def test_standardize_uses_the_statistics_of_the_given_rows_only():
+    """Hand-worked: rows 0-1 of column 0 are 1 and 3 (mean 2, population std 1), row 2 is 10;
+    the whole array is shifted and scaled by rows 0-1 alone, so it becomes -1, 1, 8. A constant
+    column keeps std 1. Catches statistics taken over every row (the sweep's validation rows
+    leaking into its standardisation) and the sample std (n - 1)."""
+    x = torch.tensor([[1.0, 5.0], [3.0, 5.0], [10.0, 7.0]])
+    mean, std = _standardize_(x, slice(0, 2))
+    assert mean.tolist() == [2.0, 5.0] and std.tolist() == [1.0, 1.0]
+    assert x.tolist() == [[-1.0, 0.0], [1.0, 0.0], [8.0, 2.0]]
+
+
+@pytest.mark.parametrize("l2", [3e-2, 1e-1])
+def test_fit_softmax_minimises_mean_ce_plus_half_l2_as_sklearn(l2):
+    """``mean(CE) + l2/2 ||W||^2`` with an unpenalised bias is scikit-learn's multinomial
+    ``LogisticRegression(C=1 / (l2 n))``: the same weights and, up to a common shift of the
+    logits, the same biases. Catches ``l2 ||W||^2`` (twice the penalty) and a penalised bias,
+    which the test accuracy alone does not see."""
+    x, y = overlapping_blobs(300, 1, dim=6)
+    x = (x - x.mean(0)) / x.std(0)
+    zeros = (torch.zeros(5, 6), torch.zeros(5))
+    w, b = _fit_softmax(torch.from_numpy(x), torch.from_numpy(y), l2, 200, zeros)
+    ref = LogisticRegression(C=1 / (l2 * len(x)), tol=1e-8, max_iter=5000).fit(x, y)
+    np.testing.assert_allclose(w.numpy(), ref.coef_, atol=2e-3)
+    np.testing.assert_allclose(b.numpy() - b.numpy().mean(), ref.intercept_ - ref.intercept_.mean(), atol=2e-3)
+
+
+def test_l2_ties_go_to_the_stronger_penalty():
+    """Separable blobs: every L2 of the grid scores 1.0 on validation, and the tie goes to the
+    strongest. Catches a sweep run from weakest to strongest (the first maximum is then the weakest)."""
+    means = np.random.default_rng(0).normal(size=(5, 10)) * 8  # blobs many standard deviations apart
+    (x, y), (xv, yv), (xt, yt) = (overlapping_blobs(n, seed, dim=10) for n, seed in ((200, 1), (100, 2), (100, 3)))
+    x, xv, xt = (data + means[labels].astype(np.float32) for data, labels in ((x, y), (xv, yv), (xt, yt)))
+    out = lbfgs_probe(x, y, xt, yt, val_x=xv, val_y=yv, l2_grid=(1e-4, 1e-3, 1e-2), max_iter=100)
+    assert [out[f"val_top1@l2={l2:g}"] for l2 in (1e-4, 1e-3, 1e-2)] == [1.0, 1.0, 1.0]
+    assert out["l2"] == 1e-2
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_carved_validation_is_a_stratified_split_drawn_with_seed(seed):
+    """Without a val set the probe carves ``train_test_split(test_size=0.2, random_state=seed,
+    stratify=train_y)`` from train: the result equals the probe given that split by hand, and the two
+    seeds carve different splits (different sweeps). Catches a fixed ``random_state`` and a split
+    that is not stratified."""
+    (x, y), (xt, yt) = overlapping_blobs(300, 1, dim=10), overlapping_blobs(100, 3, dim=10)
+    grid = (1e-2, 1.0)
+    fit, val = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=y)
+    by_hand = lbfgs_probe(x[fit], y[fit], xt, yt, val_x=x[val], val_y=y[val], l2_grid=grid, max_iter=100)
+    assert lbfgs_probe(x, y, xt, yt, l2_grid=grid, seed=seed, max_iter=100) == by_hand
+    other = lbfgs_probe(x, y, xt, yt, l2_grid=grid, seed=11 - seed, max_iter=100)
+    assert any(other[f"val_top1@l2={l2:g}"] != by_hand[f"val_top1@l2={l2:g}"] for l2 in grid)
+
+
+def test_refit_scores_test_with_the_train_and_val_statistics():
+    """Validation and test sit 3 units off the training data in every feature (a domain shift), so
+    train+val's statistics differ from train's: the refit model must see test standardised as its
+    training rows were, and agree with scikit-learn fitted on train+val standardised with their
+    statistics. Catches test features standardised with the train statistics alone (the refit's
+    re-centring step dropped)."""
+    (x, y), (xv, yv), (xt, yt) = overlapping_blobs(600, 1), overlapping_blobs(600, 2), overlapping_blobs(1000, 3)
+    xv, xt = xv + 3, xt + 3
+    ours = lbfgs_probe(x, y, xt, yt, val_x=xv, val_y=yv, l2_grid=(1e-2,))
+    xa, ya = np.concatenate([x, xv]), np.concatenate([y, yv])
+    mean, std = xa.mean(0), xa.std(0)
+    ref = LogisticRegression(C=1 / (1e-2 * len(xa)), max_iter=2000).fit((xa - mean) / std, ya)
+    assert ours["top1"] == pytest.approx(ref.score((xt - mean) / std, yt), abs=0.005)
 
 
 def test_sweep_picks_validation_best_and_carves_val_with_seed():
@@ -136,6 +204,51 @@ def test_sgd_probe_reports_test_accuracy_of_the_best_val_epoch_scoring_test_once
     assert flipped == {"top1": 0.25, "val_top1": 1.0, "best_epoch": 4.0, "top1@best_val": 0.0}
 
 
+def test_sgd_probe_augments_training_images_only():
+    """``augment`` applies to the training images alone; validation and test images reach the encoder
+    through ``normalize`` only. A recording identity encoder sees the raw val and test batches, and
+    every other batch it sees carries the augmentation's +1000. Catches val or test images augmented,
+    and an encoder that came in eval mode left in train mode."""
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return x
+
+    train_x, train_y = points((10, 0.0, 0), (10, 2.0, 1))
+    val_x, val_y = points((1, 1.9, 1), (1, 1.4, 0))
+    test_x, test_y = points((3, 1.9, 1), (1, 1.4, 0))
+    encoder = Recording().eval()
+    sgd_probe(encoder, train_x, train_y, test_x, test_y, normalize=lambda batch: batch,
+              augment=lambda batch: batch + 1000.0, epochs=2, batch_size=10, val_images=val_x, val_y=val_y)
+    assert not encoder.training  # left in the mode it came in (eval here; train in the test below)
+    raw = [batch for batch in seen if batch.max() < 1000]
+    assert len(raw) == 2 and torch.equal(raw[0], test_x) and torch.equal(raw[1], val_x)
+    assert len(seen) == 2 + 2 * 2 and all(batch.min() >= 1000 for batch in seen if batch.max() >= 1000)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_wrappers_hand_the_probes_the_runs_seed_and_the_augmentation(augment, monkeypatch):
+    """The L-BFGS wrapper carves its validation split with the run's seed (here 3, no val split),
+    and the SGD wrapper augments the training images with ``ctx.probe_augment`` exactly when
+    ``augment`` is set, in the preset asked for, with ``encoder_dropout`` passed on. Catches the seed left at its
+    default 0, the flag inverted, the preset or the dropout setting dropped."""
+    ctx = BlobContext(seed=3, with_val=False)
+    probes = record_calls(monkeypatch, linear, "lbfgs_probe")
+    lbfgs_protocol(ctx, "backbone", l2_grid=[1e-2], max_iter=50)
+    assert probes[0].kwargs["seed"] == 3
+    sgds = record_calls(monkeypatch, linear, "sgd_probe")
+    sgd_protocol(ctx, "backbone", epochs=1, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=64,
+                 augment=augment, augment_preset="training", optimizer="sgd", encoder_dropout=True)
+    given = sgds[0].kwargs
+    assert given["encoder_dropout"] is True and given["seed"] == 3
+    if augment:
+        assert given["augment"].func == ctx.probe_augment and given["augment"].keywords == {"preset": "training"}
+    else:
+        assert given["augment"] is None
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(train_x=np.zeros(10)), "train_x must be 2-D, got shape (10,)"),
     (dict(train_y=np.zeros(9)), "train_x and train_y have different lengths: 10 != 9"),
@@ -233,3 +346,28 @@ def test_sgd_probe_keeps_encoder_dropout_on_for_the_head_only_when_asked():
         else:  # features cached: train (two batches of 20), test and val once each
             assert by_size == {(20, False, False), (12, False, False), (8, False, False)}
             assert len(encoder.modes) == 4
+
+
+def test_sgd_probe_is_seeded_by_its_seed_not_the_global_generator(monkeypatch):
+    """Two calls with ``seed=0`` after different global torch seeds train the same head (its init and the
+    augmentation draw from the probe's own seeded stream); another seed trains another.
+    Catches the probe drawing from whatever state the global generator is in."""
+    ctx = BlobContext()
+    y, train, val, test = ctx.labels(), ctx.split("train"), ctx.split("val"), ctx.split("test")
+    heads, build = [], torch.nn.Linear.__init__
+
+    def recording(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        heads.append(self)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", recording)
+
+    def trained_head(global_seed: int, seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        sgd_probe(ctx.encoder(), ctx.images(train), y[train], ctx.images(test), y[test], normalize=ctx.normalize,
+                  augment=ctx.probe_augment, epochs=1, lr=0.05, batch_size=32, val_images=ctx.images(val),
+                  val_y=y[val], seed=seed)
+        return heads[-1].weight.detach().clone()
+
+    assert torch.equal(trained_head(1, 0), trained_head(2, 0))
+    assert not torch.equal(trained_head(1, 0), trained_head(1, 1))

@@ -62,6 +62,28 @@ def test_coarse_to_fine_wrapper_fits_on_train_votes_with_train_and_val_and_score
         assert out[f"{level}_lbfgs_top1"] == out[f"{level}_knn_top1"] == known < 0.5, level
 
 
+def test_settings_reach_the_probe_and_the_knn(monkeypatch):
+    """Every setting is handed on, none left at its default: the wrapper passes the run's seed (3),
+    k, temperature, L2 grid and max_iter to :func:`coarse_to_fine`, which passes seed, val_fraction,
+    L2 grid and max_iter to the probe and k and temperature to the kNN at both label levels."""
+    ctx = BlobContext(seed=3, with_val=False)
+    outer = record_calls(monkeypatch, transfer, "coarse_to_fine")
+    probes = record_calls(monkeypatch, transfer, "lbfgs_probe")
+    votes = record_calls(monkeypatch, transfer, "knn_accuracy")
+    coarse_to_fine_protocol(ctx, "backbone", k=7, temperature=0.5, l2_grid=[1e-2, 1e-1], max_iter=30)
+    assert {key: outer[0].kwargs[key] for key in ("k", "temperature", "l2_grid", "seed", "max_iter")} == \
+        {"k": 7, "temperature": 0.5, "l2_grid": (1e-2, 1e-1), "seed": 3, "max_iter": 30}
+    (x, fine, coarse), (xt, fine_t, coarse_t) = coarse_only_features(120, 1), coarse_only_features(60, 2)
+    probes.clear(), votes.clear()
+    coarse_to_fine(x, fine, coarse, xt, fine_t, coarse_t, k=9, temperature=0.3, l2_grid=(1e-2,),
+                   val_fraction=0.3, seed=4, max_iter=40)
+    assert len(probes) == len(votes) == 2
+    for probe, vote in zip(probes, votes):
+        assert {key: probe.kwargs[key] for key in ("l2_grid", "val_fraction", "seed", "max_iter")} == \
+            {"l2_grid": (1e-2,), "val_fraction": 0.3, "seed": 4, "max_iter": 40}
+        assert vote.kwargs["k"] == 9 and vote.kwargs["temperature"] == 0.3
+
+
 def test_bad_input_raises():
     (x, fine, coarse), (xt, fine_t, coarse_t) = coarse_only_features(60, 1), coarse_only_features(60, 2)
     with pytest.raises(ValueError, match="train_x and train_y have different lengths: 60 != 59"):

@@ -22,7 +22,7 @@ from harness.execution.suite import load_suite
 from harness.engine.train import PlainLoader
 from methods import DataInfo, resolve_config
 from methods.cld import MoCoCLD, NPIDCLD
-from methods.heads import NormLinear
+from methods.heads import NormLinear, make_head, mlp
 from methods.memory import Queue
 from methods.moco import MoCo
 from methods.npid import NPID
@@ -80,6 +80,24 @@ def test_normlinear_rows_have_unit_norm_at_init():
     assert (head.weight > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     x = torch.randn(3, 512)
     assert torch.allclose(head(x), F.normalize(x, dim=1) @ head.weight.t(), atol=1e-6)
+
+
+def test_heads_by_name_and_the_mlp_equation():
+    """``make_head``: ``linear`` is a plain nn.Linear (NPID), ``normlinear`` the cosine classifier,
+    ``mlp`` MoCo v2's Linear-ReLU-Linear without BatchNorm; ``mlp`` computes W2 relu(W1 x + b1) + b2,
+    and with ``bn``/``out_bn`` the linear layer before each BatchNorm has no bias. Catches a lost
+    ReLU (the head collapses to one linear map), a NormLinear for ``linear`` and BN in MoCo's head."""
+    torch.manual_seed(0)
+    linear, cosine, two = (make_head(kind, 6, 3, hidden=5) for kind in ("linear", "normlinear", "mlp"))
+    assert type(linear) is torch.nn.Linear and isinstance(cosine, NormLinear)
+    assert [type(m) for m in two] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    x = torch.randn(4, 6)
+    first, last = two[0], two[2]
+    assert torch.allclose(two(x.clone()), F.relu(x @ first.weight.t() + first.bias) @ last.weight.t() + last.bias)
+    bn = mlp(6, 5, 3, bn=True, out_bn=True)
+    assert [type(m) for m in bn] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear,
+                                     torch.nn.BatchNorm1d]
+    assert bn[0].bias is None and bn[3].bias is None
 
 
 # ----------------------------------------------------------------------------- MoCo + CLD
