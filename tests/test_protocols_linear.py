@@ -348,12 +348,9 @@ def test_sgd_probe_keeps_encoder_dropout_on_for_the_head_only_when_asked():
             assert len(encoder.modes) == 4
 
 
-def test_sgd_probe_is_seeded_by_its_seed_not_the_global_generator(monkeypatch):
-    """Two calls with ``seed=0`` after different global torch seeds train the same head (its init and the
-    augmentation draw from the probe's own seeded stream); another seed trains another.
-    Catches the probe drawing from whatever state the global generator is in."""
-    ctx = BlobContext()
-    y, train, val, test = ctx.labels(), ctx.split("train"), ctx.split("val"), ctx.split("test")
+@pytest.fixture
+def probe_heads(monkeypatch) -> list[torch.nn.Linear]:
+    """Every ``nn.Linear`` built while the test runs, in order: the probe's head is the last one."""
     heads, build = [], torch.nn.Linear.__init__
 
     def recording(self, *args, **kwargs):
@@ -361,13 +358,32 @@ def test_sgd_probe_is_seeded_by_its_seed_not_the_global_generator(monkeypatch):
         heads.append(self)
 
     monkeypatch.setattr(torch.nn.Linear, "__init__", recording)
+    return heads
 
-    def trained_head(global_seed: int, seed: int) -> torch.Tensor:
-        torch.manual_seed(global_seed)
-        sgd_probe(ctx.encoder(), ctx.images(train), y[train], ctx.images(test), y[test], normalize=ctx.normalize,
-                  augment=ctx.probe_augment, epochs=1, lr=0.05, batch_size=32, val_images=ctx.images(val),
-                  val_y=y[val], seed=seed)
-        return heads[-1].weight.detach().clone()
 
-    assert torch.equal(trained_head(1, 0), trained_head(2, 0))
-    assert not torch.equal(trained_head(1, 0), trained_head(1, 1))
+def _trained_head(heads: list, global_seed: int = 0, **kw) -> torch.Tensor:
+    """The head ``sgd_probe`` trains on BlobContext after ``torch.manual_seed(global_seed)``."""
+    ctx = BlobContext()
+    y, train, val, test = ctx.labels(), ctx.split("train"), ctx.split("val"), ctx.split("test")
+    torch.manual_seed(global_seed)
+    sgd_probe(ctx.encoder(), ctx.images(train), y[train], ctx.images(test), y[test], normalize=ctx.normalize,
+              augment=ctx.probe_augment, epochs=1, batch_size=32, val_images=ctx.images(val), val_y=y[val],
+              **{"lr": 0.05, **kw})
+    return heads[-1].weight.detach().clone()
+
+
+def test_sgd_probe_is_seeded_by_its_seed_not_the_global_generator(probe_heads):
+    """Two calls with ``seed=0`` after different global torch seeds train the same head (its init and the
+    augmentation draw from the probe's own seeded stream); another seed trains another.
+    Catches the probe drawing from whatever state the global generator is in."""
+    assert torch.equal(_trained_head(probe_heads, 1, seed=0), _trained_head(probe_heads, 2, seed=0))
+    assert not torch.equal(_trained_head(probe_heads, 1, seed=0), _trained_head(probe_heads, 1, seed=1))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sgd_probe_applies_its_weight_decay_with_either_optimizer(probe_heads, optimizer):
+    """The head trained with weight decay 0.5 is smaller than the one trained with 0 (AdamW's torch default,
+    0.01, would ignore the setting). Catches the decay not reaching the optimiser."""
+    free = _trained_head(probe_heads, optimizer=optimizer, weight_decay=0.0)
+    decayed = _trained_head(probe_heads, optimizer=optimizer, weight_decay=0.5)
+    assert decayed.norm() < free.norm()
