@@ -99,6 +99,18 @@ def test_migrate_renames_records_and_checkpoints_to_current_ids(tmp_path):
     assert store.migrate_run_ids() == []
 
 
+def test_migrate_makes_a_whole_float_budget_the_int_a_plan_now_names(tmp_path):
+    """A record of ``{epochs: 20.0}`` written before whole limits became ints is renamed to the id of
+    ``epochs=20``, so the suite finds it instead of training it again; an unreadable budget is left alone."""
+    store = ResultStore(tmp_path, "s")
+    old_spec, odd_spec = {"seed": 0, "budget": {"epochs": 20.0}}, {"seed": 1, "budget": {"fortnights": 2}}
+    store.write({"run_id": run_id(old_spec), "spec": old_spec, "metrics": {}})
+    store.write({"run_id": run_id(odd_spec), "spec": odd_spec, "metrics": {}})
+    now = run_id({"seed": 0, "budget": {"epochs": 20}})
+    assert now != run_id(old_spec) and store.migrate_run_ids() == [(run_id(old_spec), now)]
+    assert store.load(now)["spec"]["budget"] == {"epochs": 20} and store.has(run_id(odd_spec))
+
+
 def test_unreadable_and_foreign_json_are_skipped_with_a_line_naming_them(tmp_path):
     store = ResultStore(tmp_path, "s")
     store.write({"run_id": "a", "spec": {"seed": 0}})

@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
-from harness.errors import EnvironmentFailure
+from harness.errors import EnvironmentFailure, UsageError
 
 #: Floats in a spec are compared at this many significant digits (a float64 holds 15-17).
 SIGNIFICANT_DIGITS = 12
@@ -168,9 +168,18 @@ class ResultStore:
 
     def migrate_run_ids(self) -> list[tuple[str, str]]:
         """Rename records (and their checkpoints) whose file name is not the run id of their spec, as
-        computed now; returns the ``(old, new)`` pairs. For stores written by older versions."""
+        computed now; returns the ``(old, new)`` pairs. For stores written by older versions, which also
+        kept a whole budget limit given as a float (``{epochs: 20.0}``); it is now the int 20."""
+        from harness.engine.budget import Budget
+
         renamed = []
         for record in list(self.records()):
+            budget = record["spec"].get("budget")
+            if isinstance(budget, dict) and len(budget) == 1:
+                try:
+                    record["spec"]["budget"] = Budget.parse(budget).as_dict()
+                except UsageError:
+                    pass  # not a budget this version reads: its record keeps what it says
             old, new = record["run_id"], run_id(record["spec"])
             if old == new and self.has(new):
                 continue
