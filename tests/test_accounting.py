@@ -270,7 +270,7 @@ class _EpochLoss(Method):
         return self.backbone(batch.views[0]).sum() * 0 + (self.epoch + 1)
 
 
-def _train_epoch_loss(budget, checkpoint=None, kill_at=None, seed=5):
+def _train_epoch_loss(budget, checkpoint=None, kill_at=None, seed=5, method_cls=None, checkpoint_seconds=0.0):
     from harness.data.augment import Augmenter
     from harness.engine.budget import Budget
     from harness.engine.train import train
@@ -278,10 +278,10 @@ def _train_epoch_loss(budget, checkpoint=None, kill_at=None, seed=5):
 
     images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     cfg = {**resolve_config(METHODS.get("simclr"), "cpu", {"batch_size": 8}), "views": 1, "warmup": 0.0}
-    method = _EpochLoss(_Pixels(), cfg, DataInfo(32, (1, 2, 2)), kill_at)
+    method = (method_cls or _EpochLoss)(_Pixels(), cfg, DataInfo(32, (1, 2, 2)), kill_at)
     result = train(method, images, None, Budget.parse(budget), Augmenter(None, [0.5], [0.25]), cfg, device="cpu",
                    seed=seed, generator=torch.Generator().manual_seed(seed), quiet=True, checkpoint=checkpoint,
-                   checkpoint_seconds=0.0)
+                   checkpoint_seconds=checkpoint_seconds)
     return method, result
 
 
@@ -316,3 +316,33 @@ def test_a_resumed_run_keeps_counting_its_seconds_and_does_not_start_again(tmp_p
     method, result = _train_epoch_loss("steps=6", checkpoint)
     assert method.calls == 3 and result.usage.steps == 6 and result.usage.samples == 48
     assert result.usage.seconds >= 1000.0 and _EpochLoss.train_starts == 1
+
+
+class _InterruptedEpochLoss(_EpochLoss):
+    """:class:`_EpochLoss` that sends its own process SIGINT (as Ctrl-C does) in its training step call
+    ``interrupt_at`` and goes on."""
+
+    interrupt_at: int | None = None
+
+    def training_step(self, batch: Batch):
+        if self.calls + 1 == type(self).interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().training_step(batch)
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 6])
+def test_ctrl_c_keeps_the_loss_of_the_step_it_finishes_and_stops_even_at_the_budgets_end(tmp_path, interrupt_at,
+                                                                                         monkeypatch):
+    """SIGINT in step 3 of 6 (4 steps an epoch, loss 1 in epoch 0; periodic checkpoints off): the checkpoint holds steps 1-3 and the losses of
+    all three (the third read before saving), so the resumed epoch's mean covers every step. SIGINT in the budget's
+    last step: the finished run is saved as done and the process still stops (KeyboardInterrupt), as asked. Catches
+    a checkpoint taken before the interrupted step's loss was read, and an interrupt dropped on the last step."""
+    monkeypatch.setattr(_InterruptedEpochLoss, "interrupt_at", interrupt_at)
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _train_epoch_loss("steps=6", checkpoint, method_cls=_InterruptedEpochLoss, checkpoint_seconds=1e9)
+    state = torch.load(checkpoint, weights_only=False)
+    if interrupt_at == 3:
+        assert state["usage"]["steps"] == 3 and not state["done"] and state["epoch_losses"] == [1.0, 1.0, 1.0]
+    else:
+        assert state["usage"]["steps"] == 6 and state["done"] and state["epoch_losses"] == [2.0, 2.0]

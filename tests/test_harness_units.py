@@ -351,3 +351,18 @@ def test_encoder_checkpoint_loader_on_known_inputs(tmp_path):
         load({**state, key: state[key][:1]})
     with pytest.raises(UsageError, match="no state_dict of tensors"):
         load({"epoch": 3, "lr": 0.1})
+
+
+def test_the_digits_manifest_made_now_is_the_one_the_committed_records_were_evaluated_on(tmp_path):
+    """Every committed record of a digits suite names the split manifest it was trained and evaluated on; a fresh
+    clone must make that same manifest (same data, same seeded, rounded, per-class validation draw), or its
+    leaderboard would mix runs of other splits with the committed ones. Catches an unseeded or unshuffled
+    validation draw, a floor for the rounding and any other change of the lists."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    committed = {json.loads(p.read_text())["split_sha256"] for p in results.glob("*/*.json")
+                 if json.loads(p.read_text())["spec"]["dataset"] == "digits"}
+    assert len(committed) == 1, committed
+    data = load_dataset("digits", tmp_path)
+    assert make_manifest(data).sha256 == load_or_make_manifest(data, tmp_path).sha256 == committed.pop()

@@ -13,11 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods import Batch, DataInfo, resolve_config
-from methods.cld import batch_kmeans, cld_loss
+from methods.cld import MoCoCLD, NPIDCLD, batch_kmeans, cld_loss
 from methods.invcls import InvCls, hardest_classes, smoothed_instance_loss
 from methods.memory import MemoryBank, MomentumEncoder, Queue
 from methods.moco import MoCo
 from methods.npid import NPID
+from methods.simclr import SimCLR
 from tests.conftest import metric
 
 
@@ -124,6 +125,56 @@ def test_npid_nce_keeps_a_resumed_banks_normaliser():
     assert resumed.log_z.item() == trained.log_z.item()
 
 
+
+def full_softmax_ce(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, temperature: float) -> float:
+    """mean_i -log exp(f_i . M_idx(i) / T) / sum_j exp(f_i . M_j / T), written out."""
+    total = 0.0
+    for i in range(len(f)):
+        scores = [math.exp(float(f[i] @ m) / temperature) for m in bank]
+        total -= math.log(scores[index[i]] / sum(scores))
+    return total / len(f)
+
+
+def test_npid_step_averages_its_views_and_evaluates_the_normalised_head():
+    """With two views NPID's loss is the mean of each view's full-softmax loss on the L2-normalised
+    head output, at the configured temperature; the ``head`` representation is that normalised output.
+    Catches the views summed instead of averaged, the head output left unnormalised, or the backbone
+    evaluated in place of the head."""
+    torch.manual_seed(9)
+    method = npid(views=2, temperature=0.3)
+    views, index = [torch.randn(4, 1, 2, 3) for _ in range(2)], torch.tensor([2, 9, 0, 14])
+    bank = method.bank.memory.clone()
+    loss = method.training_step(Batch(views, index))
+    with torch.no_grad():
+        f = [F.normalize(method.head(method.backbone(v)), dim=1) for v in views]
+        reps = method.representations(views[0])
+    expected = sum(full_softmax_ce(fv, bank, index, 0.3) for fv in f) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(reps["head"], f[0], atol=1e-6) and torch.allclose(reps["head"].norm(dim=1), torch.ones(4))
+
+
+def test_npid_nce_noise_is_drawn_from_the_whole_bank_at_the_configured_temperature(monkeypatch):
+    """With ``nce_k`` > 0 the noise samples are uniform over all N bank entries (NPID Sec. 3.2,
+    P_n = 1/N) and the NCE loss gets the configured temperature. Catches noise drawn from the batch's
+    range of indices (a 50-row batch of a 400-entry bank would never contrast with rows >= 50), or a
+    fixed temperature."""
+    torch.manual_seed(10)
+    method = npid(num_samples=400, nce_k=64, temperature=0.3)
+    seen = {}
+
+    def spy(f, index, noise, temperature):
+        seen.update(noise=noise, temperature=temperature)
+        return f.sum() * 0
+
+    monkeypatch.setattr(method.bank, "nce_loss", spy)
+    method.training_step(Batch([torch.randn(50, 1, 2, 3)], torch.arange(50)))
+    noise = seen["noise"]
+    assert noise.shape == (50, 64) and seen["temperature"] == 0.3
+    assert noise.min() >= 0 and noise.max() < 400
+    counts = torch.bincount(noise.flatten() // 100, minlength=4)  # 3,200 draws, 800 expected per quarter
+    assert (counts > 650).all() and (counts < 950).all(), counts
+
+
 # ----------------------------------------------------------------------------- MoCo
 def test_queue_is_a_ring_buffer():
     queue = Queue(5, 3)
@@ -185,6 +236,35 @@ def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
     method.after_optimizer_step()
     assert torch.allclose(method.queue.keys[:3], k, atol=1e-6) and method.queue.ptr.item() == 3
     assert torch.allclose(method.key_encoder.net[1].weight, 0.99 * old + 0.01 * method.head.weight)
+
+
+
+def test_moco_keys_use_the_configured_bn_splits_temperature_and_a_normalised_head():
+    """MoCo's keys come from the key encoder with ``bn_splits`` groups (shuffled, per-group BatchNorm
+    statistics), the InfoNCE uses the configured temperature, and the ``head`` representation is the
+    L2-normalised head output. Catches bn_splits ignored, a fixed temperature, or an unnormalised head."""
+    torch.manual_seed(11)
+    cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 2,
+                                       "temperature": 0.2})
+    method = MoCo(Tiny(bn=True), cfg, DataInfo(10, (1, 2, 3)))
+    views = [torch.randn(8, 1, 2, 3) for _ in range(2)]
+    queue = method.queue.keys.clone()
+    torch.manual_seed(12)
+    loss = method.training_step(Batch(views, torch.arange(8)))
+    torch.manual_seed(12)
+    with torch.no_grad():
+        k = F.normalize(method.key_encoder(views[1], 2), dim=1)
+        q = F.normalize(method.head(method.backbone(views[0])), dim=1)
+    assert torch.allclose(method._keys, k, atol=1e-6)
+    assert not torch.allclose(k, F.normalize(method.key_encoder(views[1], 1), dim=1), atol=1e-3)
+    direct = 0.0
+    for i in range(8):
+        pos = math.exp(float(q[i] @ k[i]) / 0.2)
+        direct -= math.log(pos / (pos + sum(math.exp(float(q[i] @ n) / 0.2) for n in queue))) / 8
+    assert loss.item() == pytest.approx(direct, rel=1e-4)
+    method.eval()
+    reps = method.representations(views[0])
+    assert torch.allclose(reps["head"].norm(dim=1), torch.ones(8), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- CLD
@@ -273,6 +353,91 @@ def test_invcls_contrastive_prior_sets_weights_from_a_frozen_pass():
         expected = torch.cat([method.embed(method.backbone(x)) for x, _ in loader])
     assert torch.allclose(method.classifier, expected, atol=1e-6)
     assert torch.allclose(method.classifier.norm(dim=1), torch.ones(10))
+
+
+
+def test_cld_adapters_add_the_weighted_cross_view_group_loss():
+    """NPID+CLD: mean NPID loss of views 0 and 1 + lambda L_CLD of their group features; MoCo+CLD:
+    mean InfoNCE of queries 0 and 1 against the key of view 2 + lambda L_CLD. L_CLD on the L2-normalised
+    group-head outputs with the configured K, tau and k-means iterations; lambda = 0.5, tau = 0.3,
+    T = 0.3 (not the defaults). Catches CLD on one view twice, lambda ignored, a key or query from the
+    wrong view, the views' losses summed, CLD's tau taken from the instance temperature, unnormalised
+    group features, or the k-means iterations fixed."""
+    torch.manual_seed(13)
+    common = {"feat_dim": 4, "clusters": 3, "cld_weight": 0.5, "cld_temperature": 0.25, "kmeans_iters": 2,
+              "temperature": 0.3}
+    views = [torch.randn(8, 1, 2, 3) for _ in range(3)]
+    index = torch.tensor([1, 4, 6, 7, 9, 11, 0, 3])
+
+    def group_loss(m):
+        g1, g2 = (F.normalize(m.cld.head(m.backbone(v)), dim=1) for v in views[:2])
+        return cld_loss(g1, g2, 3, 0.25, iters=2).item()
+
+    n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", common), DataInfo(12, (1, 2, 3)))
+    bank = n.bank.memory.clone()
+    loss, logs = n.training_step(Batch(views, index))
+    with torch.no_grad():
+        f = [F.normalize(n.head(n.backbone(v)), dim=1) for v in views[:2]]
+        instance = sum(full_softmax_ce(fv, bank, index, 0.3) for fv in f) / 2
+        cld = group_loss(n)
+    assert logs["cld"].item() == pytest.approx(cld, rel=1e-5)
+    assert loss.item() == pytest.approx(instance + 0.5 * cld, rel=1e-5)
+
+    m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**common, "queue_size": 7, "head": "linear",
+                                                         "bn_splits": 1}), DataInfo(12, (1, 2, 3)))
+    queue = m.queue.keys.clone()
+    loss, logs = m.training_step(Batch(views, index))
+    with torch.no_grad():
+        k = F.normalize(m.key_encoder(views[2], 1), dim=1)
+        instance = 0.0
+        for v in views[:2]:
+            q = F.normalize(m.head(m.backbone(v)), dim=1)
+            for i in range(8):
+                pos = math.exp(float(q[i] @ k[i]) / 0.3)
+                instance -= math.log(pos / (pos + sum(math.exp(float(q[i] @ c) / 0.3) for c in queue))) / 16
+        cld = group_loss(m)
+    assert logs["cld"].item() == pytest.approx(cld, rel=1e-5)
+    assert loss.item() == pytest.approx(instance + 0.5 * cld, rel=1e-5)
+
+
+def test_invcls_step_is_the_cosine_classifier_at_its_temperature():
+    """InvCls's logits are cosines of the normalised head output and the *normalised* class weights,
+    divided by tau (here 0.3); the loss is the hardest-class-smoothed CE against each image's own index.
+    Checked after the weights drift off the unit sphere (as SGD moves them). Catches raw weights in
+    the logits or tau multiplying."""
+    torch.manual_seed(14)
+    cfg = resolve_config(InvCls, "cpu", {"feat_dim": 4, "temperature": 0.3, "smooth_k": 2, "smooth_alpha": 0.2})
+    method = InvCls(Tiny(), cfg, DataInfo(10, (1, 2, 3)))
+    with torch.no_grad():
+        method.classifier.mul_(torch.rand(10, 1) * 3 + 0.5)
+    x, index = torch.randn(5, 1, 2, 3), torch.tensor([0, 3, 4, 8, 9])
+    loss = method.training_step(Batch([x], index))
+    with torch.no_grad():
+        z = F.normalize(method.head(method.backbone(x)), dim=1)
+        logits = z @ F.normalize(method.classifier, dim=1).t() / 0.3
+    assert loss.item() == pytest.approx(smoothed_instance_loss(logits, index, 0.2, 2).item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- SimCLR
+def test_simclr_step_is_nt_xent_of_views_0_and_1_in_value_and_gradient():
+    """SimCLR's loss is NT-Xent (Eq. 1, cosine, T from the config, here 0.2) of the projections of the
+    first two views, each of the 2n a positive of its other view: value and gradient of every parameter
+    equal a per-anchor computation. Catches one view used twice, views other than the first two (with
+    three views), a temperature off, or a stop-gradient on one branch (same value, half the gradient)."""
+    torch.manual_seed(8)
+    cfg = resolve_config(SimCLR, "cpu", {"temperature": 0.2, "proj_dim": 3, "proj_hidden": 4})
+    method = SimCLR(Tiny(), cfg, DataInfo(10, (1, 2, 3)))
+    views = [torch.randn(5, 1, 2, 3) for _ in range(3)]
+    loss = method.training_step(Batch(views, torch.arange(5)))
+    z = torch.cat([method.projector(method.backbone(v)) for v in views[:2]])
+    expected = 0.0
+    for i in range(10):  # -log exp(s(i, i+-5)/T) / sum_{j != i} exp(s(i, j)/T)
+        s = torch.stack([torch.cosine_similarity(z[i], z[j], 0) / 0.2 for j in range(10) if j != i])
+        expected = expected - (torch.cosine_similarity(z[i], z[(i + 5) % 10], 0) / 0.2 - torch.logsumexp(s, 0)) / 10
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    params = list(method.parameters())
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- training on digits

@@ -178,6 +178,64 @@ def test_cond_autoencoder_loss_is_coarse_ce_plus_reconstruction_mse():
     assert loss.item() == pytest.approx((ce + 0.5 * mse).item(), rel=1e-9)
 
 
+
+@pytest.mark.parametrize("name,a_lc,a_spread", [("supcon", 0.5, 0.0), ("supcon_spread", 2.0, 0.5)])
+def test_supcon_weights_are_the_official_weighted_mean(name, a_lc, a_spread):
+    """Unequal weights: the representation loss is (a_lc L_SupCon + a_spread L_spread) / (a_lc + a_spread)
+    with a_spread > 0, and a_lc L_SupCon alone without it. Catches a fixed divisor of 2, a_lc ignored, or
+    L_spread weighted by a_lc (all equal at the shipped a_lc = a_spread = 1)."""
+    m, batch = adapter(name, a_lc=a_lc, a_spread=a_spread), batch_of(seed=5)
+    loss, _ = m.training_step(batch)
+    v0, v1 = (v.flatten(1) for v in batch.views)
+    ce = direct_ce(m.classifier(torch.cat([v0, v1])), LABELS.repeat(2))
+    sup = direct_supcon(v1, v0, LABELS, TAU, clip=1.0)
+    con = (a_lc * sup + a_spread * direct_spread(v1, v0, LABELS, TAU)) / (a_lc + a_spread) if a_spread else a_lc * sup
+    assert loss.item() == pytest.approx((ce + con).item(), rel=1e-10)
+
+
+def test_supcon_cosine_clamps_at_any_clip_pos():
+    """With the paper's cosine similarity the positive logit is clamped at ``clip_pos`` whatever its value
+    (0.9 here); only the official similarity skips the clamp when clip_pos != 1. Catches the official
+    code's rule applied to the cosine similarity too."""
+    m, batch = adapter("supcon", clip_pos=0.9), batch_of(seed=6)
+    loss, logs = m.training_step(batch)
+    v0, v1 = (v.flatten(1) for v in batch.views)
+    clamped, unclamped = direct_supcon(v1, v0, LABELS, TAU, clip=0.9), direct_supcon(v1, v0, LABELS, TAU, clip=None)
+    assert abs(clamped.item() - unclamped.item()) > 1e-3
+    assert logs["supcon"] == pytest.approx(clamped.item(), rel=1e-10)
+
+
+
+def test_cond_autoencoder_reconstruction_trains_the_encoder():
+    """The reconstruction term reaches the encoder (it is what keeps the information the coarse labels
+    do not ask for): the encoder's gradient equals that of CE + recon_weight * MSE written out.
+    Catches the embedding detached before the decoder (same loss value)."""
+    torch.manual_seed(1)
+    cfg = resolve_config(METHODS.get("cond_autoencoder"), "cpu", {"recon_weight": 0.5, "decoder_width": 4})
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    encoder.out_dim = 3
+    m = create_method("cond_autoencoder", encoder, cfg, DataInfo(8, (1, 2, 2), num_classes=3)).double()
+    batch = batch_of(seed=7)
+    loss, _ = m.training_step(batch)
+    x = torch.cat(batch.views)
+    z = m.backbone(x)
+    expected = direct_ce(m.classifier(z), LABELS.repeat(2)) + 0.5 * ((m.decoder(z) - x) ** 2).mean()
+    got, want = (torch.autograd.grad(v, list(encoder.parameters())) for v in (loss, expected))
+    assert all(torch.allclose(g, w, rtol=1e-8, atol=1e-12) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("shape,width,grid,channels", [((1, 8, 8), 32, (32, 2, 2), [16, 8, 1]),
+                                                       ((3, 32, 32), 512, (512, 4, 4), [256, 128, 64, 3]),
+                                                       ((1, 28, 28), 64, (64, 7, 7), [32, 16, 1])])
+def test_decoder_grid_and_channel_plan(shape, width, grid, channels):
+    """The decoder starts from a ``width``-channel grid 2^k smaller than the image (k <= 3, the grid at
+    least 2 pixels a side) and halves the width at each upsampling: 512-256-128-64 on 32x32 as pl_bolts'
+    decoder. Catches a 1x1 grid on 8x8 digits, or a width that is not halved."""
+    decoder = ConvDecoder(16, shape, width)
+    assert decoder.grid == grid
+    assert [c.out_channels for c in decoder.net if isinstance(c, nn.Conv2d)] == channels
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (3, 96, 96), (1, 28, 28)])
 def test_decoder_reconstructs_the_input_shape(shape):
     assert ConvDecoder(16, shape, 32)(torch.randn(2, 16)).shape == (2, *shape)

@@ -194,10 +194,10 @@ def test_npid_bank_updated_in_backward_as_the_official_op():
 
 
 # ----------------------------------------------------------------------------- SeLa
-def sela_with_loader(label_pass: str):
+def sela_with_loader(label_pass: str, **overrides):
     torch.manual_seed(3)
     n, k = 48, 4
-    cfg = resolve_config(SeLa, "paper", {"num_clusters": k, "num_heads": 2, "label_pass": label_pass})
+    cfg = resolve_config(SeLa, "paper", {"num_clusters": k, "num_heads": 2, "label_pass": label_pass, **overrides})
     method = SeLa(Tiny(3 * 6 * 6), cfg, DataInfo(n, (3, 6, 6)))
     images = torch.randint(0, 256, (n, 3, 6, 6), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
     return method, PlainLoader(images, Augmenter(None, MEAN, STD), batch_size=16)
@@ -269,6 +269,28 @@ def test_sela_official_pass_trains_mode_on_augmented_images(monkeypatch):
     assert torch.equal(method.labels[0], expected)
     with pytest.raises(UsageError, match="label_pass"):
         SeLa(Tiny(3), resolve_config(SeLa, "cpu", {"label_pass": "eval"}), DataInfo(4, (3, 1, 1)))
+
+
+
+def test_sela_uses_its_lam_exposes_head_0_and_draws_fresh_augmentations_each_epoch():
+    """The labels are Sinkhorn-Knopp at the configured ``lam`` (3 here, not the default 10); the exposed
+    cluster head is head 0 (the first head, as the docstring says); the official pass draws its
+    augmentation and order afresh every epoch (its generator is seeded by the run seed and the epoch).
+    Catches a fixed lam, another head exposed, or the same augmented images in every labelling pass."""
+    method, loader = sela_with_loader("plain", lam=3.0)
+    x = loader.augmenter.normalize(loader.images)
+    with torch.no_grad():
+        method.eval()
+        logits = method.heads[1](method.backbone(x))
+        assert torch.equal(method.cluster_heads(x)["cluster"], method.heads[0](method.backbone(x)))
+        method.train()
+    method.on_epoch_start(1, loader)
+    expected, _ = official_loop(logits, 3.0, method.cfg["sk_tol"])
+    assert torch.equal(method.labels[1], expected)
+    assert not torch.equal(official_loop(logits, 10.0, method.cfg["sk_tol"])[0], expected)  # lam matters here
+    method, loader = sela_with_loader("official")
+    first, second = ([x for x, _, _ in captured_backbone_calls(method, loader, epoch)] for epoch in (0, 1))
+    assert not torch.equal(torch.cat(first), torch.cat(second))
 
 
 # ----------------------------------------------------------------------------- kNN top-5

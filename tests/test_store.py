@@ -252,3 +252,106 @@ def test_release_leaves_a_lock_that_another_process_now_holds(tmp_path):
     (tmp_path / "x.lock").write_text(other)
     lock.release()
     assert (tmp_path / "x.lock").read_text() == other
+
+
+def test_mapping_keys_that_are_not_strings_hash_as_their_strings():
+    """JSON keys are strings: a spec with an int key (a per-class or per-epoch mapping) names the same run as its
+    JSON form read back, and mixed int and str keys still sort. Catches keys left as they are (json's sort_keys
+    then fails on 1 < 'b', and a record read back from disk would get another id)."""
+    spec = {"per_epoch": {1: 0.5, "b": 2}, "seed": 0}
+    assert canonical_spec(spec) == {"per_epoch": {"1": 0.5, "b": 2}, "seed": 0}
+    assert run_id(spec) == run_id(json.loads(json.dumps({"per_epoch": {"1": 0.5, "b": 2}, "seed": 0})))
+
+
+def test_a_record_whose_seed_is_not_an_integer_is_skipped(tmp_path):
+    """A hand-edited record with ``seed: "0"`` would put a string among the integer seeds the tables sort and pair
+    on; it is skipped with a line naming it. Catches a record check that leaves out the seed."""
+    store = ResultStore(tmp_path, "s")
+    store.write({"run_id": "a", "spec": {"seed": 0}, "metrics": {}})
+    store.write({"run_id": "b", "spec": {"seed": "0"}, "metrics": {}})
+    warnings = []
+    assert [r["run_id"] for r in store.records(warn=warnings.append)] == ["a"]
+    assert len(warnings) == 1 and "b.json" in warnings[0] and "'seed'" in warnings[0]
+
+
+_KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from harness.execution.store import ResultStore, write_atomic
+store = ResultStore(Path(sys.argv[1]), "s")
+def die(f):
+    f.write(b"half a file")
+    f.flush()
+    os._exit(9)  # killed mid-write: no except clause, no cleanup
+write_atomic(store.record_path("r") if sys.argv[2] == "record" else store.checkpoint_path("r"), die, binary=True)
+"""
+
+
+def test_temp_files_of_a_writer_killed_mid_write_are_removed_on_the_next_start(tmp_path):
+    """Two writers killed mid-write (one of a record, one of a checkpoint under .ckpt/) leave their temporary files;
+    ``clean_temp_files`` of the next start removes both and nothing else, and no record appeared meanwhile. Catches
+    a temporary name the cleanup's pattern does not match (no leading dot) and a cleanup that forgets .ckpt/."""
+    for what in ("record", "checkpoint"):
+        done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path), what], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 9
+    store = ResultStore(tmp_path, "s")
+    left = sorted(p.name for p in store.dir.rglob("*") if p.is_file())
+    assert len(left) == 2 and not store.has("r") and not store.checkpoint_path("r").exists()
+    assert sorted(p.name for p in store.clean_temp_files()) == left
+    assert [p for p in store.dir.rglob("*") if p.is_file()] == []
+
+
+def test_breaking_a_lock_that_was_replaced_meanwhile_puts_the_new_one_back(tmp_path):
+    """Between judging a lock stale and renaming it aside, its owner may have released it and a live process taken
+    it: what was renamed is then not the judged content, so it goes back in place and the break fails. Catches a
+    break that deletes whatever it renamed."""
+    path = tmp_path / "x.lock"
+    live = f"{socket.gethostname()} {os.getpid()} - 0123456789abcdef"
+    path.write_text(live)
+    assert not RunLock(path)._break(f"{socket.gethostname()} {_dead_pid()} 1 deadbeefdeadbeef")
+    assert path.read_text() == live and sorted(p.name for p in tmp_path.iterdir()) == ["x.lock"]
+
+
+def test_a_lock_released_between_the_failed_link_and_the_read_is_taken(tmp_path, monkeypatch):
+    """The holder may release its lock after our link found it and before we read it: the name is then free and
+    the next try takes it, instead of reporting the run as running elsewhere (it would be skipped by this suite and
+    never trained). Catches an acquire that gives up when the lock it found is gone."""
+    import harness.execution.store as store_module
+
+    real_link, calls = os.link, []
+
+    def link(src, dst):  # the first try meets a lock that its holder releases at once
+        calls.append(dst)
+        if len(calls) == 1:
+            raise FileExistsError(dst)
+        real_link(src, dst)
+
+    monkeypatch.setattr(store_module.os, "link", link)
+    lock = RunLock(tmp_path / "x.lock")
+    assert lock.acquire() and len(calls) == 2 and (tmp_path / "x.lock").read_text() == lock.owner
+
+
+def test_migrate_gives_a_record_stored_under_another_name_its_id(tmp_path):
+    """A record whose file name is not its run id (copied in by hand) is written under the id of its spec, so that
+    ``has`` finds it and the suite does not train the run again. Catches a migrate that trusts the ``run_id`` field
+    alone and skips every record whose field is already current."""
+    store = ResultStore(tmp_path, "s")
+    spec = {"seed": 0, "lr": 0.1}
+    store.dir.mkdir(parents=True)
+    (store.dir / "copied-by-hand.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {}}))
+    assert not store.has(run_id(spec))
+    store.migrate_run_ids()
+    assert store.has(run_id(spec)) and store.load(run_id(spec))["spec"] == spec
+
+
+def test_loading_a_record_that_is_not_text_says_which_file_to_delete(tmp_path):
+    """A stored record of binary garbage (a disk error, a stray file) stops with one line naming it, as a truncated
+    one does, not with a UnicodeDecodeError traceback. Catches a load that handles only JSON errors."""
+    from harness.errors import EnvironmentFailure
+
+    store = ResultStore(tmp_path, "s")
+    store.dir.mkdir(parents=True)
+    store.record_path("a").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(EnvironmentFailure, match=r"a\.json is not readable JSON"):
+        store.load("a")
