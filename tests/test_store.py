@@ -341,8 +341,23 @@ def test_migrate_gives_a_record_stored_under_another_name_its_id(tmp_path):
     store.dir.mkdir(parents=True)
     (store.dir / "copied-by-hand.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {}}))
     assert not store.has(run_id(spec))
-    store.migrate_run_ids()
+    assert store.migrate_run_ids() == [("copied-by-hand", run_id(spec))]
     assert store.has(run_id(spec)) and store.load(run_id(spec))["spec"] == spec
+    assert [p.name for p in store.dir.glob("*.json")] == [f"{run_id(spec)}.json"]
+
+
+def test_migrate_removes_a_second_copy_of_a_stored_run_so_tables_count_it_once(tmp_path):
+    """A hand copy of a record (``copy.json``, its ``run_id`` field current) beside the record itself is the same run
+    twice: tables would count its seed twice. Migrate keeps the record under its id, unchanged, and removes the copy.
+    Catches a migrate that walks ``run_id`` fields instead of file names, which leaves both."""
+    store = ResultStore(tmp_path, "s")
+    spec = {"seed": 0, "lr": 0.1}
+    store.write({"run_id": run_id(spec), "spec": spec, "metrics": {"encoder": {"acc": 0.5}}})
+    (store.dir / "copy.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {"encoder": {"acc": 0.9}}}))
+    assert len(list(store.records())) == 2
+    assert store.migrate_run_ids() == [("copy", run_id(spec))]
+    assert [r["metrics"] for r in store.records()] == [{"encoder": {"acc": 0.5}}]
+    assert store.migrate_run_ids() == []
 
 
 def test_loading_a_record_that_is_not_text_says_which_file_to_delete(tmp_path):

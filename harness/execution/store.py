@@ -148,6 +148,11 @@ class ResultStore:
     def records(self, warn=None) -> Iterator[dict[str, Any]]:
         """Every readable record. A file that is not JSON, or JSON that is not a run record, is skipped
         with one line naming it (through ``warn``, default stderr)."""
+        for _, record in self._record_files(warn):
+            yield record
+
+    def _record_files(self, warn=None) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """``(path, record)`` for every readable record file, whatever its name."""
         if not self.dir.is_dir():
             return
         warn = warn or (lambda message: print(message, file=sys.stderr))
@@ -161,35 +166,40 @@ class ResultStore:
             if problem:
                 warn(f"warning: skipped {path}: JSON but not a run record ({problem})")
                 continue
-            yield record
+            yield path, record
 
     def lock(self, rid: str) -> "RunLock":
         return RunLock(self.dir / ".locks" / f"{rid}.lock")
 
     def migrate_run_ids(self) -> list[tuple[str, str]]:
-        """Rename records (and their checkpoints) whose file name is not the run id of their spec, as
-        computed now; returns the ``(old, new)`` pairs. For stores written by older versions, which also
-        kept a whole budget limit given as a float (``{epochs: 20.0}``); it is now the int 20."""
+        """Give every record file the name (and ``run_id``) of its spec's run id as computed now, moving its
+        checkpoint along; returns the ``(old file name, new id)`` pairs. For stores written by older versions,
+        which also kept a whole budget limit given as a float (``{epochs: 20.0}``; now the int 20), and for
+        records copied in under another name. A file naming a run that is already stored under its id is a
+        second copy of that run, which tables would count twice: it is removed and the stored one kept."""
         from harness.engine.budget import Budget
 
         renamed = []
-        for record in list(self.records()):
+        for path, record in list(self._record_files()):
             budget = record["spec"].get("budget")
             if isinstance(budget, dict) and len(budget) == 1:
                 try:
                     record["spec"]["budget"] = Budget.parse(budget).as_dict()
                 except UsageError:
                     pass  # not a budget this version reads: its record keeps what it says
-            old, new = record["run_id"], run_id(record["spec"])
-            if old == new and self.has(new):
+            new = run_id(record["spec"])
+            target = self.record_path(new)
+            if path == target and record["run_id"] == new:
                 continue
-            record["run_id"] = new
-            self.write(record)
-            if old != new:
-                self.record_path(old).unlink(missing_ok=True)
-                if self.checkpoint_path(old).is_file():
-                    os.replace(self.checkpoint_path(old), self.checkpoint_path(new))
-                renamed.append((old, new))
+            if path == target or not target.is_file():
+                record["run_id"] = new
+                self.write(record)
+            if path != target:
+                path.unlink()
+                old_checkpoint = self.checkpoint_path(path.stem)
+                if old_checkpoint.is_file() and not self.checkpoint_path(new).is_file():
+                    os.replace(old_checkpoint, self.checkpoint_path(new))
+                renamed.append((path.stem, new))
         return renamed
 
     def clean_temp_files(self) -> list[Path]:
