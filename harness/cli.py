@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from harness.errors import EnvironmentFailure, UsageError, choices_error, missing_dependency
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="rerun stored runs that failed (a NaN loss, say) from scratch; others are kept")
     run.add_argument("--force", action="store_true", help="rerun jobs even if a record is stored")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check everything, list each planned run as stored, failed, to train or retrain, and stop")
     run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="training autocast: auto = bfloat16 on CUDA, float32 on CPU (recorded in each result)")
@@ -217,12 +221,16 @@ def cmd_run(args) -> int:
                     precision=args.precision, compile=args.compile, pipeline=args.pipeline,
                     retry_failed=args.retry_failed) if in_process else None
     # the data this process trains on is loaded once: the check's load is the runner's
+    states = {job.run_id: job_state(store, job, args.force, args.retry_failed) for job in jobs}
     check_against_data(suite, runner.dataset if runner else lambda name, fraction: load_split_data(name, args.data_dir, fraction),
-                       {job.dataset for job in jobs if args.force or not store.has(job.run_id)})
+                       {job.dataset for job in jobs if states[job.run_id] in TRAINS})
+    if args.dry_run:
+        _print_plan(suite, jobs, states, store)
+        return 0
     if ranks.distributed:
         return _run_data_parallel(args, suite, jobs, ranks, every_method)
     print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
-          f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets)", flush=True)
+          f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets): {_state_counts(states)}", flush=True)
     from harness.engine.logging_backends import check_backend
 
     check_backend(args.log)
@@ -265,6 +273,62 @@ def _finish_run(args, suite, every_method, records: list[dict]) -> int:
     return 0
 
 
+#: A job's state before a suite runs: what ``run`` will do with it.
+TRAINS = ("to train", "retrain")
+
+
+def job_state(store, job, force: bool, retry_failed: bool) -> str:
+    """``stored`` or ``failed`` (a record that stands), ``retrain`` (a record that ``--force`` or
+    ``--retry-failed`` replaces) or ``to train`` (no record). An unreadable record stops here, before training."""
+    from harness.execution.runner import keeps
+
+    record = store.load(job.run_id) if store.has(job.run_id) else None
+    if record is None:
+        return "to train"
+    if not keeps(record, force, retry_failed):
+        return "retrain"
+    return "stored" if record.get("status") == "ok" else "failed"
+
+
+def _state_counts(states: dict[str, str]) -> str:
+    counts = Counter(states.values())
+    return ", ".join(f"{counts[state]} {state}" for state in ("stored", "failed", *TRAINS) if counts[state])
+
+
+def _run_seconds(record: dict) -> float | None:
+    """A stored run's training plus evaluation seconds, or None where its record does not say."""
+    train, evaluation = record.get("train_seconds"), record.get("eval_seconds", {})
+    if not isinstance(train, (int, float)) or not isinstance(evaluation, dict):
+        return None
+    return train + sum(v for v in evaluation.values() if isinstance(v, (int, float)))
+
+
+def _print_plan(suite, jobs, states: dict[str, str], store) -> None:
+    """``run --dry-run``: every planned run, its record's name and what ``run`` would do with it, and how long
+    the runs to train took where a stored run of the same row (any seed) says so."""
+    print(f"suite {suite.name}: {len(jobs)} runs: {_state_counts(states)} (dry run: nothing trained)")
+    seconds: dict[tuple, list[float]] = {}
+    for record in store.records(warn=_warn):
+        spec = record["spec"]
+        took = _run_seconds(record)
+        if record.get("status") == "ok" and took is not None:
+            row = (spec.get("label"), spec.get("dataset"), json.dumps(spec.get("budget"), sort_keys=True))
+            seconds.setdefault(row, []).append(took)
+    known, unknown = 0.0, 0
+    for job in jobs:
+        print(f"  {states[job.run_id]:<8}  {job.run_id}  {job.describe()}")
+        if states[job.run_id] in TRAINS:
+            peers = seconds.get((job.entry.label, job.dataset, json.dumps(job.budget.as_dict(), sort_keys=True)))
+            known, unknown = (known + sum(peers) / len(peers), unknown) if peers else (known, unknown + 1)
+    estimated = len([job for job in jobs if states[job.run_id] in TRAINS]) - unknown
+    if estimated:
+        took = f"{known:.0f} s" if known < 60 else f"{known / 60:.1f} min"
+        print(f"to train: about {took} of training and evaluation for {estimated} of them, as the stored runs of "
+              f"their rows took on the machine that wrote them")
+    if unknown:
+        print(f"to train: {unknown} runs whose rows have no stored run to tell their time")
+
+
 def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
     """One process of a torchrun (or Slurm multi-task) launch: all ranks train each job together."""
     from harness.engine import distributed
@@ -279,7 +343,8 @@ def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
     try:
         runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet or not main,
                         log=print if main else (lambda message: None), log_backend=args.log if main else "none",
-                        precision=args.precision, compile=args.compile, pipeline=args.pipeline)
+                        precision=args.precision, compile=args.compile, pipeline=args.pipeline,
+                        retry_failed=args.retry_failed)
         records = runner.run(jobs, force=args.force)
         distributed.barrier()
     finally:

@@ -354,3 +354,38 @@ def test_readme_shows_the_simclr_adapter_as_it_is_in_its_file():
     block = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
     source = (REPO / "methods" / "simclr.py").read_text()
     assert block.strip() == source[source.index("from __future__"):].strip()
+
+
+def test_dry_run_says_what_run_would_do_with_each_planned_run_and_writes_nothing(tmp_path, capsys):
+    """``run --dry-run`` lists every planned run as stored, failed, to train or retrain (``--force``,
+    ``--retry-failed``), estimates the runs to train from the stored runs of their rows, and leaves the results
+    and tables as they were; the plain run's first line counts the same states."""
+    import yaml
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text(yaml.safe_dump({"name": "s", "datasets": ["digits"], "methods": ["random", "pixels"],
+                                          "seeds": [0], "budget": "epochs=1", "protocols": FAST}))
+    dirs = ["--data-dir", str(tmp_path / "d"), "--results-dir", str(tmp_path / "r"),
+            "--leaderboard-dir", str(tmp_path / "lb")]
+    assert main(["run", str(suite_file), "--quiet", "--methods", "random", *dirs]) == 0
+    assert "1 to train" in capsys.readouterr().out.splitlines()[0]
+    (stored,) = (tmp_path / "r" / "s").glob("*.json")
+    record = json.loads(stored.read_text())
+    took = record["train_seconds"] + sum(record["eval_seconds"].values())
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def dry_run(*extra: str) -> list[str]:
+        assert main(["run", str(suite_file), "--dry-run", "--seeds", "0,1", *extra, *dirs]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    lines = dry_run()
+    assert lines[0] == "suite s: 4 runs: 1 stored, 3 to train (dry run: nothing trained)"
+    assert [line.split()[0] for line in lines[1:5]] == ["stored", "to", "to", "to"]
+    assert stored.stem in lines[1] and "random on digits seed 0" in lines[1]
+    assert lines[5].startswith(f"to train: about {took:.0f} s of training and evaluation for 1 of them")
+    assert lines[6] == "to train: 2 runs whose rows have no stored run to tell their time"
+    assert dry_run("--force")[0].startswith("suite s: 4 runs: 3 to train, 1 retrain")
+    stored.write_text(json.dumps({**record, "status": "failed", "reason": "loss is NaN"}))
+    assert dry_run()[0].startswith("suite s: 4 runs: 1 failed, 3 to train")
+    assert dry_run("--retry-failed")[0].startswith("suite s: 4 runs: 3 to train, 1 retrain")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -52,6 +52,14 @@ class Job:
         return f"{self.entry.label} on {self.dataset} seed {self.seed} ({self.budget})"
 
 
+def keeps(record: dict[str, Any] | None, force: bool, retry_failed: bool) -> bool:
+    """Whether a stored ``record`` stands instead of training its run again (failed ones are rerun with
+    ``retry_failed``; none with ``force``)."""
+    if force or record is None:
+        return False
+    return not retry_failed or record.get("status") == "ok"
+
+
 def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget: Budget) -> dict[str, Any]:
     """Everything that determines a run's result; its hash names the record."""
     cls = METHODS.get(entry.name)
@@ -140,13 +148,13 @@ class Runner:
             with ExitStack() as held:
                 action = "run"
                 if main:
-                    if self._keeps(stored.get(rid), force):
+                    if keeps(stored.get(rid), force, self.retry_failed):
                         action = "stored"
                     elif not held.enter_context(store.lock(rid)):
                         action = "busy"
                     else:  # another process may have finished it meanwhile: read it again under the lock
                         stored[rid] = store.load(rid) if store.has(rid) else None
-                        if self._keeps(stored[rid], force):
+                        if keeps(stored[rid], force, self.retry_failed):
                             action = "stored"
                         elif stored[rid] is not None or force:  # a rerun starts from scratch
                             store.checkpoint_path(rid).unlink(missing_ok=True)
@@ -164,12 +172,6 @@ class Runner:
                     self.log(f"{place}{job.describe()}: {run_summary(record)}")
                 records.append(record)
         return records
-
-    def _keeps(self, record: dict[str, Any] | None, force: bool) -> bool:
-        """Whether a stored ``record`` stands (failed ones are rerun with ``retry_failed``; none with ``force``)."""
-        if force or record is None:
-            return False
-        return not self.retry_failed or record.get("status") == "ok"
 
     def _eval_progress(self, message: str) -> None:
         """A line per protocol while a run is evaluated, where there is no progress bar to watch."""
