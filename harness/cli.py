@@ -11,7 +11,7 @@ from pathlib import Path
 
 from harness.errors import EnvironmentFailure, UsageError, choices_error, missing_dependency
 from harness.execution.validate import (SEED_LIMIT, UsageParser, csv_list, image_size, is_seed, once, path_arg,
-                                       positive_int)
+                                       positive_int, suite_arg)
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_LEADERBOARDS = Path("leaderboards")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     run = sub.add_parser("run", help="train and evaluate a suite's grid, then print its leaderboard")
-    run.add_argument("suite", nargs="?", default=None, help="shipped suite name or path to a YAML file (default: quick)")
+    run.add_argument("suite", nargs="?", type=suite_arg, default=None, help="shipped suite name or path to a YAML file (default: quick)")
     run.add_argument("--methods", type=csv_list, help="comma-separated subset of the suite's method rows, by label "
                      "(or by method name: every row of that method whose name is no row's label)")
     run.add_argument("--datasets", type=csv_list, help="comma-separated datasets (replaces the suite's)")
@@ -114,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats_options(run)
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
-    lb.add_argument("suite", nargs="?", default=None)
+    lb.add_argument("suite", nargs="?", type=suite_arg, default=None)
     lb.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     _add_leaderboard_dir(lb)
     _add_stats_options(lb)
 
     cmp = sub.add_parser("compare", help="paired difference of two methods on every column of a suite, with "
                                          "interval and p-value")
-    cmp.add_argument("suite", help="shipped suite name or path to a YAML file")
+    cmp.add_argument("suite", type=suite_arg, help="shipped suite name or path to a YAML file")
     cmp.add_argument("a", help="row label (a method's label; a head's row is 'label [head]')")
     cmp.add_argument("b", help="row label to compare against")
     cmp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="retrain stored runs in a scratch dir and compare their headline "
                                           "metrics with the records (bit-identical, within seed noise, or not)")
-    rp.add_argument("suite", nargs="?", default=None)
+    rp.add_argument("suite", nargs="?", type=suite_arg, default=None)
     rp.add_argument("--runs", type=positive_int, default=1, help="how many stored runs, in plan order (default 1)")
     rp.add_argument("--methods", type=csv_list, help="only runs of these method rows")
     rp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
@@ -141,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("migrate", help="rename stored records to the run ids this version computes "
                                         "(for results dirs written by older versions)")
-    mg.add_argument("suite", nargs="?", default=None, help="one suite's records (default: every suite)")
+    mg.add_argument("suite", nargs="?", type=suite_arg, default=None, help="one suite's records (default: every suite)")
     mg.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
 
     rep = sub.add_parser("report", help="HTML page and figures of a suite from its stored records (no training)")
-    rep.add_argument("suite", nargs="?", default=None)
+    rep.add_argument("suite", nargs="?", type=suite_arg, default=None)
     rep.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     _add_leaderboard_dir(rep)
     rep.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
@@ -521,7 +521,11 @@ def cmd_reproduce(args) -> int:
 def cmd_migrate(args) -> int:
     from harness.execution.store import ResultStore
 
+    from harness.execution.suite import check_suite_name
+
     root = args.results_dir
+    if args.suite:
+        check_suite_name(args.suite)
     if not root.is_dir():
         raise UsageError(f"results dir {str(root)!r} " + ("is a file" if root.exists() else "does not exist") +
                          "; give the folder that holds <suite>/<run_id>.json records (--results-dir)")

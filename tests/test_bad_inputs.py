@@ -91,6 +91,13 @@ def _empty_class(tree: Path) -> None:
         f.unlink()
 
 
+def _one_class(tree: Path) -> None:
+    for split in ("train", "test"):
+        for f in (tree / split / "b").iterdir():
+            f.unlink()
+        (tree / split / "b").rmdir()
+
+
 def _truncated_manifest(tmp: Path) -> list[str]:
     load_split_data("digits", tmp / "d", 0.1)
     (manifest,) = (tmp / "d" / "manifests").glob("digits-*.json")
@@ -266,6 +273,17 @@ BAD_INPUTS = [
     ("eval with k larger than the data", lambda t: ["eval", "--checkpoint", "x.pt", "--arch", "small_cnn", "--dataset",
                                                     f"imagefolder:{_image_tree(t / 'tree')}", "--data-dir", str(t / "d")],
      2, "knn k=200 is larger than"),
+    # a second CLI sweep: each of these printed a traceback, trained first, or quietly did something else
+    ("an empty suite argument", lambda t: ["run", "", *_dirs(t)], 2, "expected a suite name or a path to a YAML file, got ''"),
+    ("leaderboard of an empty suite argument", lambda t: ["leaderboard", "", *_dirs(t)[2:]], 2,
+     "expected a suite name or a path to a YAML file, got ''"),
+    ("migrate of a suite name with a path in it", lambda t: ["migrate", "..", "--results-dir", str(_mkdir(t / "r"))], 2,
+     "the suite name '..' must be letters, digits"),
+    ("an empty list of clustering k", lambda t: _run(t, protocols={"clustering": {"k": []}}), 2,
+     "parameter 'k' of protocol 'clustering' must be a positive integer or a non-empty list of them, got []"),
+    ("a dataset of one class", lambda t: _on_tree(t, _one_class), 2, "has 1 class ('a'); the protocols need at least 2"),
+    ("bench sinkhorn larger than memory", lambda t: ["bench", "sinkhorn", "--sizes", "99999999999999", "--clusters", "3"],
+     2, "N=99999999999999 x K=3 logits need"),
     ("migrate a results dir that is not there", lambda t: ["migrate", "--results-dir", str(t / "none")], 2,
      "does not exist"),
     ("an empty results dir path", lambda t: _run(t, "--results-dir", ""), 2, "expected a path, got ''"),

@@ -21,7 +21,7 @@ import torch
 from harness.execution.environment import resolve_device
 from harness.engine.train import _peak_rss_mb, _reset_peak_rss
 from methods.sinkhorn import sinkhorn_knopp
-from harness.errors import choices_error
+from harness.errors import UsageError, choices_error
 from harness.execution.validate import UsageParser, csv_list, output_file, positive_int, positive_ints, positive_number
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -70,6 +70,20 @@ def run_one(n: int, k: int, dtype: str, input_dtype: str, lam: float, tol: float
             "labels per cluster min/max": f"{int(counts.min())}/{int(counts.max())} (N/K={n / k:.0f})"}
 
 
+def check_fits(sizes: list[int], k: int, input_dtype: str, device: str) -> None:
+    """Each N x K logit matrix fits in the device's memory: a size that cannot is one line before anything is
+    timed, not an allocation failure in the worker."""
+    if torch.device(device).type == "cuda":
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    itemsize = torch.empty(0, dtype=DTYPES[input_dtype]).element_size()
+    for n in sizes:
+        if n * k * itemsize > total:
+            raise UsageError(f"N={n} x K={k} logits need {n * k * itemsize / 2 ** 30:.3g} GiB of {input_dtype}, more "
+                             f"than the {total / 2 ** 30:.3g} GiB of memory on {device}; give smaller --sizes or --clusters")
+
+
 def bench(sizes: list[int], k: int, dtypes: list[str], input_dtype: str, lam: float, tol: float,
           max_iter: int, device: str) -> pd.DataFrame:
     rows = []
@@ -96,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.dtypes) - set(DTYPES):
         raise choices_error("chunk precision", sorted(set(args.dtypes) - set(DTYPES))[0], DTYPES)
     device = resolve_device(args.device)
+    check_fits(args.sizes, args.clusters, args.input_dtype, device)
     df = bench(args.sizes, args.clusters, args.dtypes, args.input_dtype,
                args.lam, args.tol, args.max_iter, device)
     from harness.reporting.leaderboard import to_markdown

@@ -88,11 +88,25 @@ def _expect(cond: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def check_suite_name(name: Any, where: str = "", hint: str = "") -> None:
+    """A suite name is a folder under the results dir and the stem of its tables: no separators, no leading dot ('..')."""
+    _expect(isinstance(name, str) and SUITE_NAME.fullmatch(name) is not None,
+            f"{where}the suite name {name!r} must be letters, digits, '.', '_' or '-' (it names the results folder "
+            f"and the tables){hint}")
+
+
+def _check_k_list(value: Any, name: str) -> None:
+    """A sweep of ``k`` lists at least one value (``k: []`` would score nothing after training); each value is
+    checked against the data's split sizes later."""
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError(f"{name} must be a positive integer or a non-empty list of them, got {list(value)!r}")
+
+
 #: Checks of protocol parameters that need no data, by parameter name, with the protocols' own
 #: checks (``protocols/_common.py``): what evaluation would reject after training, rejected before it.
 PARAMETER_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "temperature": check_positive, "lr": check_positive, "max_iter": check_positive_int,
-    "n_init": check_positive_int, "epochs": check_positive_int, "batch_size": check_positive_int,
+    "n_init": check_positive_int, "epochs": check_positive_int, "batch_size": check_positive_int, "k": _check_k_list,
 }
 
 
@@ -160,9 +174,7 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     unknown = sorted(map(str, set(data) - TOP_KEYS))
     _expect(not unknown, f"{where}: unknown key {unknown[:1]} (valid: {', '.join(sorted(TOP_KEYS))})")
     suite_name = data.get("name", name)
-    _expect(isinstance(suite_name, str) and SUITE_NAME.fullmatch(suite_name) is not None,
-            f"{where}: the suite name {suite_name!r} must be letters, digits, '.', '_' or '-' (it names the "
-            f"results folder and the tables); set 'name:'")
+    check_suite_name(suite_name, f"{where}: ", "; set 'name:'")
     for key in ("datasets", "methods", "seeds", "budget", "protocols"):
         _expect(key in data, f"{where}: missing required key {key!r}")
     scale = data.get("scale", "cpu")
@@ -293,6 +305,9 @@ def check_against_data(suite: Suite, load: Callable[[str, float], tuple[ImageDat
     """
     for dataset in [d for d in suite.datasets if datasets is None or d in datasets]:
         data, manifest = load(dataset, suite.val_fraction)
+        if data.num_classes < 2:  # every protocol scores labels: one class fails it after training
+            raise UsageError(f"suite {suite.name!r}: dataset {dataset} has {data.num_classes} class "
+                             f"({', '.join(map(repr, data.classes))}); the protocols need at least 2 classes")
         for entry in suite.methods:
             where = f"suite {suite.name!r}: {entry.label} on {dataset}"
             needs = {pname: _protocol_needs(pname, {**params, **entry.protocols.get(pname, {})})

@@ -205,6 +205,13 @@ def path_arg(value: str) -> Path:
     return Path(value)
 
 
+def suite_arg(value: str) -> str:
+    """A suite positional that names something (``run ""`` would otherwise run the default suite)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected a suite name or a path to a YAML file, got {value!r}")
+    return value
+
+
 def output_file(value: str) -> Path:
     """A file to write (a benchmark's ``--out``), checked before the benchmark spends minutes: not a directory,
     and in a directory that exists or can be made."""

@@ -99,12 +99,12 @@ def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], No
     """The records of a shipped suite or suite file through :func:`current_records`; for the name of a suite
     whose file is gone but whose records are stored, every record under ``results_dir/<name>``."""
     from harness.execution.store import ResultStore
-    from harness.execution.suite import load_suite
+    from harness.execution.suite import SUITE_NAME, load_suite
 
     try:
         suite = load_suite(name_or_path)
     except UsageError as exc:
-        if not (Path(results_dir) / name_or_path).is_dir():
+        if not SUITE_NAME.fullmatch(name_or_path) or not (Path(results_dir) / name_or_path).is_dir():
             raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
         records = list(ResultStore(Path(results_dir), name_or_path).records())
         if not records:
@@ -407,6 +407,10 @@ def compare(records: list[dict[str, Any]], a: str, b: str, options: StatsOptions
     table = pd.DataFrame(out)
     if table.empty:
         raise UsageError(f"{a!r} and {b!r} share no column with scores")
+    if not table["n"].any():  # nothing to pair: a table of n=0 would look like a result
+        seeds = {name: ", ".join(map(str, sorted(scores.loc[scores["row"] == name, "seed"].unique()))) for name in (a, b)}
+        raise UsageError(f"{a!r} and {b!r} share no seed (seeds {a}: {seeds[a]}; {b}: {seeds[b]}); "
+                         f"run both on the same seeds to pair them")
     if "p" in table:
         tested = table["p"].notna()
         table.loc[tested, "p_holm"] = stats.holm(table.loc[tested, "p"].to_numpy())
