@@ -371,6 +371,43 @@ def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(
     assert "random" in out.out and "Traceback" not in out.err
 
 
+def test_planned_records_missing_what_the_tables_read_are_skipped_with_a_warning(stored_run, capsys):
+    """Hand-edited copies that keep a planned run id but lose a spec field the tables read (the seed) or hold a
+    protocols entry that is not a mapping: each is one warning naming the file, and the table is built from
+    the rest. Catches: a KeyError 'seed' or AttributeError traceback (a CLI sweep found both)."""
+    store = stored_run / "r" / "s"
+    (record,) = store.glob("*.json")
+    good = json.loads(record.read_text())
+    spec = {k: v for k, v in good["spec"].items() if k != "seed"}
+    (store / "no-seed.json").write_text(json.dumps({**good, "spec": spec}))
+    (store / "odd-protocols.json").write_text(json.dumps({**good, "spec": {**good["spec"], "protocols": "knn"}}))
+    capsys.readouterr()
+    assert main(["leaderboard", str(stored_run / "s.yaml"), "--results-dir", str(stored_run / "r"),
+                 "--leaderboard-dir", str(stored_run / "l")]) == 0
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 2 and "no-seed.json" in warnings[0] and "no spec 'seed'" in warnings[0]
+    assert "odd-protocols.json" in warnings[1] and "spec 'protocols' is 'knn'" in warnings[1]
+    assert "random" in out.out and "Traceback" not in out.err
+
+
+def test_compare_of_rows_with_no_seed_in_common_is_an_error(tmp_path, capsys, monkeypatch):
+    """``compare`` of two rows stored on different seeds: exit 2 and one line listing each row's seeds.
+    Catches: a table of n=0 columns printed with exit 0, as if it were a result."""
+    monkeypatch.chdir(tmp_path)
+    suite = _suite(tmp_path, methods=("random", "pixels"), seeds=[0, 1])
+    assert main(["run", suite, "--quiet", *_dirs(tmp_path)]) == 0
+    for path in (tmp_path / "r" / "s").glob("*.json"):
+        spec = json.loads(path.read_text())["spec"]
+        if (spec["label"], spec["seed"]) in (("random", 1), ("pixels", 0)):
+            path.unlink()
+    capsys.readouterr()
+    assert main(["compare", suite, "random", "pixels", "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: 'random' and 'pixels' share no seed (seeds random: 0; pixels: 1); run both on the same " \
+                  "seeds to pair them\n"
+
+
 def test_a_truncated_record_of_a_planned_run_stops_the_suite_before_training(stored_run, capsys, monkeypatch):
     """A record cut short by hand (or a broken copy) of a run the suite plans: exit 1 with one line naming the
     file and saying to delete it, before any other run trains. Catches: a JSONDecodeError traceback, and a

@@ -100,13 +100,24 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     return removed
 
 
-def record_problem(record: Any) -> str | None:
+#: What the tables read of every record they show (spec fields, then top-level fields).
+TABLE_SPEC_KEYS = ("label", "dataset", "seed", "budget", "protocols")
+TABLE_RECORD_KEYS = ("status", "split_sha256")
+
+
+def record_problem(record: Any, for_tables: bool = False) -> str | None:
     """Why ``record`` (parsed JSON) is not a run record the tables can read, or None: a hand-edited or foreign
-    file is skipped with this reason instead of failing a leaderboard."""
+    file is skipped with this reason instead of failing a leaderboard. ``for_tables``: the fields the tables
+    read must be there too (elsewhere a spec field is checked only where present)."""
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "run_id" not in record:
         return "no 'run_id' and 'spec'"
     spec = record["spec"]
-    for key, kind in (("label", str), ("method", str), ("dataset", str), ("seed", int), ("budget", dict)):
+    missing = [f"spec {k!r}" for k in TABLE_SPEC_KEYS if k not in spec] + \
+        [repr(k) for k in TABLE_RECORD_KEYS if k not in record]
+    if for_tables and missing:
+        return f"no {missing[0]}"
+    for key, kind in (("label", str), ("method", str), ("dataset", str), ("seed", int), ("budget", dict),
+                      ("protocols", dict)):
         if key in spec and not isinstance(spec[key], kind):  # absent: a record of another tool's making
             return f"spec {key!r} is {spec.get(key)!r}, not a {kind.__name__}"
     metrics = record.get("metrics", {})
@@ -145,13 +156,13 @@ class ResultStore:
         write_json_atomic(path, record)
         return path
 
-    def records(self, warn=None) -> Iterator[dict[str, Any]]:
-        """Every readable record. A file that is not JSON, or JSON that is not a run record, is skipped
-        with one line naming it (through ``warn``, default stderr)."""
-        for _, record in self._record_files(warn):
+    def records(self, warn=None, for_tables: bool = False) -> Iterator[dict[str, Any]]:
+        """Every readable record. A file that is not JSON, or JSON that is not a run record (``for_tables``:
+        one the tables can read), is skipped with one line naming it (through ``warn``, default stderr)."""
+        for _, record in self._record_files(warn, for_tables):
             yield record
 
-    def _record_files(self, warn=None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    def _record_files(self, warn=None, for_tables: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
         """``(path, record)`` for every readable record file, whatever its name."""
         if not self.dir.is_dir():
             return
@@ -162,7 +173,7 @@ class ResultStore:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 warn(f"warning: skipped {path}: not a readable JSON record ({str(exc).splitlines()[0]})")
                 continue
-            problem = record_problem(record)
+            problem = record_problem(record, for_tables)
             if problem:
                 warn(f"warning: skipped {path}: JSON but not a run record ({problem})")
                 continue

@@ -74,7 +74,7 @@ def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None
     from harness.execution.store import ResultStore
 
     planned = {job.run_id for job in plan(suite)}
-    stored = list(ResultStore(Path(results_dir), suite.name).records())
+    stored = list(ResultStore(Path(results_dir), suite.name).records(for_tables=True))
     current = [r for r in stored if r.get("run_id") in planned]
     if warn and len(current) < len(stored):
         warn(f"left out {len(stored) - len(current)} stored records of {Path(results_dir) / suite.name} that this "
@@ -106,7 +106,7 @@ def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], No
     except UsageError as exc:
         if not SUITE_NAME.fullmatch(name_or_path) or not (Path(results_dir) / name_or_path).is_dir():
             raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
-        records = list(ResultStore(Path(results_dir), name_or_path).records())
+        records = list(ResultStore(Path(results_dir), name_or_path).records(for_tables=True))
         if not records:
             raise UsageError(f"no stored records under {Path(results_dir) / name_or_path}; "
                              f"run the suite first") from None
