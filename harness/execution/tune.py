@@ -219,7 +219,7 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     from harness.cli import DEFAULT_DATA
     from harness.execution.runner import plan
     from harness.execution.environment import resolve_device
-    from harness.execution.suite import SUITE_NAME, parse_suite
+    from harness.execution.suite import SUITE_NAME, check_against_data, parse_suite
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
@@ -246,15 +246,16 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
                 "budget": budget.as_dict(), "protocols": {VAL_PROTOCOL: knn}, "val_fraction": val_fraction}
         return parse_suite(data, suite_name)
 
-    suite_for({})  # validate names and fixed config before anything runs or the study's storage is made
+    suite = suite_for({})  # validate names and fixed config before anything runs or the study's storage is made
     resolve_device(device)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage or default_storage(results_dir, study_name)
-    store = make_storage(url)
     runner_kwargs = {"results_dir": results_dir, "data_dir": data_dir, "device": device, "quiet": quiet,
                      "log": (lambda s: None), "checkpoint_seconds": checkpoint_seconds}
     every = report_every if pruning and budget.unit != "seconds" else 0
     runner = _make_trial_runner(runner_kwargs, knn, representation, every, log)
+    check_against_data(suite, runner.dataset)  # missing or corrupt data too, before the storage is made
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or default_storage(results_dir, study_name)
+    store = make_storage(url)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
