@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     run = sub.add_parser("run", help="train and evaluate a suite's grid, then print its leaderboard")
-    run.add_argument("suite", nargs="?", type=suite_arg, default=None, help="shipped suite name or path to a YAML file (default: quick)")
+    run.add_argument("suite", nargs="?", type=suite_arg, default=None,
+                     help="shipped suite name or path to a YAML file (default: quick)")
     run.add_argument("--methods", type=csv_list, help="comma-separated subset of the suite's method rows, by label "
                      "(or by method name: every row of that method whose name is no row's label)")
     run.add_argument("--datasets", type=csv_list, help="comma-separated datasets (replaces the suite's)")
