@@ -521,7 +521,6 @@ def cmd_reproduce(args) -> int:
 
 def cmd_migrate(args) -> int:
     from harness.execution.store import ResultStore
-
     from harness.execution.suite import check_suite_name
 
     root = args.results_dir
