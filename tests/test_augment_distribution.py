@@ -184,6 +184,13 @@ def test_no_flips_when_not_allowed():
     assert not geometry(batched, 32)["flipped"].any() and not geometry(per_image, 32)["flipped"].any()
 
 
+def test_flips_happen_at_the_configured_probability():
+    """Both pipelines flip at ``flip`` = 0.2 (at the presets' 0.5, flipping at 1 - p would pass unseen)."""
+    cfg = get_preset("simclr", flip=0.2, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale=0.0)
+    for views in both(cfg, coordinate_image(32), "tensor", n=1000):
+        assert abs(geometry(views, 32)["flipped"].double().mean() - 0.2) < 0.05
+
+
 # ----------------------------------------------------------------------------- colour
 def colour_stats(views: torch.Tensor) -> dict[str, torch.Tensor]:
     x = on_8bit_grid(views)
@@ -266,6 +273,22 @@ def test_blur_distribution(backend):
     assert_same_distribution(a, b, "simclr_blur -> sharpness", backend)
     unblurred = sharpness(noise_image(64)[None].float() / 255)
     assert_same_rate(a < unblurred - 1e-6, b < unblurred - 1e-6, "blur rate")
+
+
+def test_blur_happens_at_the_configured_probability():
+    """Both pipelines blur at ``blur`` = 0.2 (the presets' 0.5 would not show blurring at 1 - p); sigmas of
+    1-2 px so that every blurred view is visibly smoother than the image."""
+    cfg = get_preset("simclr_blur", blur=0.2, blur_sigma=(1.0, 2.0), jitter_p=0.0, grayscale=0.0, **IDENTITY_CROP)
+    unblurred = sharpness(noise_image(64)[None].float() / 255)
+    for views in both(cfg, noise_image(64), "tensor", n=1000):
+        assert abs((sharpness(views) < unblurred - 1e-6).double().mean() - 0.2) < 0.05
+
+
+@pytest.mark.parametrize("side,size", [(8, 3), (32, 3), (64, 7), (96, 9), (224, 23)])
+def test_blur_kernel_is_a_tenth_of_the_side_rounded_to_odd(side, size):
+    """SimCLR's rule (App. A: 10% of the side); 23 px at 224 is SimCLR's and CC's ImageNet kernel. Both
+    pipelines take the size from this function, so comparing them cannot catch a slip in it."""
+    assert blur_kernel_size(side) == size
 
 
 @pytest.mark.parametrize("side", [32, 64, 96])

@@ -530,3 +530,42 @@ def test_values_of_another_type_are_rejected(value, default, message):
 
     with pytest.raises(UsageError, match=message):
         coerce_like(value, default, "key")
+
+
+@pytest.mark.parametrize("method,scale,overrides,message", [
+    ("moco", "cpu", {"momentum": 1.5}, "'momentum' of method 'moco' must be in [0, 1], got 1.5"),
+    ("simclr", "cpu", {"warmup": 1.2}, "'warmup' of method 'simclr' must be in [0, 1], got 1.2"),
+    ("simclr", "cpu", {"milestones": [0.5, 1.5]}, "'milestones' of method 'simclr'[1] must be in [0, 1], got 1.5"),
+    ("simclr", "cpu", {"temperature": 0}, "'temperature' of method 'simclr' must be positive, got 0"),
+    ("npid_cld", "cpu", {"cld_temperature": 0}, "'cld_temperature' of method 'npid_cld' must be positive, got 0"),
+    ("moco_cld", "paper", {"bn_splits": 0}, "'bn_splits' of method 'moco_cld' must be at least 1, got 0"),
+    ("moco", "cpu", {"queue_sise": 8}, "unknown config key 'queue_sise' for method 'moco'"),
+    ("simclr", "gpu", {}, "unknown scale 'gpu'"),
+])
+def test_method_configs_out_of_range_stop_with_one_line(method, scale, overrides, message):
+    """resolve_config's checks by hand, at the bounds the CLI cases above do not reach: fractions of the budget
+    above 1, a temperature of exactly 0 (also CLD's own ``cld_temperature``), a count whose declared default
+    is 1 (moco_cld's paper ``bn_splits``: 0 groups would split the keys into nothing)."""
+    from harness.errors import UsageError
+    from methods import METHODS, resolve_config
+
+    with pytest.raises(UsageError) as error:
+        resolve_config(METHODS.get(method), scale, overrides)
+    assert message in str(error.value)
+
+
+def test_config_layers_override_in_order(tmp_path):
+    """Shared training defaults < the method's own keys < its scale's defaults < the suite's config < the suite's
+    dataset_config for that dataset (MoCo: momentum 0.9 shared, feat_dim 128 its own, temperature 0.07 own but
+    0.1 at paper scale)."""
+    from harness.execution.runner import plan
+    from methods import METHODS, resolve_config
+    from tests.conftest import make_suite
+
+    paper = resolve_config(METHODS.get("moco"), "paper")
+    assert (paper["momentum"], paper["feat_dim"], paper["temperature"], paper["batch_size"]) == (0.9, 128, 0.1, 512)
+    assert resolve_config(METHODS.get("moco"), "paper", {"temperature": 0.2})["temperature"] == 0.2
+    suite = make_suite([{"name": "moco", "config": {"temperature": 0.2, "ema": 0.9},
+                         "dataset_config": {"digits": {"temperature": 0.3}}}], scale="paper")
+    (job,) = plan(suite)
+    assert (job.spec["config"]["temperature"], job.spec["config"]["ema"]) == (0.3, 0.9)

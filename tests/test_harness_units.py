@@ -1,6 +1,7 @@
 """Budgets, suites, datasets, manifests, augmentation, the store: behaviour on known inputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -178,6 +179,25 @@ def test_method_protocol_overrides_reach_only_that_methods_spec():
     knn = {job.entry.label: job.spec["protocols"]["knn"] for job in plan(suite)}
     assert knn["npid"]["temperature"] == 0.1 and knn["moco"]["temperature"] == 0.07
     assert knn["npid"]["k"] == knn["moco"]["k"] == 20
+
+
+SIMCLR_CIFAR = {"crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip": 0.5, "jitter": (0.4, 0.4, 0.4, 0.1),
+                "jitter_p": 0.8, "grayscale": 0.2, "blur": 0.0, "blur_sigma": (0.1, 2.0)}
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("simclr", SIMCLR_CIFAR),  # SimCLR App. B.9: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8 with s=0.5, no blur
+    ("simclr_blur", {**SIMCLR_CIFAR, "blur": 0.5}),  # SimCLR App. A: blur p=0.5, sigma 0.1-2.0
+    ("cc", SIMCLR_CIFAR),  # docs/fidelity.md, CC: crop 0.08-1, flip, jitter s=0.5 p=0.8, grayscale 0.2
+    ("cld", {**SIMCLR_CIFAR, "crop_scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.4), "jitter_p": 1.0}),
+    ("probe", {**SIMCLR_CIFAR, "crop_scale": (0.5, 1.0), "jitter": (0, 0, 0, 0), "jitter_p": 0.0, "grayscale": 0.0}),
+    ("mild", {**SIMCLR_CIFAR, "crop_scale": (0.5, 1.0), "jitter": (0.4, 0.4, 0.0, 0.0), "grayscale": 0.0}),
+])
+def test_augmentation_presets_hold_the_papers_parameters(name, expected):
+    """Every field of each preset, as the papers (and docs/fidelity.md) give them. The two pipelines are
+    compared on the same preset (tests/test_augment_distribution.py), so only this catches a wrong value in one."""
+    assert dataclasses.asdict(get_preset(name)) == expected
+    assert get_preset("none") is None
 
 
 def test_unknown_augmentation_preset():
