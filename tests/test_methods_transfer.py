@@ -241,6 +241,35 @@ def test_decoder_reconstructs_the_input_shape(shape):
     assert ConvDecoder(16, shape, 32)(torch.randn(2, 16)).shape == (2, *shape)
 
 
+# ----------------------------------------------------------------------------- reference rows
+def test_baseline_rows_evaluate_pixels_the_untrained_backbone_and_fine_label_cross_entropy():
+    """``pixels``: the flattened normalised input whatever backbone it is given, untrained; ``random``: the
+    given backbone as built, untrained; ``supervised``: trained cross-entropy of a linear classifier over
+    the *fine* classes on view 0, one view of the probe augmentation at paper scale. Catches a baseline
+    that trains or keeps the suite's encoder, or supervision with the coarse labels."""
+    torch.manual_seed(0)
+    info = DataInfo(num_samples=8, image_shape=(1, 2, 3), num_classes=4)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(6, 5))
+    backbone.out_dim = 5
+    x = torch.randn(7, 1, 2, 3)
+    pixels = create_method("pixels", backbone, resolve_config(METHODS.get("pixels"), "cpu"), info)
+    assert not METHODS.get("pixels").trains and pixels.backbone.out_dim == 6
+    assert torch.equal(pixels.representations(x)["backbone"], x.flatten(1))
+    random_init = create_method("random", backbone, resolve_config(METHODS.get("random"), "cpu"), info)
+    assert not METHODS.get("random").trains and random_init.backbone is backbone
+    torch.testing.assert_close(random_init.representations(x)["backbone"], backbone(x))
+    supervised_cls = METHODS.get("supervised")
+    assert supervised_cls.trains and supervised_cls.label_level == "fine"
+    paper = resolve_config(supervised_cls, "paper")
+    assert (paper["views"], paper["augment"]) == (1, "probe")
+    supervised = create_method("supervised", backbone, resolve_config(supervised_cls, "cpu"), info)
+    labels = torch.tensor([0, 3, 1, 2, 3, 0, 1])
+    loss = supervised.training_step(Batch([x], torch.arange(7), labels))
+    logits = supervised.classifier(backbone(x))
+    assert logits.shape == (7, 4)
+    assert loss.item() == pytest.approx(direct_ce(logits.detach(), labels).item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- thanos and the ViT
 def test_thanos_concatenates_the_frozen_component_backbones():
     class Affine(nn.Module):
