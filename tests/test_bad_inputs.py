@@ -569,3 +569,16 @@ def test_config_layers_override_in_order(tmp_path):
                          "dataset_config": {"digits": {"temperature": 0.3}}}], scale="paper")
     (job,) = plan(suite)
     assert (job.spec["config"]["temperature"], job.spec["config"]["ema"]) == (0.3, 0.9)
+
+
+def test_an_adapter_whose_scale_sets_an_undeclared_key_is_refused_at_registration():
+    """A scale default not declared under ``defaults['method']`` (nor a shared training key) is a typo in the
+    adapter: refused when the class is registered, naming the key, not found when a suite overrides it."""
+    from methods import METHODS, Method, register_method
+
+    class Misspelt(Method):
+        defaults = {"method": {"temperature": 0.1}, "paper": {}, "cpu": {"temprature": 0.2}}
+
+    with pytest.raises(ValueError, match=r"cpu defaults set undeclared keys \['temprature'\]"):
+        register_method("_misspelt_key")(Misspelt)
+    assert "_misspelt_key" not in METHODS.names()
