@@ -2,8 +2,10 @@
 runs are stored, reported and retried on request, and every finished run prints one line without a terminal."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import types
 
 import numpy as np
 import pytest
@@ -346,3 +348,94 @@ def test_ctrl_c_keeps_the_loss_of_the_step_it_finishes_and_stops_even_at_the_bud
         assert state["usage"]["steps"] == 3 and not state["done"] and state["epoch_losses"] == [1.0, 1.0, 1.0]
     else:
         assert state["usage"]["steps"] == 6 and state["done"] and state["epoch_losses"] == [2.0, 2.0]
+
+
+def test_force_trains_a_stored_run_and_a_killed_one_again_from_their_first_step(tmp_path):
+    """``force`` reruns from scratch: a stored run trains all its 3 steps again (not the stored record back, not
+    the finished checkpoint reloaded), and a run killed after 2 checkpointed steps trains 3 steps, not the 1 left.
+    Catches force ignored for stored records and a rerun that keeps the old checkpoint."""
+    (job,) = plan(make_suite([{"name": "_killable_simclr", "config": CONFIG}], budget="steps=3", protocols=FAST))
+    runner = _runner(tmp_path / "r", tmp_path, checkpoint_seconds=0.0)
+    KillableSimCLR.kill_at, KillableSimCLR.calls = None, 0
+    runner.run([job])
+    assert KillableSimCLR.calls == 3
+    runner.run([job])
+    assert KillableSimCLR.calls == 3  # stored: not trained again without force
+    (forced,) = runner.run([job], force=True)
+    assert KillableSimCLR.calls == 6 and forced["status"] == "ok" and forced["train"]["used"]["steps"] == 3
+    killed = _runner(tmp_path / "k", tmp_path, checkpoint_seconds=0.0)
+    KillableSimCLR.kill_at, KillableSimCLR.calls = 3, 0
+    with pytest.raises(Killed):
+        killed.run([job])
+    KillableSimCLR.kill_at, KillableSimCLR.calls = None, 0
+    killed.run([job], force=True)
+    assert KillableSimCLR.calls == 3
+
+
+def test_a_non_finite_loss_of_either_sign_fails_the_run_at_its_step():
+    """An infinite loss fails a run as a NaN does (a diverged run must not be stored as a result), naming its step.
+    Catches a check for NaN alone."""
+    class _InfFromStep2(_EpochLoss):
+        def training_step(self, batch: Batch):
+            loss = super().training_step(batch)
+            return loss * float("inf") if self.calls >= 2 else loss
+
+    _, result = _train_epoch_loss("steps=6", method_cls=_InfFromStep2)
+    assert result.status == "failed" and result.reason == "loss became inf at step 2"
+
+
+def test_checkpoints_come_every_checkpoint_seconds_and_a_seconds_budget_stops_at_its_limit(tmp_path, monkeypatch):
+    """On a clock that moves one second per step: with ``checkpoint_seconds`` 3, a run killed in its 8th step
+    resumes from step 6 (saved at 3 and 6, not after every step once 3 s have passed, nor at the 7th); a budget of
+    5 seconds ends after exactly 5 steps. Catches a save time never moved on, a cadence slower than asked and a
+    seconds budget that overshoots its limit."""
+    import harness.engine.train as train_module
+
+    def tick_per_call() -> types.SimpleNamespace:
+        ticks = itertools.count()
+        return types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+
+    monkeypatch.setattr(train_module, "time", tick_per_call())
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        _train_epoch_loss("steps=12", checkpoint, kill_at=8, checkpoint_seconds=3.0)
+    assert torch.load(checkpoint, weights_only=False)["usage"]["steps"] == 6
+    monkeypatch.setattr(train_module, "time", tick_per_call())
+    _, result = _train_epoch_loss("seconds=5")
+    assert result.status == "ok" and (result.usage.steps, result.usage.seconds) == (5, 5.0)
+
+
+@register_method("_combination_of_nan_until_fixed")
+class _CombinationOfNaNUntilFixed(METHODS.get("thanos")):
+    """Thanos's concatenation of stored runs, over a run that fails at its first step while ``broken``."""
+
+    components = ("_nan_until_fixed", "simclr")
+
+
+@register_method("_combination_of_nan_from_step_3")
+class _CombinationOfNaNFromStep3(METHODS.get("thanos")):
+    """Thanos's concatenation of stored runs, over a run that fails at its third step (after a checkpoint)."""
+
+    components = ("_nan_from_step_3", "simclr")
+
+
+def test_a_combination_of_a_failed_run_is_a_failed_run_and_the_suite_goes_on(tmp_path):
+    """A component that fails (NaN) fails its combination with the component's reason, and the suite's next run
+    still runs; fixed and retried, the combination is evaluated. Before, a component failed at step 1 (no
+    checkpoint to load) stopped the whole suite with FileNotFoundError, and one failed at step 3 after a periodic
+    checkpoint was evaluated on its weights of step 2 and stored as ok."""
+    methods = [{"name": name, "config": CONFIG} for name in ("_nan_until_fixed", "_nan_from_step_3", "simclr")]
+    jobs = plan(make_suite([*methods, "_combination_of_nan_until_fixed", "_combination_of_nan_from_step_3", "random"],
+                           budget="steps=4", protocols=FAST))
+    _NaNUntilFixed.broken, _NaNFromStep3.calls = True, 0
+    records = _runner(tmp_path / "r", tmp_path, checkpoint_seconds=0.0).run(jobs)
+    status = {r["spec"]["label"]: (r["status"], r["reason"]) for r in records}
+    assert status["_combination_of_nan_until_fixed"] == ("failed", "component _nan_until_fixed failed: "
+                                                                   "loss became nan at step 1")
+    assert status["_combination_of_nan_from_step_3"] == ("failed", "component _nan_from_step_3 failed: "
+                                                                   "loss became nan at step 3")
+    assert status["random"] == ("ok", "")
+    _NaNUntilFixed.broken = False
+    fixed = [job for job in jobs if job.entry.label in ("_nan_until_fixed", "simclr", "_combination_of_nan_until_fixed")]
+    retried = _runner(tmp_path / "r", tmp_path, retry_failed=True).run(fixed)
+    assert [r["status"] for r in retried] == ["ok"] * 3

@@ -483,6 +483,38 @@ def test_a_changed_image_folder_is_decoded_again_and_cached_in_the_data_dir(tmp_
     assert len(list((tmp_path / "d" / "cache").glob("tree-native-*.pt"))) == 2
 
 
+def test_an_image_edited_in_place_to_the_same_byte_size_is_decoded_again(tmp_path):
+    """Uncompressed BMPs of one size have one byte size: an image overwritten with other pixels keeps its name and
+    size, and only its modification time tells the cache it changed. Catches a cache key without the times."""
+    tree = tmp_path / "tree"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tree / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4, 3), 50, np.uint8)).save(tree / split / cls / "0.bmp")
+    path = tree / "train" / "a" / "0.bmp"
+    first = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    size, mtime_ns = path.stat().st_size, path.stat().st_mtime_ns
+    Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(path)
+    os.utime(path, ns=(mtime_ns + 10**9, mtime_ns + 10**9))  # a later time, whatever the file system's resolution
+    again = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    assert path.stat().st_size == size
+    assert int(first.images[0].max()) == 50 and int(again.images[0].min()) == 200
+
+
+def test_the_decoded_cache_is_per_class_list(tmp_path):
+    """One tree read with its classes in name order and with an explicit list in another order (a dataset such as
+    ImageNet-10 fixes its list) gets two cache files with their own labels, so a list changed in the code is never
+    answered from the cache of the old one. Catches a cache key without the class list."""
+    from harness.data.datasets import _cached_folder
+
+    _image_tree(tmp_path / "tree", train=2, test=1)
+    named = _cached_folder("tree", tmp_path, "tree", None, tmp_path / "cache")
+    listed = _cached_folder("tree", tmp_path, "tree", None, tmp_path / "cache", classes=("b", "a"))
+    assert named.classes == ("a", "b") and listed.classes == ("b", "a")
+    assert torch.equal(listed.images[:2], named.images[2:4]) and listed.labels.tolist() == named.labels.tolist()
+    assert len(list((tmp_path / "cache").glob("tree-native-*.pt"))) == 2
+
+
 def test_yaml_numbers_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
     """PyYAML reads ``1e-3`` (no dot) as the string '1e-3'; configs, protocol parameters and budgets
     take it as the number, converted to the declared type. Catches: the string reaching the

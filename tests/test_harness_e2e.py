@@ -389,3 +389,17 @@ def test_dry_run_says_what_run_would_do_with_each_planned_run_and_writes_nothing
     assert dry_run()[0].startswith("suite s: 4 runs: 1 failed, 3 to train")
     assert dry_run("--retry-failed")[0].startswith("suite s: 4 runs: 3 to train, 1 retrain")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_run_options_replace_the_suites_datasets_seeds_and_budget(tmp_path):
+    """``--datasets``, ``--seeds`` and ``--budget`` replace the suite's lists: the suite names a folder that does
+    not exist, seeds 0 and 1 and 5 steps; the command runs digits, seed 4, 2 steps, and stores only that run.
+    Catches an option parsed but not applied (the suite's own data, seeds or budget run instead)."""
+    path = tmp_path / "o.yaml"
+    path.write_text(json.dumps({"name": "o", "datasets": [f"imagefolder:{tmp_path / 'absent'}"], "methods": ["random"],
+                                "seeds": [0, 1], "budget": "steps=5", "protocols": FAST}))
+    assert main(["run", str(path), "--datasets", "digits", "--seeds", "4", "--budget", "steps=2", "--quiet",
+                 "--device", "cpu", "--data-dir", str(tmp_path / "d"), "--results-dir", str(tmp_path / "r"),
+                 "--leaderboard-dir", str(tmp_path / "l")]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "r" / "o").glob("*.json")]
+    assert (record["spec"]["dataset"], record["spec"]["seed"], record["spec"]["budget"]) == ("digits", 4, {"steps": 2})

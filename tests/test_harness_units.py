@@ -149,6 +149,25 @@ def test_image_folder(tmp_path):
     assert data.is_train.sum() == 6 and data.labels.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
 
 
+def test_image_folder_orders_classes_and_files_by_name_whatever_order_they_were_made_in(tmp_path):
+    """Class folders made in the order c, a, d, b and files 2, 10, 1 are read as classes a, b, c, d (label = place in
+    name order) and files 1, 10, 2 of each: the same labels and sample order on every machine and file system.
+    Catches classes or files taken in directory order (the order the file system happens to list them)."""
+    from PIL import Image
+
+    classes, files = ("c", "a", "d", "b"), ("2", "10", "1")
+    for split in ("train", "test"):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for name in files:  # pixel value: 20 x (class letter's place in the alphabet) + the file's number
+                value = 20 * "abcd".index(cls) + int(name)
+                Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(tmp_path / split / cls / f"{name}.png")
+    data = load_image_folder(tmp_path, "toy")
+    assert data.classes == ("a", "b", "c", "d")
+    expected = [20 * c + f for c in range(4) for f in (1, 10, 2)]
+    assert data.images[:, 0, 0, 0].tolist() == expected * 2 and data.labels.tolist() == [v // 20 for v in expected] * 2
+
+
 def test_augmenter_is_seeded_and_shaped():
     x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
     aug = Augmenter(get_preset("simclr_blur"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -386,3 +405,60 @@ def test_the_digits_manifest_made_now_is_the_one_the_committed_records_were_eval
     assert len(committed) == 1, committed
     data = load_dataset("digits", tmp_path)
     assert make_manifest(data).sha256 == load_or_make_manifest(data, tmp_path).sha256 == committed.pop()
+
+
+def test_a_dataset_config_overrides_the_method_config_on_its_dataset_only():
+    """A method's ``dataset_config`` for digits wins over its ``config`` there and nowhere else; the spec's
+    backbone is the row's own, else the suite's. Catches the two merged the other way round (the per-dataset
+    lr silently ignored) and a row's backbone dropped."""
+    from harness.execution.runner import plan
+
+    suite = make_suite([{"name": "simclr", "config": {"lr": 0.1, "batch_size": 64},
+                         "dataset_config": {"digits": {"lr": 0.2}}},
+                        {"name": "moco", "backbone": "resnet18_cifar"}], datasets=["digits", "mnist"])
+    spec = {(job.entry.label, job.dataset): job.spec for job in plan(suite)}
+    assert spec["simclr", "digits"]["config"]["lr"] == 0.2 and spec["simclr", "mnist"]["config"]["lr"] == 0.1
+    assert spec["simclr", "digits"]["config"]["batch_size"] == spec["simclr", "mnist"]["config"]["batch_size"] == 64
+    assert spec["simclr", "digits"]["backbone"] == "small_cnn" and spec["moco", "mnist"]["backbone"] == "resnet18_cifar"
+
+
+def test_plan_is_the_whole_grid_with_one_run_id_per_cell():
+    """2 datasets x 2 methods x 2 seeds x 2 budgets: 16 jobs, nested in that order, 16 different run ids; the
+    split settings (val fraction, train split, determinism) each change a run's id. Catches a dimension of the
+    grid dropped and a setting that changes results left out of the spec that names the record."""
+    from harness.execution.runner import plan
+
+    suite = make_suite(["simclr", "moco"], seeds=[0, 1], budget=["steps=2", "epochs=1"], datasets=["digits", "mnist"])
+    jobs = plan(suite)
+    assert [(j.dataset, j.entry.label, j.seed, str(j.budget)) for j in jobs][:3] == [
+        ("digits", "simclr", 0, "steps=2"), ("digits", "simclr", 0, "epochs=1"), ("digits", "simclr", 1, "steps=2")]
+    assert len(jobs) == len({j.run_id for j in jobs}) == 16
+    base = plan(make_suite(["simclr"]))[0].run_id
+    for change in ({"val_fraction": 0.2}, {"train_split": "train_full"}, {"deterministic": False}):
+        assert plan(make_suite(["simclr"], **change))[0].run_id != base, change
+
+
+def test_a_runner_loads_each_val_fraction_of_a_dataset_with_its_own_manifest(tmp_path):
+    """Two suites on digits with val fractions 0.1 and 0.2 in one process get 143 and 287 validation images,
+    and the same fraction asked twice is the same (cached) manifest. Catches a dataset cache keyed by name alone,
+    which would hand the second suite the first one's splits."""
+    from harness.execution.runner import Runner
+
+    runner = Runner(tmp_path / "r", tmp_path / "d", device="cpu", quiet=True)
+    (_, tenth), (_, fifth) = runner.dataset("digits", 0.1), runner.dataset("digits", 0.2)
+    assert (len(tenth.val), len(fifth.val)) == (143, 287) and tenth.sha256 != fifth.sha256
+    assert runner.dataset("digits", 0.1)[1] is tenth
+
+
+@pytest.mark.parametrize("split,size", [("train", 1295), ("train_full", 1438), ("all", 1797)])
+def test_train_split_is_the_set_of_images_a_run_trains_on(tmp_path, split, size):
+    """``train_split`` of a suite picks the indices the adapter trains on: digits' 1,438 training images less
+    143 for validation, all 1,438, or all 1,797. Catches a runner that always trains on 'train'."""
+    from harness.execution.runner import Runner, plan
+
+    (job,) = plan(make_suite(["simclr"], train_split=split))
+    runner = Runner(tmp_path / "r", tmp_path / "d", device="cpu", quiet=True)
+    data, manifest = runner.dataset("digits", job.spec["val_fraction"])
+    method, train_idx, _ = runner.build(job, data, manifest)
+    assert len(train_idx) == method.info.num_samples == size
+    assert train_idx.tolist() == manifest.split(split).tolist()

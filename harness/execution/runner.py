@@ -35,6 +35,10 @@ RECORD_VERSION = 1
 PIPELINES = ("batched", "per_image")
 
 
+class ComponentFailed(Exception):
+    """A component run of a combination failed: the combination's record is failed with its reason."""
+
+
 @dataclass(frozen=True)
 class Job:
     suite: str
@@ -199,6 +203,8 @@ class Runner:
 
         Their final weights come from the components' checkpoints; a component whose record is
         stored but whose checkpoint is gone (a fresh clone) is retrained in memory, same seed.
+        A failed component (its record's, or the retraining's) raises :class:`ComponentFailed`: its
+        checkpoint, if any, holds weights from before the failure, not a trained run.
         """
         out = {}
         for comp_spec in job.spec["components"]:
@@ -208,9 +214,12 @@ class Runner:
             store = ResultStore(self.results_dir, job.suite)
             if not store.has(comp.run_id):
                 self.run([comp])
+            record = store.load(comp.run_id) if store.has(comp.run_id) else None
             ckpt = store.checkpoint_path(comp.run_id)
-            if not ckpt.is_file():
-                self.run_job(comp, store)
+            if not ckpt.is_file() and (record is None or record.get("status") == "ok"):
+                record = self.run_job(comp, store)
+            if record is not None and record.get("status") != "ok":
+                raise ComponentFailed(f"component {comp_spec['label']} failed: {record.get('reason', '')}")
             data, manifest = self.dataset(job.dataset, comp_spec["val_fraction"])
             method, _, _ = self.build(comp, data, manifest)
             method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
@@ -220,14 +229,19 @@ class Runner:
     def run_job(self, job: Job, store: ResultStore) -> dict[str, Any]:
         spec, seed, device = job.spec, job.seed, self.device
         data, manifest = self.dataset(job.dataset, spec["val_fraction"])
-        method, train_idx, generator = self.build(job, data, manifest)
+        try:
+            method, train_idx, generator = self.build(job, data, manifest)
+            failure = ""
+        except ComponentFailed as exc:  # stored as this run's failure; the suite goes on
+            method, failure = None, str(exc)
         cfg = spec["config"]
         distributed.assert_same_everywhere(manifest.sha256)
         record: dict[str, Any] = {"run_id": job.run_id, "suite": job.suite, "spec": spec,
                                   "split_sha256": manifest.sha256, "data_fingerprint": manifest.data_fingerprint,
                                   "environment": environment(device)}
         start = time.perf_counter()
-        if method.trains:
+        trained = method is not None and method.trains
+        if trained:
             images = data.images[train_idx].to(device)
             level = METHODS.get(spec["method"]).label_level
             labels = None
@@ -257,13 +271,14 @@ class Runner:
                                "pipeline": self.pipeline}
             record["status"], record["reason"] = result.status, result.reason
         else:
-            method.to(device)
+            if method is not None:
+                method.to(device)
             record["train"] = {"used": None, "history": [], "peak_memory_mb": 0.0, "memory_kind": "",
                                "images_per_second": None}
-            record["status"], record["reason"] = "ok", ""
+            record["status"], record["reason"] = ("failed", failure) if failure else ("ok", "")
         record["budget"] = {"asked": job.budget.as_dict(), "used": record["train"]["used"]}
         # training time over all segments of a resumed run (the loop's clock continues from its checkpoint)
-        record["train_seconds"] = round(result.usage.seconds if method.trains else time.perf_counter() - start, 3)
+        record["train_seconds"] = round(result.usage.seconds if trained else time.perf_counter() - start, 3)
         record["metrics"], record["eval_seconds"] = {}, {}
         if record["status"] == "ok" and distributed.is_main():
             ctx = RunContext(method, data, manifest, device, seed, image_size=spec.get("image_size"))
