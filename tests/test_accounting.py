@@ -272,14 +272,15 @@ class _EpochLoss(Method):
         return self.backbone(batch.views[0]).sum() * 0 + (self.epoch + 1)
 
 
-def _train_epoch_loss(budget, checkpoint=None, kill_at=None, seed=5, method_cls=None, checkpoint_seconds=0.0):
+def _train_epoch_loss(budget, checkpoint=None, kill_at=None, seed=5, method_cls=None, checkpoint_seconds=0.0,
+                      batch_size=8):
     from harness.data.augment import Augmenter
     from harness.engine.budget import Budget
     from harness.engine.train import train
     from methods import DataInfo, resolve_config
 
     images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    cfg = {**resolve_config(METHODS.get("simclr"), "cpu", {"batch_size": 8}), "views": 1, "warmup": 0.0}
+    cfg = {**resolve_config(METHODS.get("simclr"), "cpu", {"batch_size": batch_size}), "views": 1, "warmup": 0.0}
     method = (method_cls or _EpochLoss)(_Pixels(), cfg, DataInfo(32, (1, 2, 2)), kill_at)
     result = train(method, images, None, Budget.parse(budget), Augmenter(None, [0.5], [0.25]), cfg, device="cpu",
                    seed=seed, generator=torch.Generator().manual_seed(seed), quiet=True, checkpoint=checkpoint,
@@ -439,3 +440,17 @@ def test_a_combination_of_a_failed_run_is_a_failed_run_and_the_suite_goes_on(tmp
     fixed = [job for job in jobs if job.entry.label in ("_nan_until_fixed", "simclr", "_combination_of_nan_until_fixed")]
     retried = _runner(tmp_path / "r", tmp_path, retry_failed=True).run(fixed)
     assert [r["status"] for r in retried] == ["ok"] * 3
+
+
+def test_a_batch_larger_than_the_data_is_the_whole_data_once_a_step():
+    """A batch size of 64 on 32 images (a small image folder with a paper recipe): each step is all 32 images, an
+    epoch a step, and a 3-step budget ends after 3 epochs and 96 samples. Catches a batch not capped at the data,
+    whose epoch of no whole batch would never end."""
+    class _StopsAnEndlessLoop(_EpochLoss):
+        def on_epoch_start(self, epoch, loader) -> None:
+            assert epoch < 10, "the loop ran 10 epochs without a step"
+            super().on_epoch_start(epoch, loader)
+
+    method, result = _train_epoch_loss("steps=3", batch_size=64, method_cls=_StopsAnEndlessLoop)
+    assert result.status == "ok" and [len(b) for b in method.batches] == [32, 32, 32]
+    assert (result.usage.steps, result.usage.samples, result.usage.epochs) == (3, 96, 3.0)

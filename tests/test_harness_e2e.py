@@ -394,12 +394,18 @@ def test_dry_run_says_what_run_would_do_with_each_planned_run_and_writes_nothing
 def test_run_options_replace_the_suites_datasets_seeds_and_budget(tmp_path):
     """``--datasets``, ``--seeds`` and ``--budget`` replace the suite's lists: the suite names a folder that does
     not exist, seeds 0 and 1 and 5 steps; the command runs digits, seed 4, 2 steps, and stores only that run.
-    Catches an option parsed but not applied (the suite's own data, seeds or budget run instead)."""
+    ``--methods`` runs a subset of the rows while the table still shows every row on disk. Catches an option
+    parsed but not applied (the suite's own data, seeds or budget run instead) and a table cut to the subset."""
     path = tmp_path / "o.yaml"
-    path.write_text(json.dumps({"name": "o", "datasets": [f"imagefolder:{tmp_path / 'absent'}"], "methods": ["random"],
-                                "seeds": [0, 1], "budget": "steps=5", "protocols": FAST}))
-    assert main(["run", str(path), "--datasets", "digits", "--seeds", "4", "--budget", "steps=2", "--quiet",
-                 "--device", "cpu", "--data-dir", str(tmp_path / "d"), "--results-dir", str(tmp_path / "r"),
-                 "--leaderboard-dir", str(tmp_path / "l")]) == 0
-    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "r" / "o").glob("*.json")]
-    assert (record["spec"]["dataset"], record["spec"]["seed"], record["spec"]["budget"]) == ("digits", 4, {"steps": 2})
+    path.write_text(json.dumps({"name": "o", "datasets": [f"imagefolder:{tmp_path / 'absent'}"], "seeds": [0, 1],
+                                "methods": ["random", {"name": "random", "as": "again"}], "budget": "steps=5",
+                                "protocols": FAST}))
+    for row in ("random", "again"):
+        assert main(["run", str(path), "--methods", row, "--datasets", "digits", "--seeds", "4", "--budget", "steps=2",
+                     "--quiet", "--device", "cpu", "--data-dir", str(tmp_path / "d"), "--results-dir",
+                     str(tmp_path / "r"), "--leaderboard-dir", str(tmp_path / "l")]) == 0
+    records = [json.loads(p.read_text()) for p in (tmp_path / "r" / "o").glob("*.json")]
+    assert sorted((r["spec"]["label"], r["spec"]["dataset"], r["spec"]["seed"], r["spec"]["budget"]["steps"])
+                  for r in records) == [("again", "digits", 4, 2), ("random", "digits", 4, 2)]
+    board = (tmp_path / "l" / "o.md").read_text()
+    assert "| random |" in board and "| again |" in board

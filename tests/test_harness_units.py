@@ -152,16 +152,19 @@ def test_image_folder(tmp_path):
 def test_image_folder_orders_classes_and_files_by_name_whatever_order_they_were_made_in(tmp_path):
     """Class folders made in the order c, a, d, b and files 2, 10, 1 are read as classes a, b, c, d (label = place in
     name order) and files 1, 10, 2 of each: the same labels and sample order on every machine and file system.
-    Catches classes or files taken in directory order (the order the file system happens to list them)."""
+    Hidden files and folders (``.DS_Store``) are no images or classes. Catches classes or files taken in directory
+    order (the order the file system happens to list them) and a hidden file read as an image."""
     from PIL import Image
 
     classes, files = ("c", "a", "d", "b"), ("2", "10", "1")
     for split in ("train", "test"):
         for cls in classes:
             (tmp_path / split / cls).mkdir(parents=True)
+            (tmp_path / split / cls / ".DS_Store").write_bytes(b"not an image")  # hidden files are left out
             for name in files:  # pixel value: 20 x (class letter's place in the alphabet) + the file's number
                 value = 20 * "abcd".index(cls) + int(name)
                 Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(tmp_path / split / cls / f"{name}.png")
+    (tmp_path / "train" / ".thumbnails").mkdir()  # and so are hidden folders
     data = load_image_folder(tmp_path, "toy")
     assert data.classes == ("a", "b", "c", "d")
     expected = [20 * c + f for c in range(4) for f in (1, 10, 2)]
@@ -235,6 +238,12 @@ def test_unknown_augmentation_preset():
     ({"methods": [{"name": "moco", "protocols": {"lbfgs": {}}}]}, "sets protocol \\['lbfgs'\\] that the suite does not run"),
     ({"methods": [{"name": "moco", "protocols": {"knn": {"temprature": 0.07}}}]}, "unknown parameter \\['temprature'\\]"),
     ({"protocols": {"knn": {"kk": 3}}}, "unknown parameter"),
+    ({"val_fraction": 1}, r"val_fraction must be in \[0, 1\), got 1"),  # nothing left to train on
+    ({"seeds": [0, 1, 0]}, "'seeds' lists 0 more than once"),  # one run counted as two seeds
+    ({"budget": ["steps=2", {"steps": 2}]}, "'budget' lists steps=2 more than once"),
+    ({"methods": ["simclr", {"name": "moco", "as": "simclr"}]}, "method row \\['simclr'\\] appears twice"),
+    ({"methods": [{"name": "simclr", "dataset_config": {"digits": {"temprature": 0.2}}}]},
+     "unknown config key 'temprature'"),  # checked before training, as the method's own config is
 ])
 def test_suite_validation(patch, match):
     base = {"methods": ["simclr"], "seeds": [0], "budget": "epochs=1", "protocols": {"knn": {}}}
@@ -462,3 +471,37 @@ def test_train_split_is_the_set_of_images_a_run_trains_on(tmp_path, split, size)
     method, train_idx, _ = runner.build(job, data, manifest)
     assert len(train_idx) == method.info.num_samples == size
     assert train_idx.tolist() == manifest.split(split).tolist()
+
+
+def test_a_yaml_merge_key_gives_defaults_that_a_suite_may_override(tmp_path):
+    """``<<: *defaults`` merges a shared mapping and a key beside it overrides the merged one (YAML's rule), while
+    a key written twice by hand is an error. Catches the duplicate-key check applied to merged keys."""
+    from harness.execution.suite import load_suite
+
+    path = tmp_path / "merged.yaml"
+    path.write_text("datasets: [digits]\nseeds: [0]\nbudget: {steps: 1}\nmethods: [random]\n"
+                    "protocols:\n  knn: &knn {k: 5, temperature: 0.1}\n  val_knn:\n    <<: *knn\n    k: 7\n")
+    suite = load_suite(str(path))
+    assert suite.protocols["val_knn"]["k"] == 7 and suite.protocols["val_knn"]["temperature"] == 0.1
+    path.write_text(path.read_text() + "seeds: [1]\n")
+    with pytest.raises(UsageError, match="key 'seeds' appears twice"):
+        load_suite(str(path))
+
+
+def test_knn_k_is_checked_against_the_train_and_val_images_it_votes_from(tmp_path):
+    """kNN votes from train + val (1,438 digits at val fraction 0.1): k 1,438 passes the check before training
+    and 1,439 is refused, naming that split; a dataset left out of the check (its runs all stored) is not even
+    loaded. Catches k checked against train alone (1,295, which would refuse a valid k) and a check that loads
+    the data of a fully stored suite."""
+    from harness.execution.runner import Runner
+    from harness.execution.suite import check_against_data
+
+    runner = Runner(tmp_path / "r", tmp_path / "d", device="cpu", quiet=True)
+    check_against_data(make_suite(["random"], protocols={"knn": {"k": 1438}}), runner.dataset)
+    with pytest.raises(UsageError, match=r"knn k=1439 is larger than the train_full split of digits \(1438 samples\)"):
+        check_against_data(make_suite(["random"], protocols={"knn": {"k": 1439}}), runner.dataset)
+
+    def no_loading(name, val_fraction):
+        raise AssertionError(f"{name} loaded")
+
+    check_against_data(make_suite(["random"], protocols={"knn": {"k": 1439}}), no_loading, datasets=set())
