@@ -490,16 +490,16 @@ def test_a_yaml_merge_key_gives_defaults_that_a_suite_may_override(tmp_path):
 
 def test_knn_k_is_checked_against_the_train_and_val_images_it_votes_from(tmp_path):
     """kNN votes from train + val (1,438 digits at val fraction 0.1): k 1,438 passes the check before training
-    and 1,439 is refused, naming that split; a dataset left out of the check (its runs all stored) is not even
-    loaded. Catches k checked against train alone (1,295, which would refuse a valid k) and a check that loads
-    the data of a fully stored suite."""
+    and 1,439 is refused, naming that split, when digits has runs to do; a dataset left out of the check (its runs
+    all stored) is not even loaded. Catches k checked against train alone (1,295, which would refuse a valid k), a
+    check that skips the datasets it is given and one that loads the data of a fully stored suite."""
     from harness.execution.runner import Runner
     from harness.execution.suite import check_against_data
 
     runner = Runner(tmp_path / "r", tmp_path / "d", device="cpu", quiet=True)
     check_against_data(make_suite(["random"], protocols={"knn": {"k": 1438}}), runner.dataset)
     with pytest.raises(UsageError, match=r"knn k=1439 is larger than the train_full split of digits \(1438 samples\)"):
-        check_against_data(make_suite(["random"], protocols={"knn": {"k": 1439}}), runner.dataset)
+        check_against_data(make_suite(["random"], protocols={"knn": {"k": 1439}}), runner.dataset, datasets={"digits"})
 
     def no_loading(name, val_fraction):
         raise AssertionError(f"{name} loaded")
