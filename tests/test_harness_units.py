@@ -227,6 +227,13 @@ def test_unknown_augmentation_preset():
         get_preset("fancy")
 
 
+def test_the_largest_image_size_is_accepted():
+    """``image_size`` may be MAX_IMAGE_SIZE itself (the check refuses only larger ones)."""
+    from harness.execution.validate import MAX_IMAGE_SIZE
+
+    assert make_suite(["simclr"], image_size=MAX_IMAGE_SIZE).image_size == MAX_IMAGE_SIZE
+
+
 @pytest.mark.parametrize("patch,match", [
     ({"methods": ["nope"]}, "unknown method 'nope'"),
     ({"datasets": ["imagenet22k"]}, "unknown dataset 'imagenet22k'"),
