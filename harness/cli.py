@@ -515,7 +515,8 @@ def cmd_reproduce(args) -> int:
     counts = table["verdict"].value_counts()
     print(f"\n{', '.join(f'{n} {v}' for v, n in counts.items())} (of {len(table)}; 'within seed noise' = within "
           f"{SEED_NOISE_STDS:g} std over the suite's stored seeds). Bit-identical is expected on the machine, torch "
-          f"version and device that wrote the records; elsewhere, within seed noise.")
+          f"version and device that wrote the records (each rerun used its record's torch thread count); elsewhere, "
+          f"within seed noise.")
     return 0 if "outside" not in counts else 1
 
 

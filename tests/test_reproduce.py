@@ -42,3 +42,27 @@ def test_default_leaderboard_dir():
     assert default_leaderboard_dir(Path("results")) == Path("leaderboards")
     assert default_leaderboard_dir(Path("/scratch/me/results")) == Path("/scratch/me/leaderboards")
     assert default_leaderboard_dir(Path("/tmp/x")) == Path("/tmp/x-leaderboards")
+
+
+def test_each_rerun_uses_the_thread_count_its_record_was_written_with(tmp_path, monkeypatch, capsys):
+    """A CPU sum split over another number of threads rounds differently, so a rerun on the writing machine is
+    bit-identical only at the record's thread count: reproduce retrains with ``environment.threads`` of the record
+    and gives the caller's count back. Catches a rerun at the machine's default count."""
+    import torch
+
+    from harness.execution.runner import Runner
+
+    suite, results = _suite(tmp_path), tmp_path / "out"
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["run", str(suite), "--methods", "random", "--seeds", "0", "--results-dir", str(results), "--quiet",
+                 *data]) == 0
+    (path,) = (results / "tiny").glob("*.json")
+    record = json.loads(path.read_text())
+    written_with = torch.get_num_threads() + 2
+    path.write_text(json.dumps({**record, "environment": {**record["environment"], "threads": written_with}}))
+    seen, run_job = [], Runner.run_job
+    monkeypatch.setattr(Runner, "run_job", lambda self, *a: seen.append(torch.get_num_threads()) or run_job(self, *a))
+    before = torch.get_num_threads()
+    assert main(["reproduce", str(suite), "--methods", "random", "--results-dir", str(results), "--quiet", *data]) == 0
+    assert seen == [written_with] and torch.get_num_threads() == before
+    assert "used its record's torch thread count" in capsys.readouterr().out

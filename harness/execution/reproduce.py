@@ -1,17 +1,21 @@
 """Rerun stored runs and say whether the numbers hold: bit-identical, within seed noise, or not.
 
 On the machine, torch version and device that wrote a record a rerun is bit-identical (training is
-seeded and deterministic). On another CPU, BLAS or torch version float sums round differently, training
-drifts, and the honest claim is weaker: the rerun lies within the spread of the stored runs over seeds.
+seeded and deterministic), given torch's thread count of that run: a CPU sum split over another number of
+threads rounds differently, so each rerun uses the thread count its record names. On another CPU, BLAS or
+torch version float sums round differently, training drifts, and the honest claim is weaker: the rerun lies
+within the spread of the stored runs over seeds.
 """
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from harness.reporting.leaderboard import current_records, is_headline
 from harness.execution.runner import Runner, plan
@@ -40,7 +44,9 @@ def reproduce(suite, results_dir: Path, data_dir: Path, runs: int = 1, device: s
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:
         runner = Runner(Path(scratch), data_dir, device, log=log, **runner_options)
         for job in jobs:
-            record, rerun = stored[job.run_id], runner.run([job], force=True)[0]
+            record = stored[job.run_id]
+            with torch_threads(record.get("environment", {}).get("threads")):
+                rerun = runner.run([job], force=True)[0]
             peers = [r for r in stored.values() if r["spec"]["dataset"] == job.dataset
                      and r["spec"]["label"] == job.entry.label and r["spec"]["budget"] == job.budget.as_dict()]
             compared = {("train", "final_loss"): _final_loss} | {
@@ -57,6 +63,18 @@ def reproduce(suite, results_dir: Path, data_dir: Path, runs: int = 1, device: s
                              "stored": value, "rerun": new, "diff": new - value, "seed std": std,
                              "seeds": len(spread), "verdict": verdict(value, new, std)})
     return pd.DataFrame(rows)
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with ``threads`` intra-op threads (None, or a value that is not a positive int: as is)."""
+    before = torch.get_num_threads()
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _final_loss(record: dict) -> float | None:
