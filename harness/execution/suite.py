@@ -32,6 +32,7 @@ METHOD_KEYS = {"name", "as", "config", "dataset_config", "backbone", "protocols"
 SPLITS = ("train", "train_full", "all")
 #: A suite's name is a folder under results/ and the stem of its tables: no separators, no leading dot.
 SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SUITE_NAME_MAX = 100  # file names of its tables (<name>-transfer.html, ...) stay far below 255 bytes
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,13 @@ def shipped_suites() -> dict[str, Path]:
 
 def _suite_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise UsageError(f"suite file {name_or_path!r} " + ("is a directory" if path.is_dir() else "does not exist"))
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError:  # a name too long for a file name: no such file, and no shipped suite either
+        is_file = is_dir = False
+    if path.suffix in (".yaml", ".yml") or is_file:
+        if not is_file:
+            raise UsageError(f"suite file {name_or_path!r} " + ("is a directory" if is_dir else "does not exist"))
         return path
     suites = shipped_suites()
     if name_or_path not in suites:
@@ -88,11 +93,16 @@ def _expect(cond: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def is_suite_name(name: Any) -> bool:
+    """Whether ``name`` can name a results folder and the tables: see :func:`check_suite_name`."""
+    return isinstance(name, str) and SUITE_NAME.fullmatch(name) is not None and len(name) <= SUITE_NAME_MAX
+
+
 def check_suite_name(name: Any, where: str = "", hint: str = "") -> None:
     """A suite name is a folder under the results dir and the stem of its tables: no separators, no leading dot ('..')."""
-    _expect(isinstance(name, str) and SUITE_NAME.fullmatch(name) is not None,
-            f"{where}the suite name {name!r} must be letters, digits, '.', '_' or '-' (it names the results folder "
-            f"and the tables){hint}")
+    _expect(is_suite_name(name),
+            f"{where}the suite name {name!r} must be letters, digits, '.', '_' or '-', at most {SUITE_NAME_MAX} of "
+            f"them (it names the results folder and the tables){hint}")
 
 
 def _check_k_list(value: Any, name: str) -> None:
@@ -151,8 +161,9 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
         overrides = item.get("protocols") or {}
         _expect(isinstance(overrides, dict), f"{where}: a method's 'protocols' must map protocol names to parameters")
         label = item.get("as", item["name"])
-        _expect(isinstance(label, str) and label.strip(), f"{where}: 'as' of method {item['name']!r} must be a "
-                                                          f"non-empty string (the row's label), got {label!r}")
+        _expect(isinstance(label, str) and label.strip() and label.isprintable() and "|" not in label,
+                f"{where}: 'as' of method {item['name']!r} must be a non-empty string on one line without '|' (the "
+                f"row's label in every table), got {label!r}")
         config, per_dataset = item.get("config") or {}, item.get("dataset_config") or {}
         _expect(isinstance(config, dict), f"{where}: 'config' of method {label!r} must map config keys to values, "
                                           f"got {config!r}")

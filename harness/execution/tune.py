@@ -219,7 +219,7 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     from harness.cli import DEFAULT_DATA
     from harness.execution.runner import plan
     from harness.execution.environment import resolve_device
-    from harness.execution.suite import SUITE_NAME, check_against_data, parse_suite
+    from harness.execution.suite import SUITE_NAME_MAX, check_against_data, is_suite_name, parse_suite
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
@@ -233,9 +233,9 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     knn = {**PROTOCOLS.get(VAL_PROTOCOL).defaults, **(knn or {})}
     results_dir, data_dir = Path(results_dir), Path(data_dir or DEFAULT_DATA)
     study_name = study_name or default_study_name(method, dataset, budget, scale, seed)
-    if not SUITE_NAME.fullmatch(study_name):
-        raise UsageError(f"study name {study_name!r} must be letters, digits, '.', '_' or '-' (it names files "
-                         f"under {str(results_dir / 'tune')!r})")
+    if not is_suite_name(f"tune-{study_name}"):  # the study's runs are stored as the suite tune-<study>
+        raise UsageError(f"study name {study_name!r} must be letters, digits, '.', '_' or '-', at most "
+                         f"{SUITE_NAME_MAX - len('tune-')} of them (it names files under {str(results_dir / 'tune')!r})")
     suite_name = f"tune-{study_name}"
 
     def suite_for(params: dict[str, Any]):

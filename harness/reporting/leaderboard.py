@@ -99,12 +99,12 @@ def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], No
     """The records of a shipped suite or suite file through :func:`current_records`; for the name of a suite
     whose file is gone but whose records are stored, every record under ``results_dir/<name>``."""
     from harness.execution.store import ResultStore
-    from harness.execution.suite import SUITE_NAME, load_suite
+    from harness.execution.suite import is_suite_name, load_suite
 
     try:
         suite = load_suite(name_or_path)
     except UsageError as exc:
-        if not SUITE_NAME.fullmatch(name_or_path) or not (Path(results_dir) / name_or_path).is_dir():
+        if not is_suite_name(name_or_path) or not (Path(results_dir) / name_or_path).is_dir():
             raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
         records = list(ResultStore(Path(results_dir), name_or_path).records(for_tables=True))
         if not records:
