@@ -12,7 +12,7 @@ optuna = pytest.importorskip("optuna", reason="harness tune needs Optuna (a depe
 from harness.engine.budget import Budget
 from harness.errors import UsageError
 from methods import Method, register_method
-from harness.execution.tune import _final_epoch, suggest, tune
+from harness.execution.tune import _final_epoch, default_study_name, suggest, tune
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,3 +104,13 @@ def test_final_epoch_and_bad_arguments(tmp_path):
         tune("pixels", "digits", 2, "steps=3", **kw)
     with pytest.raises(UsageError, match="trials"):
         tune("simclr", "digits", 0, "steps=3", **kw)
+
+
+def test_a_default_study_name_fits_a_file_name_and_stays_distinct():
+    """The default name spells out method, dataset, budget, scale and seed; an image folder's long path as the dataset
+    is cut to 70 characters plus a hash of the whole, so it still names a file and two such folders two studies."""
+    budget = Budget.parse("steps=1")
+    assert default_study_name("simclr", "digits", budget, "cpu", 0) == "simclr-digits-steps1-cpu-s0"
+    long_a, long_b = (default_study_name("simclr", f"imagefolder:/data/{'x' * 200}{end}", budget, "cpu", 0)
+                      for end in "ab")
+    assert len(long_a) <= 95 and long_a.startswith("simclr-imagefolder__data_xxx") and long_a != long_b

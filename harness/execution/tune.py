@@ -21,6 +21,7 @@ trial is written to ``results/tune/<study>.json``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -34,6 +35,7 @@ import optuna
 from harness.engine.budget import Budget
 from harness.errors import EnvironmentFailure, UsageError
 from harness.execution.store import write_json_atomic
+from harness.execution.suite import SUITE_NAME_MAX
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
 from protocols.knn import VAL_PROTOCOL, val_knn_protocol
@@ -85,8 +87,12 @@ def _check_space(method: str, space: dict[str, tuple], scale: str) -> None:
 
 
 def default_study_name(method: str, dataset: str, budget: Budget, scale: str, seed: int) -> str:
-    limit = budget.limit
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{method}-{dataset}-{budget.unit}{limit}-{scale}-s{seed}")
+    """``<method>-<dataset>-<budget>-<scale>-s<seed>`` as a file name; a name too long for one (an image folder's
+    path as the dataset) keeps its first 70 characters and gets a hash of the whole."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{method}-{dataset}-{budget.unit}{budget.limit}-{scale}-s{seed}")
+    if len(name) > SUITE_NAME_MAX - len("tune-"):
+        name = f"{name[:70]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
 
 
 def default_storage(results_dir: Path, study: str) -> str:
@@ -219,7 +225,7 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     from harness.cli import DEFAULT_DATA
     from harness.execution.runner import plan
     from harness.execution.environment import resolve_device
-    from harness.execution.suite import SUITE_NAME_MAX, check_against_data, is_suite_name, parse_suite
+    from harness.execution.suite import check_against_data, is_suite_name, parse_suite
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
