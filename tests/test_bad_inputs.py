@@ -91,6 +91,12 @@ def _empty_class(tree: Path) -> None:
         f.unlink()
 
 
+def _file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a folder")
+    return path
+
+
 def _one_class(tree: Path) -> None:
     for split in ("train", "test"):
         for f in (tree / split / "b").iterdir():
@@ -291,6 +297,8 @@ BAD_INPUTS = [
     ("an empty list of clustering k", lambda t: _run(t, protocols={"clustering": {"k": []}}), 2,
      "parameter 'k' of protocol 'clustering' must be a positive integer or a non-empty list of them, got []"),
     ("a dataset of one class", lambda t: _on_tree(t, _one_class), 2, "has 1 class ('a'); the protocols need at least 2"),
+    ("an image folder that is a file", lambda t: _run(t, "--datasets", f"imagefolder:{_file(t / 'f.jpg')}"), 2,
+     "f.jpg' is a file; give the folder that holds one folder of images per class"),
     ("bench sinkhorn larger than memory", lambda t: ["bench", "sinkhorn", "--sizes", "99999999999999", "--clusters", "3"],
      2, "N=99999999999999 x K=3 logits need"),
     ("migrate a results dir that is not there", lambda t: ["migrate", "--results-dir", str(t / "none")], 2,

@@ -443,7 +443,8 @@ def load_dataset(name: str, data_dir: str | Path, download: bool = True) -> Imag
     root = Path(data_dir).expanduser()
     if base == "imagefolder":
         if not path.is_dir():
-            raise UsageError(f"image folder {str(path)!r} does not exist")
+            raise UsageError(f"image folder {str(path)!r} " + ("is a file; give the folder that holds one folder "
+                                                               "of images per class" if path.exists() else "does not exist"))
         return _cached_folder(path.name, path.parent, path.name, None, root / "cache")
     spec = DATASETS.get(base)
     if spec.needs_download:
