@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.errors import UsageError
 
@@ -205,11 +205,19 @@ def path_arg(value: str) -> Path:
     return Path(value)
 
 
-def suite_arg(value: str) -> str:
-    """A suite positional that names something (``run ""`` would otherwise run the default suite)."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError(f"expected a suite name or a path to a YAML file, got {value!r}")
-    return value
+def non_empty(what: str) -> Callable[[str], str]:
+    """An argument type for a string that must name something: ``run ""`` would otherwise run the default suite,
+    ``tune --study ""`` use the default study."""
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return value
+
+    check.__name__ = what
+    return check
+
+
+suite_arg = non_empty("a suite name or a path to a YAML file")
 
 
 def output_file(value: str) -> Path:
