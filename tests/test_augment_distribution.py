@@ -10,7 +10,7 @@ the two samples (two-sample Kolmogorov-Smirnov test, or a binomial tolerance for
 * colour: each jitter op alone (the strengths of the ``cld`` and ``simclr`` presets) on a
   four-colour patch image, read as mean luma (brightness), luma std (contrast), mean HSV saturation
   and circular mean hue; grayscale rate and all statistics of the whole ``simclr``, ``cld`` and
-  ``cc`` presets;
+  ``cc`` presets; and each jitter op against torchvision's functional op on known factors (exact);
 * blur: mean absolute horizontal gradient of a noise image (``simclr_blur``), and the kernel rule.
 
 The per-image pipeline runs with both backends of :mod:`harness.data.pil_augment`: ``tensor`` (the
@@ -155,19 +155,24 @@ def test_geometry_reader_recovers_known_crops():
         assert g["flipped"].item() == flip
 
 
-GEOMETRY_CASES = [  # both backends share torchvision's crop sampling (RandomResizedCrop.get_params): one tensor case
-    ("simclr", None, "pil"), ("cld", None, "pil"), ("mild", None, "pil"), ("simclr", 24, "pil"),
-    ("cld", None, "tensor")]
+#: Crop ranges unlike every preset's (all end at area 1 and share the 3/4-4/3 ratios): catches either pipeline
+#: ignoring the configured largest area or the configured ratios.
+NARROW = {"crop_scale": (0.2, 0.6), "crop_ratio": (0.5, 2.0)}
+GEOMETRY_CASES = [  # (preset, overrides, out_size, backend); both backends share torchvision's crop sampling
+    # (RandomResizedCrop.get_params): one tensor case
+    ("simclr", {}, None, "pil"), ("cld", {}, None, "pil"), ("mild", {}, None, "pil"), ("simclr", {}, 24, "pil"),
+    ("cld", {}, None, "tensor"), ("simclr", NARROW, None, "pil")]
 
 
-@pytest.mark.parametrize("preset,out_size,backend", GEOMETRY_CASES)
-def test_crop_and_flip_distributions(preset, out_size, backend):
-    cfg = get_preset(preset, jitter_p=0.0, grayscale=0.0, blur=0.0)
+@pytest.mark.parametrize("preset,overrides,out_size,backend", GEOMETRY_CASES,
+                         ids=[f"{p}{'-narrow' if o else ''}-{s}-{b}" for p, o, s, b in GEOMETRY_CASES])
+def test_crop_and_flip_distributions(preset, overrides, out_size, backend):
+    cfg = get_preset(preset, jitter_p=0.0, grayscale=0.0, blur=0.0, **overrides)
     batched, per_image = both(cfg, coordinate_image(32), backend, out_size=out_size)
     a, b = geometry(batched, 32), geometry(per_image, 32)
     lo, hi = cfg.crop_scale
-    for g in (a, b):  # areas within the preset's scale range, up to rounding the sides to pixels
-        assert g["area"].min() >= lo * 0.8 and g["area"].max() <= hi
+    for g in (a, b):  # areas within the scale range, up to rounding the sides to pixels
+        assert g["area"].min() >= lo * 0.8 and g["area"].max() <= min(hi * 1.1, 1.0)
         assert g["ratio"].min() >= cfg.crop_ratio[0] * 0.8 and g["ratio"].max() <= cfg.crop_ratio[1] * 1.25
     for key in ("width", "height", "area", "ratio", "centre_x", "centre_y"):
         res = ks_2samp(a[key].numpy(), b[key].numpy())
@@ -240,6 +245,24 @@ def test_whole_preset_colour_distribution(preset, backend):
         assert_same_distribution(a[stat], b[stat], f"{preset} -> {stat}", backend)
     assert_same_rate(a["grayscale"], b["grayscale"], f"{preset} grayscale rate")
     assert abs(a["grayscale"].double().mean() - cfg.grayscale) < 0.04
+
+
+def test_each_jitter_op_equals_torchvisions_on_known_factors():
+    """Brightness, contrast, saturation and hue, each with its own factor per sample, equal torchvision's
+    functional ops (what ColorJitter applies) image by image. Catches contrast blending with each channel's
+    own mean instead of the whole image's mean gray level: that leaves luma, the statistic the distribution
+    checks read, unchanged. Up to torchvision's gray weights (red 0.2989, here 0.299)."""
+    from torchvision.transforms import functional as TF
+
+    from harness.data.augment import _brightness, _contrast, _hue, _saturation
+
+    images = torch.stack([patch_image(16), noise_image(16), patch_image(16).flip(0), noise_image(16).flip(0)]) / 255
+    for op, reference, factors in [(_brightness, TF.adjust_brightness, [0.6, 1.3, 0.8, 1.4]),
+                                   (_contrast, TF.adjust_contrast, [0.6, 1.3, 0.8, 1.4]),
+                                   (_saturation, TF.adjust_saturation, [0.6, 1.3, 0.0, 1.4]),
+                                   (_hue, TF.adjust_hue, [-0.4, 0.3, 0.1, -0.05])]:
+        expected = torch.stack([reference(image, f) for image, f in zip(images, factors)])
+        torch.testing.assert_close(op(images, torch.tensor(factors)), expected, atol=3e-4, rtol=0, msg=op.__name__)
 
 
 def test_jitter_order_matches_torchvision():
@@ -323,6 +346,14 @@ def test_per_image_augmenter_is_seeded_by_the_generator_and_splits_by_rows():
     assert not torch.equal(first, aug(images, torch.Generator().manual_seed(4)))
     part = aug(images[2:4], torch.Generator().manual_seed(3), slice(2, 4), 6)  # one rank's share of the batch
     assert torch.equal(part, first[2:4])
+
+
+def test_a_sampler_started_mid_run_gives_the_batches_of_an_unbroken_run_from_there():
+    """A resumed per-image run (training_feed starts its sampler at train()'s (epoch, step)) is fed the
+    batches an unbroken run gets from that step on. Catches a start that drops the step within the epoch."""
+    whole = list(TrainOrderSampler(40, 16, seed=5, steps=6))  # 2 steps per epoch
+    assert list(TrainOrderSampler(40, 16, seed=5, steps=3, start=(1, 1))) == whole[3:]
+    assert list(TrainOrderSampler(40, 16, seed=5, steps=2, start=(2, 0))) == whole[4:]
 
 
 def test_dataset_and_loader_give_views_and_index():

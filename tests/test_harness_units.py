@@ -227,6 +227,35 @@ def test_unknown_augmentation_preset():
         get_preset("fancy")
 
 
+@pytest.mark.parametrize("overrides,match", [
+    pytest.param({"crop_scale": [0.9, 0.2]}, r"'crop_scale' must be a list of 2 numbers in \[0, 1\] \(low, high\), "
+                 r"got \[0.9, 0.2\]", id="crop_scale high first"),
+    pytest.param({"crop_scale": [0.2, 1.5]}, r"'crop_scale' must be a list of 2 numbers in \[0, 1\]",
+                 id="crop_scale above 1"),
+    pytest.param({"crop_ratio": [2.0, 0.5]}, r"'crop_ratio' must be a list of 2 numbers at least 0 \(low, high\)",
+                 id="crop_ratio high first"),
+    pytest.param({"blur_sigma": [2.0, 0.1]}, r"'blur_sigma' must be a list of 2 numbers at least 0 \(low, high\)",
+                 id="blur_sigma high first"),
+    pytest.param({"flip": 1.5}, r"'flip' must be a number in \[0, 1\], got 1.5", id="flip above 1"),
+    pytest.param({"jitter_p": -0.1}, r"'jitter_p' must be a number in \[0, 1\]", id="jitter_p below 0"),
+    pytest.param({"grayscale": 2}, r"'grayscale' must be a number in \[0, 1\]", id="grayscale above 1"),
+    pytest.param({"blur": 1.01}, r"'blur' must be a number in \[0, 1\]", id="blur above 1"),
+    pytest.param({"jitter": [0.4, -0.4, 0.4, 0.1]}, r"'jitter' must be a list of 4 numbers at least 0",
+                 id="a negative jitter strength"),
+])
+def test_augment_overrides_outside_their_ranges_are_refused(overrides, match):
+    """Probabilities above 1 and (low, high) pairs given high first are usage errors, not silently odd views
+    (a flip probability of 1.5 flips every image; a reversed crop scale draws areas outside it)."""
+    with pytest.raises(UsageError, match=match):
+        get_preset("simclr", **overrides)
+
+
+def test_augment_overrides_at_their_bounds_are_kept():
+    """The bounds themselves are allowed: equal ends of a pair, probabilities 0 and 1."""
+    cfg = get_preset("simclr", crop_scale=[0.3, 0.3], crop_ratio=[1, 1], flip=1, grayscale=0, blur=1.0)
+    assert (cfg.crop_scale, cfg.crop_ratio, cfg.flip, cfg.grayscale, cfg.blur) == ((0.3, 0.3), (1, 1), 1, 0, 1.0)
+
+
 def test_the_largest_image_size_is_accepted():
     """``image_size`` may be MAX_IMAGE_SIZE itself (the check refuses only larger ones)."""
     from harness.execution.validate import MAX_IMAGE_SIZE
