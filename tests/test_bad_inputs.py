@@ -522,6 +522,23 @@ def test_an_image_edited_in_place_to_the_same_byte_size_is_decoded_again(tmp_pat
     assert int(first.images[0].max()) == 50 and int(again.images[0].min()) == 200
 
 
+def test_an_image_moved_to_another_class_folder_is_read_with_its_new_label(tmp_path):
+    """Relabelling by moving a file keeps its name, size and time; only its path says it moved. Here the moved file
+    (train/a/a1.png to train/b/) is listed in the same place of the walk, so a cache keyed by file names alone would
+    answer with the old label. Catches a tree fingerprint without the paths relative to the tree."""
+    tree, rng = tmp_path / "tree", np.random.default_rng(0)
+    for split, names in (("train", {"a": ["a0", "a1"], "b": ["b0", "b1"]}), ("test", {"a": ["a0"], "b": ["b0"]})):
+        for cls, files in names.items():
+            (tree / split / cls).mkdir(parents=True)
+            for name in files:
+                Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(tree / split / cls / f"{name}.png")
+    first = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    os.replace(tree / "train" / "a" / "a1.png", tree / "train" / "b" / "a1.png")
+    again = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    assert first.labels[first.is_train].tolist() == [0, 0, 1, 1]
+    assert again.labels[again.is_train].tolist() == [0, 1, 1, 1] and torch.equal(again.images, first.images)
+
+
 def test_the_decoded_cache_is_per_class_list(tmp_path):
     """One tree read with its classes in name order and with an explicit list in another order (a dataset such as
     ImageNet-10 fixes its list) gets two cache files with their own labels, so a list changed in the code is never
