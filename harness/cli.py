@@ -159,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("dataset")
     tune.add_argument("--trials", type=int, required=True)
     tune.add_argument("--budget", required=True, help="the fixed budget of every trial, e.g. epochs=20")
-    tune.add_argument("--storage", type=non_empty("an Optuna storage URL"), help="Optuna storage URL (default sqlite:///results/tune/<study>.db)")
-    tune.add_argument("--study", type=non_empty("a study name"), help="study name (default derived from method, dataset, budget, scale, seed)")
+    tune.add_argument("--storage", type=non_empty("an Optuna storage URL"),
+                      help="Optuna storage URL (default sqlite:///results/tune/<study>.db)")
+    tune.add_argument("--study", type=non_empty("a study name"),
+                      help="study name (default derived from method, dataset, budget, scale, seed)")
     tune.add_argument("--scale", default="cpu", choices=["cpu", "paper"])
     tune.add_argument("--seed", type=_seed, default=0)
     tune.add_argument("--device", default="auto")
