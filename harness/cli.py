@@ -310,26 +310,27 @@ def _print_plan(suite, jobs, states: dict[str, str], store) -> None:
     """``run --dry-run``: every planned run, its record's name and what ``run`` would do with it, and how long
     the runs to train took where a stored run of the same row (any seed) says so."""
     print(f"suite {suite.name}: {len(jobs)} runs: {_state_counts(states)} (dry run: nothing trained)")
-    seconds: dict[tuple, list[float]] = {}
-    for record in store.records(warn=_warn):
-        spec = record["spec"]
-        took = _run_seconds(record)
-        if record.get("status") == "ok" and took is not None:
-            row = (spec.get("label"), spec.get("dataset"), json.dumps(spec.get("budget"), sort_keys=True))
-            seconds.setdefault(row, []).append(took)
-    known, unknown = 0.0, 0
     for job in jobs:
         print(f"  {states[job.run_id]:<8}  {job.run_id}  {job.describe()}")
-        if states[job.run_id] in TRAINS:
-            peers = seconds.get((job.entry.label, job.dataset, json.dumps(job.budget.as_dict(), sort_keys=True)))
-            known, unknown = (known + sum(peers) / len(peers), unknown) if peers else (known, unknown + 1)
-    estimated = len([job for job in jobs if states[job.run_id] in TRAINS]) - unknown
-    if estimated:
-        took = f"{known:.0f} s" if known < 60 else f"{known / 60:.1f} min"
-        print(f"to train: about {took} of training and evaluation for {estimated} of them, as the stored runs of "
-              f"their rows took on the machine that wrote them")
-    if unknown:
-        print(f"to train: {unknown} runs whose rows have no stored run to tell their time")
+
+    def row(label, dataset, budget) -> tuple[str, str, str]:
+        return label, dataset, json.dumps(budget, sort_keys=True)
+
+    seconds: dict[tuple, list[float]] = {}
+    for record in store.records(warn=_warn):
+        took, spec = _run_seconds(record), record["spec"]
+        if record.get("status") == "ok" and took is not None:
+            seconds.setdefault(row(spec.get("label"), spec.get("dataset"), spec.get("budget")), []).append(took)
+    to_train = [job for job in jobs if states[job.run_id] in TRAINS]
+    estimates = [sum(peers) / len(peers) for job in to_train
+                 if (peers := seconds.get(row(job.entry.label, job.dataset, job.budget.as_dict())))]
+    if estimates:
+        total = sum(estimates)
+        took = f"{total:.0f} s" if total < 60 else f"{total / 60:.1f} min"
+        print(f"to train: about {took} of training and evaluation for {len(estimates)} of them, as the stored runs "
+              f"of their rows took on the machine that wrote them")
+    if len(to_train) > len(estimates):
+        print(f"to train: {len(to_train) - len(estimates)} runs whose rows have no stored run to tell their time")
 
 
 def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:

@@ -212,8 +212,9 @@ class Runner:
             comp = Job(job.suite, job.dataset, MethodEntry(name, comp_spec["label"], {}, {}), job.seed, job.budget,
                        comp_spec)
             store = ResultStore(self.results_dir, job.suite)
-            self.run([comp])  # trains it when it has no record, or a failed one under retry_failed
-            record = store.load(comp.run_id) if store.has(comp.run_id) else None
+            # trains it when it has no record, or a failed one under retry_failed; none while another process is
+            recorded = self.run([comp])
+            record = recorded[0] if recorded else None
             ckpt = store.checkpoint_path(comp.run_id)
             if not ckpt.is_file() and (record is None or record.get("status") == "ok"):
                 record = self.run_job(comp, store)

@@ -112,10 +112,11 @@ def record_problem(record: Any, for_tables: bool = False) -> str | None:
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "run_id" not in record:
         return "no 'run_id' and 'spec'"
     spec = record["spec"]
-    missing = [f"spec {k!r}" for k in TABLE_SPEC_KEYS if k not in spec] + \
-        [repr(k) for k in TABLE_RECORD_KEYS if k not in record]
-    if for_tables and missing:
-        return f"no {missing[0]}"
+    if for_tables:
+        missing = [f"spec {k!r}" for k in TABLE_SPEC_KEYS if k not in spec] + \
+            [repr(k) for k in TABLE_RECORD_KEYS if k not in record]
+        if missing:
+            return f"no {missing[0]}"
     for key, kind in (("label", str), ("method", str), ("dataset", str), ("seed", int), ("budget", dict),
                       ("protocols", dict)):
         if key in spec and not isinstance(spec[key], kind):  # absent: a record of another tool's making

@@ -86,11 +86,16 @@ def _check_space(method: str, space: dict[str, tuple], scale: str) -> None:
 # ---------------------------------------------------------------- storage
 
 
+#: A study's runs are stored as the suite ``tune-<study>``, whose name bounds the study's.
+STUDY_SUITE_PREFIX = "tune-"
+STUDY_NAME_MAX = SUITE_NAME_MAX - len(STUDY_SUITE_PREFIX)
+
+
 def default_study_name(method: str, dataset: str, budget: Budget, scale: str, seed: int) -> str:
     """``<method>-<dataset>-<budget>-<scale>-s<seed>`` as a file name; a name too long for one (an image folder's
     path as the dataset) keeps its first 70 characters and gets a hash of the whole."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{method}-{dataset}-{budget.unit}{budget.limit}-{scale}-s{seed}")
-    if len(name) > SUITE_NAME_MAX - len("tune-"):
+    if len(name) > STUDY_NAME_MAX:
         name = f"{name[:70]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
     return name
 
@@ -239,10 +244,10 @@ def tune(method: str, dataset: str, trials: int, budget: "str | dict | Budget", 
     knn = {**PROTOCOLS.get(VAL_PROTOCOL).defaults, **(knn or {})}
     results_dir, data_dir = Path(results_dir), Path(data_dir or DEFAULT_DATA)
     study_name = study_name or default_study_name(method, dataset, budget, scale, seed)
-    if not is_suite_name(f"tune-{study_name}"):  # the study's runs are stored as the suite tune-<study>
+    suite_name = f"{STUDY_SUITE_PREFIX}{study_name}"
+    if not is_suite_name(suite_name):
         raise UsageError(f"study name {study_name!r} must be letters, digits, '.', '_' or '-', at most "
-                         f"{SUITE_NAME_MAX - len('tune-')} of them (it names files under {str(results_dir / 'tune')!r})")
-    suite_name = f"tune-{study_name}"
+                         f"{STUDY_NAME_MAX} of them (it names files under {str(results_dir / 'tune')!r})")
 
     def suite_for(params: dict[str, Any]):
         entry: dict[str, Any] = {"name": method, "config": {**fixed, **params}}
