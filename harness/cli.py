@@ -18,8 +18,6 @@ DEFAULT_LEADERBOARDS = Path("leaderboards")
 DEFAULT_DATA = Path.home() / ".cache" / "ssl-harness" / "data"
 
 
-
-
 def _seeds(value: str) -> list[int]:
     try:
         seeds = [int(v) for v in csv_list(value)]
@@ -36,8 +34,6 @@ def _seed(value: str) -> int:
     if len(seeds) != 1:
         raise argparse.ArgumentTypeError(f"expected one seed, got {value!r}")
     return seeds[0]
-
-
 
 
 def _alpha(value: str) -> float:
@@ -69,8 +65,6 @@ def _stats_options(args):
     from harness.reporting.leaderboard import StatsOptions
 
     return StatsOptions(args.ci, args.alpha)
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,6 +244,8 @@ BAD_INPUTS = [
      "'as' of method 'simclr' must be a non-empty string on one line without '|'"),
     ("a row label that splits a table's cells", lambda t: _run(t, methods=[{"name": "simclr", "as": "a|b"}]), 2,
      "got 'a|b'"),
+    ("a description that is a list", lambda t: _run(t, description=["cifar", "cpu"]), 2,
+     "description must be text, got ['cifar', 'cpu']"),  # it was printed as the list's repr in every table
     ("deterministic not a boolean", lambda t: _run(t, deterministic="no"), 2,
      "deterministic must be true or false, got 'no'"),
     ("a seed too large for the RNGs", lambda t: _run(t, "--seeds", "99999999999999999999"), 2,
@@ -374,7 +376,8 @@ def stored_run(tmp_path, monkeypatch):
 def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(stored_run, capsys):
     """``leaderboard`` skips a truncated record and a JSON file that is not a record, one warning line
     naming each, and still builds the table. Catches: a traceback (JSONDecodeError, KeyError
-    'spec'), a file skipped silently, a warning that does not name the file."""
+    'spec'), a file skipped silently, a warning that does not name the file, an edited-in inf metric that
+    the table averaged into an inf mean (numpy warned)."""
     store = stored_run / "r" / "s"
     (record,) = store.glob("*.json")
     (store / "cut.json").write_text(record.read_text()[:200])
@@ -384,15 +387,18 @@ def test_foreign_and_corrupt_json_in_the_results_dir_are_skipped_with_a_warning(
     (store / "edited-value.json").write_text(json.dumps({**good, "run_id": "x2", "metrics": {"backbone": {
         "knn/top1": "nan"}}}))
     (store / "edited-spec.json").write_text(json.dumps({**good, "run_id": "x3", "spec": {**good["spec"], "label": None}}))
+    (store / "edited-inf.json").write_text(json.dumps({**good, "run_id": "x4", "metrics": {"backbone": {
+        "knn/top1": float("inf")}}}))
     capsys.readouterr()
     assert main(["leaderboard", str(stored_run / "s.yaml"), "--results-dir", str(stored_run / "r"),
                  "--leaderboard-dir", str(stored_run / "l")]) == 0
     out = capsys.readouterr()
     warnings = [line for line in out.err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 5 and "cut.json" in warnings[0] and "notes.json" in warnings[-1]
-    assert "edited-metrics.json" in warnings[1] and "'metrics' is not a mapping" in warnings[1]
-    assert "edited-spec.json" in warnings[2] and "spec 'label' is None" in warnings[2]
-    assert "edited-value.json" in warnings[3]
+    assert len(warnings) == 6 and "cut.json" in warnings[0] and "notes.json" in warnings[-1]
+    assert "edited-inf.json" in warnings[1] and "metric backbone/knn/top1 is inf, not a finite" in warnings[1]
+    assert "edited-metrics.json" in warnings[2] and "'metrics' is not a mapping" in warnings[2]
+    assert "edited-spec.json" in warnings[3] and "spec 'label' is None" in warnings[3]
+    assert "edited-value.json" in warnings[4]
     assert "random" in out.out and "Traceback" not in out.err
 
 

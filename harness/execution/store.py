@@ -126,6 +126,10 @@ def record_problem(record: Any, for_tables: bool = False) -> str | None:
             isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              for v in values.values()) for values in metrics.values()):
         return "'metrics' is not a mapping of representations to numbers"
+    for rep, values in metrics.items():  # no protocol writes NaN or inf: such a value was edited in
+        bad = next((name for name, v in values.items() if not math.isfinite(v)), None)
+        if bad is not None:
+            return f"metric {rep}/{bad} is {values[bad]}, not a finite number"
     return None
 
 

@@ -252,7 +252,9 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
                 resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
             except UsageError as exc:
                 raise UsageError(f"{where}: {exc}") from None
-    return Suite(suite_name, str(data.get("description", "")), scale, backbone,
+    description = data.get("description") or ""
+    _expect(isinstance(description, str), f"{where}: description must be text, got {description!r}")
+    return Suite(suite_name, description, scale, backbone,
                  [str(d) for d in datasets], methods, seeds, budgets, resolved, float(vf),
                  deterministic, split, {str(k): v for k, v in tables.items()}, source,
                  {"slurm": slurm} if slurm else {}, image_size)
