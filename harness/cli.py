@@ -213,7 +213,10 @@ def cmd_run(args) -> int:
     from harness.engine import distributed
 
     ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks
-    in_process = not ranks.distributed and args.executor == "local" and not args.workers
+    from harness.execution.executors import default_local_workers
+
+    in_process = (not ranks.distributed and args.executor == "local"
+                  and (args.workers or default_local_workers(args.device)) == 1)
     runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
                     precision=args.precision, compile=args.compile, pipeline=args.pipeline,
                     retry_failed=args.retry_failed) if in_process else None

@@ -104,6 +104,47 @@ def test_pool_and_submitit_match_in_process_with_preemption_and_rerun_submits_on
     assert len([p for p in folder.iterdir() if p.name.isdigit()]) == 1  # nothing submitted
 
 
+GPU_PLUGIN = '''
+"""SimCLR that notes, at each step, the process it trains in and the GPUs that process may use."""
+import os
+
+from methods import METHODS, register_method
+
+
+@register_method("_gpu_noting_simclr")
+class GpuNotingSimCLR(METHODS.get("simclr")):
+    def training_step(self, batch):
+        with open(os.environ["GPU_NOTES"], "a") as f:
+            f.write(f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}\\n")
+        return super().training_step(batch)
+'''
+
+
+def test_run_without_workers_starts_one_worker_per_visible_gpu(tmp_path, monkeypatch):
+    """docs/cluster.md and ``run --help``: without ``--workers`` the command starts one worker per visible
+    GPU, each seeing one of them. Two GPUs are made visible through ``CUDA_VISIBLE_DEVICES`` (on a machine
+    without any, the workers train on the CPU): both runs train outside this process, each in a worker that
+    sees one GPU. Catches ``run`` training every run in its own process whenever ``--workers`` is absent."""
+    import yaml
+
+    from harness.cli import main
+
+    (tmp_path / "gpu_plugin.py").write_text(GPU_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the workers import the plugin too
+    notes = tmp_path / "notes"
+    monkeypatch.setenv("GPU_NOTES", str(notes))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    suite = tmp_path / "g.yaml"
+    suite.write_text(yaml.safe_dump({"name": "g", "datasets": ["digits"], "seeds": [0, 1], "budget": "steps=1",
+                                     "methods": [{"name": "_gpu_noting_simclr", "config": {"batch_size": 32}}],
+                                     "protocols": FAST}))
+    assert main(["--plugin", "gpu_plugin", "run", str(suite), "--quiet", "--data-dir", str(tmp_path / "d"),
+                 "--results-dir", str(tmp_path / "r")]) == 0
+    steps = [line.split() for line in notes.read_text().splitlines()]
+    assert len(steps) == 2 and all(pid != str(os.getpid()) and gpus in ("0", "1") for pid, gpus in steps)
+
+
 @needs_submitit
 def test_submitit_callable_is_checkpointable_and_requeues_itself():
     (job,) = plan(make_suite(["random"], protocols=FAST))

@@ -181,6 +181,12 @@ def _uses_gpu(runner_kwargs: dict[str, Any]) -> bool:
     return str(runner_kwargs.get("device", "auto")) != "cpu"
 
 
+def default_local_workers(device: str) -> int:
+    """The local pool's size when no worker count is given: one worker per visible GPU for a device that
+    leaves the GPU open (``auto``, ``cuda``), else 1 (``cpu``, or one named GPU such as ``cuda:1``)."""
+    return max(1, len(visible_gpus())) if str(device) in ("auto", "cuda") else 1
+
+
 def pending_jobs(jobs: list, results_dir: Path, force: bool = False) -> list:
     """The jobs that have no stored record (all of them with ``force``), each run id once, in order."""
     from harness.execution.store import ResultStore
@@ -495,8 +501,7 @@ def run_jobs(jobs: list, runner_kwargs: dict[str, Any], executor: str = "local",
     if executor == "submitit" and workers is not None and slurm.get("array_parallelism") is None:
         slurm["array_parallelism"] = workers  # on Slurm, --workers is the array parallelism unless given
     if workers is None:
-        gpus = visible_gpus() if executor == "local" and _uses_gpu(runner_kwargs) else []
-        workers = max(1, len(gpus)) if executor == "local" else 1
+        workers = default_local_workers(runner_kwargs.get("device", "auto")) if executor == "local" else 1
     errors: list[str] = []
     if todo and executor == "local" and workers == 1:
         from harness.execution.runner import Runner
