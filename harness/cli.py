@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, required=True)
     tune.add_argument("--budget", required=True, help="the fixed budget of every trial, e.g. epochs=20")
     tune.add_argument("--storage", type=non_empty("an Optuna storage URL"),
-                      help="Optuna storage URL (default sqlite:///results/tune/<study>.db)")
+                      help="Optuna storage URL (default sqlite:///<results-dir>/tune/<study>.db)")
     tune.add_argument("--study", type=non_empty("a study name"),
                       help="study name (default derived from method, dataset, budget, scale, seed)")
     tune.add_argument("--scale", default="cpu", choices=["cpu", "paper"])
