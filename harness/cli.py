@@ -533,13 +533,19 @@ def cmd_migrate(args) -> int:
     if args.suite and not (root / args.suite).is_dir():
         raise choices_error("suite (in this results dir)", args.suite, [p.name for p in root.iterdir() if p.is_dir()])
     names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir())
-    total = 0
+    renamed = removed = 0
     for name in names:
-        renamed = ResultStore(root, name).migrate_run_ids()
-        total += len(renamed)
-        if renamed:
-            print(f"{name}: renamed {len(renamed)} records to their current run ids")
-    print(f"{total} records renamed under {root}")
+        store = ResultStore(root, name)
+        files_before = len(list(store.dir.glob("*.json")))
+        changed = store.migrate_run_ids()
+        # a changed file is renamed, or removed as a second copy of a run stored under its id: the count of
+        # files tells how many were removed
+        copies = files_before - len(list(store.dir.glob("*.json")))
+        renamed, removed = renamed + len(changed) - copies, removed + copies
+        if changed:
+            print(f"{name}: renamed {len(changed) - copies} records to their current run ids"
+                  + (f", removed {copies} second copies of runs already stored" if copies else ""))
+    print(f"{renamed} records renamed under {root}" + (f", {removed} second copies removed" if removed else ""))
     return 0
 
 

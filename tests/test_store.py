@@ -360,6 +360,24 @@ def test_migrate_removes_a_second_copy_of_a_stored_run_so_tables_count_it_once(t
     assert store.migrate_run_ids() == []
 
 
+def test_migrate_command_counts_renamed_records_and_removed_copies_apart(tmp_path, capsys):
+    """``harness migrate`` on a suite holding a record under a hand-given name (renamed to its id) and a copy of
+    a stored run (removed) says one was renamed and one removed. Catches the message counting the removed copy
+    as renamed ("renamed 2 records") while one record fewer is left on disk."""
+    from harness.cli import main
+
+    store = ResultStore(tmp_path, "s")
+    stored, moved = {"seed": 0, "lr": 0.1}, {"seed": 1, "lr": 0.1}
+    store.write({"run_id": run_id(stored), "spec": stored, "metrics": {}})
+    for name, spec in (("copy", stored), ("by-hand", moved)):
+        (store.dir / f"{name}.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {}}))
+    assert main(["migrate", "--results-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "s: renamed 1 records to their current run ids, removed 1 second copies of runs already stored",
+        f"1 records renamed under {tmp_path}, 1 second copies removed"]
+    assert sorted(p.stem for p in store.dir.glob("*.json")) == sorted([run_id(stored), run_id(moved)])
+
+
 def test_loading_a_record_that_is_not_text_says_which_file_to_delete(tmp_path):
     """A stored record of binary garbage (a disk error, a stray file) stops with one line naming it, as a truncated
     one does, not with a UnicodeDecodeError traceback. Catches a load that handles only JSON errors."""
