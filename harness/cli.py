@@ -423,10 +423,9 @@ def cmd_report(args) -> int:
     from harness.reporting.report import write_report
     from harness.execution.suite import DEFAULT_SUITE
 
-    page = write_report(args.suite or DEFAULT_SUITE, args.results_dir, args.leaderboard_dir, args.data_dir,
-                        resolve_device(args.device), features=not args.no_features, log=print,
-                        options=_stats_options(args))
-    print(f"written: {page}")
+    write_report(args.suite or DEFAULT_SUITE, args.results_dir, args.leaderboard_dir, args.data_dir,
+                 resolve_device(args.device), features=not args.no_features, log=print,
+                 options=_stats_options(args))  # its last line names the page
     return 0
 
 
