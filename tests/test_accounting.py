@@ -304,6 +304,17 @@ def test_each_epoch_has_its_own_data_order_and_its_own_mean_loss():
     assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
 
 
+def test_an_epochs_history_loss_is_the_mean_of_its_steps_not_its_last():
+    """Loss = the step's number (1-8; 2 epochs of 4 batches of 8): the history losses are 2.5 and 6.5, the means
+    of steps 1-4 and 5-8. Catches an epoch reported by its last step's loss (4, 8)."""
+    class _StepNumberLoss(_EpochLoss):
+        def training_step(self, batch: Batch):
+            return super().training_step(batch) * 0 + self.calls
+
+    _, result = _train_epoch_loss("epochs=2", method_cls=_StepNumberLoss)
+    assert result.status == "ok" and [h["loss"] for h in result.history] == [2.5, 6.5]
+
+
 def test_a_resumed_run_keeps_counting_its_seconds_and_does_not_start_again(tmp_path):
     """Killed in its 4th step (checkpoint after every step), the run resumes at step 4 of 6. The checkpoint says the
     first 3 steps took 1000 s (as on a slow machine): the resumed run's clock goes on from there, so a seconds budget
@@ -444,6 +455,19 @@ def test_a_combination_of_a_failed_run_is_a_failed_run_and_the_suite_goes_on(tmp
     assert retried["status"] == "ok"  # --retry-failed of the combination alone retried its failed component first
     (component,) = [job for job in jobs if job.entry.label == "_nan_until_fixed"]
     assert ResultStore(tmp_path / "r", component.suite).load(component.run_id)["status"] == "ok"
+
+
+def test_a_run_stored_after_the_suite_started_is_read_again_under_its_lock_not_retrained(tmp_path):
+    """A suite of [thanos, supcon_spread]: thanos trains and stores its component supcon_spread first, after the
+    suite read the (then absent) records. The suite's own supcon_spread job must find that record when it reads
+    again under the lock, as it would one written by another process, and use it instead of training again."""
+    jobs = plan(make_suite(["thanos", {"name": "supcon_spread", "config": CONFIG}], budget="steps=2", protocols=FAST))
+    log = []
+    records = _runner(tmp_path / "r", tmp_path, log=log.append).run(jobs)
+    component = jobs[1]
+    assert [line for line in log if line.endswith(component.describe())] == [component.describe()]  # trained once
+    stored = ResultStore(tmp_path / "r", component.suite).load(component.run_id)
+    assert records[1] == stored and records[0]["spec"]["components"][0] == component.spec
 
 
 def test_a_batch_larger_than_the_data_is_the_whole_data_once_a_step():
