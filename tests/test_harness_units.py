@@ -509,6 +509,30 @@ def test_train_split_is_the_set_of_images_a_run_trains_on(tmp_path, split, size)
     assert train_idx.tolist() == manifest.split(split).tolist()
 
 
+@pytest.mark.parametrize("method,level,classes", [("supervised", "labels", 10), ("supcon", "coarse_labels", 2)])
+def test_a_labelled_method_trains_on_the_labels_of_its_level(tmp_path, monkeypatch, method, level, classes):
+    """On digits, a fine-label method's classifier has 10 outputs and its batches carry the images' digits; a
+    coarse-label one has 2 outputs (0-4 vs 5-9) and its batches carry the coarse labels. Catches a coarse method
+    sized for, or handed, the fine labels."""
+    from harness.execution.runner import Runner, plan
+    from methods import METHODS
+
+    cls, seen = METHODS.get(method), []
+    real_step = cls.training_step
+
+    def recording_step(self, batch):
+        seen.append((self.classifier.out_features, batch.index.tolist(), batch.labels.tolist()))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(cls, "training_step", recording_step)
+    (job,) = plan(make_suite([method], budget="steps=2", protocols={"knn": {"k": 5}}))
+    runner = Runner(tmp_path / "r", tmp_path / "d", device="cpu", quiet=True, log=lambda s: None)
+    assert runner.run([job])[0]["status"] == "ok" and len(seen) == 2
+    data, manifest = runner.dataset("digits", job.spec["val_fraction"])
+    for outputs, index, labels in seen:
+        assert outputs == classes and labels == getattr(data, level)[manifest.train[index]].tolist()
+
+
 def test_a_yaml_merge_key_gives_defaults_that_a_suite_may_override(tmp_path):
     """``<<: *defaults`` merges a shared mapping and a key beside it overrides the merged one (YAML's rule), while
     a key written twice by hand is an error. Catches the duplicate-key check applied to merged keys."""
