@@ -456,6 +456,27 @@ def test_a_truncated_record_of_a_planned_run_stops_the_suite_before_training(sto
     assert err.count("\n") == 1 and record.name in err and "delete it" in err
 
 
+def test_a_forced_rerun_checks_its_data_before_training(tmp_path, capsys, monkeypatch):
+    """A stored run of kNN k=5 on an image folder of 24 training images, which then shrinks to 4: ``--force``
+    retrains it, so its data is checked first, and the run stops with one line before anything trains. Catches
+    the data check made only for runs with no record, which a rerun of stored runs skips."""
+    from harness.execution.runner import Runner
+
+    monkeypatch.chdir(tmp_path)
+    tree = _image_tree(tmp_path / "tree")
+    argv = _run(tmp_path, "--datasets", f"imagefolder:{tree}", "--quiet")
+    assert main(argv) == 0
+    for image in [*(tree / "train").glob("*/[!01].png"), *(tree / "train").glob("*/1?.png")]:
+        image.unlink()
+    assert sorted(p.name for p in (tree / "train" / "a").iterdir()) == ["0.png", "1.png"]
+    capsys.readouterr()
+    monkeypatch.setattr(Runner, "run", lambda *a, **k: pytest.fail("a run started"))
+    assert main([*argv, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"knn k=5 is larger than the train_full split of imagefolder:{tree} (4 samples)" in err
+
+
 @pytest.mark.parametrize("filled_at", ["manifest", "record"])
 def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_path, capsys, monkeypatch):
     """ENOSPC while the split manifest (before training) or a run's record (after it) is written:
@@ -557,6 +578,21 @@ def test_the_decoded_cache_is_per_class_list(tmp_path):
     assert named.classes == ("a", "b") and listed.classes == ("b", "a")
     assert torch.equal(listed.images[:2], named.images[2:4]) and listed.labels.tolist() == named.labels.tolist()
     assert len(list((tmp_path / "cache").glob("tree-native-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("spoiled", [b"", b"not a tensor file", _saved({"images": torch.zeros(1)})],
+                         ids=["empty", "not a tensor file", "other fields"])
+def test_an_unreadable_decoded_cache_is_decoded_again(tmp_path, spoiled):
+    """A cache file left empty, overwritten, or holding other fields (EOFError, UnpicklingError, TypeError as it
+    loads) is rebuilt from the tree: the same images and labels, and a readable cache file again. Catches a
+    cache whose load errors other than a truncated zip stop every run of the dataset."""
+    tree = _image_tree(tmp_path / "tree", train=2, test=1)
+    first = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    (cache,) = (tmp_path / "d" / "cache").glob("tree-native-*.pt")
+    cache.write_bytes(spoiled)
+    again = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
+    assert torch.equal(again.images, first.images) and again.labels.tolist() == first.labels.tolist()
+    assert torch.load(cache, weights_only=True)["labels"].tolist() == first.labels.tolist()
 
 
 def test_yaml_numbers_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
