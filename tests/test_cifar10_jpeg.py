@@ -83,6 +83,25 @@ def test_no_tree_no_archive_no_torchvision_copy_is_one_line(tmp_path, monkeypatc
     assert "\n" not in message and "cifar10-jpeg.tar.gz" in message and "run once with internet" in message
 
 
+def test_the_10k_subset_is_the_first_800_train_and_200_test_images_of_each_class(tmp_path, monkeypatch):
+    """From generated CIFAR-shaped data of 1,000 train + 250 test images a class (one pixel each, whose bytes
+    spell the image's index), ``cifar10-jpeg-10k`` keeps, in source order, the first 800 train and first 200 test
+    images of every class: 8,000 + 2,000. Catches the two counts swapped or the parts mixed up."""
+    labels, is_train = np.tile(np.arange(10), 1250), np.arange(12500) < 10000
+    index = np.arange(12500)
+    pixels = np.stack([index // 65536, index // 256 % 256, index % 256], 1).astype(np.uint8)[:, :, None, None]
+    source = ImageData("cifar10-jpeg", torch.as_tensor(pixels), labels, None, is_train, CIFAR10_CLASSES,
+                       (0.5,) * 3, (0.25,) * 3)
+    monkeypatch.setattr(datasets, "load_cifar10_jpeg", lambda root, download: source)
+    subset = load_dataset("cifar10-jpeg-10k", tmp_path)
+    kept = subset.images[:, 0, 0, 0].long() * 65536 + subset.images[:, 1, 0, 0].long() * 256 + subset.images[:, 2, 0, 0]
+    expected = sorted(i for c in range(10) for part, n in ((is_train, 800), (~is_train, 200))
+                      for i in np.flatnonzero(part & (labels == c))[:n])
+    assert kept.tolist() == expected and subset.name == "cifar10-jpeg-10k"
+    assert (subset.is_train.sum(), len(subset)) == (8000, 10000)
+    assert subset.labels.tolist() == labels[expected].tolist()
+
+
 def _archive_of_a_tree(tmp_path) -> "Path":
     """cifar10-jpeg.tar.gz (members under cifar10-jpeg/, as the shared archive) of the generated tree."""
     import tarfile
