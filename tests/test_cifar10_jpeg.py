@@ -102,8 +102,9 @@ def test_the_10k_subset_is_the_first_800_train_and_200_test_images_of_each_class
     assert subset.labels.tolist() == labels[expected].tolist()
 
 
-def _archive_of_a_tree(tmp_path) -> "Path":
-    """cifar10-jpeg.tar.gz (members under cifar10-jpeg/, as the shared archive) of the generated tree."""
+def _archive_of_a_tree(tmp_path, nested: bool = True) -> "Path":
+    """cifar10-jpeg.tar.gz of the generated tree, its members under cifar10-jpeg/ (as the shared archive) or, not
+    ``nested``, train/ and test/ at its top."""
     import tarfile
 
     source = tmp_path / "source"
@@ -111,8 +112,25 @@ def _archive_of_a_tree(tmp_path) -> "Path":
     archive = tmp_path / "data" / "cifar10-jpeg.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source / "cifar10-jpeg", arcname="cifar10-jpeg")
+        if nested:
+            tar.add(source / "cifar10-jpeg", arcname="cifar10-jpeg")
+        else:
+            for part in ("train", "test"):
+                tar.add(source / "cifar10-jpeg" / part, arcname=part)
     return archive
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["under cifar10-jpeg/", "at the top"])
+def test_an_archive_with_its_tree_under_a_folder_or_at_its_top_gives_the_same_data(tmp_path, nested):
+    """Both layouts of cifar10-jpeg.tar.gz extract to cifar10-jpeg/train and cifar10-jpeg/test: 30 train and 10
+    test images with the generated labels. Catches an archive whose files are at its top taken for one with a
+    folder (the extraction then finds no cifar10-jpeg/ to move into place)."""
+    root = _archive_of_a_tree(tmp_path, nested).parent
+    data = load_dataset("cifar10-jpeg", root)
+    source = generated_cifar(None, False)
+    assert sorted(p.name for p in (root / "cifar10-jpeg").iterdir()) == ["test", "train"]
+    assert (len(data), int(data.is_train.sum())) == (40, 30)
+    assert sorted(data.labels.tolist()) == sorted(source.labels.tolist())
 
 
 def test_the_archive_is_extracted_whole_or_not_at_all(tmp_path, monkeypatch):
