@@ -329,6 +329,19 @@ def test_validation_scores_are_not_ranked():
     assert [c for c in leaderboard_table(records).display.columns if c.startswith("digits")] == ["digits knn/top1"]
 
 
+def test_headlines_are_each_protocols_top1_and_clustering_acc():
+    """Both levels of coarse-to-fine under kNN and L-BFGS are headline columns (they rank methods across a suite, as in
+    the committed quick-transfer table); top-5, NMI and validation accuracies are not. Catches a headline test that
+    knows only the plain ``top1`` leaf."""
+    from harness.reporting.leaderboard import is_headline
+
+    for metric in ("knn/top1", "sgd/top1@best_val", "clustering/acc", "coarse_to_fine/fine_knn_top1",
+                   "coarse_to_fine/coarse_lbfgs_top1"):
+        assert is_headline(metric), metric
+    for metric in ("knn/top5", "clustering/nmi", "sgd/val_top1", "knn/grid/k20_t0.07/top1", "clustering/acc_majority"):
+        assert not is_headline(metric), metric
+
+
 def test_compare_holm_and_interval_follow_the_columns_and_alpha():
     """best - b over two columns: p_knn = 0.00226, p_lbfgs = 0.000287 (scipy's ttest_rel); Holm: the smaller times 2,
     the larger max(itself, that). With --alpha 0.1 the interval of knn's differences (0.19, 0.22, 0.22) uses
@@ -355,3 +368,75 @@ def test_friedman_uses_complete_rows_and_alpha_names_the_verdict():
     assert "no difference in mean rank is shown at alpha = 0.05" in ranks.summary()
     loose = leaderboard_table(records, StatsOptions(alpha=0.2)).ranks
     assert "the mean ranks differ at alpha = 0.2" in loose.summary()
+
+
+def test_the_best_is_bold_when_its_adjusted_p_equals_alpha():
+    """Reject where the Holm-adjusted p is <= alpha: with one other row Holm leaves scipy's ttest_rel p as it is, so at
+    alpha = that p the best is bold, and just below it the two rows are tied. Catches a strict ``p < alpha``."""
+    records = [r for r in synthetic_records() if r["spec"]["label"] != "a"]
+    p = st.ttest_rel(VALUES["best"]["knn/top1"], VALUES["b"]["knn/top1"]).pvalue
+
+    def knn_marks(alpha: float) -> dict[str, str]:
+        cells = leaderboard_table(records, StatsOptions(alpha=alpha)).stats
+        return cells[cells["metric"] == "knn/top1"].set_index("row")["mark"].to_dict()
+
+    assert knn_marks(p) == {"best": "best", "b": ""}
+    assert knn_marks(p * (1 - 1e-9)) == {"best": "tied", "b": "tied"}
+
+
+def test_two_seeds_keep_their_std_in_the_csv():
+    """Two seeds get no interval but do have a spread: std (ddof=1) of (0.71, 0.70) = 0.00707. Catches a std that is
+    left out (nan) below 3 seeds."""
+    records = [r for r in synthetic_records() if r["spec"]["seed"] < 2]
+    cells = leaderboard_table(records).stats.set_index(["row", "metric"])
+    assert cells.loc[("b", "knn/top1"), "std"] == pytest.approx(np.std([0.71, 0.70], ddof=1))
+    assert cells.loc[("b", "knn/top1"), "std"] == pytest.approx(0.0070711, abs=1e-7)
+
+
+def test_rank_is_the_mean_of_the_column_ranks():
+    """Three columns: x ranks (1, 1, 3), y (2, 2, 1), z (3, 3, 2), so mean ranks 1.7, 1.7, 2.7 (medians would be 1, 2,
+    3). Catches a median or a two-column-only check of the rank."""
+    scores = {"x": (0.9, 0.9, 0.1), "y": (0.8, 0.8, 0.9), "z": (0.7, 0.7, 0.5)}
+    records = [record(label, seed, {"knn/top1": s[0], "lbfgs/top1": s[1], "clustering/acc": s[2] + 0.01 * seed})
+               for label, s in scores.items() for seed in range(3)]
+    assert leaderboard_table(records).display["rank"].to_dict() == {"x": "1.7", "y": "1.7", "z": "2.7"}
+
+
+def test_critical_difference_groups_are_maximal():
+    """Mean ranks 1.25, 1.75, 2.75, 4.25 of 4 rows over 6 columns, CD = 2.569 * sqrt(4 * 5 / 36) = 1.915 (Demšar Table 5):
+    a-c span 1.5 < CD and c-d span 1.5 < CD, but b-d span 2.5 > CD. The bars are (a, b, c) and (c, d); (b, c) lies
+    inside the first bar and gets none. Catches a nested, non-maximal bar."""
+    from harness.reporting import stats
+    from harness.reporting.leaderboard import SuiteRanks
+
+    cd = stats.nemenyi_critical_difference(4, 6)
+    assert cd == pytest.approx(2.569 * math.sqrt(20 / 36), abs=1e-3)
+    ranks = SuiteRanks(list("abcd"), [f"c{i}" for i in range(6)], stats.friedman_from_ranks([1.25, 1.75, 2.75, 4.25], 6),
+                       cd, 0.05, [])
+    assert ranks.groups() == [(0, 2), (2, 3)]
+
+
+def test_markdown_table_has_one_separator_per_column():
+    from harness.reporting.leaderboard import to_markdown
+
+    df = pd.DataFrame({"rank": ["1.0", "2.0"], "digits knn/top1": ["**92.0 [87.0, 97.0]**", "71.0 [68.5, 73.5]"]},
+                      index=pd.Index(["best", "b"], name="method"))
+    assert to_markdown(df) == ("| method | rank | digits knn/top1 |\n|---|---|---|\n"
+                               "| best | 1.0 | **92.0 [87.0, 97.0]** |\n| b | 2.0 | 71.0 [68.5, 73.5] |")
+
+
+def test_the_header_lists_every_deviation_run_count_seed_range_and_protocol(tmp_path):
+    """Row "b" lacks seed 2 (2 seeds, the others 3) and "c" failed: 9 stored runs, 8 ok, seeds per cell 2–3. Every
+    deviation of the title is a line of its own and every protocol of the records is named. Catches a dropped
+    deviation or protocol line, failed runs counted as ok and a seed range that shows one end only."""
+    records = [r for r in synthetic_records() if not (r["spec"]["label"] == "b" and r["spec"]["seed"] == 2)]
+    records[0]["spec"]["protocols"] = {**records[0]["spec"]["protocols"], "lbfgs": {"c": 1.0}}
+    records.append({**record("c", 0, {}), "status": "failed", "reason": "loss became nan", "metrics": {}})
+    title = "Synthetic, 3 seeds. Deviations: (1) warm-up from 0; (2) bf16 autocast; (3) the final checkpoint."
+    write_leaderboard(records, "syn", tmp_path, title)
+    md = (tmp_path / "syn.md").read_text()
+    assert md.startswith("# Leaderboard: Synthetic, 3 seeds\n")
+    assert "(3; docs/fidelity.md gives the reasons):\n- warm-up from 0\n- bf16 autocast\n- the final checkpoint\n" in md
+    assert "9 stored runs (8 ok)" in md and "seeds per cell: 2–3 (the csv's n column)" in md
+    assert "- `knn`: k=20, temperature=0.1\n- `lbfgs`: c=1.0\n" in md
+

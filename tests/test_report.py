@@ -349,3 +349,67 @@ def test_budget_grid_gets_a_learning_curve_per_headline_metric(tmp_path, monkeyp
 def test_single_budget_suite_has_no_learning_curve_section(tiny):
     page = tiny.index.read_text()
     assert "Learning curves" not in page and not any(f.startswith("budget_") for f in _figures(tiny.index))
+
+
+def _synthetic_results(tmp_path: Path) -> Path:
+    """test_leaderboard's three rows x three seeds stored as the records of a suite named "syn", with a kNN grid point
+    that reverses their kNN order."""
+    from test_leaderboard import synthetic_records
+
+    results = tmp_path / "results"
+    (results / "syn").mkdir(parents=True)
+    for r in synthetic_records():
+        r["metrics"]["backbone"]["knn/grid/k10_t0.5/top1"] = 1 - r["metrics"]["backbone"]["knn/top1"]
+        (results / "syn" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    return results
+
+
+def test_report_table_marks_cells_and_follows_alpha(tmp_path):
+    """The page's leaderboard carries the table's marks as classes (best's kNN cell bold, the lbfgs best and "a" tied,
+    "b" unmarked), sorts rank ascending first, and ``options`` reach it: at alpha 0.1 the intro says 90% and the cells
+    are 90% intervals, mean ± t_{0.95, 2} * std / sqrt 3 with t_{0.95, 2} = 2.919986: best's kNN 92.0 ± 3.37 = [88.6, 95.4],
+    its lbfgs 85.0 ± 8.43 = [76.6, 93.4]. Catches marks lost on the page, a
+    report that ignores --alpha/--ci, and rank sorted worst first."""
+    from harness.reporting.leaderboard import StatsOptions
+
+    index = write_report("syn", _synthetic_results(tmp_path), tmp_path / "out", tmp_path / "data", features=False,
+                         options=StatsOptions(alpha=0.1))
+    page = index.read_text()
+    table = page.split('<table id="leaderboard"', 1)[1].split("</table>", 1)[0]
+    cells = {row: re.findall(r"<td data-sort=\"[^\"]*\"( class=\"\w+\")?>([^<]*)</td>", cells)
+             for row, cells in re.findall(r"<tr><td>([^<]*)</td>(.*?)</tr>", table)}
+    metric = {row: [(cls.strip(), text) for cls, text in found if "[" in text] for row, found in cells.items()}
+    assert metric["best"] == [('class="best"', "92.0 [88.6, 95.4]"), ('class="tied"', "85.0 [76.6, 93.4]")]
+    assert metric["a"][1][0] == 'class="tied"' and [cls for cls, _ in metric["b"]] == ["", ""]
+    assert "with its 90% confidence interval" in page and "alpha = 0.1" in page
+    assert re.search(r'<th data-type="num" data-first="asc" data-kind="rank"', table)
+
+
+def test_report_sensitivity_rows_give_tau_with_its_sign_and_where_the_top_changes(tmp_path):
+    """The grid point k10_t0.5 reverses the headline order (best, a, b): tau = -1 and the top changes to b; kNN at the
+    suite setting keeps it: tau = 1, no change. Catches a lost sign of tau and a "top changes" column that says yes
+    where the top stays."""
+    index = write_report("syn", _synthetic_results(tmp_path), tmp_path / "out", tmp_path / "data", features=False)
+    table = index.read_text().split('<table id="sensitivity"', 1)[1].split("</table>", 1)[0]
+    assert "<tr><td>knn k10_t0.5</td><td>3</td><td>-1.00</td><td>b</td><td>yes</td></tr>" in table
+    assert "<tr><td>knn (suite setting)</td><td>3</td><td>1.00</td><td>best</td><td></td></tr>" in table
+
+
+def test_bar_chart_orders_rows_by_mean_and_whiskers_are_one_std(tmp_path, monkeypatch):
+    """Bars top to bottom from the highest mean; whiskers mean ± 1 std (the axis label's promise), here 80 ± 2 and
+    60 ± 5 points, not ± std / sqrt(n). Catches an ascending order and the standard error drawn as the std."""
+    from matplotlib.container import ErrorbarContainer
+
+    from harness.reporting import report
+
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path, provenance=None: drawn.update(fig=fig))
+    rows = [{"row": "a", "mean": 0.6, "std": 0.05, "n": 4}, {"row": "b", "mean": 0.8, "std": 0.02, "n": 4}]
+    report.bar_chart(rows, {"a": [0.55, 0.6, 0.6, 0.65], "b": [0.78, 0.8, 0.8, 0.82]}, "digits knn/top1",
+                     tmp_path / "bar.png")
+    ax = drawn["fig"].axes[0]
+    ticks = sorted(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels())), reverse=True)
+    assert [label for _, label in ticks] == ["b", "a"]
+    (errorbar,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    whiskers = {round(float(seg[0][1])): (float(seg[0][0]), float(seg[1][0])) for seg in errorbar.lines[2][0].get_segments()}
+    assert whiskers == {1: pytest.approx((78.0, 82.0)), 0: pytest.approx((55.0, 65.0))}

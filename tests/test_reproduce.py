@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from harness.cli import default_leaderboard_dir, main
-from harness.execution.reproduce import verdict
+from harness.execution.reproduce import _final_loss, reproduce, verdict
 
 
 def _suite(tmp_path: Path) -> Path:
@@ -21,6 +24,21 @@ def test_verdicts():
     assert verdict(0.5, 0.515, 0.01) == "within seed noise"
     assert verdict(0.5, 0.53, 0.01) == "outside"
     assert verdict(0.5, 0.5001, float("nan")) == "outside"  # one seed: no spread to be within
+
+
+def test_verdict_bounds_are_two_stds_inclusive_and_nan_is_identical_only_to_nan():
+    """|diff| = 0.125 = 2 x 0.0625 exactly (binary fractions, no rounding) is within seed noise; 2.5 std is outside; a
+    metric that became nan (or came back from nan) is outside. Catches ``<`` for ``<=``, a wider band than 2 std
+    and nan on one side taken as identical."""
+    assert verdict(0.5, 0.625, 0.0625) == "within seed noise" and verdict(0.5, 0.375, 0.0625) == "within seed noise"
+    assert verdict(0.5, 0.525, 0.01) == "outside"
+    assert verdict(float("nan"), float("nan"), 0.01) == "identical"
+    assert verdict(0.5, float("nan"), 0.01) == "outside" and verdict(float("nan"), 0.5, 0.01) == "outside"
+
+
+def test_final_loss_is_the_last_epochs():
+    assert _final_loss({"train": {"history": [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}]}}) == 1.5
+    assert _final_loss({"train": {"history": []}}) is None and _final_loss({}) is None
 
 
 def test_rerun_on_the_same_machine_is_bit_identical_and_tables_go_beside_the_results(tmp_path, capsys):
@@ -66,3 +84,32 @@ def test_each_rerun_uses_the_thread_count_its_record_was_written_with(tmp_path, 
     assert main(["reproduce", str(suite), "--methods", "random", "--results-dir", str(results), "--quiet", *data]) == 0
     assert seen == [written_with] and torch.get_num_threads() == before
     assert "used its record's torch thread count" in capsys.readouterr().out
+
+
+def test_reproduce_compares_with_the_seed_spread_of_the_same_row(tmp_path):
+    """Three seeds of random and pixels; random's seed 0 is stored as failed (no metrics) and seed 1's stored kNN top-1
+    is edited 0.01 above what it reproduces. ``reproduce(runs=1)`` retrains the first ok run, random's seed 1:
+    diff = rerun - stored = -0.01, and the seed std is that of random's two stored kNN scores (ddof=1), not pooled with
+    pixels'. Catches a failed run retrained, a std over every method or with ddof=0, and diff's sign."""
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(json.dumps({"name": "tiny", "datasets": ["digits"], "seeds": [0, 1, 2], "methods": ["random", "pixels"],
+                                 "budget": "steps=3", "protocols": {"knn": {"k": 10}}}))
+    results, data = tmp_path / "out", ["--data-dir", str(tmp_path / "data")]
+    assert main(["run", str(suite), "--results-dir", str(results), "--quiet", *data]) == 0
+    records = {}
+    for path in (results / "tiny").glob("*.json"):
+        r = json.loads(path.read_text())
+        if r["spec"]["label"] == "random" and r["spec"]["seed"] in (0, 1):
+            r = {**r, "status": "failed", "reason": "loss became nan", "metrics": {}} if r["spec"]["seed"] == 0 else \
+                {**r, "metrics": {**r["metrics"], "backbone": {**r["metrics"]["backbone"],
+                                                              "knn/top1": r["metrics"]["backbone"]["knn/top1"] + 0.01}}}
+            path.write_text(json.dumps(r))
+        records[(r["spec"]["label"], r["spec"]["seed"])] = r
+    from harness.execution.suite import load_suite
+
+    table = reproduce(load_suite(str(suite)), results, tmp_path / "data", runs=1, log=lambda s: None)
+    (row,) = table[table["metric"] == "knn/top1"].to_dict("records")
+    scores = [records[("random", seed)]["metrics"]["backbone"]["knn/top1"] for seed in (1, 2)]
+    assert row["run"] == "random/digits/s1" and row["stored"] == scores[0]
+    assert row["diff"] == pytest.approx(-0.01) and row["rerun"] == pytest.approx(scores[0] - 0.01)
+    assert row["seeds"] == 2 and row["seed std"] == pytest.approx(abs(scores[0] - scores[1]) / np.sqrt(2))
