@@ -440,3 +440,18 @@ def test_the_header_lists_every_deviation_run_count_seed_range_and_protocol(tmp_
     assert "9 stored runs (8 ok)" in md and "seeds per cell: 2–3 (the csv's n column)" in md
     assert "- `knn`: k=20, temperature=0.1\n- `lbfgs`: c=1.0\n" in md
 
+
+def test_failed_runs_are_counted_per_run_over_a_budget_grid():
+    """Row "c" failed with seed 0 at both budgets of a grid: 2 failed runs, though of one seed. Catches failed runs
+    counted by distinct seed (a row whose every budget failed would say 1)."""
+    records = []
+    for epochs in (1, 2):
+        for label in ("a", "b", "c"):
+            r = record(label, 0, {"knn/top1": 0.5 + 0.1 * (label == "a")})
+            r["run_id"] += f"-{epochs}"
+            r["spec"]["budget"] = {"epochs": epochs}
+            if label == "c":
+                r.update(status="failed", reason="loss became nan", metrics={})
+            records.append(r)
+    display = leaderboard_table(records).display
+    assert display["failed"].to_dict() == {"a": "", "b": "", "c": "2: loss became nan"}

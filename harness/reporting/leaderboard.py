@@ -247,7 +247,8 @@ def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = Sta
     table, tests = summarize(frame, options)
     means = table.pivot(index="row", columns="column", values="mean")
     means = means[sorted(means.columns, key=_column_order(table))]
-    failed = frame[frame["status"] != "ok"].groupby("row").agg(runs=("seed", "nunique"), reason=("reason", "first"))
+    runs_failed = frame[(frame["status"] != "ok") & frame["metric"].isna()]  # records_frame's one row per failed run
+    failed = runs_failed.groupby("row").agg(runs=("seed", "size"), reason=("reason", "first"))
     rows = means.index.append(failed.index.difference(means.index))  # rows whose every run failed come last
     cells = {(c.row, c.column): _cell(c.mean, c.ci_low, c.ci_high, c.mark) for c in table.itertuples()}
     display = pd.DataFrame(index=rows)
