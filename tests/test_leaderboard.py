@@ -402,20 +402,6 @@ def test_rank_is_the_mean_of_the_column_ranks():
     assert leaderboard_table(records).display["rank"].to_dict() == {"x": "1.7", "y": "1.7", "z": "2.7"}
 
 
-def test_critical_difference_groups_are_maximal():
-    """Mean ranks 1.25, 1.75, 2.75, 4.25 of 4 rows over 6 columns, CD = 2.569 * sqrt(4 * 5 / 36) = 1.915 (Demšar Table 5):
-    a-c span 1.5 < CD and c-d span 1.5 < CD, but b-d span 2.5 > CD. The bars are (a, b, c) and (c, d); (b, c) lies
-    inside the first bar and gets none. Catches a nested, non-maximal bar."""
-    from harness.reporting import stats
-    from harness.reporting.leaderboard import SuiteRanks
-
-    cd = stats.nemenyi_critical_difference(4, 6)
-    assert cd == pytest.approx(2.569 * math.sqrt(20 / 36), abs=1e-3)
-    ranks = SuiteRanks(list("abcd"), [f"c{i}" for i in range(6)], stats.friedman_from_ranks([1.25, 1.75, 2.75, 4.25], 6),
-                       cd, 0.05, [])
-    assert ranks.groups() == [(0, 2), (2, 3)]
-
-
 def test_markdown_table_has_one_separator_per_column():
     from harness.reporting.leaderboard import to_markdown
 
@@ -455,3 +441,13 @@ def test_failed_runs_are_counted_per_run_over_a_budget_grid():
             records.append(r)
     display = leaderboard_table(records).display
     assert display["failed"].to_dict() == {"a": "", "b": "", "c": "2: loss became nan"}
+
+
+def test_compare_tests_two_common_seeds():
+    """Two seeds in common are enough for the paired t-test (no interval below 3): best - b on knn/top1 over seeds 0, 1
+    has n = 2 and scipy's ttest_rel p. Catches a pair of seeds reported as untestable."""
+    records = [r for r in synthetic_records() if r["spec"]["seed"] < 2]
+    knn = compare(records, "best", "b").set_index("column").loc["digits knn/top1"]
+    p = st.ttest_rel(VALUES["best"]["knn/top1"][:2], VALUES["b"]["knn/top1"][:2]).pvalue
+    assert knn["n"] == 2 and knn["test"] == "paired t" and knn["p"] == pytest.approx(p)
+    assert knn["difference"] == pytest.approx(20.5) and math.isnan(knn["ci_low"])
