@@ -534,16 +534,11 @@ def cmd_migrate(args) -> int:
     names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir())
     renamed = removed = 0
     for name in names:
-        store = ResultStore(root, name)
-        files_before = len(list(store.dir.glob("*.json")))
-        changed = store.migrate_run_ids()
-        # a changed file is renamed, or removed as a second copy of a run stored under its id: the count of
-        # files tells how many were removed
-        copies = files_before - len(list(store.dir.glob("*.json")))
-        renamed, removed = renamed + len(changed) - copies, removed + copies
-        if changed:
-            print(f"{name}: renamed {len(changed) - copies} records to their current run ids"
-                  + (f", removed {copies} second copies of runs already stored" if copies else ""))
+        moved, copies = ResultStore(root, name).migrate_run_ids()
+        renamed, removed = renamed + len(moved), removed + len(copies)
+        if moved or copies:
+            print(f"{name}: renamed {len(moved)} records to their current run ids"
+                  + (f", removed {len(copies)} second copies of runs already stored" if copies else ""))
     print(f"{renamed} records renamed under {root}" + (f", {removed} second copies removed" if removed else ""))
     return 0
 

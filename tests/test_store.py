@@ -92,11 +92,11 @@ def test_migrate_renames_records_and_checkpoints_to_current_ids(tmp_path):
     store.write({"run_id": "0123456789abcdef", "spec": spec, "metrics": {}})
     store.checkpoint_path("0123456789abcdef").parent.mkdir(parents=True)
     store.checkpoint_path("0123456789abcdef").write_bytes(b"weights")
-    assert store.migrate_run_ids() == [("0123456789abcdef", run_id(spec))]
+    assert store.migrate_run_ids() == ([("0123456789abcdef", run_id(spec))], [])
     assert sorted(p.name for p in store.dir.glob("*.json")) == [f"{run_id(spec)}.json"]
     assert store.load(run_id(spec))["run_id"] == run_id(spec)
     assert store.checkpoint_path(run_id(spec)).read_bytes() == b"weights"
-    assert store.migrate_run_ids() == []
+    assert store.migrate_run_ids() == ([], [])
 
 
 def test_migrate_makes_a_whole_float_budget_the_int_a_plan_now_names(tmp_path):
@@ -107,7 +107,7 @@ def test_migrate_makes_a_whole_float_budget_the_int_a_plan_now_names(tmp_path):
     store.write({"run_id": run_id(old_spec), "spec": old_spec, "metrics": {}})
     store.write({"run_id": run_id(odd_spec), "spec": odd_spec, "metrics": {}})
     now = run_id({"seed": 0, "budget": {"epochs": 20}})
-    assert now != run_id(old_spec) and store.migrate_run_ids() == [(run_id(old_spec), now)]
+    assert now != run_id(old_spec) and store.migrate_run_ids() == ([(run_id(old_spec), now)], [])
     assert store.load(now)["spec"]["budget"] == {"epochs": 20} and store.has(run_id(odd_spec))
 
 
@@ -341,7 +341,7 @@ def test_migrate_gives_a_record_stored_under_another_name_its_id(tmp_path):
     store.dir.mkdir(parents=True)
     (store.dir / "copied-by-hand.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {}}))
     assert not store.has(run_id(spec))
-    assert store.migrate_run_ids() == [("copied-by-hand", run_id(spec))]
+    assert store.migrate_run_ids() == ([("copied-by-hand", run_id(spec))], [])
     assert store.has(run_id(spec)) and store.load(run_id(spec))["spec"] == spec
     assert [p.name for p in store.dir.glob("*.json")] == [f"{run_id(spec)}.json"]
 
@@ -355,9 +355,9 @@ def test_migrate_removes_a_second_copy_of_a_stored_run_so_tables_count_it_once(t
     store.write({"run_id": run_id(spec), "spec": spec, "metrics": {"encoder": {"acc": 0.5}}})
     (store.dir / "copy.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {"encoder": {"acc": 0.9}}}))
     assert len(list(store.records())) == 2
-    assert store.migrate_run_ids() == [("copy", run_id(spec))]
+    assert store.migrate_run_ids() == ([], [("copy", run_id(spec))])
     assert [r["metrics"] for r in store.records()] == [{"encoder": {"acc": 0.5}}]
-    assert store.migrate_run_ids() == []
+    assert store.migrate_run_ids() == ([], [])
 
 
 def test_migrate_command_counts_renamed_records_and_removed_copies_apart(tmp_path, capsys):

@@ -187,15 +187,16 @@ class ResultStore:
     def lock(self, rid: str) -> "RunLock":
         return RunLock(self.dir / ".locks" / f"{rid}.lock")
 
-    def migrate_run_ids(self) -> list[tuple[str, str]]:
+    def migrate_run_ids(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """Give every record file the name (and ``run_id``) of its spec's run id as computed now, moving its
-        checkpoint along; returns the ``(old file name, new id)`` pairs. For stores written by older versions,
-        which also kept a whole budget limit given as a float (``{epochs: 20.0}``; now the int 20), and for
-        records copied in under another name. A file naming a run that is already stored under its id is a
-        second copy of that run, which tables would count twice: it is removed and the stored one kept."""
+        checkpoint along; returns the ``(old file name, new id)`` pairs renamed, and those removed. For stores
+        written by older versions, which also kept a whole budget limit given as a float (``{epochs: 20.0}``;
+        now the int 20), and for records copied in under another name. A file naming a run that is already
+        stored under its id is a second copy of that run, which tables would count twice: it is removed and
+        the stored one kept."""
         from harness.engine.budget import Budget
 
-        renamed = []
+        renamed, removed = [], []
         for path, record in list(self._record_files()):
             budget = record["spec"].get("budget")
             if isinstance(budget, dict) and len(budget) == 1:
@@ -207,7 +208,8 @@ class ResultStore:
             target = self.record_path(new)
             if path == target and record["run_id"] == new:
                 continue
-            if path == target or not target.is_file():
+            second_copy = path != target and target.is_file()
+            if not second_copy:
                 record["run_id"] = new
                 self.write(record)
             if path != target:
@@ -215,8 +217,8 @@ class ResultStore:
                 old_checkpoint = self.checkpoint_path(path.stem)
                 if old_checkpoint.is_file() and not self.checkpoint_path(new).is_file():
                     os.replace(old_checkpoint, self.checkpoint_path(new))
-                renamed.append((path.stem, new))
-        return renamed
+                (removed if second_copy else renamed).append((path.stem, new))
+        return renamed, removed
 
     def clean_temp_files(self) -> list[Path]:
         """Remove temporary files of killed writers (records, checkpoints) in this store."""
