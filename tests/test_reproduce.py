@@ -90,7 +90,8 @@ def test_reproduce_compares_with_the_seed_spread_of_the_same_row(tmp_path):
     """Three seeds of random and pixels; random's seed 0 is stored as failed (no metrics) and seed 1's stored kNN top-1
     is edited 0.01 above what it reproduces. ``reproduce(runs=1)`` retrains the first ok run, random's seed 1:
     diff = rerun - stored = -0.01, and the seed std is that of random's two stored kNN scores (ddof=1), not pooled with
-    pixels'. Catches a failed run retrained, a std over every method or with ddof=0, and diff's sign."""
+    pixels'; the final loss's spread leaves out the failed run's history. Catches a failed run retrained, a std over
+    every method, with ddof=0 or over failed runs too, and diff's sign."""
     suite = tmp_path / "tiny.yaml"
     suite.write_text(json.dumps({"name": "tiny", "datasets": ["digits"], "seeds": [0, 1, 2], "methods": ["random", "pixels"],
                                  "budget": "steps=3", "protocols": {"knn": {"k": 10}}}))
@@ -99,10 +100,13 @@ def test_reproduce_compares_with_the_seed_spread_of_the_same_row(tmp_path):
     records = {}
     for path in (results / "tiny").glob("*.json"):
         r = json.loads(path.read_text())
-        if r["spec"]["label"] == "random" and r["spec"]["seed"] in (0, 1):
-            r = {**r, "status": "failed", "reason": "loss became nan", "metrics": {}} if r["spec"]["seed"] == 0 else \
-                {**r, "metrics": {**r["metrics"], "backbone": {**r["metrics"]["backbone"],
-                                                              "knn/top1": r["metrics"]["backbone"]["knn/top1"] + 0.01}}}
+        if r["spec"]["label"] == "random":  # a final loss per seed (random trains none): 99 for the failed seed
+            r = {**r, "train": {**r["train"], "history": [{"epoch": 1, "loss": [99.0, 2.0, 3.0][r["spec"]["seed"]]}]}}
+            if r["spec"]["seed"] == 0:
+                r = {**r, "status": "failed", "reason": "loss became nan", "metrics": {}}
+            elif r["spec"]["seed"] == 1:
+                r = {**r, "metrics": {**r["metrics"], "backbone": {**r["metrics"]["backbone"],
+                                                                  "knn/top1": r["metrics"]["backbone"]["knn/top1"] + 0.01}}}
             path.write_text(json.dumps(r))
         records[(r["spec"]["label"], r["spec"]["seed"])] = r
     from harness.execution.suite import load_suite
@@ -113,3 +117,5 @@ def test_reproduce_compares_with_the_seed_spread_of_the_same_row(tmp_path):
     assert row["run"] == "random/digits/s1" and row["stored"] == scores[0]
     assert row["diff"] == pytest.approx(-0.01) and row["rerun"] == pytest.approx(scores[0] - 0.01)
     assert row["seeds"] == 2 and row["seed std"] == pytest.approx(abs(scores[0] - scores[1]) / np.sqrt(2))
+    (loss,) = table[table["metric"] == "final_loss"].to_dict("records")
+    assert loss["stored"] == 2.0 and loss["seeds"] == 2 and loss["seed std"] == pytest.approx(1 / np.sqrt(2))

@@ -47,7 +47,7 @@ def reproduce(suite, results_dir: Path, data_dir: Path, runs: int = 1, device: s
             record = stored[job.run_id]
             with torch_threads(record.get("environment", {}).get("threads")):
                 rerun = runner.run([job], force=True)[0]
-            peers = [r for r in stored.values() if r["spec"]["dataset"] == job.dataset
+            peers = [r for r in stored.values() if r.get("status") == "ok" and r["spec"]["dataset"] == job.dataset
                      and r["spec"]["label"] == job.entry.label and r["spec"]["budget"] == job.budget.as_dict()]
             compared = {("train", "final_loss"): _final_loss} | {
                 (rep, metric): (lambda r, rep=rep, metric=metric: r["metrics"].get(rep, {}).get(metric))
