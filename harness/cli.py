@@ -184,6 +184,7 @@ def cmd_run(args) -> int:
     from harness.data.datasets import load_split_data, validate_dataset_name
     from harness.engine.budget import Budget
     from harness.execution.environment import resolve_device
+    from harness.execution.executors import ExecutorError, default_local_workers, run_jobs, slurm_options
     from harness.execution.runner import Runner, plan
     from harness.execution.store import ResultStore
     from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
@@ -213,8 +214,6 @@ def cmd_run(args) -> int:
     from harness.engine import distributed
 
     ranks = distributed.init_distributed()  # a no-op unless launched by torchrun or as Slurm tasks
-    from harness.execution.executors import default_local_workers
-
     in_process = (not ranks.distributed and args.executor == "local"
                   and (args.workers or default_local_workers(args.device)) == 1)
     runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet, log_backend=args.log,
@@ -237,8 +236,6 @@ def cmd_run(args) -> int:
     if runner is not None:
         records = runner.run(jobs, force=args.force)
     else:
-        from harness.execution.executors import ExecutorError, run_jobs, slurm_options
-
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
