@@ -523,9 +523,6 @@ def cmd_migrate(args) -> int:
     root = args.results_dir
     if args.suite:
         check_suite_name(args.suite)
-    if not root.is_dir():
-        raise UsageError(f"results dir {str(root)!r} " + ("is a file" if root.exists() else "does not exist") +
-                         "; give the folder that holds <suite>/<run_id>.json records (--results-dir)")
     if args.suite and not (root / args.suite).is_dir():
         raise choices_error("suite (in this results dir)", args.suite, [p.name for p in root.iterdir() if p.is_dir()])
     names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -545,6 +542,9 @@ def cmd_migrate(args) -> int:
 WRITTEN_DIRS = {"run": ("data_dir", "results_dir", "leaderboard_dir"), "leaderboard": ("leaderboard_dir",),
                 "reproduce": ("data_dir", "results_dir"), "report": ("data_dir", "leaderboard_dir"),
                 "tune": ("data_dir", "results_dir"), "eval": ("data_dir",)}
+# Commands that read stored records: a missing results dir stops them before any folder is created.
+READ_DIRS = {"leaderboard": ("results_dir",), "report": ("results_dir",), "compare": ("results_dir",),
+             "migrate": ("results_dir",)}
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
             "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare,
@@ -583,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"cannot import plugin {module!r}: {type(exc).__name__}: {message}") from None
         from harness.execution.environment import check_writable
 
+        for option in READ_DIRS.get(args.command, ()):
+            folder = getattr(args, option)
+            if not folder.is_dir():
+                raise UsageError(f"results dir {str(folder)!r} " + ("is a file" if folder.exists() else "does not exist")
+                                 + "; give the folder that holds <suite>/<run_id>.json records (--results-dir)")
         for option in WRITTEN_DIRS.get(args.command, ()):
             check_writable(getattr(args, option), "--" + option.replace("_", "-"))
         code = COMMANDS[args.command](args)

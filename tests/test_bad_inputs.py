@@ -156,7 +156,8 @@ BAD_INPUTS = [
     ("leaderboard dir cannot be created", lambda t: _blocked(t, "--leaderboard-dir"), 1, "--leaderboard-dir"),
     ("a data dir that is a file", lambda t: _with(_run(t), "--data-dir", str(_write(t / "f", b""))), 1,
      "--data-dir"),
-    ("leaderboard into a file", lambda t: ["leaderboard", "quick", "--leaderboard-dir", str(_write(t / "f", b""))], 1,
+    ("leaderboard into a file", lambda t: ["leaderboard", "quick", "--results-dir", str(_mkdir(t / "r")),
+                                           "--leaderboard-dir", str(_write(t / "f", b""))], 1,
      "is a file, not a directory"),
     pytest.param("read-only results dir", _read_only, 1, "Permission denied", id="read-only results dir",
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")),
@@ -288,11 +289,11 @@ BAD_INPUTS = [
     # a second CLI sweep: each of these printed a traceback, trained first, or quietly did something else
     ("an empty suite argument", lambda t: ["run", "", *_dirs(t)], 2, "expected a suite name or a path to a YAML file, got ''"),
     ("a suite argument too long for a file name", lambda t: ["run", "x" * 300, *_dirs(t)], 2, "unknown suite 'xxx"),
-    ("leaderboard of a suite argument too long for a file name", lambda t: ["leaderboard", "x" * 300, *_dirs(t)[2:]],
+    ("leaderboard of a suite argument too long for a file name", lambda t: ["leaderboard", "x" * 300, *_dirs(_mkdir(t / "r").parent)[2:]],
      2, "unknown suite 'xxx"),
     ("a suite name too long for its tables' file names", lambda t: _run(t, name="x" * 101), 2,
      "at most 100 of them"),
-    ("leaderboard of an empty suite argument", lambda t: ["leaderboard", "", *_dirs(t)[2:]], 2,
+    ("leaderboard of an empty suite argument", lambda t: ["leaderboard", "", *_dirs(_mkdir(t / "r").parent)[2:]], 2,
      "expected a suite name or a path to a YAML file, got ''"),
     ("migrate of a suite name with a path in it", lambda t: ["migrate", "..", "--results-dir", str(_mkdir(t / "r"))], 2,
      "the suite name '..' must be letters, digits"),
@@ -305,6 +306,11 @@ BAD_INPUTS = [
      2, "N=99999999999999 x K=3 logits need"),
     ("migrate a results dir that is not there", lambda t: ["migrate", "--results-dir", str(t / "none")], 2,
      "does not exist"),
+    *[(f"{args[0]} of a results dir that is not there", lambda t, args=args: [*args, "--results-dir", str(t / "r")], 2,
+       "r' does not exist; give the folder that holds <suite>/<run_id>.json records")
+      for args in (["leaderboard", "quick"], ["report", "quick"], ["compare", "quick", "simclr", "pixels"])],
+    ("leaderboard of a results dir that is a file", lambda t: ["leaderboard", "--results-dir", str(_file(t / "f"))], 2,
+     "f' is a file"),
     ("an empty results dir path", lambda t: _run(t, "--results-dir", ""), 2, "expected a path, got ''"),
     # benchmarks: arguments checked before anything is timed
     ("bench train of a method that does not train", lambda t: ["bench", "train", "--methods", "random"], 2,
@@ -363,6 +369,15 @@ def test_bad_input_stops_before_training_with_one_line(name, command, code, frag
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
     assert not list(tmp_path.glob("r/**/*.json")), "a record was written"
     assert not (tmp_path / "r" / "tune").exists(), "an empty study database was left"
+
+
+def test_reading_a_results_dir_that_is_not_there_creates_no_folder(tmp_path, monkeypatch, capsys):
+    """``leaderboard`` probed its tables' folder before it found no records, leaving an empty
+    ``<dir>-leaderboards`` beside the mistyped results dir."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "typo")]) == 2
+    assert "typo' does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
