@@ -182,6 +182,19 @@ def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path,
     assert {"partition", "gpus_per_job", "timeout_min", "array_parallelism"} <= set(SLURM_KEYS)
 
 
+def test_workers_get_every_visible_gpu_or_only_the_named_one(monkeypatch):
+    """``--workers N`` hands its workers the visible GPUs round-robin, but with ``--device cuda:1`` every
+    worker gets the command's second GPU (the entry of CUDA_VISIBLE_DEVICES it means). Catches a named GPU
+    spread over all of them, each worker then training on a GPU the user did not ask for."""
+    from harness.execution.executors import default_local_workers, worker_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert worker_gpus("auto") == worker_gpus("cuda") == ["3", "5"]
+    assert worker_gpus("cuda:1") == ["5"] and worker_gpus("cuda:0") == ["3"] and worker_gpus("cpu") == []
+    assert gpu_assignment(3, worker_gpus("cuda:1")) == ["5", "5", "5"]
+    assert [default_local_workers(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == [2, 2, 1, 1]
+
+
 def test_gpu_assignment_pending_and_bad_arguments(tmp_path):
     assert gpu_assignment(2, ["3", "5"]) == ["3", "5"]
     assert gpu_assignment(3, ["0", "1"]) == ["0", "1", "0"] and gpu_assignment(2, []) == []

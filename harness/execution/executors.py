@@ -177,14 +177,24 @@ def gpu_assignment(workers: int, gpus: Sequence[str]) -> list[str]:
     return [gpus[i % len(gpus)] for i in range(workers)] if gpus else []
 
 
-def _uses_gpu(runner_kwargs: dict[str, Any]) -> bool:
-    return str(runner_kwargs.get("device", "auto")) != "cpu"
+def worker_gpus(device: str) -> list[str]:
+    """The GPUs a local pool hands its workers (one each, round-robin): every visible GPU for a device
+    that leaves the GPU open (``auto``, ``cuda``), only the named one for ``cuda:N`` (all workers share
+    it), none for ``cpu``."""
+    device = str(device)
+    if device == "cpu":
+        return []
+    gpus = visible_gpus()
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return gpus[int(index):int(index) + 1]
+    return gpus
 
 
 def default_local_workers(device: str) -> int:
     """The local pool's size when no worker count is given: one worker per visible GPU for a device that
     leaves the GPU open (``auto``, ``cuda``), else 1 (``cpu``, or one named GPU such as ``cuda:1``)."""
-    return max(1, len(visible_gpus())) if str(device) in ("auto", "cuda") else 1
+    return max(1, len(worker_gpus(device))) if str(device) in ("auto", "cuda") else 1
 
 
 def pending_jobs(jobs: list, results_dir: Path, force: bool = False) -> list:
@@ -256,7 +266,7 @@ def _run_local(jobs: list, runner_kwargs: dict[str, Any], workers: int, force: b
     """Run ``jobs`` in a pool of ``workers`` processes; return a line per job that raised."""
     import multiprocessing as mp
 
-    gpus = visible_gpus() if _uses_gpu(runner_kwargs) else []
+    gpus = worker_gpus(runner_kwargs.get("device", "auto"))
     if start_method is None:  # fork would skip re-importing torch, but a child forked after the parent ran
         start_method = "spawn"  # OpenMP or CUDA work can hang in its first parallel op (seen in the tests)
     ctx = mp.get_context(start_method)
@@ -266,7 +276,7 @@ def _run_local(jobs: list, runner_kwargs: dict[str, Any], workers: int, force: b
         for gpu in gpu_assignment(workers, gpus):
             queue.put(gpu)
         if workers > len(gpus):
-            log(f"{workers} workers share {len(gpus)} GPUs")
+            log(f"{workers} workers share {len(gpus)} GPU{'s' if len(gpus) > 1 else ''}")
     threads = max(1, (os.cpu_count() or 1) // workers)
     kwargs = _picklable_runner_kwargs(runner_kwargs)
     errors: list[str] = []
@@ -394,7 +404,7 @@ def _run_submitit(jobs: list, runner_kwargs: dict[str, Any], workers: int, slurm
     with _environ(PYTHONPATH=_pythonpath()):
         for wave in _waves(jobs):
             if executor.cluster == "local":  # every submitted local job starts at once: keep `workers` alive
-                gpus = visible_gpus() if _uses_gpu(runner_kwargs) and slurm.get("gpus_per_job", 1) else []
+                gpus = worker_gpus(runner_kwargs.get("device", "auto")) if slurm.get("gpus_per_job", 1) else []
                 threads = max(1, (os.cpu_count() or 1) // workers)
                 fns = [SubmititJob(j, kwargs, force, plugins, threads) for j in wave]
                 errors += _local_window(executor, fns, gpu_assignment(workers, gpus) or [None] * workers, log)
