@@ -18,6 +18,11 @@ DEFAULT_LEADERBOARDS = Path("leaderboards")
 DEFAULT_DATA = Path.home() / ".cache" / "ssl-harness" / "data"
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 run``, ``2 runs``: a number with its noun in the number's form."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _seeds(value: str) -> list[int]:
     try:
         seeds = [int(v) for v in csv_list(value)]
@@ -228,8 +233,9 @@ def cmd_run(args) -> int:
         return 0
     if ranks.distributed:
         return _run_data_parallel(args, suite, jobs, ranks, every_method)
-    print(f"suite {suite.name}: {len(jobs)} runs ({len(suite.methods)} methods x {len(suite.datasets)} datasets x "
-          f"{len(suite.seeds)} seeds x {len(suite.budgets)} budgets): {_state_counts(states)}", flush=True)
+    print(f"suite {suite.name}: {count(len(jobs), 'run')} ({count(len(suite.methods), 'method')} x "
+          f"{count(len(suite.datasets), 'dataset')} x {count(len(suite.seeds), 'seed')} x "
+          f"{count(len(suite.budgets), 'budget')}): {_state_counts(states)}", flush=True)
     from harness.engine.logging_backends import check_backend
 
     check_backend(args.log)
@@ -260,7 +266,7 @@ def _finish_run(args, suite, every_method, records: list[dict]) -> int:
 
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
-        print(f"{len(failed)} of {len(records)} runs failed (first: {failed[0]['spec']['label']} on "
+        print(f"{len(failed)} of {count(len(records), 'run')} failed (first: {failed[0]['spec']['label']} on "
               f"{failed[0]['spec']['dataset']} seed {failed[0]['spec']['seed']}: {failed[0].get('reason', '')}); "
               f"the table marks them; rerun them with --retry-failed", file=sys.stderr)
     suite.methods = every_method
@@ -303,7 +309,7 @@ def _run_seconds(record: dict) -> float | None:
 def _print_plan(suite, jobs, states: dict[str, str], store) -> None:
     """``run --dry-run``: every planned run, its record's name and what ``run`` would do with it, and how long
     the runs to train took where a stored run of the same row (any seed) says so."""
-    print(f"suite {suite.name}: {len(jobs)} runs: {_state_counts(states)} (dry run: nothing trained)")
+    print(f"suite {suite.name}: {count(len(jobs), 'run')}: {_state_counts(states)} (dry run: nothing trained)")
     for job in jobs:
         print(f"  {states[job.run_id]:<8}  {job.run_id}  {job.describe()}")
 
@@ -324,7 +330,7 @@ def _print_plan(suite, jobs, states: dict[str, str], store) -> None:
         print(f"to train: about {took} of training and evaluation for {len(estimates)} of them, as the stored runs "
               f"of their rows took on the machine that wrote them")
     if len(to_train) > len(estimates):
-        print(f"to train: {len(to_train) - len(estimates)} runs whose rows have no stored run to tell their time")
+        print(f"to train: {count(len(to_train) - len(estimates), 'run')} whose rows have no stored run to tell their time")
 
 
 def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
@@ -337,7 +343,7 @@ def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
                          f"{ranks.source} launch; launch with torchrun, or use --gpus-per-job on a Slurm executor")
     main = distributed.is_main()
     if main:
-        print(f"suite {suite.name}: {len(jobs)} runs, each data-parallel over {ranks.world_size} processes", flush=True)
+        print(f"suite {suite.name}: {count(len(jobs), 'run')}, each data-parallel over {ranks.world_size} processes", flush=True)
     try:
         runner = Runner(args.results_dir, args.data_dir, args.device, quiet=args.quiet or not main,
                         log=print if main else (lambda message: None), log_backend=args.log if main else "none",
@@ -531,9 +537,11 @@ def cmd_migrate(args) -> int:
         moved, copies = ResultStore(root, name).migrate_run_ids()
         renamed, removed = renamed + len(moved), removed + len(copies)
         if moved or copies:
-            print(f"{name}: renamed {len(moved)} records to their current run ids"
-                  + (f", removed {len(copies)} second copies of runs already stored" if copies else ""))
-    print(f"{renamed} records renamed under {root}" + (f", {removed} second copies removed" if removed else ""))
+            print(f"{name}: renamed {count(len(moved), 'record')} to their current run ids"
+                  + (f", removed {count(len(copies), 'second copy', 'second copies')} of runs already stored"
+                     if copies else ""))
+    print(f"{count(renamed, 'record')} renamed under {root}"
+          + (f", {count(removed, 'second copy', 'second copies')} removed" if removed else ""))
     return 0
 
 

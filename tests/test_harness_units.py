@@ -565,3 +565,20 @@ def test_knn_k_is_checked_against_the_train_and_val_images_it_votes_from(tmp_pat
         raise AssertionError(f"{name} loaded")
 
     check_against_data(make_suite(["random"], protocols={"knn": {"k": 1439}}), no_loading, datasets=set())
+
+
+def test_counts_take_the_noun_in_the_numbers_form(tmp_path, capsys):
+    """A one-run suite's first line says "1 run (1 method x 1 dataset x 1 seed x 1 budget)", not "1 runs"."""
+    import yaml
+
+    from harness.cli import count, main
+
+    assert [count(n, "run") for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]
+    assert count(1, "second copy", "second copies") == "1 second copy" and count(3, "copy", "copies") == "3 copies"
+    suite = tmp_path / "one.yaml"
+    suite.write_text(yaml.safe_dump({"name": "one", "datasets": ["digits"], "methods": ["random"], "seeds": [0],
+                                     "budget": "steps=1", "protocols": {"knn": {"k": 5}}}))
+    assert main(["run", str(suite), "--quiet", "--data-dir", str(tmp_path / "d"), "--results-dir",
+                 str(tmp_path / "r")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "suite one: 1 run (1 method x 1 dataset x 1 seed x 1 budget): 1 to train", first

@@ -373,8 +373,8 @@ def test_migrate_command_counts_renamed_records_and_removed_copies_apart(tmp_pat
         (store.dir / f"{name}.json").write_text(json.dumps({"run_id": run_id(spec), "spec": spec, "metrics": {}}))
     assert main(["migrate", "--results-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "s: renamed 1 records to their current run ids, removed 1 second copies of runs already stored",
-        f"1 records renamed under {tmp_path}, 1 second copies removed"]
+        "s: renamed 1 record to their current run ids, removed 1 second copy of runs already stored",
+        f"1 record renamed under {tmp_path}, 1 second copy removed"]
     assert sorted(p.stem for p in store.dir.glob("*.json")) == sorted([run_id(stored), run_id(moved)])
 
 
