@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,39 @@ def test_a_suites_deviations_are_listed_one_per_line_in_the_header():
     assert summary == "CIFAR-10, 1000 epochs"
     assert items == ["warm-up from 0", "bf16 autocast where CLD uses fp16 (apex O1)", "the final checkpoint"]
     assert split_deviations("digits, 3 seeds") == ("digits, 3 seeds", [])
+
+
+#: Methods with official code whose deviations in docs/fidelity.md include the batched augmentation and bf16.
+OFFICIAL_CODE_METHODS = {"cc", "cd", "sela", "npid", "npid_cld", "moco", "moco_cld", "supcon", "supcon_spread",
+                         "cond_autoencoder"}
+#: Deviations listed in docs/fidelity.md that a suite with such a row must name: a phrase of each (lower case).
+REQUIRED_DEVIATIONS = {"augmentation runs batched": OFFICIAL_CODE_METHODS, "bf16": OFFICIAL_CODE_METHODS,
+                       "last partial batch": {"cd", "sela"},  # CD's test loader, SeLa's training loader
+                       "nn.linear's default": {"sela"}, "test images": {"sela"}}
+
+
+@pytest.mark.parametrize("suite_name", ["cd-k-sweep", "cifar10-instance", "cifar10-invcls", "cifar100-instance",
+                                        "clustering-cifar10", "clustering-cifar10-32px", "clustering-cifar100-20",
+                                        "clustering-imagenet10", "clustering-stl10", "transfer-cifar10",
+                                        "transfer-cifar100"])
+def test_every_paper_scale_suite_numbers_its_deviations_and_names_its_methods_shared_ones(suite_name):
+    """A paper-scale suite's description numbers its deviations (1), (2), ... with no other '(digits)' after
+    'Deviations:' (one would split an item in two in the header), and names the deviations docs/fidelity.md
+    lists for its rows' methods on every dataset. Catches: a dropped deviation (the clustering suites once left
+    out the batched augmentation and CD's dropped test batch) and cifar10-invcls's "(10)" that split its item 3."""
+    from harness.execution.suite import load_suite, shipped_suites
+    from harness.reporting.leaderboard import split_deviations
+
+    paper_suites = sorted(name for name, path in shipped_suites().items() if load_suite(str(path)).scale == "paper")
+    assert suite_name in paper_suites and len(paper_suites) == 11  # a new paper-scale suite belongs in the list
+    suite = load_suite(suite_name)
+    _, deviations = split_deviations(suite.description)
+    numbers = re.findall(r"\((\d+)\)", suite.description.split("Deviations:", 1)[1])
+    assert numbers == [str(i) for i in range(1, len(deviations) + 1)] and deviations
+    text = " ".join(deviations).lower()
+    methods = {entry.name for entry in suite.methods}
+    missing = [phrase for phrase, owners in REQUIRED_DEVIATIONS.items() if methods & owners and phrase not in text]
+    assert not missing, missing
 
 
 def test_budget_columns_follow_the_budget_amount_not_its_text():
