@@ -256,6 +256,8 @@ def test_a_suites_deviations_are_listed_one_per_line_in_the_header():
     assert summary == "CIFAR-10, 1000 epochs"
     assert items == ["warm-up from 0", "bf16 autocast where CLD uses fp16 (apex O1)", "the final checkpoint"]
     assert split_deviations("digits, 3 seeds") == ("digits, 3 seeds", [])
+    # a number in brackets that is not the next item's stays in its item (it split cifar10-invcls's item 3)
+    assert split_deviations("x. Deviations: (1) K (10) heads; (2) y (1) z.")[1] == ["K (10) heads", "y (1) z"]
 
 
 #: Methods with official code whose deviations in docs/fidelity.md include the batched augmentation and bf16.

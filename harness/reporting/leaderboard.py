@@ -609,5 +609,10 @@ def split_deviations(title: str) -> tuple[str, list[str]]:
     match = re.search(r"Deviations?:", title)
     if match is None:
         return title.strip(), []
-    items = [item.strip().rstrip(";.").strip() for item in re.split(r"\(\d+\)\s*", title[match.end():])]
+    text, items, number = title[match.end():], [], 1
+    start = text.find("(1)")
+    while start >= 0:  # each item runs to the next number in sequence: a "(10)" inside an item stays in it
+        following = text.find(f"({number + 1})", start)
+        items.append(text[start + len(f"({number})"):following if following >= 0 else None].strip().rstrip(";.").strip())
+        start, number = following, number + 1
     return title[:match.start()].strip().rstrip("."), [item for item in items if item]
