@@ -312,6 +312,10 @@ BAD_INPUTS = [
     ("leaderboard of a results dir that is a file", lambda t: ["leaderboard", "--results-dir", str(_file(t / "f"))], 2,
      "f' is a file"),
     ("an empty results dir path", lambda t: _run(t, "--results-dir", ""), 2, "expected a path, got ''"),
+    ("a suite file named otherwise inside", lambda t: ["run", str(_write(t / "file.yaml", b"name: inside\ndatasets: [digits]\n"
+                                                                   b"methods: [random]\nseeds: [0]\nbudget: steps=1\n")),
+                                                       *_dirs(t)], 2,
+     "suite 'inside' (file.yaml): missing required key 'protocols'"),
     # benchmarks: arguments checked before anything is timed
     ("bench train of a method that does not train", lambda t: ["bench", "train", "--methods", "random"], 2,
      "unknown training method 'random'"),

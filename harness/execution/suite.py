@@ -186,6 +186,8 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
     _expect(not unknown, f"{where}: unknown key {unknown[:1]} (valid: {', '.join(sorted(TOP_KEYS))})")
     suite_name = data.get("name", name)
     check_suite_name(suite_name, f"{where}: ", "; set 'name:'")
+    if suite_name != name:  # errors name the suite as its tables do, and the file it came from
+        where = f"suite {suite_name!r} ({Path(source).name if source else name})"
     for key in ("datasets", "methods", "seeds", "budget", "protocols"):
         _expect(key in data, f"{where}: missing required key {key!r}")
     scale = data.get("scale", "cpu")
