@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
 
     rp = sub.add_parser("reproduce", help="retrain stored runs in a scratch dir and compare their headline "
-                                          "metrics with the records (bit-identical, within seed noise, or not)")
+                                          "metrics with the records (bit-identical, within seed noise, within one sample, or not)")
     rp.add_argument("suite", nargs="?", type=suite_arg, default=None)
     rp.add_argument("--runs", type=positive_int, default=1, help="how many stored runs, in plan order (default 1)")
     rp.add_argument("--methods", type=csv_list, help="only runs of these method rows")
@@ -516,7 +516,8 @@ def cmd_reproduce(args) -> int:
         print(table.to_string(index=False))
     counts = table["verdict"].value_counts()
     print(f"\n{', '.join(f'{n} {v}' for v, n in counts.items())} (of {len(table)}; 'within seed noise' = within "
-          f"{SEED_NOISE_STDS:g} std over the suite's stored seeds). Bit-identical is expected on the machine, torch "
+          f"{SEED_NOISE_STDS:g} std over the suite's stored seeds; 'within one sample' = at most one evaluated image "
+          f"apart, the smallest difference an accuracy can show). Bit-identical is expected on the machine, torch "
           f"version and device that wrote the records (each rerun used its record's torch thread count); elsewhere, "
           f"within seed noise.")
     return 0 if "outside" not in counts else 1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness.cli import default_leaderboard_dir, main
-from harness.execution.reproduce import _final_loss, reproduce, verdict
+from harness.execution.reproduce import _final_loss, one_sample, reproduce, verdict
 
 
 def _suite(tmp_path: Path) -> Path:
@@ -34,6 +34,54 @@ def test_verdict_bounds_are_two_stds_inclusive_and_nan_is_identical_only_to_nan(
     assert verdict(0.5, 0.525, 0.01) == "outside"
     assert verdict(float("nan"), float("nan"), 0.01) == "identical"
     assert verdict(0.5, float("nan"), 0.01) == "outside" and verdict(float("nan"), 0.5, 0.01) == "outside"
+
+
+def test_a_difference_of_one_evaluated_image_is_within_one_sample():
+    """The smallest difference an accuracy over n images can show is 1/n (computed in floats, c/n - (c-1)/n may
+    exceed 1/n by an ulp); two images apart is outside, and seed noise is still named first."""
+    n = 359
+    assert verdict(300 / n, 301 / n, 0.0, 1 / n) == "within one sample"
+    assert verdict(301 / n, 300 / n, float("nan"), 1 / n) == "within one sample"
+    assert verdict(300 / n, 302 / n, 0.0, 1 / n) == "outside" and verdict(0.5, 0.5001, 0.0) == "outside"
+    assert verdict(300 / n, 301 / n, 1 / n, 1 / n) == "within seed noise"
+
+
+def test_one_sample_is_one_over_the_split_the_metric_is_scored_on(tmp_path):
+    """kNN, probes and coarse-to-fine score the test split; clustering the split its ``split`` parameter names."""
+    from harness.data.datasets import load_split_data
+
+    _, manifest = load_split_data("digits", tmp_path, 0.1)
+    test, everything = len(manifest.test), len(manifest.test) + len(manifest.train) + len(manifest.val)
+    assert test < everything
+    assert one_sample("knn/top1", {"knn": {"k": 20}}, manifest) == 1 / test
+    assert one_sample("coarse_to_fine/fine_lbfgs_top1", {}, manifest) == 1 / test
+    assert one_sample("sgd/top1@best_val", {}, manifest) == 1 / test
+    assert one_sample("clustering/acc", {"clustering": {"split": "all"}}, manifest) == 1 / everything
+    assert one_sample("clustering/acc", {"clustering": {"split": "test"}}, manifest) == 1 / test
+
+
+@pytest.mark.parametrize("images_off,verdict_seen,code", [(1, "within one sample", 0), (2, "outside", 1)])
+def test_a_row_whose_seeds_score_the_same_is_one_image_off_within_one_sample(tmp_path, capsys, images_off,
+                                                                             verdict_seen, code):
+    """pixels trains nothing, so its seeds' kNN scores are equal (seed std 0) and any rerun difference used to be
+    "outside" (exit 1), also one test image's, the least another CPU's float rounding can move it. Its stored kNN
+    top-1 edited one test image up reproduces "within one sample" (exit 0); two images up stays outside."""
+    suite = tmp_path / "px.yaml"
+    suite.write_text(json.dumps({"name": "px", "datasets": ["digits"], "seeds": [0, 1], "methods": ["pixels"],
+                                 "budget": "steps=1", "protocols": {"knn": {"k": 10}}}))
+    results, data = tmp_path / "out", ["--data-dir", str(tmp_path / "data")]
+    assert main(["run", str(suite), "--results-dir", str(results), "--quiet", *data]) == 0
+    from harness.data.datasets import load_split_data
+
+    test_images = len(load_split_data("digits", tmp_path / "data", 0.1)[1].test)
+    for path in (results / "px").glob("*.json"):
+        r = json.loads(path.read_text())
+        r["metrics"]["backbone"]["knn/top1"] += images_off / test_images
+        path.write_text(json.dumps(r))
+    capsys.readouterr()
+    assert main(["reproduce", str(suite), "--results-dir", str(results), "--quiet", *data]) == code
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("pixels/digits/s0")]
+    assert row.endswith(verdict_seen), row
 
 
 def test_final_loss_is_the_last_epochs():
