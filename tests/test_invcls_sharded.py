@@ -50,3 +50,41 @@ def worker(rank: int, init_file: str) -> None:
 
 def test_sharded_loss_and_gradients_equal_dense(tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+
+
+def adapter_worker(rank: int, init_file: str) -> None:
+    """Two ranks each hold a block of W (rows 0-6 and 7-12 of N = 13): the contrastive prior fills
+    this rank's rows from the whole training set, a checkpoint holds the whole W, and loading it gives
+    each rank its block back."""
+    from methods import DataInfo, resolve_config
+    from methods.invcls import InvCls
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        n = SHARDS[-1][1]
+        images = torch.randn(n, 1, 2, 3, generator=torch.Generator().manual_seed(1))
+        loader = [(images[:8], torch.arange(8)), (images[8:], torch.arange(8, n))]  # blocks cross the shards
+        cfg = resolve_config(InvCls, "cpu", {"feat_dim": 4, "head_hidden": 5, "shard_classifier": True})
+        torch.manual_seed(2)  # the same encoder on both ranks
+        backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+        backbone.out_dim = 3
+        method = InvCls(backbone, cfg, DataInfo(n, (1, 2, 3)))
+        method.on_train_start(loader)
+        with torch.no_grad():
+            prior = method.embed(method.backbone(images))  # w_i <- normalise(z_i) of every image
+        start, end = SHARDS[rank]
+        torch.testing.assert_close(method.classifier.detach(), prior[start:end])
+        state = method.state_dict()
+        torch.testing.assert_close(state["classifier"], prior)
+        torch.manual_seed(3)
+        restored = InvCls(backbone, cfg, DataInfo(n, (1, 2, 3)))
+        restored.load_state_dict(state)
+        torch.testing.assert_close(restored.classifier.detach(), prior[start:end])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_adapter_prior_fills_its_rows_and_checkpoints_hold_the_whole_classifier(tmp_path):
+    """Catches the prior written at the global image ids into the rank's block (rank 1's ids 7-12 are its
+    local rows 0-5), a checkpoint holding only one block, or a restored rank keeping the whole W."""
+    mp.spawn(adapter_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)

@@ -142,9 +142,11 @@ def test_sela_loss_labels_and_schedule():
     n, k = 60, 5
     cfg = resolve_config(SeLa, "cpu", {"num_clusters": k, "num_heads": 3, "label_every": 2, "cycle_heads": True})
     sela = SeLa(Tiny(), cfg, DataInfo(n, (1, 2, 3)))
-    # random balanced initial labels, one row per head
+    # random balanced initial labels, one row per head, each its own permutation of i % k (self-label's
+    # cifar.py: np.random.permutation of the balanced labels per head), not one fixed pattern for every head
     assert sela.labels.shape == (3, n)
     assert all(torch.equal(torch.bincount(row, minlength=k), torch.full((k,), n // k)) for row in sela.labels)
+    assert len({tuple(row.tolist()) for row in sela.labels} | {tuple((torch.arange(n) % k).tolist())}) == 4
     assert "labels" in sela.state_dict()  # checkpoints keep the pseudo-labels
     # loss: mean over heads of the mean cross-entropy against each head's labels
     x, index = torch.randn(8, 1, 2, 3), torch.tensor([0, 5, 9, 13, 22, 40, 41, 59])
@@ -236,19 +238,22 @@ def test_cc_gradients_are_the_equations_at_non_default_temperatures():
 
 
 def test_cd_gradients_are_the_equations():
-    """CD's backbone and instance head learn from both the instance and the feature loss: every
-    parameter's gradient equals that of NT-Xent(z, 0.5) + feature NT-Xent(f, 1) - mean bits written out.
-    Catches the instance head's output detached before the feature heads, or one view's z detached
-    in the instance loss (the loss value is the same)."""
+    """CD's backbone and instance head learn from both the instance and the feature loss, each at its
+    own temperature: every parameter's gradient equals that of NT-Xent(z, 0.3) + feature NT-Xent(f, 0.7)
+    - mean bits written out (not the defaults 0.5 and 1). Catches the instance head's output detached
+    before the feature heads, one view's z detached in the instance loss (the loss value is the same),
+    or either temperature fixed at its default."""
     torch.manual_seed(7)
-    cfg = resolve_config(ContrastiveDisentangling, "cpu", {"num_features": 6, "instance_dim": 4})
+    cfg = resolve_config(ContrastiveDisentangling, "cpu", {"num_features": 6, "instance_dim": 4,
+                                                            "instance_temperature": 0.3, "feature_temperature": 0.7})
     cd = ContrastiveDisentangling(Tiny(), cfg, DataInfo(20, (1, 2, 3)))
     v1, v2 = torch.randn(10, 1, 2, 3), torch.randn(10, 1, 2, 3)
     loss, logs = cd.training_step(Batch([v1, v2], torch.arange(10)))
     z1, z2 = cd.instance_head(cd.backbone(v1)), cd.instance_head(cd.backbone(v2))  # train mode, same batches
     f1, f2 = cd.feature_head(z1), cd.feature_head(z2)
     bits = sum(-(f * f.log() + (1 - f) * (1 - f).log()).mean() / math.log(2) for f in (f1, f2)) / 2
-    instance, feature = torch_nt_xent(z1, z2, 0.5), torch_nt_xent(f1.T, f2.T, 1.0) - bits
+    instance, feature = torch_nt_xent(z1, z2, 0.3), torch_nt_xent(f1.T, f2.T, 0.7) - bits
     assert abs(loss.item() - (instance + feature).item()) < 1e-5
+    assert abs(float(logs["instance_loss"]) - instance.item()) < 1e-5
     assert abs(float(logs["feature_loss"]) - feature.item()) < 1e-5
     assert_same_gradients(cd, loss, instance + feature)

@@ -403,8 +403,9 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
 def test_invcls_step_is_the_cosine_classifier_at_its_temperature():
     """InvCls's logits are cosines of the normalised head output and the *normalised* class weights,
     divided by tau (here 0.3); the loss is the hardest-class-smoothed CE against each image's own index.
-    Checked after the weights drift off the unit sphere (as SGD moves them). Catches raw weights in
-    the logits or tau multiplying."""
+    Checked after the weights drift off the unit sphere (as SGD moves them); the ``head`` representation
+    is that normalised head output. Catches raw weights in the logits, tau multiplying, or the
+    unnormalised head output evaluated."""
     torch.manual_seed(14)
     cfg = resolve_config(InvCls, "cpu", {"feat_dim": 4, "temperature": 0.3, "smooth_k": 2, "smooth_alpha": 0.2})
     method = InvCls(Tiny(), cfg, DataInfo(10, (1, 2, 3)))
@@ -415,7 +416,9 @@ def test_invcls_step_is_the_cosine_classifier_at_its_temperature():
     with torch.no_grad():
         z = F.normalize(method.head(method.backbone(x)), dim=1)
         logits = z @ F.normalize(method.classifier, dim=1).t() / 0.3
+        reps = method.representations(x)
     assert loss.item() == pytest.approx(smoothed_instance_loss(logits, index, 0.2, 2).item(), rel=1e-5)
+    assert torch.allclose(reps["head"], z, atol=1e-6)  # the evaluated head is the normalised one the loss sees
 
 
 # ----------------------------------------------------------------------------- SimCLR
@@ -423,13 +426,15 @@ def test_simclr_step_is_nt_xent_of_views_0_and_1_in_value_and_gradient():
     """SimCLR's loss is NT-Xent (Eq. 1, cosine, T from the config, here 0.2) of the projections of the
     first two views, each of the 2n a positive of its other view: value and gradient of every parameter
     equal a per-anchor computation. Catches one view used twice, views other than the first two (with
-    three views), a temperature off, or a stop-gradient on one branch (same value, half the gradient)."""
+    three views), a temperature off, a stop-gradient on one branch (same value, half the gradient), or
+    ``proj_dim`` and ``proj_hidden`` swapped in the projector."""
     torch.manual_seed(8)
     cfg = resolve_config(SimCLR, "cpu", {"temperature": 0.2, "proj_dim": 3, "proj_hidden": 4})
     method = SimCLR(Tiny(), cfg, DataInfo(10, (1, 2, 3)))
     views = [torch.randn(5, 1, 2, 3) for _ in range(3)]
     loss = method.training_step(Batch(views, torch.arange(5)))
     z = torch.cat([method.projector(method.backbone(v)) for v in views[:2]])
+    assert z.shape == (10, 3) and method.projector[0].out_features == 4  # proj_dim 3 through a hidden layer of 4
     expected = 0.0
     for i in range(10):  # -log exp(s(i, i+-5)/T) / sum_{j != i} exp(s(i, j)/T)
         s = torch.stack([torch.cosine_similarity(z[i], z[j], 0) / 0.2 for j in range(10) if j != i])

@@ -167,6 +167,20 @@ def test_supcon_spread_adapter_is_ce_plus_equal_weight_mean_of_supcon_and_spread
     assert m.cfg["a_lc"] == m.cfg["a_spread"] == 1.0
 
 
+def test_supcon_spread_adapter_uses_the_configured_temperature_in_both_terms():
+    """SupCon and the class-conditional InfoNCE both divide the similarities by the configured
+    temperature (0.3 here, not the default 0.5). Catches either term at a fixed T = 0.5."""
+    m, batch = adapter("supcon_spread", temperature=0.3), batch_of(seed=8)
+    loss, logs = m.training_step(batch)
+    v0, v1 = (v.flatten(1) for v in batch.views)
+    sup, spread = direct_supcon(v1, v0, LABELS, 0.3, clip=1.0), direct_spread(v1, v0, LABELS, 0.3)
+    assert abs(sup.item() - direct_supcon(v1, v0, LABELS, TAU, clip=1.0).item()) > 1e-3  # T matters here
+    assert logs["supcon"] == pytest.approx(sup.item(), rel=1e-10)
+    assert logs["spread"] == pytest.approx(spread.item(), rel=1e-10)
+    ce = direct_ce(m.classifier(torch.cat([v0, v1])), LABELS.repeat(2))
+    assert loss.item() == pytest.approx((ce + (sup + spread) / 2).item(), rel=1e-10)
+
+
 def test_cond_autoencoder_loss_is_coarse_ce_plus_reconstruction_mse():
     m, batch = adapter("cond_autoencoder", recon_weight=0.5), batch_of(seed=4)
     loss, _ = m.training_step(batch)

@@ -293,6 +293,72 @@ def test_sela_uses_its_lam_exposes_head_0_and_draws_fresh_augmentations_each_epo
     assert not torch.equal(torch.cat(first), torch.cat(second))
 
 
+def max_distance_to_nearest(rows: torch.Tensor, references: torch.Tensor) -> float:
+    """Largest, over ``rows``, of the max-abs distance to the nearest of ``references`` (both (n, ...))."""
+    return (rows.flatten(1)[:, None] - references.flatten(1)[None]).abs().amax(-1).amin(1).max().item()
+
+
+def test_sela_official_pass_augments_with_the_runs_overrides_and_flip_permission():
+    """The official pass redraws the run's own training augmentation: its preset *with* the run's
+    ``augment_overrides``, and flips only where the run's augmenter allows them. Here the overrides
+    switch off crop, jitter and grayscale and flip every image, on a dataset whose augmenter forbids
+    flips: every image the pass encodes is then exactly a plain training image; where flips are allowed,
+    every one is mirrored (no plain image within 1). Catches the preset taken without the overrides
+    (cld's crops and jitter) or flips allowed whatever the dataset says."""
+    overrides = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip": 1.0, "jitter_p": 0.0, "grayscale": 0.0}
+    distances = {}
+    for allow_flip in (False, True):
+        method, loader = sela_with_loader("official", augment_overrides=overrides)
+        loader = PlainLoader(loader.images, Augmenter(None, MEAN, STD, allow_flip=allow_flip), batch_size=16)
+        inputs = torch.cat([x for x, _, _ in captured_backbone_calls(method, loader, epoch=0)])
+        distances[allow_flip] = max_distance_to_nearest(inputs, loader.augmenter.plain(loader.images))
+    assert distances[False] < 1e-5
+    assert distances[True] > 1.0
+
+
+def test_sela_official_pass_encodes_views_at_the_runs_image_size():
+    """With a run ``image_size`` (the augmenter's ``out_size``, 4 here for 6x6 images) the official pass
+    resamples its crops to that size, as the training views and the plain loader are. Catches the pass's
+    augmenter built without the run's ``out_size`` (6x6 views that the encoder never trained on)."""
+    torch.manual_seed(3)
+    cfg = resolve_config(SeLa, "paper", {"num_clusters": 4, "num_heads": 2})
+    method = SeLa(Tiny(3 * 4 * 4), cfg, DataInfo(48, (3, 4, 4)))
+    images = torch.randint(0, 256, (48, 3, 6, 6), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    loader = PlainLoader(images, Augmenter(None, MEAN, STD, out_size=4), batch_size=16)
+    assert {tuple(x.shape) for x, _, _ in captured_backbone_calls(method, loader, epoch=0)} == {(16, 3, 4, 4)}
+
+
+def test_sela_sinkhorn_runs_at_the_configured_tolerance(monkeypatch):
+    """The labels are Sinkhorn-Knopp at the configured ``sk_tol`` (0.1, ImageNet's; the default is 1e-2):
+    the solver SeLa calls gets that tolerance and its labels become the head's. Catches ``sk_tol`` dropped
+    (the solver's own default 1e-2 would run)."""
+    method, loader = sela_with_loader("plain", sk_tol=0.1)
+    solved, solver = [], methods.sela.sinkhorn_knopp
+
+    def recording_solver(logits, lam, **options):
+        solved.append((options, solver(logits, lam, **options)))
+        return solved[-1][1]
+
+    monkeypatch.setattr(methods.sela, "sinkhorn_knopp", recording_solver)
+    method.on_epoch_start(1, loader)
+    assert [kw for kw, _ in solved] == [{"tol": 0.1}]
+    assert torch.equal(method.labels[1], solved[0][1].labels)
+
+
+def test_sela_official_pass_augmentation_depends_on_the_run_seed():
+    """The official pass's generator is seeded by the run seed and the epoch: the same seed draws the
+    same augmented images again (a resumed run relabels as the uninterrupted one), another seed other
+    images. Catches a generator seeded by the epoch alone (every seed of a suite sees the same draws)."""
+    def pass_inputs(seed: int) -> torch.Tensor:
+        method, loader = sela_with_loader("official")
+        torch.manual_seed(seed)
+        return torch.cat([x for x, _, _ in captured_backbone_calls(method, loader, epoch=2)])
+
+    first = pass_inputs(10)
+    assert torch.equal(pass_inputs(10), first)
+    assert not torch.allclose(pass_inputs(11), first, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- kNN top-5
 def test_knn_top5_orders_classes_without_votes_by_class():
     """With fewer than 5 classes among the neighbours, the rest of the top 5 are the classes without
