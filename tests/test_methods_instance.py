@@ -400,6 +400,46 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
     assert loss.item() == pytest.approx(instance + 0.5 * cld, rel=1e-5)
 
 
+def test_cld_adapters_train_the_encoder_through_both_views_and_both_terms():
+    """Every trainable parameter's gradient (backbone, instance head, group head) equals that of the loss
+    written out with autograd: NPID+CLD, mean over views 0 and 1 of CE(f_v M^T / T, i) + lambda L_CLD;
+    MoCo+CLD, mean InfoNCE of both queries against view 2's keys + lambda L_CLD. Catches a view's
+    features or the CLD branch's input detached from the backbone (the loss value is the same)."""
+    torch.manual_seed(15)
+    common = {"feat_dim": 4, "clusters": 3, "cld_weight": 0.5, "cld_temperature": 0.25, "kmeans_iters": 2,
+              "temperature": 0.3}
+    views = [torch.randn(8, 1, 2, 3) for _ in range(3)]
+    index = torch.tensor([1, 4, 6, 7, 9, 11, 0, 3])
+
+    def group_loss(m):
+        g1, g2 = (F.normalize(m.cld.head(m.backbone(v)), dim=1) for v in views[:2])
+        return cld_loss(g1, g2, 3, 0.25, iters=2)
+
+    def assert_gradients_equal(m, loss, expected):
+        params = [p for p in m.parameters() if p.requires_grad]
+        for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+    n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", common), DataInfo(12, (1, 2, 3)))
+    bank = n.bank.memory.clone()
+    loss, _ = n.training_step(Batch(views, index))
+    f = [F.normalize(n.head(n.backbone(v)), dim=1) for v in views[:2]]
+    expected = sum(F.cross_entropy(fv @ bank.t() / 0.3, index) for fv in f) / 2 + 0.5 * group_loss(n)
+    assert_gradients_equal(n, loss, expected)
+
+    m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**common, "queue_size": 7, "head": "linear",
+                                                         "bn_splits": 1}), DataInfo(12, (1, 2, 3)))
+    queue = m.queue.keys.clone()
+    loss, _ = m.training_step(Batch(views, index))
+    k = F.normalize(m.key_encoder(views[2], 1), dim=1)
+    instance = 0.0
+    for v in views[:2]:
+        q = F.normalize(m.head(m.backbone(v)), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / 0.3  # the positive first
+        instance = instance + F.cross_entropy(logits, torch.zeros(8, dtype=torch.long)) / 2
+    assert_gradients_equal(m, loss, instance + 0.5 * group_loss(m))
+
+
 def test_invcls_step_is_the_cosine_classifier_at_its_temperature():
     """InvCls's logits are cosines of the normalised head output and the *normalised* class weights,
     divided by tau (here 0.3); the loss is the hardest-class-smoothed CE against each image's own index.

@@ -238,6 +238,26 @@ def test_cond_autoencoder_reconstruction_trains_the_encoder():
     assert all(torch.allclose(g, w, rtol=1e-8, atol=1e-12) for g, w in zip(got, want))
 
 
+def test_supcon_spread_trains_the_encoder_through_every_term():
+    """The coarse cross-entropy, SupCon and the spread term all reach the encoder (the official trainer
+    optimises the whole model on the sum): the encoder's gradient equals that of CE + (SupCon + spread) / 2
+    written out. Catches the embedding detached before the classifier or before the contrastive terms
+    (the same loss value)."""
+    torch.manual_seed(2)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    encoder.out_dim = 3
+    cfg = resolve_config(METHODS.get("supcon_spread"), "cpu")
+    m = create_method("supcon_spread", encoder, cfg, DataInfo(8, (1, 2, 2), num_classes=3)).double()
+    batch = batch_of(seed=9)
+    loss, _ = m.training_step(batch)
+    z0, z1 = (m.backbone(v) for v in batch.views)
+    expected = (direct_ce(m.classifier(torch.cat([z0, z1])), LABELS.repeat(2))
+                + (direct_supcon(z1, z0, LABELS, TAU, 1.0) + direct_spread(z1, z0, LABELS, TAU)) / 2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    got, want = (torch.autograd.grad(v, list(encoder.parameters())) for v in (loss, expected))
+    assert all(torch.allclose(g, w, rtol=1e-8, atol=1e-12) for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize("shape,width,grid,channels", [((1, 8, 8), 32, (32, 2, 2), [16, 8, 1]),
                                                        ((3, 32, 32), 512, (512, 4, 4), [256, 128, 64, 3]),
                                                        ((1, 28, 28), 64, (64, 7, 7), [32, 16, 1])])
