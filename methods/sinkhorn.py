@@ -30,12 +30,13 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
                    dtype: torch.dtype = torch.float64) -> SinkhornResult:
     """Equipartitioned labels of ``logits`` (N, K) (or log-probabilities: rows may shift freely).
 
-    SeLa's loop (``cifar.py``: P = softmax(logits)^lambda, r = (1/K) / (P c), c = (1/N) / (r^T P),
-    stop when sum |c / c_new - 1| < tol, checked every ``check_every`` iterations), computed in
-    the log domain: softmax(x)^lambda equals exp(lambda x) up to a per-sample factor, which c
-    absorbs, so each iteration makes one pass over row chunks of exp(lambda x + log r - rowmax)
-    (entries in [0, 1], no overflow at lambda = 25) that yields c and the column sums for r.
-    Starts from uniform r and c. ``dtype`` is the chunks' precision (float32 halves time and
+    SeLa's loop (``cifar.py``: from the uniform c, repeat r = (1/K) / (P c), c = (1/N) / (r^T P) with
+    P = softmax(logits)^lambda, while sum |c / c_new - 1| > tol, checked every ``check_every``
+    iterations), computed in the log domain: softmax(x)^lambda equals exp(lambda x) up to a per-sample
+    factor, which c absorbs, so each iteration makes one pass over row chunks of
+    exp(lambda x + log r - rowmax) (entries in [0, 1], no overflow at lambda = 25) that yields c and the
+    column sums for the next r. A pass before the loop gives the first r from the uniform c, so the
+    iterates, the stopping iteration and the labels are the official loop's. ``dtype`` is the chunks' precision (float32 halves time and
     memory, but its rounding puts a floor of roughly 1e-6 N under the error); vectors are float64.
     ``chunk_size`` defaults to about 4M elements per chunk on CPU and 128M on GPU.
     """
@@ -45,7 +46,6 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
     acc = dict(device=logits.device, dtype=torch.float64)
     row_max = logits.amax(1).to(dtype)  # exponents are lam * (x - row max) + log r: small, precise in float32
     log_r = torch.zeros(k, **acc)
-    log_c = torch.full((n,), -math.log(n), **acc)
 
     buffer = torch.empty(min(chunk_size, n), k, dtype=dtype, device=logits.device)  # reused: no page faults
 
@@ -54,11 +54,24 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         x.copy_(logits[start:start + chunk_size]).sub_(row_max[start:start + chunk_size, None])  # no temporaries
         return torch.add(log_r.to(dtype), x, alpha=lam, out=x)
 
+    # SeLa's loop starts from the uniform c with P = softmax(logits)^lambda and updates r first. Here P's rows
+    # are scaled by exp(-lambda * row max) instead of the softmax's normaliser, so that same start is
+    # c_n = (1/N) exp(-s_n), s_n = lambda (logsumexp_k x_nk - max_k x_nk), and r = (1/K) / (P c) from it
+    shift = torch.cat([torch.logsumexp(logits[s:s + chunk_size].to(dtype), 1) for s in range(0, n, chunk_size)])
+    log_c = -math.log(n) - lam * (shift - row_max).double()
+    log_col = torch.full((k,), -math.inf, **acc)
+    for start in range(0, n, chunk_size):
+        t = exponents(start).add_(log_c[start:start + chunk_size, None].to(dtype))
+        log_col = torch.logaddexp(log_col, torch.logsumexp(t, 0).double())
+    log_r = -math.log(k) - log_col
+
     # entries are floored at exp(cutoff) ~ K * tiny times their row's largest (1e-34 in float32):
     # no subnormal numbers (slow on CPUs), even after the matvec's division by row sums of up to K
     cutoff = math.log(torch.finfo(dtype).tiny) + math.log(k) + 1
     iterations, error = 0, math.inf
-    while iterations < max_iter and error >= tol:
+    while iterations < max_iter:
+        if iterations:  # r <- (1/K) / (P^T c) from the last c, as col = N r (P^T c): a column with little
+            log_r -= math.log(k) + (col / n).log()  # mass grows until it gets its share
         log_c_new = torch.empty(n, **acc)
         col = torch.zeros(k, **acc)  # column sums of the plan with rows rescaled to 1/N
         for start in range(0, n, chunk_size):
@@ -71,8 +84,8 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         if iterations % check_every == 0:
             error = (log_c - log_c_new).exp().sub_(1).abs_().sum().item()
         log_c = log_c_new
-        # r <- (1/K) / (P^T c), as col = N r (P^T c): a column with little mass grows until it gets its share
-        log_r -= math.log(k) + (col / n).log()
         iterations += 1
+        if error <= tol:  # SeLa's `while err > tol`
+            break
     labels = torch.cat([exponents(s).argmax(1) for s in range(0, n, chunk_size)])
     return SinkhornResult(labels, log_r, log_c, iterations, error)

@@ -1,13 +1,14 @@
 """The chunked log-domain Sinkhorn-Knopp solver against SeLa's plain loop and its constraints."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from methods.sinkhorn import sinkhorn_knopp
 
 
-def official_loop(logits: torch.Tensor, lam: float, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SeLa's cifar.py optimize_L_sk written plainly in float64: (labels, plan Q as N x K)."""
+def official_loop(logits: torch.Tensor, lam: float, tol: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """SeLa's cifar.py optimize_L_sk written plainly in float64: (labels, plan Q as N x K, iterations)."""
     P = torch.softmax(logits.double(), 1).T ** lam  # K x N
     K, N = P.shape
     r, c = torch.ones(K, 1, dtype=torch.float64) / K, torch.ones(N, 1, dtype=torch.float64) / N
@@ -20,7 +21,7 @@ def official_loop(logits: torch.Tensor, lam: float, tol: float) -> tuple[torch.T
         c = c_new
         counter += 1
     Q = P * c.T * r
-    return Q.argmax(0), Q.T
+    return Q.argmax(0), Q.T, counter
 
 
 def plan(logits: torch.Tensor, lam: float, result) -> torch.Tensor:
@@ -45,10 +46,25 @@ def test_marginals_are_uniform_and_labels_balanced():
 def test_matches_the_official_loop():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(500, 7, generator=g) * 2
-    labels, q_ref = official_loop(logits, 10.0, tol=1e-9)
+    labels, q_ref, _ = official_loop(logits, 10.0, tol=1e-9)
     result = sinkhorn_knopp(logits, 10.0, tol=1e-9)
     assert torch.equal(result.labels, labels)
     assert torch.allclose(plan(logits, 10.0, result), q_ref, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [2.0, 1.0, 0.1, 1e-2])
+def test_stops_where_the_official_loop_stops_with_its_plan(tol):
+    """The official loop starts from the uniform c and updates r first: the solver makes the same iterates, so at
+    any tolerance it stops at the same iteration with the same plan and labels. Catches a start from the uniform r
+    (half an iteration off: at a loose tolerance, stopped after the first check, its labels differed on this
+    48 x 4 problem) and ``>=`` for the official ``err > tol``."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(48, 4, generator=g) * 3
+    labels, q_ref, iterations = official_loop(logits, 10.0, tol)
+    result = sinkhorn_knopp(logits, 10.0, tol=tol, chunk_size=20)
+    assert result.iterations == iterations
+    assert torch.allclose(plan(logits, 10.0, result), q_ref, rtol=1e-9, atol=0)
+    assert torch.equal(result.labels, labels)
 
 
 def test_chunks_dtype_and_purity():
