@@ -12,8 +12,11 @@ from pathlib import Path
 from harness.errors import EnvironmentFailure, UsageError, choices_error, missing_dependency
 from harness.execution.validate import (SEED_LIMIT, UsageParser, csv_list, image_size, is_seed, non_empty, once,
                                        path_arg, positive_int, suite_arg)
+from harness.registry import import_plugin
 
 DEFAULT_RESULTS = Path("results")
+SUITE_HELP = "shipped suite name or path to a YAML file (default: quick)"
+RESULTS_HELP = "where the suite's records are read: DIR/<suite>/ (default results; the --results-dir of its run)"
 DEFAULT_LEADERBOARDS = Path("leaderboards")
 DEFAULT_DATA = Path.home() / ".cache" / "ssl-harness" / "data"
 
@@ -75,12 +78,12 @@ def _stats_options(args):
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="harness", description="Benchmark representation-learning and deep-clustering methods.")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (registers your own methods, datasets or protocols); repeatable")
+                   help="import MODULE first (registers your own methods, datasets or protocols): a module name "
+                        "importable from the current directory or PYTHONPATH, or a .py file; repeatable")
     sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     run = sub.add_parser("run", help="train and evaluate a suite's grid, then print its leaderboard")
-    run.add_argument("suite", nargs="?", type=suite_arg, default=None,
-                     help="shipped suite name or path to a YAML file (default: quick)")
+    run.add_argument("suite", nargs="?", type=suite_arg, default=None, help=SUITE_HELP)
     run.add_argument("--methods", type=csv_list, help="comma-separated subset of the suite's method rows, by label "
                      "(or by method name: every row of that method whose name is no row's label)")
     run.add_argument("--datasets", type=csv_list, help="comma-separated datasets (replaces the suite's)")
@@ -114,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats_options(run)
 
     lb = sub.add_parser("leaderboard", help="rebuild a suite's tables from stored records (no training)")
-    lb.add_argument("suite", nargs="?", type=suite_arg, default=None)
-    lb.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
+    lb.add_argument("suite", nargs="?", type=suite_arg, default=None, help=SUITE_HELP)
+    lb.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS, help=RESULTS_HELP)
     _add_leaderboard_dir(lb)
     _add_stats_options(lb)
 
@@ -124,17 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("suite", type=suite_arg, help="shipped suite name or path to a YAML file")
     cmp.add_argument("a", help="row label (a method's label; a head's row is 'label [head]')")
     cmp.add_argument("b", help="row label to compare against")
-    cmp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
+    cmp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS, help=RESULTS_HELP)
     cmp.add_argument("--alpha", type=_alpha, default=0.05, help="intervals at 1 - alpha (default 0.05)")
 
     sub.add_parser("list", help="methods, datasets, protocols, backbones and suites, one line each")
 
     rp = sub.add_parser("reproduce", help="retrain stored runs in a scratch dir and compare their headline "
                                           "metrics with the records (bit-identical, within seed noise, within one sample, or not)")
-    rp.add_argument("suite", nargs="?", type=suite_arg, default=None)
+    rp.add_argument("suite", nargs="?", type=suite_arg, default=None, help=SUITE_HELP)
     rp.add_argument("--runs", type=positive_int, default=1, help="how many stored runs, in plan order (default 1)")
     rp.add_argument("--methods", type=csv_list, help="only runs of these method rows")
-    rp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
+    rp.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS, help=RESULTS_HELP)
     rp.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
     rp.add_argument("--device", default="auto")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -142,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("migrate", help="rename stored records to the run ids this version computes "
                                         "(for results dirs written by older versions)")
     mg.add_argument("suite", nargs="?", type=suite_arg, default=None, help="one suite's records (default: every suite)")
-    mg.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
+    mg.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS, help=RESULTS_HELP)
 
     rep = sub.add_parser("report", help="HTML page and figures of a suite from its stored records (no training)")
-    rep.add_argument("suite", nargs="?", type=suite_arg, default=None)
-    rep.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
+    rep.add_argument("suite", nargs="?", type=suite_arg, default=None, help=SUITE_HELP)
+    rep.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS, help=RESULTS_HELP)
     _add_leaderboard_dir(rep)
     rep.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
     rep.add_argument("--device", default="cpu")
@@ -182,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
     bench.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark (try --help)")
+    for name, command in sub.choices.items():  # `harness run --plugin M` as well as `harness --plugin M run`
+        if name != "bench":  # what follows a benchmark's name is the benchmark's own
+            command.add_argument("--plugin", action="append", default=[], dest="command_plugins", metavar="MODULE",
+                                 help="as harness --plugin MODULE (a module name or a .py file), after the command")
     return p
 
 
@@ -584,9 +591,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "leaderboard_dir", "absent") is None:
             args.leaderboard_dir = default_leaderboard_dir(args.results_dir)
+        args.plugin += getattr(args, "command_plugins", [])
         for module in args.plugin:
             try:
-                importlib.import_module(module)
+                import_plugin(module)
             except Exception as exc:  # a missing module, or one that raises (a syntax error, a name registered twice)
                 message = str(exc).replace("\n", " ")
                 raise UsageError(f"cannot import plugin {module!r}: {type(exc).__name__}: {message}") from None

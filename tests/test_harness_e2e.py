@@ -126,10 +126,16 @@ class ToyAlign(Method):
 
 
 def test_plugin_method_runs_through_a_suite_and_reaches_the_leaderboard(tmp_path):
+    """A plugin loads as a module name before the command and as a file path after it (README, item 1).
+
+    The file lies in a folder on no import path, under a name that is no module name, so only loading it
+    from its path works, in the command and in its two worker processes (which train the runs)."""
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "my-plugin.py").write_text(PLUGIN)
     suite = _suite_file(tmp_path, ["toy_byol_lite", "random"])
-    out = _cli(tmp_path, "--plugin", "my_plugin", "run", str(suite), "--device", "cpu", "--quiet",
-               "--data-dir", str(tmp_path / "data"))
+    out = _cli(tmp_path, "run", str(suite), "--device", "cpu", "--quiet", "--workers", "2",
+               "--data-dir", str(tmp_path / "data"), "--plugin", str(tmp_path / "elsewhere" / "my-plugin.py"))
     assert out.returncode == 0, out.stderr
     board = (tmp_path / "leaderboards" / "t.md").read_text()
     assert "| toy_byol_lite |" in board and "| toy_byol_lite [head] |" in board and "| random |" in board

@@ -12,7 +12,6 @@ Entry point: :func:`run_jobs`.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from harness.errors import UsageError, missing_dependency
+from harness.registry import import_plugin
 
 try:
     import submitit
@@ -121,7 +121,7 @@ def _setup_process(plugins: Sequence[str], threads: int | None, gpu: str | None 
         import torch
         torch.set_num_threads(threads)
     for module in plugins:
-        importlib.import_module(module)
+        import_plugin(module)
 
 
 def _runner(runner_kwargs: dict[str, Any], gpu: str | None):
