@@ -270,6 +270,14 @@ BAD_INPUTS = [
     ("an empty plugin name", lambda t: ["--plugin", "", "list"], 2, "cannot import plugin '': ValueError"),
     ("a plugin that is not there", lambda t: ["--plugin", "no_such_plugin_module", "list"], 2,
      "No module named 'no_such_plugin_module'"),
+    ("a plugin file that is not there", lambda t: ["list", "--plugin", str(t / "mine.py")], 2,
+     "mine.py': FileNotFoundError: no such file"),
+    ("a suite file naming a method no plugin registered", lambda t: _run(t, methods=["my_byol"]), 2,
+     "unknown method 'my_byol' (valid: cc, "),
+    # the hint ends the line: the leaderboard once appended "and no stored records under <results>/<the file>"
+    ("leaderboard of a suite file naming a method no plugin registered",
+     lambda t: ["leaderboard", _suite(t, methods=["my_byol"]), *_dirs(t)[2:]], 2,
+     "; a method of your own registers when its module is imported: python -m harness --plugin MODULE COMMAND ...\n"),
     # eval of an external checkpoint
     ("eval of an empty checkpoint file", lambda t: ["eval", "--checkpoint", str(_write(t / "e.pt", b"")), "--arch",
                                                    "small_cnn", "--data-dir", str(t / "d")], 2,

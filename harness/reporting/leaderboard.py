@@ -104,6 +104,8 @@ def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], No
     try:
         suite = load_suite(name_or_path)
     except UsageError as exc:
+        if Path(name_or_path).is_file():  # the user's suite file itself is wrong (or names an unimported method)
+            raise
         if not is_suite_name(name_or_path) or not (Path(results_dir) / name_or_path).is_dir():
             raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
         records = list(ResultStore(Path(results_dir), name_or_path).records(for_tables=True))
