@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "leaderboard_dir", "absent") is None:
             args.leaderboard_dir = default_leaderboard_dir(args.results_dir)
-        args.plugin += getattr(args, "command_plugins", [])
+        args.plugin = args.plugin + getattr(args, "command_plugins", [])
         for module in args.plugin:
             try:
                 import_plugin(module)
