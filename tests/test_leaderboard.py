@@ -213,6 +213,24 @@ def _stored(results: Path, suite, records: list[dict]) -> None:
         path.write_text(json.dumps(r))
 
 
+def test_records_of_an_unimported_plugin_method_are_left_out_with_a_warning_naming_it(tmp_path):
+    """A `methods: all` suite read without the --plugin that registered one of its methods plans no runs of it:
+    its records are left out, and the warning names the method and the missing --plugin (it said only
+    "other configurations, seeds or budgets")."""
+    from harness.execution.runner import plan
+
+    suite = make_suite(["random"], seeds=(0,), budget="epochs=1", protocols={"knn": {"k": 10}}, name="s")
+    (job,) = plan(suite)
+    mine = {**record("random", 0, {"knn/top1": 0.5}), "run_id": job.run_id, "spec": job.spec}
+    plugin_row = {**mine, "run_id": "1" * 16, "spec": {**job.spec, "method": "my_byol", "label": "my_byol"}}
+    _stored(tmp_path, suite, [mine, plugin_row])
+    warnings: list[str] = []
+    assert [r["run_id"] for r in current_records(suite, tmp_path, warn=warnings.append)] == [job.run_id]
+    assert warnings == [f"left out 1 stored records of {tmp_path / 's'} that this suite does not plan now (other "
+                        "configurations, seeds or budgets; of methods no imported module registers: my_byol, so pass "
+                        "their --plugin); rerun the suite or delete them"]
+
+
 def test_leaderboard_and_report_read_the_same_current_records(tmp_path):
     """Records of the runs the suite plans now (by Job.run_id) are read; one of an older configuration of the
     same run is left out with a warning, by leaderboard and report alike. Catches the report averaging

@@ -77,8 +77,13 @@ def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None
     stored = list(ResultStore(Path(results_dir), suite.name).records(for_tables=True))
     current = [r for r in stored if r.get("run_id") in planned]
     if warn and len(current) < len(stored):
+        from methods import METHODS
+
+        unregistered = sorted({r["spec"]["method"] for r in stored if r["spec"]["method"] not in METHODS})
+        plugin = (f"; of methods no imported module registers: {', '.join(unregistered)}, so pass their --plugin"
+                  if unregistered else "")  # a plugin's rows in a `methods: all` suite, read without it
         warn(f"left out {len(stored) - len(current)} stored records of {Path(results_dir) / suite.name} that this "
-             f"suite does not plan now (other configurations, seeds or budgets); rerun the suite or delete them")
+             f"suite does not plan now (other configurations, seeds or budgets{plugin}); rerun the suite or delete them")
     if not current:
         raise UsageError(f"no stored records of the runs suite {suite.name!r} plans under "
                          f"{Path(results_dir) / suite.name}; run it first")
