@@ -273,7 +273,7 @@ BAD_INPUTS = [
     ("a plugin file that is not there", lambda t: ["list", "--plugin", str(t / "mine.py")], 2,
      "mine.py': FileNotFoundError: no such file"),
     ("a suite file naming a method no plugin registered", lambda t: _run(t, methods=["my_byol"]), 2,
-     "unknown method 'my_byol' (valid: cc, "),
+     "; a method of your own registers when its module is imported: python -m harness --plugin MODULE"),
     # the hint ends the line: the leaderboard once appended "and no stored records under <results>/<the file>"
     ("leaderboard of a suite file naming a method no plugin registered",
      lambda t: ["leaderboard", _suite(t, methods=["my_byol"]), *_dirs(t)[2:]], 2,

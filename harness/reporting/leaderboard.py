@@ -109,7 +109,7 @@ def suite_records(name_or_path: str, results_dir: Path, warn: Callable[[str], No
     try:
         suite = load_suite(name_or_path)
     except UsageError as exc:
-        if Path(name_or_path).is_file():  # the user's suite file itself is wrong (or names an unimported method)
+        if Path(name_or_path).suffix in (".yaml", ".yml"):  # a suite file, not a results folder's name: its own error
             raise
         if not is_suite_name(name_or_path) or not (Path(results_dir) / name_or_path).is_dir():
             raise UsageError(f"{exc}; and no stored records under {Path(results_dir) / name_or_path}") from None
