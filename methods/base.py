@@ -85,6 +85,10 @@ class Method(nn.Module):
     #: Names of methods whose trained runs (same dataset, seed, budget) this method combines at
     #: evaluation time; the harness trains them first and passes them in ``info.extra["components"]``.
     components: ClassVar[tuple[str, ...]] = ()
+    #: How much of the budget was done before the current step, in [0, 1); the training loop sets it before
+    #: each step (also after a resume), so a coefficient the paper schedules over training can follow it
+    #: (BYOL's EMA rate rising to 1), as the learning rate does.
+    progress: float = 0.0
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any], info: DataInfo) -> None:
         super().__init__()

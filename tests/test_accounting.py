@@ -32,8 +32,37 @@ class _NaNUntilFixed(METHODS.get("simclr")):
         return loss * float("nan") if self.broken else loss
 
 
+@register_method("_progress_noting_simclr")
+class _ProgressNotingSimCLR(KillableSimCLR):
+    """SimCLR that notes the budget fraction the loop gives it at each step (and can be killed at a step)."""
+
+    seen: list[float] = []
+
+    def training_step(self, batch: Batch):
+        type(self).seen.append(self.progress)
+        return super().training_step(batch)
+
+
 def _runner(root, tmp_path, log=None, **kw) -> Runner:
     return Runner(root, tmp_path / "data", device="cpu", quiet=True, log=log or (lambda s: None), **kw)
+
+
+def test_an_adapter_sees_the_budget_fraction_done_before_each_step_also_after_a_resume(tmp_path):
+    """``Method.progress`` is the share of the budget done before the step (steps=4: 0, 1/4, 2/4, 3/4), so an
+    adapter can schedule a coefficient over any budget; killed at step 3 and resumed, the resumed steps see the
+    fractions of an unbroken run, not a restart from 0."""
+    (job,) = plan(make_suite([{"name": "_progress_noting_simclr", "config": CONFIG}], budget="steps=4",
+                             protocols=FAST))
+    _ProgressNotingSimCLR.kill_at, _ProgressNotingSimCLR.calls, _ProgressNotingSimCLR.seen = None, 0, []
+    _runner(tmp_path / "a", tmp_path).run([job])
+    assert _ProgressNotingSimCLR.seen == [0.0, 0.25, 0.5, 0.75]
+    runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
+    _ProgressNotingSimCLR.kill_at, _ProgressNotingSimCLR.calls, _ProgressNotingSimCLR.seen = 3, 0, []
+    with pytest.raises(Killed):
+        runner.run([job])
+    _ProgressNotingSimCLR.kill_at, _ProgressNotingSimCLR.seen = None, []
+    runner.run([job])
+    assert _ProgressNotingSimCLR.seen == [0.5, 0.75]
 
 
 def test_a_resumed_epoch_reports_the_mean_loss_of_all_its_steps(tmp_path):

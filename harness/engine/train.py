@@ -397,8 +397,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                 if cuda:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
+                method.progress = usage.fraction(budget)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg["lr"] * lr_factor(usage.fraction(budget), cfg)
+                    group["lr"] = cfg["lr"] * lr_factor(method.progress, cfg)
                 with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
                     out = model(batch)
                 loss, step_logs = out if isinstance(out, tuple) else (out, {})
