@@ -276,7 +276,7 @@ BAD_INPUTS = [
      "; a method of your own registers when its module is imported: python -m harness --plugin MODULE"),
     # the hint ends the line: the leaderboard once appended "and no stored records under <results>/<the file>"
     ("leaderboard of a suite file naming a method no plugin registered",
-     lambda t: ["leaderboard", _suite(t, methods=["my_byol"]), *_dirs(t)[2:]], 2,
+     lambda t: ["leaderboard", _suite(t, methods=["my_byol"]), *_dirs(_mkdir(t / "r").parent)[2:]], 2,
      "; a method of your own registers when its module is imported: python -m harness --plugin MODULE COMMAND ...\n"),
     # eval of an external checkpoint
     ("eval of an empty checkpoint file", lambda t: ["eval", "--checkpoint", str(_write(t / "e.pt", b"")), "--arch",
