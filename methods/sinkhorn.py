@@ -36,8 +36,9 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
     factor, which c absorbs, so each iteration makes one pass over row chunks of
     exp(lambda x + log r - rowmax) (entries in [0, 1], no overflow at lambda = 25) that yields c and the
     column sums for the next r. A pass before the loop gives the first r from the uniform c, so the
-    iterates, the stopping iteration and the labels are the official loop's. ``dtype`` is the chunks' precision (float32 halves time and
-    memory, but its rounding puts a floor of roughly 1e-6 N under the error); vectors are float64.
+    iterates, the stopping iteration and the labels are the official loop's. ``dtype`` is the chunks'
+    precision (float32 halves time and memory, but its rounding puts a floor of roughly 1e-6 N under the
+    error); vectors are float64.
     ``chunk_size`` defaults to about 4M elements per chunk on CPU and 128M on GPU.
     """
     n, k = logits.shape
