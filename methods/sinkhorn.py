@@ -55,24 +55,29 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
         x.copy_(logits[start:start + chunk_size]).sub_(row_max[start:start + chunk_size, None])  # no temporaries
         return torch.add(log_r.to(dtype), x, alpha=lam, out=x)
 
-    # SeLa's loop starts from the uniform c with P = softmax(logits)^lambda and updates r first. Here P's rows
-    # are scaled by exp(-lambda * row max) instead of the softmax's normaliser, so that same start is
-    # c_n = (1/N) exp(-s_n), s_n = lambda (logsumexp_k x_nk - max_k x_nk), and r = (1/K) / (P c) from it
-    shift = torch.cat([torch.logsumexp(logits[s:s + chunk_size].to(dtype), 1) for s in range(0, n, chunk_size)])
-    log_c = -math.log(n) - lam * (shift - row_max).double()
-    log_col = torch.full((k,), -math.inf, **acc)
-    for start in range(0, n, chunk_size):
-        t = exponents(start).add_(log_c[start:start + chunk_size, None].to(dtype))
-        log_col = torch.logaddexp(log_col, torch.logsumexp(t, 0).double())
-    log_r = -math.log(k) - log_col
-
     # entries are floored at exp(cutoff) ~ K * tiny times their row's largest (1e-34 in float32):
     # no subnormal numbers (slow on CPUs), even after the matvec's division by row sums of up to K
     cutoff = math.log(torch.finfo(dtype).tiny) + math.log(k) + 1
+
+    # SeLa's loop starts from the uniform c with P = softmax(logits)^lambda and updates r first. Here P's rows
+    # are scaled by exp(-lambda * row max) instead of the softmax's normaliser, so that start is
+    # c_n = (1/N) exp(-s_n), s_n = lambda (logsumexp_k x_nk - max_k x_nk), and the first r = (1/K) / (P c).
+    # One pass, in place as the loop's: each chunk's column sums are weighted by exp(log c_n - the chunk's
+    # largest log c) and carried in the log domain, so that no column's sum underflows to 0.
+    log_c = torch.empty(n, **acc)
+    log_col = torch.full((k,), -math.inf, **acc)
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        x = buffer[:min(chunk_size, n - start)]
+        x.copy_(logits[rows]).sub_(row_max[rows, None]).exp_()
+        log_c[rows] = -math.log(n) - lam * x.sum(1).log().double()
+        t = exponents(start).clamp_min_(cutoff).exp_()  # log_r is still 0
+        top = log_c[rows].max()
+        log_col = torch.logaddexp(log_col, (t.t() @ (log_c[rows] - top).exp().to(dtype)).double().log() + top)
+    log_r = -math.log(k) - log_col
+
     iterations, error = 0, math.inf
     while iterations < max_iter:
-        if iterations:  # r <- (1/K) / (P^T c) from the last c, as col = N r (P^T c): a column with little
-            log_r -= math.log(k) + (col / n).log()  # mass grows until it gets its share
         log_c_new = torch.empty(n, **acc)
         col = torch.zeros(k, **acc)  # column sums of the plan with rows rescaled to 1/N
         for start in range(0, n, chunk_size):
@@ -86,7 +91,9 @@ def sinkhorn_knopp(logits: torch.Tensor, lam: float, *, tol: float = 1e-2, check
             error = (log_c - log_c_new).exp().sub_(1).abs_().sum().item()
         log_c = log_c_new
         iterations += 1
-        if error <= tol:  # SeLa's `while err > tol`
+        if error <= tol or iterations == max_iter:  # SeLa's `while err > tol`; r stays the one that made c
             break
+        # r <- (1/K) / (P^T c) from this c, as col = N r (P^T c): a column with little mass grows until it gets its share
+        log_r -= math.log(k) + (col / n).log()
     labels = torch.cat([exponents(s).argmax(1) for s in range(0, n, chunk_size)])
     return SinkhornResult(labels, log_r, log_c, iterations, error)
