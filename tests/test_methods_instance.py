@@ -356,6 +356,23 @@ def test_invcls_contrastive_prior_sets_weights_from_a_frozen_pass():
 
 
 
+#: CLD adapters' settings in the tests below, none at its default: lambda 0.5, tau 0.25, T 0.3, K 3, 2 k-means iterations.
+CLD_TEST_CONFIG = {"feat_dim": 4, "clusters": 3, "cld_weight": 0.5, "cld_temperature": 0.25, "kmeans_iters": 2,
+                   "temperature": 0.3}
+
+
+def _cld_batch(seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Three views of 8 tiny images and their indices into a 12-image training set."""
+    torch.manual_seed(seed)
+    return [torch.randn(8, 1, 2, 3) for _ in range(3)], torch.tensor([1, 4, 6, 7, 9, 11, 0, 3])
+
+
+def _cld_group_loss(method, views) -> torch.Tensor:
+    """L_CLD between the normalised group-head outputs of views 0 and 1 at CLD_TEST_CONFIG's K, tau, iterations."""
+    g1, g2 = (F.normalize(method.cld.head(method.backbone(v)), dim=1) for v in views[:2])
+    return cld_loss(g1, g2, 3, 0.25, iters=2)
+
+
 def test_cld_adapters_add_the_weighted_cross_view_group_loss():
     """NPID+CLD: mean NPID loss of views 0 and 1 + lambda L_CLD of their group features; MoCo+CLD:
     mean InfoNCE of queries 0 and 1 against the key of view 2 + lambda L_CLD. L_CLD on the L2-normalised
@@ -363,17 +380,10 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
     T = 0.3 (not the defaults). Catches CLD on one view twice, lambda ignored, a key or query from the
     wrong view, the views' losses summed, CLD's tau taken from the instance temperature, unnormalised
     group features, or the k-means iterations fixed."""
-    torch.manual_seed(13)
-    common = {"feat_dim": 4, "clusters": 3, "cld_weight": 0.5, "cld_temperature": 0.25, "kmeans_iters": 2,
-              "temperature": 0.3}
-    views = [torch.randn(8, 1, 2, 3) for _ in range(3)]
-    index = torch.tensor([1, 4, 6, 7, 9, 11, 0, 3])
+    views, index = _cld_batch(13)
+    group_loss = lambda m: _cld_group_loss(m, views).item()  # noqa: E731
 
-    def group_loss(m):
-        g1, g2 = (F.normalize(m.cld.head(m.backbone(v)), dim=1) for v in views[:2])
-        return cld_loss(g1, g2, 3, 0.25, iters=2).item()
-
-    n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", common), DataInfo(12, (1, 2, 3)))
+    n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", CLD_TEST_CONFIG), DataInfo(12, (1, 2, 3)))
     bank = n.bank.memory.clone()
     loss, logs = n.training_step(Batch(views, index))
     with torch.no_grad():
@@ -383,7 +393,7 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
     assert logs["cld"].item() == pytest.approx(cld, rel=1e-5)
     assert loss.item() == pytest.approx(instance + 0.5 * cld, rel=1e-5)
 
-    m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**common, "queue_size": 7, "head": "linear",
+    m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**CLD_TEST_CONFIG, "queue_size": 7, "head": "linear",
                                                          "bn_splits": 1}), DataInfo(12, (1, 2, 3)))
     queue = m.queue.keys.clone()
     loss, logs = m.training_step(Batch(views, index))
@@ -405,29 +415,22 @@ def test_cld_adapters_train_the_encoder_through_both_views_and_both_terms():
     written out with autograd: NPID+CLD, mean over views 0 and 1 of CE(f_v M^T / T, i) + lambda L_CLD;
     MoCo+CLD, mean InfoNCE of both queries against view 2's keys + lambda L_CLD. Catches a view's
     features or the CLD branch's input detached from the backbone (the loss value is the same)."""
-    torch.manual_seed(15)
-    common = {"feat_dim": 4, "clusters": 3, "cld_weight": 0.5, "cld_temperature": 0.25, "kmeans_iters": 2,
-              "temperature": 0.3}
-    views = [torch.randn(8, 1, 2, 3) for _ in range(3)]
-    index = torch.tensor([1, 4, 6, 7, 9, 11, 0, 3])
-
-    def group_loss(m):
-        g1, g2 = (F.normalize(m.cld.head(m.backbone(v)), dim=1) for v in views[:2])
-        return cld_loss(g1, g2, 3, 0.25, iters=2)
+    views, index = _cld_batch(15)
+    group_loss = lambda m: _cld_group_loss(m, views)  # noqa: E731
 
     def assert_gradients_equal(m, loss, expected):
         params = [p for p in m.parameters() if p.requires_grad]
         for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
-    n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", common), DataInfo(12, (1, 2, 3)))
+    n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", CLD_TEST_CONFIG), DataInfo(12, (1, 2, 3)))
     bank = n.bank.memory.clone()
     loss, _ = n.training_step(Batch(views, index))
     f = [F.normalize(n.head(n.backbone(v)), dim=1) for v in views[:2]]
     expected = sum(F.cross_entropy(fv @ bank.t() / 0.3, index) for fv in f) / 2 + 0.5 * group_loss(n)
     assert_gradients_equal(n, loss, expected)
 
-    m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**common, "queue_size": 7, "head": "linear",
+    m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**CLD_TEST_CONFIG, "queue_size": 7, "head": "linear",
                                                          "bn_splits": 1}), DataInfo(12, (1, 2, 3)))
     queue = m.queue.keys.clone()
     loss, _ = m.training_step(Batch(views, index))
