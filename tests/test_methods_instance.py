@@ -381,7 +381,6 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
     wrong view, the views' losses summed, CLD's tau taken from the instance temperature, unnormalised
     group features, or the k-means iterations fixed."""
     views, index = _cld_batch(13)
-    group_loss = lambda m: _cld_group_loss(m, views).item()  # noqa: E731
 
     n = NPIDCLD(Tiny(), resolve_config(NPIDCLD, "cpu", CLD_TEST_CONFIG), DataInfo(12, (1, 2, 3)))
     bank = n.bank.memory.clone()
@@ -389,7 +388,7 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
     with torch.no_grad():
         f = [F.normalize(n.head(n.backbone(v)), dim=1) for v in views[:2]]
         instance = sum(full_softmax_ce(fv, bank, index, 0.3) for fv in f) / 2
-        cld = group_loss(n)
+        cld = _cld_group_loss(n, views).item()
     assert logs["cld"].item() == pytest.approx(cld, rel=1e-5)
     assert loss.item() == pytest.approx(instance + 0.5 * cld, rel=1e-5)
 
@@ -405,7 +404,7 @@ def test_cld_adapters_add_the_weighted_cross_view_group_loss():
             for i in range(8):
                 pos = math.exp(float(q[i] @ k[i]) / 0.3)
                 instance -= math.log(pos / (pos + sum(math.exp(float(q[i] @ c) / 0.3) for c in queue))) / 16
-        cld = group_loss(m)
+        cld = _cld_group_loss(m, views).item()
     assert logs["cld"].item() == pytest.approx(cld, rel=1e-5)
     assert loss.item() == pytest.approx(instance + 0.5 * cld, rel=1e-5)
 
@@ -416,7 +415,6 @@ def test_cld_adapters_train_the_encoder_through_both_views_and_both_terms():
     MoCo+CLD, mean InfoNCE of both queries against view 2's keys + lambda L_CLD. Catches a view's
     features or the CLD branch's input detached from the backbone (the loss value is the same)."""
     views, index = _cld_batch(15)
-    group_loss = lambda m: _cld_group_loss(m, views)  # noqa: E731
 
     def assert_gradients_equal(m, loss, expected):
         params = [p for p in m.parameters() if p.requires_grad]
@@ -427,7 +425,7 @@ def test_cld_adapters_train_the_encoder_through_both_views_and_both_terms():
     bank = n.bank.memory.clone()
     loss, _ = n.training_step(Batch(views, index))
     f = [F.normalize(n.head(n.backbone(v)), dim=1) for v in views[:2]]
-    expected = sum(F.cross_entropy(fv @ bank.t() / 0.3, index) for fv in f) / 2 + 0.5 * group_loss(n)
+    expected = sum(F.cross_entropy(fv @ bank.t() / 0.3, index) for fv in f) / 2 + 0.5 * _cld_group_loss(n, views)
     assert_gradients_equal(n, loss, expected)
 
     m = MoCoCLD(Tiny(), resolve_config(MoCoCLD, "cpu", {**CLD_TEST_CONFIG, "queue_size": 7, "head": "linear",
@@ -440,7 +438,7 @@ def test_cld_adapters_train_the_encoder_through_both_views_and_both_terms():
         q = F.normalize(m.head(m.backbone(v)), dim=1)
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / 0.3  # the positive first
         instance = instance + F.cross_entropy(logits, torch.zeros(8, dtype=torch.long)) / 2
-    assert_gradients_equal(m, loss, instance + 0.5 * group_loss(m))
+    assert_gradients_equal(m, loss, instance + 0.5 * _cld_group_loss(m, views))
 
 
 def test_invcls_step_is_the_cosine_classifier_at_its_temperature():
