@@ -178,7 +178,7 @@ def test_sinkhorn_on_the_device_gives_the_cpu_and_official_labels(device):
 
     Catches: device-dependent chunking or precision in the solver, vectors left on the wrong device."""
     logits = torch.randn(2000, 20, generator=torch.Generator().manual_seed(3)) * 2
-    official, _ = official_loop(logits, 10.0, tol=1e-9)  # converged far enough that no label is in doubt
+    official, _, _ = official_loop(logits, 10.0, tol=1e-9)  # converged far enough that no label is in doubt
     on_device = sinkhorn_knopp(logits.to(device), 10.0, tol=1e-9)
     on_cpu = sinkhorn_knopp(logits, 10.0, tol=1e-9)
     assert on_device.labels.device.type == torch.device(device).type

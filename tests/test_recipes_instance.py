@@ -225,7 +225,7 @@ def test_sela_labels_equal_sinkhorn_on_the_head_logits_plain_pass():
         method.train()
     calls = captured_backbone_calls(method, loader, epoch=1)  # cycle_heads: epoch 1 -> head 1
     assert calls and not any(training for _, _, training in calls)
-    expected, _ = official_loop(logits, method.cfg["lam"], method.cfg["sk_tol"])
+    expected, _, _ = official_loop(logits, method.cfg["lam"], method.cfg["sk_tol"])
     assert torch.equal(method.labels[1], expected) and not torch.equal(before[1], expected)
     assert torch.equal(method.labels[0], before[0])
     assert method.training
@@ -265,7 +265,7 @@ def test_sela_official_pass_trains_mode_on_augmented_images(monkeypatch):
     assert torch.equal(features[source], outputs)  # row i of the features is image i's
     with torch.no_grad():
         logits = method.heads[0](features)
-    expected, _ = official_loop(logits, method.cfg["lam"], method.cfg["sk_tol"])
+    expected, _, _ = official_loop(logits, method.cfg["lam"], method.cfg["sk_tol"])
     assert torch.equal(method.labels[0], expected)
     with pytest.raises(UsageError, match="label_pass"):
         SeLa(Tiny(3), resolve_config(SeLa, "cpu", {"label_pass": "eval"}), DataInfo(4, (3, 1, 1)))
@@ -285,7 +285,7 @@ def test_sela_uses_its_lam_exposes_head_0_and_draws_fresh_augmentations_each_epo
         assert torch.equal(method.cluster_heads(x)["cluster"], method.heads[0](method.backbone(x)))
         method.train()
     method.on_epoch_start(1, loader)
-    expected, _ = official_loop(logits, 3.0, method.cfg["sk_tol"])
+    expected, _, _ = official_loop(logits, 3.0, method.cfg["sk_tol"])
     assert torch.equal(method.labels[1], expected)
     assert not torch.equal(official_loop(logits, 10.0, method.cfg["sk_tol"])[0], expected)  # lam matters here
     method, loader = sela_with_loader("official")
