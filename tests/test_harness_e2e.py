@@ -365,7 +365,8 @@ def test_readme_shows_the_simclr_adapter_as_it_is_in_its_file():
 def test_dry_run_says_what_run_would_do_with_each_planned_run_and_writes_nothing(tmp_path, capsys):
     """``run --dry-run`` lists every planned run as stored, failed, to train or retrain (``--force``,
     ``--retry-failed``), estimates the runs to train from the stored runs of their rows, and leaves the results
-    and tables as they were; the plain run's first line counts the same states."""
+    and tables as they were; the plain run's first line counts the same states. Methods that never train show
+    no budget."""
     import yaml
 
     suite_file = tmp_path / "s.yaml"
@@ -387,7 +388,7 @@ def test_dry_run_says_what_run_would_do_with_each_planned_run_and_writes_nothing
     lines = dry_run()
     assert lines[0] == "suite s: 4 runs: 1 stored, 3 to train (dry run: nothing trained)"
     assert [line.split()[0] for line in lines[1:5]] == ["stored", "to", "to", "to"]
-    assert stored.stem in lines[1] and "random on digits seed 0" in lines[1]
+    assert stored.stem in lines[1] and lines[1].endswith("random on digits seed 0 (no training)")
     assert lines[5].startswith(f"to train: about {took:.0f} s of training and evaluation for 1 of them")
     assert lines[6] == "to train: 2 runs whose rows have no stored run to tell their time"
     assert dry_run("--force")[0].startswith("suite s: 4 runs: 3 to train, 1 retrain")

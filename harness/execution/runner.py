@@ -53,7 +53,9 @@ class Job:
         return run_id(self.spec)
 
     def describe(self) -> str:
-        return f"{self.entry.label} on {self.dataset} seed {self.seed} ({self.budget})"
+        """``simclr on digits seed 0 (epochs=15)``; a method that never trains (pixels, random) shows no budget."""
+        budget = self.budget if METHODS.get(self.entry.name).trains else "no training"
+        return f"{self.entry.label} on {self.dataset} seed {self.seed} ({budget})"
 
 
 def keeps(record: dict[str, Any] | None, force: bool, retry_failed: bool) -> bool:
