@@ -18,9 +18,17 @@ from tests.conftest import (KNN_SAME_WEIGHTS_TOLERANCE, assert_trained_alike, in
                             trained_weights)
 
 WORLD = 2
-#: Every method family that trains (baselines without training and evaluation-time combinations excluded).
-METHODS = ["simclr", "moco", "npid_cld", "moco_cld", "invcls", "cc", "cd", "sela", "supcon", "supcon_spread",
-           "cond_autoencoder", "supervised",
+
+
+def _trained_methods() -> list[str]:
+    """Every registered method of this repository that trains (a new file in methods/ joins by itself;
+    baselines without training and evaluation-time combinations are left out)."""
+    from methods import METHODS as REGISTRY
+
+    return [n for n in REGISTRY.names() if REGISTRY.get(n).trains and REGISTRY.get(n).__module__.startswith("methods.")]
+
+
+METHODS = [*_trained_methods(),
            # InvCls with W split by rows over the ranks (hybrid parallelism); one process holds all of W
            {"name": "invcls", "as": "invcls_sharded", "config": {"shard_classifier": True}},
            # CLD's NPID baseline: the group branch is built but idle (frozen, or DDP's second step fails)
@@ -134,9 +142,8 @@ def _shipped_configurations() -> list[tuple[str, str, dict]]:
     """(method, scale, config overrides) of every trained method at both scales' defaults and of every row
     of every shipped suite, each once."""
     from harness.execution.suite import load_suite, shipped_suites
-    from methods import METHODS as REGISTRY
 
-    trained = [n for n in REGISTRY.names() if REGISTRY.get(n).trains and REGISTRY.get(n).__module__.startswith("methods.")]
+    trained = _trained_methods()
     found = [(name, scale, {}) for name in trained for scale in ("cpu", "paper")]
     for path in shipped_suites().values():
         suite = load_suite(str(path))
