@@ -43,8 +43,11 @@ runpy.run_module("harness", run_name="__main__", alter_sys=True)
 """
 
 
-def harness_without_optional_packages(*args: str, cwd: Path, missing=MISSING) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+def harness_without_optional_packages(*args: str, cwd: Path, missing=MISSING,
+                                      temp_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess where ``missing`` packages fail to import; ``temp_dir`` is its TMPDIR."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+           **({"TMPDIR": str(temp_dir)} if temp_dir else {})}
     return subprocess.run([sys.executable, "-c", BLOCKED_HARNESS, ",".join(missing), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -67,10 +70,11 @@ def test_list_and_bench_gpu_smoke_run_without_the_optional_packages(tmp_path):
     assert "npid_cld" in listed.stdout
     committed = ROOT / "leaderboards" / "bench-gpu.md"
     before = committed.stat().st_mtime_ns if committed.exists() else None
-    smoke = harness_without_optional_packages("bench", "gpu", "--smoke", "--methods", "simclr,sela", cwd=ROOT)
+    smoke = harness_without_optional_packages("bench", "gpu", "--smoke", "--methods", "simclr,sela", cwd=ROOT,
+                                              temp_dir=tmp_path)
     assert smoke.returncode == 0, smoke.stderr[-3000:]
     written = Path(smoke.stdout.strip().splitlines()[-1].removeprefix("written: "))
-    assert written.is_file() and ROOT not in written.parents
+    assert written.is_file() and tmp_path in written.parents
     assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
     rows = table_rows(written.read_text())
     assert set(rows) == {"simclr", "simclr (deterministic: false)", "sela", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks",
