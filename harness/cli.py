@@ -376,18 +376,29 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import pandas as pd
-
+    from harness.reporting import stats
     from harness.reporting.leaderboard import StatsOptions, compare, suite_records
 
     chosen = suite_records(args.suite, args.results_dir, warn=_warn)
     table = compare(chosen.records, args.a, args.b, StatsOptions(alpha=args.alpha))
-    print(f"{args.a} - {args.b} on suite {chosen.name}, in percentage points, paired by seed; "
-          f"{100 * (1 - args.alpha):g}% t interval of the mean difference; two-sided p of the paired t-test "
-          f"(Wilcoxon signed-rank from 6 pairs), p_holm Holm-adjusted over the columns")
-    with pd.option_context("display.max_columns", None, "display.width", 250, "display.float_format", "{:.3g}".format):
-        print(table.to_string(index=False))
+    print(f"{args.a} - {args.b} on suite {chosen.name}: means in percent, difference and interval in percentage "
+          f"points, paired by seed; {100 * (1 - args.alpha):g}% t interval of the mean difference over the seeds "
+          f"(per column, not adjusted); two-sided p of the paired t-test (Wilcoxon signed-rank from "
+          f"{stats.WILCOXON_MIN_PAIRS} pairs), p_holm Holm-adjusted over the columns")
+    print(format_compare(table).to_string(index=False))
     return 0
+
+
+def format_compare(table):
+    """``compare``'s table as printed: percentages and point differences with two decimals (``27.97``, where
+    three significant digits would print ``28`` beside ``20.67``), p-values with three significant digits."""
+    points = [c for c in table.columns if c.endswith(" mean") or c in ("difference", "ci_low", "ci_high")]
+    pvalues = [c for c in table.columns if c in ("p", "p_holm")]
+    out = table.astype(object)
+    for columns, fmt in ((points, "{:.2f}"), (pvalues, "{:.3g}")):
+        for c in columns:
+            out[c] = [fmt.format(v) if isinstance(v, float) and v == v else "" for v in table[c]]
+    return out
 
 
 def _warn(message: str) -> None:

@@ -178,6 +178,14 @@ def test_cli_compare_and_leaderboard_flags(tmp_path, capsys):
     assert main(["compare", "syn", "best", "b", "--results-dir", str(results)]) == 0
     out = capsys.readouterr().out
     assert "best - b" in out and "digits knn/top1" in out and "21" in out
+    # every percentage with two decimals: b's lbfgs mean 65.33 and the difference 19.67 (three significant
+    # digits, the former format, printed 65.3 and 19.7, and 28 for 27.97 beside 20.67)
+    lbfgs_line = next(line for line in out.splitlines() if "lbfgs/top1" in line).split()
+    assert lbfgs_line[3:6] == ["85.00", "65.33", "19.67"]
+    d = 100 * (np.array(VALUES["best"]["lbfgs/top1"]) - VALUES["b"]["lbfgs/top1"])
+    half = T_975_2 * d.std(ddof=1) / math.sqrt(3)
+    assert lbfgs_line[6:8] == [f"{d.mean() - half:.2f}", f"{d.mean() + half:.2f}"]
+    assert f"{st.ttest_rel(VALUES['best']['lbfgs/top1'], VALUES['b']['lbfgs/top1']).pvalue:.3g}" in lbfgs_line
     assert main(["compare", "syn", "best", "zzz", "--results-dir", str(results)]) == 2
     assert "unknown row" in capsys.readouterr().err
     assert main(["leaderboard", "syn", "--results-dir", str(results), "--leaderboard-dir", str(tmp_path / "lb"),
