@@ -62,7 +62,9 @@ class StatsOptions:
     @property
     def ci_name(self) -> str:
         return "Student t" if self.ci == "t" else (f"percentile bootstrap ({stats.BOOTSTRAP_RESAMPLES} resamples of "
-                                                   f"the seeds, seed {stats.BOOTSTRAP_SEED})")
+                                                   f"the seeds, seed {stats.BOOTSTRAP_SEED}; a 95% one from 3 seeds "
+                                                   f"is their [min, max], which holds the mean of a symmetric seed "
+                                                   f"distribution only 75% of the time)")
 
 
 def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
