@@ -3,9 +3,13 @@
 * :func:`lbfgs_probe`: multinomial logistic regression on standardised frozen features,
   full-batch L-BFGS, L2 strength chosen on a validation split (the protocol of
   Kornblith et al. 2019 and Chen et al. 2020, SimCLR, for transfer; Radford et al. 2021).
-* :func:`sgd_probe`: the standard linear evaluation of self-supervised learning (He et al.
-  2020, MoCo; Chen et al. 2020): a linear head on the frozen encoder, SGD with momentum
-  and a cosine schedule, augmented training images.
+* :func:`sgd_probe`: the linear evaluation of self-supervised learning in the form of He et al.
+  2020 (MoCo) and Chen et al. 2020: a linear head on the frozen encoder, SGD with momentum,
+  augmented training images, here with a per-step cosine schedule. Its defaults (10 epochs,
+  lr 0.1, batch 256) are a short CPU-scale setting, not MoCo's ``main_lincls.py`` (100 epochs,
+  lr 30, the lr x0.1 at epochs 60 and 80), so its numbers are not comparable with published
+  linear-evaluation accuracies unless a suite sets the recipe it follows (the transfer suites
+  set Thanos' head: AdamW lr 1e-3, 100 epochs).
 """
 from __future__ import annotations
 
