@@ -513,3 +513,19 @@ def test_compare_tests_two_common_seeds():
     p = st.ttest_rel(VALUES["best"]["knn/top1"][:2], VALUES["b"]["knn/top1"][:2]).pvalue
     assert knn["n"] == 2 and knn["test"] == "paired t" and knn["p"] == pytest.approx(p)
     assert knn["difference"] == pytest.approx(20.5) and math.isnan(knn["ci_low"])
+
+
+def test_the_header_says_when_a_probe_column_is_its_best_validation_epoch(tmp_path):
+    """A table with the sgd probe's ``top1@best_val`` says that column is the head at its best validation epoch
+    (its 'no best-epoch selection' would contradict it otherwise); a table without one keeps the plain sentence.
+    Catches the unconditional 'no best-epoch selection' beside a column that is exactly that."""
+    plain = "Every number is an offline evaluation of the final checkpoint (no online probes, no best-epoch selection)."
+    write_leaderboard(synthetic_records(), "syn", tmp_path)
+    assert plain in (tmp_path / "syn.md").read_text()
+    probed = [record(label, seed, {"sgd/top1": v[seed], "sgd/top1@best_val": v[seed], "sgd/val_top1": v[seed]})
+              for label, v in (("x", [0.5, 0.6, 0.7]), ("y", [0.4, 0.5, 0.6])) for seed in range(3)]
+    write_leaderboard(probed, "probed", tmp_path)
+    md = (tmp_path / "probed.md").read_text()
+    assert plain not in md and "digits sgd/top1@best_val" in md
+    assert ("no best-epoch selection of the encoder; a column ending in @best_val is the linear probe's head at the "
+            "epoch of its best validation top-1, chosen without the test split)." in md)

@@ -551,6 +551,16 @@ def significance_text(board: Leaderboard, options: StatsOptions, markdown: bool 
             f"mean and the rows not significantly worse than it (tied).")
 
 
+def checkpoint_text(board: Leaderboard) -> str:
+    """The sentence that says which checkpoint and which epoch of a probe the numbers come from: the final
+    checkpoint always; a probe's ``@best_val`` columns (the sgd head at its best validation epoch) say so."""
+    text = "Every number is an offline evaluation of the final checkpoint (no online probes, no best-epoch selection"
+    if any("@best_val" in metric for metric in board.stats["metric"]):
+        return (f"{text} of the encoder; a column ending in @best_val is the linear probe's head at the epoch of its "
+                f"best validation top-1, chosen without the test split).")
+    return f"{text})."
+
+
 def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, title: str = "",
                       options: StatsOptions = StatsOptions(), others: list[str] = ()) -> pd.DataFrame:
     """Write ``<suite>.md/.csv/.tex/.html`` into ``out_dir``, and ``<suite>-cd.png/.svg`` when the table
@@ -581,9 +591,8 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
                  *[f"- {d}" for d in deviations], ""] if deviations else []),
               f"{len(records)} stored runs ({n_ok} ok). Cells: mean over seeds in percent with its {confidence} "
               f"confidence interval in brackets ({options.ci_name}); seeds per cell: {seeds}; \"(n<3)\": fewer than "
-              f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. Every number is an "
-              f"offline evaluation of the final checkpoint (no online probes, no best-epoch selection). Rows with "
-              f"[head] evaluate that head's features or assignments instead of the backbone's pooled output.", "",
+              f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. "
+              f"{checkpoint_text(board)} Rows with [head] evaluate that head's features or assignments instead of the backbone's pooled output.", "",
               significance_text(board, options), "", ranks_text, "",
               f"Budget: {', '.join(budgets)}. Split manifests (sha256): {'; '.join(hashes)}.", "",
               *([f"{OTHER_TABLES} {', '.join(f'`{name}.md`' for name in others)}.", ""] if others else []),
