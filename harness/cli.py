@@ -376,15 +376,15 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness.reporting import stats
     from harness.reporting.leaderboard import StatsOptions, compare, suite_records
 
     chosen = suite_records(args.suite, args.results_dir, warn=_warn)
     table = compare(chosen.records, args.a, args.b, StatsOptions(alpha=args.alpha))
     print(f"{args.a} - {args.b} on suite {chosen.name}: means in percent, difference and interval in percentage "
           f"points, paired by seed; {100 * (1 - args.alpha):g}% t interval of the mean difference over the seeds "
-          f"(per column, not adjusted); two-sided p of the paired t-test (Wilcoxon signed-rank from "
-          f"{stats.WILCOXON_MIN_PAIRS} pairs), p_holm Holm-adjusted over the columns")
+          f"(per column, not adjusted); two-sided p of the column's test (Wilcoxon signed-rank where it can reject "
+          f"after Holm, 2^(1-n) m <= alpha for n seeds and m columns, else the paired t-test), p_holm "
+          f"Holm-adjusted over the columns")
     print(format_compare(table).to_string(index=False))
     return 0
 

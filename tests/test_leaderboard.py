@@ -432,6 +432,18 @@ def test_friedman_uses_complete_rows_and_alpha_names_the_verdict():
     assert "the mean ranks differ at alpha = 0.2" in loose.summary()
 
 
+def test_friedman_over_one_data_set_says_it_is_a_description():
+    """Demšar's blocks are independent data sets. Over one data set the blocks are its protocols scoring the same
+    encoders, and the summary says to read the ranks as a description; over two data sets it does not. Catches a
+    one-dataset p-value presented as a test of the methods."""
+    one = leaderboard_table(synthetic_records()).ranks
+    assert one.datasets == 1 and "read the ranks as a description, not as a test" in one.summary()
+    two = synthetic_records() + [{**r, "run_id": r["run_id"] + "-other", "spec": {**r["spec"], "dataset": "other"}}
+                                 for r in synthetic_records()]
+    ranks = leaderboard_table(two).ranks
+    assert ranks.datasets == 2 and ranks.friedman.n_blocks == 4 and "description" not in ranks.summary()
+
+
 def test_the_best_is_bold_when_its_adjusted_p_equals_alpha():
     """Reject where the Holm-adjusted p is <= alpha: with one other row Holm leaves scipy's ttest_rel p as it is, so at
     alpha = that p the best is bold, and just below it the two rows are tied. Catches a strict ``p < alpha``."""
@@ -464,6 +476,24 @@ def test_rank_is_the_mean_of_the_column_ranks():
     assert leaderboard_table(records).display["rank"].to_dict() == {"x": "1.7", "y": "1.7", "z": "2.7"}
 
 
+def test_rank_counts_each_protocol_once():
+    """Rank averages the headline columns only: "x" leads kNN and L-BFGS, "y" leads clustering, whose ACC, AMI, ARI
+    and NMI are four columns of one protocol. Over the headline columns x ranks (1, 1, 2) = 1.3 and y (2, 2, 1) =
+    1.7; over every column y would lead (1.3 against x's 1.7). "z [cluster]" has clustering columns only: no rank,
+    last. Catches a rank in which one protocol's correlated scores outvote the others."""
+    def scores(label, knn, cluster):
+        metrics = {"knn/top1": knn, "lbfgs/top1": knn} if knn else {}
+        metrics.update({f"clustering/{m}": cluster for m in ("acc", "ami", "ari", "nmi")})
+        return metrics
+
+    records = [record(label, seed, {k: v + 0.001 * seed for k, v in scores(label, knn, cluster).items()})
+               for label, knn, cluster in (("x", 0.9, 0.5), ("y", 0.8, 0.6), ("z [cluster]", None, 0.7))
+               for seed in range(3)]
+    display = leaderboard_table(records).display
+    assert display["rank"].to_dict() == {"x": "1.3", "y": "1.7", "z [cluster]": "–"}
+    assert list(display.index) == ["x", "y", "z [cluster]"]
+
+
 def test_markdown_table_has_one_separator_per_column():
     from harness.reporting.leaderboard import to_markdown
 
@@ -476,9 +506,11 @@ def test_markdown_table_has_one_separator_per_column():
 def test_the_header_lists_every_deviation_run_count_seed_range_and_protocol(tmp_path):
     """Row "b" lacks seed 2 (2 seeds, the others 3) and "c" failed: 9 stored runs, 8 ok, seeds per cell 2–3. Every
     deviation of the title is a line of its own and every protocol of the records is named. Catches a dropped
-    deviation or protocol line, failed runs counted as ok and a seed range that shows one end only."""
+    deviation or protocol line, failed runs counted as ok and a seed range that shows one end only; a parameter grid
+    shows its floats as the run id reads them."""
     records = [r for r in synthetic_records() if not (r["spec"]["label"] == "b" and r["spec"]["seed"] == 2)]
-    records[0]["spec"]["protocols"] = {**records[0]["spec"]["protocols"], "lbfgs": {"c": 1.0}}
+    records[0]["spec"]["protocols"] = {**records[0]["spec"]["protocols"],
+                                       "lbfgs": {"c": 1.0, "grid": [1e-3, 9.999999999999999e-06]}}
     records.append({**record("c", 0, {}), "status": "failed", "reason": "loss became nan", "metrics": {}})
     title = "Synthetic, 3 seeds. Deviations: (1) warm-up from 0; (2) bf16 autocast; (3) the final checkpoint."
     write_leaderboard(records, "syn", tmp_path, title)
@@ -486,7 +518,7 @@ def test_the_header_lists_every_deviation_run_count_seed_range_and_protocol(tmp_
     assert md.startswith("# Leaderboard: Synthetic, 3 seeds\n")
     assert "(3; docs/fidelity.md gives the reasons):\n- warm-up from 0\n- bf16 autocast\n- the final checkpoint\n" in md
     assert "9 stored runs (8 ok)" in md and "seeds per cell: 2–3 (the csv's n column)" in md
-    assert "- `knn`: k=20, temperature=0.1\n- `lbfgs`: c=1.0\n" in md
+    assert "- `knn`: k=20, temperature=0.1\n- `lbfgs`: c=1.0, grid=[0.001, 1e-05]\n" in md  # not 9.999999999999999e-06
 
 
 def test_failed_runs_are_counted_per_run_over_a_budget_grid():

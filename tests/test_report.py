@@ -89,7 +89,7 @@ def test_report_writes_page_and_every_figure(tiny):
     assert rows == [html.escape(r) for r in display.index]
     assert "_report_clusterer [cluster_head]" in display.index and "_report_clusterer [head]" in display.index
     assert re.search(r"<td [^>]*>\d+\.\d \(n&lt;3\)</td>", table) and not re.search(r"\d \[\d", table)
-    assert "paired t-test below 6 seeds" in page and "alpha = 0.05" in page
+    assert "Wilcoxon signed-rank where it can reject after Holm" in page and "alpha = 0.05" in page
     # ranks across the suite: Friedman's sentence and the critical-difference diagram over the headline columns
     assert board.ranks is not None and _esc_text(board.ranks.summary()) in page
     assert '<img src="figures/critical-difference.png"' in page

@@ -50,7 +50,7 @@ def test_fewer_than_three_values_have_no_interval():
 
 
 def test_paired_t_and_wilcoxon_against_scipy():
-    """Below 6 pairs the p-value is scipy's ttest_rel, from 6 on scipy's wilcoxon, and the interval is the t
+    """One comparison: below 6 pairs the p-value is scipy's ttest_rel, from 6 on scipy's wilcoxon, and the interval is the t
     interval of the differences. Catches an unpaired test (ttest_ind: p = 0.14 here, paired: 0.011) or the wrong
     switch."""
     a, b = np.array([0.71, 0.69, 0.74, 0.70, 0.72]), np.array([0.70, 0.66, 0.71, 0.69, 0.70])
@@ -64,6 +64,22 @@ def test_paired_t_and_wilcoxon_against_scipy():
     res6 = stats.paired_test(a6, b6)
     assert res6.test == "wilcoxon" and res6.p_value == pytest.approx(st.wilcoxon(a6, b6).pvalue)
     assert res6.p_value == pytest.approx(2 / 2 ** 6)  # every difference positive: exact two-sided p = 2 / 2^n
+
+
+def test_wilcoxon_only_where_it_can_reject_after_holm():
+    """Wilcoxon's smallest two-sided p from n pairs is 2 / 2^n, so among m Holm-corrected comparisons it can
+    reject at alpha only when 2^(1-n) m <= alpha: one comparison from 6 pairs, 17 (a column of cifar10-cpu's
+    18 rows) from 10; below that the paired t-test is used. Catches a switch at a fixed 6 pairs, under which
+    every row of an 18-row table stays tied with the best from 6 to 9 seeds whatever the scores."""
+    assert [stats.paired_test_name(n) for n in (5, 6)] == ["paired t", "wilcoxon"]
+    assert [stats.paired_test_name(n, comparisons=17) for n in (6, 9, 10)] == ["paired t", "paired t", "wilcoxon"]
+    assert stats.paired_test_name(7, comparisons=2, alpha=0.05) == "wilcoxon"  # 2 / 64 = 0.031
+    assert stats.paired_test_name(7, comparisons=2, alpha=0.01) == "paired t"
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.7, 0.01, 8), rng.normal(0.6, 0.01, 8)  # 8 seeds, a clearly better
+    assert stats.paired_test(a, b, comparisons=17).test == "paired t"
+    assert stats.paired_test(a, b, comparisons=17).p_value * 17 < 0.05  # survives Holm; Wilcoxon's 0.0078 x 17 would not
+    assert stats.paired_test(a, b, comparisons=1).test == "wilcoxon"
 
 
 def test_paired_edge_cases():

@@ -181,13 +181,16 @@ def column_test(values: pd.DataFrame, means: pd.Series, alpha: float) -> ColumnT
     best = means.idxmax()
     raw, tests = {}, set()
     top = values[best].to_numpy(dtype=np.float64)
+    pairs = {}
     for row in means.index.drop(best):
         other = values[row].to_numpy(dtype=np.float64)
         paired = ~np.isnan(top) & ~np.isnan(other)
         if paired.sum() >= 2:
-            result = stats.paired_test(top[paired], other[paired])
-            raw[row] = result.p_value
-            tests.add(result.test)
+            pairs[row] = top[paired], other[paired]
+    for row, (a, b) in pairs.items():
+        result = stats.paired_test(a, b, 1 - alpha, comparisons=len(pairs))
+        raw[row] = result.p_value
+        tests.add(result.test)
     adjusted = dict(zip(raw, stats.holm(list(raw.values())))) if raw else {}
     marks = {row: "tied" for row, p in adjusted.items() if p > alpha}
     if len(means) > 1 and len(adjusted) == len(means) - 1 and not marks:
@@ -229,6 +232,23 @@ def _cell(mean: float, low: float, high: float, mark: str) -> str:
     return f"**{text}**" if mark == "best" else f"_{text}_" if mark == "tied" else text
 
 
+#: What a table's rank column is, said in its header and the report.
+RANK_TEXT = ("Rank = mean rank over the headline columns (each protocol's top-1 or clustering ACC per dataset, the "
+             "columns of Friedman's test; tied means share the better rank); – for a row that lacks one of them.")
+
+
+def headline_rank(table: pd.DataFrame, means: pd.DataFrame) -> pd.Series:
+    """Each row's mean rank (1 = best; tied means share the better rank, as in a sports table) over the headline
+    columns (:func:`is_headline`: one number per protocol and dataset, so clustering's four correlated scores
+    and a classifier's top-5 do not outvote the others), among the rows that have all of them; NaN for the rest.
+    A table without a headline column ranks over every column."""
+    headline = [c for c in means.columns if c in set(table.loc[table["metric"].map(is_headline).astype(bool), "column"])]
+    ranked = means[headline or list(means.columns)]
+    if headline:
+        ranked = ranked.dropna()
+    return ranked.rank(ascending=False, method="min").mean(axis=1)
+
+
 @dataclass(frozen=True)
 class Leaderboard:
     """A built table: ``display`` (strings, rows in rank order), ``stats`` (one numeric row per cell, the csv),
@@ -263,7 +283,7 @@ def leaderboard_table(records: list[dict[str, Any]], options: StatsOptions = Sta
     display = pd.DataFrame(index=rows)
     for col in means.columns:
         display[col] = [cells.get((row, col), "–") for row in rows]
-    rank = means.rank(ascending=False, method="min").mean(axis=1).reindex(rows)
+    rank = headline_rank(table, means).reindex(rows)
     display.insert(0, "rank", rank.map(lambda v: "–" if np.isnan(v) else f"{v:.1f}"))
     per_row = frame.groupby("row")
     display["train s"] = per_row["train_seconds"].mean().reindex(rows).map(lambda v: f"{v:.1f}")
@@ -287,6 +307,7 @@ class SuiteRanks:
     critical_difference: float
     alpha: float
     left_out: list[str]
+    datasets: int
 
     def groups(self) -> list[tuple[int, int]]:
         """Maximal runs (i, j) of rows, in rank order, whose mean ranks differ by less than the critical
@@ -304,9 +325,11 @@ class SuiteRanks:
         f = self.friedman
         verdict = "the mean ranks differ" if f.p_value <= self.alpha else "no difference in mean rank is shown"
         left = f" Left out (missing a headline column): {', '.join(self.left_out)}." if self.left_out else ""
+        one = (" Demšar's blocks are independent data sets; these columns are protocols scoring the same encoders on "
+               "one data set, so read the ranks as a description, not as a test." if self.datasets == 1 else "")
         return (f"Friedman's test over {f.n_blocks} headline columns ({', '.join(self.columns)}) and {len(self.rows)} "
                 f"rows: chi2 = {f.chi2:.2f}, p = {f.p_value:.3g} ({verdict} at alpha = {self.alpha:g}); Nemenyi "
-                f"critical difference of mean ranks CD = {self.critical_difference:.2f} (Demšar 2006).{left}")
+                f"critical difference of mean ranks CD = {self.critical_difference:.2f} (Demšar 2006).{one}{left}")
 
 
 def suite_ranks(table: pd.DataFrame, alpha: float) -> tuple[SuiteRanks | None, str]:
@@ -322,7 +345,8 @@ def suite_ranks(table: pd.DataFrame, alpha: float) -> tuple[SuiteRanks | None, s
     result = stats.friedman(complete.to_numpy().T)
     cd = stats.nemenyi_critical_difference(len(complete), means.shape[1], alpha)
     left_out = sorted(set(means.index) - set(complete.index))
-    return SuiteRanks(list(complete.index), list(complete.columns), result, cd, alpha, left_out), ""
+    return SuiteRanks(list(complete.index), list(complete.columns), result, cd, alpha, left_out,
+                      head["dataset"].nunique()), ""
 
 
 def draw_cd_diagram(ranks: SuiteRanks, title: str = ""):
@@ -401,16 +425,18 @@ def compare(records: list[dict[str, Any]], a: str, b: str, options: StatsOptions
             raise choices_error("row (method label, heads as 'label [head]')", name, rows)
     if a == b:
         raise UsageError(f"compare needs two different rows, got {a!r} twice")
-    out = []
+    pairs = {}
     for column, part in scores.groupby("column", sort=True):
         values = part.pivot_table(index="seed", columns="row", values="value", aggfunc="first")
-        if a not in values or b not in values:
-            continue
-        pair = values[[a, b]].dropna()
+        if a in values and b in values:
+            pairs[column] = values[[a, b]].dropna()
+    testable = sum(len(pair) >= 2 for pair in pairs.values())  # the columns Holm adjusts together
+    out = []
+    for column, pair in pairs.items():
         if len(pair) < 2:
             out.append({"column": column, "n": len(pair), "test": "n<2"})
             continue
-        res = stats.paired_test(pair[a].to_numpy(), pair[b].to_numpy(), 1 - options.alpha)
+        res = stats.paired_test(pair[a].to_numpy(), pair[b].to_numpy(), 1 - options.alpha, comparisons=testable)
         out.append({"column": column, "n": res.n, f"{a} mean": 100 * pair[a].mean(), f"{b} mean": 100 * pair[b].mean(),
                     "difference": 100 * res.mean_difference, "ci_low": 100 * res.ci_low,
                     "ci_high": 100 * res.ci_high, "test": res.test, "p": res.p_value})
@@ -481,8 +507,18 @@ def protocol_notes(records: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, str] = {}
     for r in records:
         for name, params in r["spec"]["protocols"].items():
-            seen.setdefault(name, ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+            seen.setdefault(name, ", ".join(f"{k}={_parameter(v)}" for k, v in sorted(params.items())))
     return [f"- `{name}`: {params or 'defaults'}" for name, params in sorted(seen.items())]
+
+
+def _parameter(value: Any) -> str:
+    """A protocol parameter as its record's run id reads it: floats at 12 significant digits (a grid computed as
+    ``10 ** -5`` shows 1e-05, not 9.999999999999999e-06), lists element by element."""
+    if isinstance(value, float):
+        return repr(float(f"{value:.12g}"))
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(map(_parameter, value))}]"
+    return str(value)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -545,8 +581,8 @@ def significance_text(board: Leaderboard, options: StatsOptions, markdown: bool 
     bold, italics = ("**Bold**", "_Italics_") if markdown else ("Bold", "Italics")
     tests = " and ".join(sorted(board.tests)) or "none (no column has 2 seeds in common between rows)"
     return (f"Significance: each column's best mean against every other row, paired by seed, two-sided "
-            f"(paired t-test below {stats.WILCOXON_MIN_PAIRS} seeds, Wilcoxon signed-rank from "
-            f"{stats.WILCOXON_MIN_PAIRS}; used here: {tests}), Holm-corrected within the column, "
+            f"(Wilcoxon signed-rank where it can reject after Holm, 2^(1-n) m <= alpha for n seeds and m "
+            f"comparisons, else the paired t-test; used here: {tests}), Holm-corrected within the column, "
             f"alpha = {options.alpha:g}. {bold}: significantly better than every other row. {italics}: the best "
             f"mean and the rows not significantly worse than it (tied).")
 
@@ -591,7 +627,7 @@ def write_leaderboard(records: list[dict[str, Any]], suite: str, out_dir: Path, 
                  *[f"- {d}" for d in deviations], ""] if deviations else []),
               f"{len(records)} stored runs ({n_ok} ok). Cells: mean over seeds in percent with its {confidence} "
               f"confidence interval in brackets ({options.ci_name}); seeds per cell: {seeds}; \"(n<3)\": fewer than "
-              f"3 seeds, no interval; intervals are cut at 100. Rank = mean rank over columns. "
+              f"3 seeds, no interval; intervals are cut at 100. {RANK_TEXT} "
               f"{checkpoint_text(board)} Rows with [head] evaluate that head's features or assignments instead of the backbone's pooled output.", "",
               significance_text(board, options), "", ranks_text, "",
               f"Budget: {', '.join(budgets)}. Split manifests (sha256): {'; '.join(hashes)}.", "",

@@ -39,9 +39,9 @@ import numpy as np
 
 from harness.errors import UsageError
 from harness.execution.store import write_atomic
-from harness.reporting.leaderboard import (Leaderboard, StatsOptions, checkpoint_text, is_headline, is_score,
-                                 leaderboard_table, records_frame, row_label, sensitivity, significance_text,
-                                 suite_records, write_cd_diagram)
+from harness.reporting.leaderboard import (RANK_TEXT, Leaderboard, StatsOptions, checkpoint_text, is_headline,
+                                           is_score, leaderboard_table, records_frame, row_label, sensitivity,
+                                           significance_text, suite_records, write_cd_diagram)
 
 #: Samples in the 2-D embeddings (drawn once per dataset with :data:`SUBSAMPLE_SEED`, the same for every method).
 EMBED_SAMPLES = 500
@@ -868,7 +868,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
         (f"<p>Mean over seeds in percent with its {100 * (1 - options.alpha):g}% confidence interval in brackets "
          f"({_esc(options.ci_name)}); (n&lt;3): fewer than 3 seeds, no interval; intervals are cut at 100. "
          f"{_esc(significance_text(board, options, markdown=False))} "
-         "Rank = mean rank over columns. Click a column header to sort by it (again to reverse). "
+         f"{_esc(RANK_TEXT)} Click a column header to sort by it (again to reverse). "
          f"{_esc(checkpoint_text(board))} Rows with [head] evaluate that head's features or assignments instead of the backbone's pooled output. "
          "<code>train s</code> is wall-clock training time per run; <code>peak MB</code> is GPU max allocated on "
          "CUDA, peak resident memory of the process on CPU.</p>"),

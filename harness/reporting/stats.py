@@ -18,9 +18,6 @@ from scipy import stats as st
 CI_METHODS = ("t", "bootstrap")
 #: Fewer seeds than this get no interval (a 2-seed t interval is ~13 std wide; a bootstrap one is degenerate).
 MIN_INTERVAL_N = 3
-#: Paired t-test below this many pairs, Wilcoxon signed-rank from it on (with 5 pairs Wilcoxon's smallest
-#: two-sided p is 0.0625, so it could never reject at 0.05).
-WILCOXON_MIN_PAIRS = 6
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
@@ -66,15 +63,21 @@ class PairedResult:
     n: int
 
 
-def paired_test_name(n_pairs: int) -> str:
-    return "wilcoxon" if n_pairs >= WILCOXON_MIN_PAIRS else "paired t"
+def paired_test_name(n_pairs: int, comparisons: int = 1, alpha: float = 0.05) -> str:
+    """Wilcoxon's signed-rank test where it can reject: its smallest two-sided p from n pairs, 2 / 2**n, times
+    the number of Holm-corrected ``comparisons`` it is one of, at most ``alpha`` (from 6 pairs for one
+    comparison at 0.05, from 10 for 17). The paired t-test otherwise: below that Wilcoxon rejects nothing,
+    whatever the scores."""
+    return "wilcoxon" if 2.0 ** (1 - n_pairs) * comparisons <= alpha else "paired t"
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedResult:
-    """Two-sided paired test of a vs b (same seeds in the same order).
+def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
+                comparisons: int = 1) -> PairedResult:
+    """Two-sided paired test of a vs b (same seeds in the same order), one of ``comparisons`` that a Holm
+    correction at alpha = 1 - ``confidence`` will adjust together.
 
-    Paired t-test (``scipy.stats.ttest_rel``) below :data:`WILCOXON_MIN_PAIRS` pairs, Wilcoxon
-    signed-rank (``scipy.stats.wilcoxon``, exact distribution for small n) from there on. Two edge
+    Wilcoxon signed-rank (``scipy.stats.wilcoxon``, exact distribution for small n) where it can reject
+    (:func:`paired_test_name`), the paired t-test (``scipy.stats.ttest_rel``) otherwise. Two edge
     cases scipy leaves undefined get their limits: identical pairs give p = 1; differences that are all
     the same non-zero number (to rounding) give p = 0 for the t-test (t tends to infinity as their spread goes to 0).
     """
@@ -83,7 +86,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
         raise ValueError(f"paired test needs two equal-length 1-d samples of >= 2 values, got {a.shape} and {b.shape}")
     d = a - b
     low, high = t_interval(d, confidence) if len(d) >= MIN_INTERVAL_N else (float("nan"), float("nan"))
-    test = paired_test_name(len(d))
+    test = paired_test_name(len(d), comparisons, 1 - confidence)
     if not np.any(d):
         p = 1.0
     elif test == "wilcoxon":
