@@ -743,7 +743,7 @@ def write_report(suite_name: str, results_dir: Path, out_dir: Path, data_dir: Pa
             log(f"report: training curves {what}")
             curve_chart(runs, what, fig_dir / name)
             sections["curves"].append(_figure_html(f"{FIGURES}/{name}",
-                                                   f"{what}: loss and lr per epoch ({len(runs)} seeds)",
+                                                   f"{what}: loss and lr per epoch ({len(runs)} seed{'s' * (len(runs) != 1)})",
                                                    f"training curves of {what}"))
         no_curves = [k[0] for k in order if not any((r.get("train") or {}).get("history") for r in groups[k])]
         if no_curves:
