@@ -242,7 +242,8 @@ def headline_rank(table: pd.DataFrame, means: pd.DataFrame) -> pd.Series:
     columns (:func:`is_headline`: one number per protocol and dataset, so clustering's four correlated scores
     and a classifier's top-5 do not outvote the others), among the rows that have all of them; NaN for the rest.
     A table without a headline column ranks over every column."""
-    headline = [c for c in means.columns if c in set(table.loc[table["metric"].map(is_headline).astype(bool), "column"])]
+    headline_columns = set(table.loc[table["metric"].map(is_headline).astype(bool), "column"])
+    headline = [c for c in means.columns if c in headline_columns]
     ranked = means[headline or list(means.columns)]
     if headline:
         ranked = ranked.dropna()
@@ -512,8 +513,8 @@ def protocol_notes(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _parameter(value: Any) -> str:
-    """A protocol parameter as its record's run id reads it: floats at 12 significant digits (a grid computed as
-    ``10 ** -5`` shows 1e-05, not 9.999999999999999e-06), lists element by element."""
+    """A protocol parameter as its record's run id reads it: floats at 12 significant digits (a grid value stored as
+    9.999999999999999e-06 shows 1e-05), lists element by element."""
     if isinstance(value, float):
         return repr(float(f"{value:.12g}"))
     if isinstance(value, (list, tuple)):
