@@ -196,7 +196,7 @@ def test_runbook_smoke_returns_every_result_within_the_device_tools_limits(tmp_p
     Catches: a step of the script that fails or writes elsewhere, a record or checkpoint not copied
     back, more or larger files than the tool brings back."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2", "TMPDIR": str(tmp_path)}
     done = subprocess.run(["bash", str(RUNBOOK), "--smoke", "--seconds", "3000"], env=env, capture_output=True,
                           text=True, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -218,7 +218,7 @@ def test_torchrun_launch_of_the_cli_trains_each_run_over_two_ranks(tmp_path):
     import subprocess
     import sys
 
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's log folder too
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
            "-m", "harness", "run", "--methods", "simclr", "--seeds", "0", "--budget", "steps=3", "--device", "cpu",
            "--quiet", "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
