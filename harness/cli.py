@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from harness.errors import EnvironmentFailure, UsageError, choices_error, missing_dependency
+from harness.errors import EnvironmentFailure, RunError, UsageError, choices_error, missing_dependency
 from harness.execution.validate import (SEED_LIMIT, UsageParser, csv_list, image_size, is_seed, non_empty, once,
                                        path_arg, positive_int, suite_arg)
 from harness.registry import import_plugin
@@ -246,6 +246,7 @@ def cmd_run(args) -> int:
     from harness.engine.logging_backends import check_backend
 
     check_backend(args.log)
+    raised = False
     if runner is not None:
         records = runner.run(jobs, force=args.force)
     else:
@@ -259,11 +260,14 @@ def cmd_run(args) -> int:
                                plugins=args.plugin)
         except ExecutorError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            records = exc.records
+            records, raised = exc.records, True
     if not records:
+        if raised:
+            return 1
         print("no records yet (all jobs are running elsewhere)")
         return 0
-    return _finish_run(args, suite, every_method, records)
+    code = _finish_run(args, suite, every_method, records)
+    return 1 if raised else code  # the tables show what was stored; the jobs that raised make it a failure
 
 
 def _finish_run(args, suite, every_method, records: list[dict]) -> int:
@@ -606,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         for module in args.plugin:
             try:
                 import_plugin(module)
-            except Exception as exc:  # a missing module, or one that raises (a syntax error, a name registered twice)
+            except (Exception, SystemExit) as exc:  # a missing module, one that raises (a syntax error, a name
+                # registered twice) or calls sys.exit
                 message = str(exc).replace("\n", " ")
                 raise UsageError(f"cannot import plugin {module!r}: {type(exc).__name__}: {message}") from None
         from harness.execution.environment import check_writable
@@ -627,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `harness list | head`: the reader has gone, so stop quietly
         _detach_stdout()
         return 141  # as a process killed by SIGPIPE (`yes | head`)
-    except (EnvironmentFailure, OSError) as exc:  # a full or read-only disk, a corrupt file
+    except (EnvironmentFailure, OSError, RunError) as exc:  # a full or read-only disk, a corrupt file, a raising adapter
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

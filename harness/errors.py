@@ -19,3 +19,8 @@ def missing_dependency(package: str, needed_by: str, install: str | None = None)
 class EnvironmentFailure(RuntimeError):
     """A file or disk the harness needs is unusable (a corrupt manifest, an unreadable image, a
     directory it cannot write): printed as one line naming the file and what to do, exit code 1."""
+
+
+class RunError(RuntimeError):
+    """Code a run called (a method adapter, most often a plugin's) raised while the run trained or was
+    evaluated: printed as one line naming the run, the exception and where it was raised, exit code 1."""

@@ -150,12 +150,18 @@ def register_method(name: str):
     """Class decorator: register a :class:`Method` subclass under ``name`` (timm's ``@register_model``)."""
 
     def decorator(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):  # checked here, not at its first step
+            raise ValueError(f"method {name!r}: {getattr(cls, '__name__', cls)!r} is not a subclass of "
+                             f"methods.base.Method")
         cls.name = name
         for scale in ("paper", "cpu"):
             unknown = set(cls.defaults.get(scale, {})) - set(TRAINING_DEFAULTS) - set(cls.defaults.get("method", {}))
             if unknown:
                 raise ValueError(f"method {name!r}: {scale} defaults set undeclared keys {sorted(unknown)}; "
                                  f"declare method-specific keys under defaults['method']")
+        if cls.trains and cls.training_step is Method.training_step:
+            raise ValueError(f"method {name!r}: {cls.__name__} trains but does not implement training_step "
+                             f"(set trains = False for a method evaluated as built)")
         return METHODS.register(name)(cls)
 
     return decorator

@@ -140,6 +140,11 @@ def _with(argv: list[str], option: str, value: str) -> list[str]:
     return argv
 
 
+def _plugin(name: str, body: str) -> bytes:
+    """A plugin file that registers the class ``body`` defines as method ``name``."""
+    return (f"from methods.base import Method, register_method\n\n@register_method({name!r})\n{body}\n").encode()
+
+
 def _read_only(tmp: Path) -> list[str]:
     (tmp / "r").mkdir()
     (tmp / "r").chmod(0o500)
@@ -272,6 +277,13 @@ BAD_INPUTS = [
      "No module named 'no_such_plugin_module'"),
     ("a plugin file that is not there", lambda t: ["list", "--plugin", str(t / "mine.py")], 2,
      "mine.py': FileNotFoundError: no such file"),
+    ("a plugin that calls sys.exit", lambda t: ["--plugin", str(_write(t / "quits.py", b"import sys\nsys.exit(3)\n")),
+                                                "list"], 2, "cannot import plugin"),  # it exited 3, saying nothing
+    ("a plugin method that is not a Method", lambda t: ["--plugin", str(_write(t / "plain.py", _plugin(
+        "_plain", "class _Plain:\n    pass"))), "list"], 2, "'_Plain' is not a subclass of methods.base.Method"),
+    ("a plugin method without training_step", lambda t: ["--plugin", str(_write(t / "stepless.py", _plugin(
+        "_stepless", "class _Stepless(Method):\n    pass"))), "list"], 2,
+     "method '_stepless': _Stepless trains but does not implement training_step"),  # it failed at its first step
     ("a suite file naming a method no plugin registered", lambda t: _run(t, methods=["my_byol"]), 2,
      "; a method of your own registers when its module is imported: python -m harness --plugin MODULE"),
     # the hint ends the line: the leaderboard once appended "and no stored records under <results>/<the file>"
@@ -721,3 +733,98 @@ def test_an_adapter_whose_scale_sets_an_undeclared_key_is_refused_at_registratio
     with pytest.raises(ValueError, match=r"cpu defaults set undeclared keys \['temprature'\]"):
         register_method("_misspelt_key")(Misspelt)
     assert "_misspelt_key" not in METHODS.names()
+
+
+STEP_RETURNS = {  # training_step bodies of plugin adapters whose loss is not one: the line the run stops with
+    "an int": ("return 3", "is int 3, not a tensor"),
+    "None": ("return None", "is NoneType None, not a tensor"),
+    "a loss per sample": ("return self.backbone(batch.views[0]).pow(2).mean(1)", "has shape (32,), not one element"),
+    "a tensor without grad": ("return torch.tensor(1.0)", "does not require grad"),
+}
+
+
+@pytest.mark.parametrize("returns", STEP_RETURNS)
+def test_a_plugin_loss_that_is_not_a_loss_stops_with_one_line(returns, tmp_path, capsys, monkeypatch):
+    """A plugin whose training_step returns something other than a one-element tensor with grad: exit 2, one line
+    naming the method and what came back, no record and no lock left. Catches the tracebacks from inside the loop
+    and torch (AttributeError 'int' object has no attribute 'detach', shape '[]' is invalid for input of size 32,
+    element 0 of tensors does not require grad)."""
+    from methods import METHODS
+
+    body, fragment = STEP_RETURNS[returns]
+    name = "_returns_" + "_".join(returns.split())
+    plugin = _write(tmp_path / f"{name}.py", _plugin(name, (
+        f"class Returns(Method):\n    defaults = {{'method': {{}}, 'paper': {{}}, 'cpu': {{'batch_size': 32}}}}\n\n"
+        f"    def training_step(self, batch):\n        import torch\n        {body}")))
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["--plugin", str(plugin), *_run(tmp_path, "--quiet", methods=[name])]) == 2
+    finally:  # the next test process starts without it
+        METHODS.unregister(name)
+        sys.modules.pop(name, None)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: method {name!r}: the loss training_step returned {fragment}" in err, err
+    assert not list(tmp_path.glob("r/**/*.json")) and not list(tmp_path.glob("r/s/.locks/*"))
+
+
+def test_a_plugin_step_that_raises_is_one_line_naming_the_run_and_the_line_exit_1(tmp_path, capsys, monkeypatch):
+    """An adapter whose training_step raises, in a suite whose other run (random) is stored first: exit 1, one
+    line with the run, the exception and the plugin's file and line; the stored run is kept, the failing one has
+    no record and no lock. Catches the traceback the CLI printed (README: never a traceback)."""
+    from methods import METHODS
+
+    plugin = _write(tmp_path / "raising.py", _plugin("_raising", (
+        "class Raising(Method):\n    defaults = {'method': {}, 'paper': {}, 'cpu': {}}\n\n"
+        "    def training_step(self, batch):\n        raise ValueError('adapter bug')")))
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["--plugin", str(plugin), *_run(tmp_path, "--quiet", methods=["random", "_raising"])]) == 1
+    finally:
+        METHODS.unregister("_raising")
+        sys.modules.pop("raising", None)
+    err = capsys.readouterr().err
+    assert err == "error: _raising on digits seed 0 (steps=1) raised ValueError: adapter bug (raising.py:8, in " \
+                  "training_step); stored runs are kept, fix it and run again\n"
+    (record,) = (tmp_path / "r" / "s").glob("*.json")
+    assert json.loads(record.read_text())["spec"]["method"] == "random"
+    assert not list(tmp_path.glob("r/s/.locks/*"))
+
+
+def test_a_run_that_raises_in_a_worker_pool_makes_the_exit_code_1(tmp_path, capsys, monkeypatch):
+    """The same raising adapter with ``--workers 2``: the pool keeps going (the random run is stored and its table
+    written) and says which run raised and where, but ``run`` exited 0, as if the suite had finished. Catches that
+    exit code, and the run's line repeated (the pool's and the run's own prefix)."""
+    from methods import METHODS
+
+    plugin = _write(tmp_path / "raising_in_pool.py", _plugin("_raising_in_pool", (
+        "class Raising(Method):\n    defaults = {'method': {}, 'paper': {}, 'cpu': {}}\n\n"
+        "    def training_step(self, batch):\n        raise ValueError('adapter bug')")))
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["--plugin", str(plugin), *_run(tmp_path, "--quiet", "--workers", "2",
+                                                      methods=["random", "_raising_in_pool"])])
+    finally:
+        METHODS.unregister("_raising_in_pool")
+        sys.modules.pop("raising_in_pool", None)
+    err = capsys.readouterr().err
+    assert code == 1 and "error: 1 of 2 jobs raised:\n  _raising_in_pool on digits seed 0 (steps=1) raised ValueError: " \
+        "adapter bug (raising_in_pool.py:8, in training_step)" in err, err
+    (record,) = (tmp_path / "r" / "s").glob("*.json")
+    assert json.loads(record.read_text())["spec"]["method"] == "random" and (tmp_path / "l" / "s.md").is_file()
+
+
+def test_a_checkpoint_larger_than_the_file_size_limit_is_one_line_exit_1_and_leaves_no_temp_file(tmp_path):
+    """A file size limit (``ulimit -f``, as a full disk) reached while torch.save writes a run's checkpoint: torch's
+    writer turned the short write into ``RuntimeError: unexpected pos`` (a traceback), so checkpoints are serialised
+    first and written as bytes, whose OSError is one line. No checkpoint and no temporary file remain."""
+    import resource
+
+    def limit_file_size():  # 100 KB: the split manifest fits, SimCLR's checkpoint (~0.5 MB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = subprocess.run([sys.executable, "-m", "harness", *_run(tmp_path, "--quiet", methods=["simclr"])],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         preexec_fn=limit_file_size, timeout=600)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: cannot write ") and ".ckpt" in out.stderr and "File too large" in out.stderr
+    assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]

@@ -23,7 +23,7 @@ import torch
 
 from harness.errors import EnvironmentFailure, UsageError
 from harness.registry import Registry
-from harness.execution.store import write_atomic
+from harness.execution.store import write_atomic, write_torch_atomic
 
 #: CIFAR-100 fine label (alphabetical index) -> superclass index, the standard table
 #: (Krizhevsky 2009; as used by SCAN, CC and CD for "CIFAR-100-20").
@@ -357,7 +357,7 @@ def _cached_folder(name: str, root: Path, sub: str, image_size: int | None, cach
             pass  # a cache cut short by a kill or a full disk: decode the tree again
     data = load_image_folder(folder, name, image_size, classes)
     payload = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.__dict__.items()}
-    write_atomic(cache, lambda f: torch.save(payload, f), binary=True)
+    write_torch_atomic(cache, payload)
     return data
 
 

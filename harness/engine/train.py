@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +31,7 @@ from harness.data.augment import Augmenter
 from harness.engine.budget import Budget, Usage
 from harness.errors import UsageError, choices_error
 from harness.engine.seeding import epoch_order
-from harness.execution.store import write_atomic
+from harness.execution.store import write_torch_atomic
 from methods.base import Batch, Method
 
 
@@ -169,6 +168,22 @@ def _check_every_parameter_has_a_gradient(method: Method) -> None:
         raise UsageError(f"method {method.name or type(method).__name__!r}: trainable parameter(s) {shown} got no "
                          f"gradient in a training step; every trainable parameter must be used in every step "
                          f"(freeze idle ones with requires_grad_(False))")
+
+
+def _checked_loss(method: Method, out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """The loss and logged scalars of ``training_step``'s return value, which must be a one-element floating
+    tensor attached to the graph (or that and a dict): anything else (an int, None, a per-sample vector, a
+    tensor built without grad) stops with one line naming the method, not an error from inside torch."""
+    loss, logs = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+    problem = (f"is {type(loss).__name__} {str(loss)[:40]}, not a tensor" if not torch.is_tensor(loss) else
+               f"has shape {tuple(loss.shape)}, not one element" if loss.numel() != 1 else
+               f"is of dtype {loss.dtype}, not floating point" if not loss.is_floating_point() else
+               "does not require grad (it was not computed from the parameters)" if not loss.requires_grad else
+               "comes with logs that are not a dict" if not isinstance(logs, dict) else None)
+    if problem:
+        raise UsageError(f"method {method.name or type(method).__name__!r}: the loss training_step returned "
+                         f"{problem}; return a one-element floating tensor with grad, or (loss, dict of scalars)")
+    return loss, logs
 
 
 def _global_rng(device: str) -> dict[str, torch.Tensor]:
@@ -332,11 +347,11 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             per_rank = [None] * world
             torch.distributed.all_gather_object(per_rank, optimizer_state)
         if rank == 0:
-            write_atomic(checkpoint, partial(torch.save, {"model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
-                          "usage": usage.as_dict(), "history": history, "epoch": epoch,
-                          "step_in_epoch": step_in_epoch, "epoch_losses": epoch_losses, "logs": logs,
-                          "generator": generator.get_state(), "global_rng": _global_rng(device), "done": done,
-                          "peak_memory_mb": peak(), "memory_kind": memory_kind}), binary=True)
+            write_torch_atomic(checkpoint, {
+                "model": model_state, "optimizer": optimizer_state, "optimizer_per_rank": per_rank,
+                "usage": usage.as_dict(), "history": history, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "epoch_losses": epoch_losses, "logs": logs, "generator": generator.get_state(),
+                "global_rng": _global_rng(device), "done": done, "peak_memory_mb": peak(), "memory_kind": memory_kind})
 
     memory_kind = "cuda_max_allocated" if cuda else "process_peak_rss"
 
@@ -402,7 +417,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                     group["lr"] = cfg["lr"] * lr_factor(method.progress, cfg)
                 with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
                     out = model(batch)
-                loss, step_logs = out if isinstance(out, tuple) else (out, {})
+                loss, step_logs = _checked_loss(method, out)
                 # the same on every rank; on its way to the host behind the forward pass
                 to_host = _DeviceScalars(distributed.all_reduce_mean(loss.detach()), step_logs)
                 optimizer.zero_grad(set_to_none=True)

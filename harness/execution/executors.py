@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from harness.errors import UsageError, missing_dependency
+from harness.errors import RunError, UsageError, missing_dependency
 from harness.registry import import_plugin
 
 try:
@@ -297,7 +297,10 @@ def _run_local(jobs: list, runner_kwargs: dict[str, Any], workers: int, force: b
                     except BrokenProcessPool as exc:
                         state = f"error: worker died ({exc})"
                         errors.append(f"{job.describe()}: worker process died")
-                    except Exception as exc:  # the job raised: report it, keep the others going
+                    except RunError as exc:  # the run's code raised (its line names the run): keep the others going
+                        state = "error"
+                        errors.append(str(exc))
+                    except Exception as exc:  # the harness raised in the worker: report it, keep the others going
                         state = f"error: {type(exc).__name__}: {exc}"
                         errors.append(f"{job.describe()}: {''.join(traceback.format_exception_only(exc)).strip()}")
                     log(f"[{done_count}/{len(wave)}] {job.describe()}: {state}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ from harness.models.backbones import create_backbone
 from harness.engine.budget import Budget
 from harness.data.datasets import ImageData, SplitManifest, load_split_data
 from harness.execution.environment import environment, resolve_device
-from harness.errors import choices_error
+from harness.errors import EnvironmentFailure, RunError, UsageError, choices_error
 from harness.engine.logging_backends import make_logger
 from harness.engine.evaluate import RunContext, evaluate
 from harness.reporting.leaderboard import is_headline
@@ -89,6 +90,16 @@ def plan(suite: Suite) -> list[Job]:
     """The grid dataset x method x seed x budget, in that nesting order."""
     return [Job(suite.name, d, e, s, b, make_spec(suite, d, e, s, b))
             for d in suite.datasets for e in suite.methods for s in suite.seeds for b in suite.budgets]
+
+
+def exception_line(exc: BaseException) -> str:
+    """``ValueError: bad value (my_method.py:14, in training_step)``: the exception and the innermost line
+    outside torch that raised it (an adapter's, not the autograd engine's)."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
 
 
 def run_summary(record: dict[str, Any]) -> str:
@@ -172,12 +183,24 @@ class Runner:
                     self.log(f"{place}{job.describe()}: running in another process, skipped")
                     continue
                 self.log(f"{place}{job.describe()}")
-                record = self.run_job(job, store)
+                record = self._run_job_or_say_why(job, store)
                 if main:
                     store.write(record)
                     self.log(f"{place}{job.describe()}: {run_summary(record)}")
                 records.append(record)
         return records
+
+    def _run_job_or_say_why(self, job: Job, store: ResultStore) -> dict[str, Any]:
+        """:meth:`run_job`; an exception from the code the run calls (an adapter's step or hook) becomes a
+        :class:`RunError` naming the run and the line that raised, where the CLI would print a traceback. The
+        harness's own one-line errors and an interrupt pass unchanged; the run's lock is released by the caller."""
+        try:
+            return self.run_job(job, store)
+        except (UsageError, EnvironmentFailure, OSError, RunError):
+            raise
+        except Exception as exc:
+            raise RunError(f"{job.describe()} raised {exception_line(exc)}; stored runs are kept, fix it and run "
+                           f"again") from exc
 
     def _eval_progress(self, message: str) -> None:
         """A line per protocol while a run is evaluated, where there is no progress bar to watch."""

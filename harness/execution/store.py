@@ -87,6 +87,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text))
 
 
+def write_torch_atomic(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically. Serialised in memory first: torch's writer turns a failed
+    file write (a full disk, a file size limit) into an opaque RuntimeError, a plain write raises the OSError
+    that :func:`write_atomic` reports as one line."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()), binary=True)
+
+
 def remove_stale_temp_files(directory: Path) -> list[Path]:
     """Delete temporary files in ``directory`` left by killed writers on this host (owner pid gone)."""
     removed = []
