@@ -244,3 +244,56 @@ def test_submitit_job_with_two_ranks_trains_data_parallel(tmp_path):
     assert_trained_alike(ref, ddp, initial_weights(tmp_path / "single" / "results", data, single), "simclr")
     gap = abs(record["metrics"]["backbone"]["knn/top1"] - single["metrics"]["backbone"]["knn/top1"])
     assert gap <= KNN_SAME_WEIGHTS_TOLERANCE + 1e-12
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_pool_workers_end_when_their_run_is_killed(tmp_path):
+    """``kill -9`` of ``run --workers 2``: its two pool workers end within seconds. Catches the workers left behind
+    (seen 100 s after the kill: both alive, idle on the dead parent's queue, with torch and the data in memory,
+    and the runs not yet dispatched never run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "datasets": ["digits"], "methods": ["random"], "seeds": list(range(8)),
+                                     "budget": {"steps": 1}, "protocols": {"knn": {"k": 5}}}))
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "--workers", "2", "--quiet",
+                            "--results-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")],
+                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(workers := [p for p in _children(run.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]) < 2:
+            assert run.poll() is None and time.monotonic() < deadline, "the pool never started"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in workers if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive == [], "pool workers outlived their killed run"
+    finally:  # whatever is left, also the orphans the old code left
+        for pid in [run.pid, *_children(run.pid), *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -251,7 +252,17 @@ def _waves(jobs: list) -> list[list]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(gpus, plugins: Sequence[str], threads: int | None) -> None:
+def _exit_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    """End this worker once its parent is gone: a pool whose ``run`` was killed (``kill -9``) otherwise keeps
+    its workers alive forever, idle on the queue of a process that no longer exists. A run the worker was
+    training resumes from its checkpoint; its lock's owner is gone, so the next ``run`` takes it over."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
+def _init_worker(gpus, plugins: Sequence[str], threads: int | None, parent: int) -> None:
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="orphan-watch").start()
     gpu = gpus.get() if gpus is not None else None
     _WORKER["gpu"] = gpu
     _setup_process(plugins, threads, gpu)
@@ -282,7 +293,7 @@ def _run_local(jobs: list, runner_kwargs: dict[str, Any], workers: int, force: b
     errors: list[str] = []
     with _environ(PYTHONPATH=_pythonpath()), \
             ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                initargs=(queue, tuple(plugins), threads)) as pool:
+                                initargs=(queue, tuple(plugins), threads, os.getpid())) as pool:
         for wave in _waves(jobs):
             futures = {pool.submit(_pool_job, job, kwargs, force): job for job in wave}
             done_count = 0
