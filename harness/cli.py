@@ -197,7 +197,7 @@ def cmd_run(args) -> int:
     from harness.engine.budget import Budget
     from harness.execution.environment import resolve_device
     from harness.execution.executors import ExecutorError, default_local_workers, run_jobs, slurm_options
-    from harness.execution.runner import Runner, plan
+    from harness.execution.runner import Runner, plan, run_or_say_why
     from harness.execution.store import ResultStore
     from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
 
@@ -248,7 +248,7 @@ def cmd_run(args) -> int:
     check_backend(args.log)
     raised = False
     if runner is not None:
-        records = runner.run(jobs, force=args.force)
+        records = run_or_say_why(runner, jobs, force=args.force)
     else:
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
@@ -347,7 +347,7 @@ def _print_plan(suite, jobs, states: dict[str, str], store) -> None:
 def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
     """One process of a torchrun (or Slurm multi-task) launch: all ranks train each job together."""
     from harness.engine import distributed
-    from harness.execution.runner import Runner
+    from harness.execution.runner import Runner, run_or_say_why
 
     if args.executor != "local" or args.workers:
         raise UsageError(f"--executor {args.executor} / --workers cannot be combined with a {ranks.world_size}-process "
@@ -360,7 +360,7 @@ def _run_data_parallel(args, suite, jobs, ranks, every_method) -> int:
                         log=print if main else (lambda message: None), log_backend=args.log if main else "none",
                         precision=args.precision, compile=args.compile, pipeline=args.pipeline,
                         retry_failed=args.retry_failed)
-        records = runner.run(jobs, force=args.force)
+        records = run_or_say_why(runner, jobs, force=args.force)
         distributed.barrier()
     finally:
         distributed.cleanup()

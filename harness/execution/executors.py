@@ -135,7 +135,9 @@ def _runner(runner_kwargs: dict[str, Any], gpu: str | None):
 
 
 def _run_in_process(job, runner_kwargs: dict[str, Any], force: bool, gpu: str | None = None) -> dict[str, Any] | None:
-    records = _runner(runner_kwargs, gpu).run([job], force=force)
+    from harness.execution.runner import run_or_say_why
+
+    records = run_or_say_why(_runner(runner_kwargs, gpu), [job], force=force)
     return records[0] if records else None
 
 
@@ -528,8 +530,8 @@ def run_jobs(jobs: list, runner_kwargs: dict[str, Any], executor: str = "local",
         workers = default_local_workers(runner_kwargs.get("device", "auto")) if executor == "local" else 1
     errors: list[str] = []
     if todo and executor == "local" and workers == 1:
-        from harness.execution.runner import Runner
-        Runner(**runner_kwargs).run(todo, force=force)
+        from harness.execution.runner import Runner, run_or_say_why
+        run_or_say_why(Runner(**runner_kwargs), todo, force=force)
     elif todo:
         _prepare_data(todo, runner_kwargs)
         if executor == "local":

@@ -102,6 +102,19 @@ def exception_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
 
 
+def run_or_say_why(runner: "Runner", jobs: list[Job], force: bool = False) -> list[dict[str, Any]]:
+    """:meth:`Runner.run`, where an exception from the code a run calls (an adapter's step or hook) becomes a
+    :class:`RunError` naming the run and the line that raised it, which the CLI prints as one line instead of a
+    traceback. The harness's own one-line errors and an interrupt pass unchanged; locks are released already."""
+    try:
+        return runner.run(jobs, force=force)
+    except (UsageError, EnvironmentFailure, OSError, RunError):
+        raise
+    except Exception as exc:
+        raise RunError(f"{getattr(exc, 'failed_run', 'a run')} raised {exception_line(exc)}; stored runs are kept, "
+                       f"fix it and run again") from exc
+
+
 def run_summary(record: dict[str, Any]) -> str:
     """One line for a finished run: its status, training and evaluation time, and headline metrics."""
     if record.get("status") != "ok":
@@ -183,24 +196,16 @@ class Runner:
                     self.log(f"{place}{job.describe()}: running in another process, skipped")
                     continue
                 self.log(f"{place}{job.describe()}")
-                record = self._run_job_or_say_why(job, store)
+                try:
+                    record = self.run_job(job, store)
+                except Exception as exc:  # named for run_or_say_why; the innermost run (a component) keeps its name
+                    exc.failed_run = getattr(exc, "failed_run", job.describe())
+                    raise
                 if main:
                     store.write(record)
                     self.log(f"{place}{job.describe()}: {run_summary(record)}")
                 records.append(record)
         return records
-
-    def _run_job_or_say_why(self, job: Job, store: ResultStore) -> dict[str, Any]:
-        """:meth:`run_job`; an exception from the code the run calls (an adapter's step or hook) becomes a
-        :class:`RunError` naming the run and the line that raised, where the CLI would print a traceback. The
-        harness's own one-line errors and an interrupt pass unchanged; the run's lock is released by the caller."""
-        try:
-            return self.run_job(job, store)
-        except (UsageError, EnvironmentFailure, OSError, RunError):
-            raise
-        except Exception as exc:
-            raise RunError(f"{job.describe()} raised {exception_line(exc)}; stored runs are kept, fix it and run "
-                           f"again") from exc
 
     def _eval_progress(self, message: str) -> None:
         """A line per protocol while a run is evaluated, where there is no progress bar to watch."""
