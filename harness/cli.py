@@ -273,6 +273,7 @@ def cmd_run(args) -> int:
 def _finish_run(args, suite, every_method, records: list[dict]) -> int:
     """Say how many runs failed, then write the suite's tables once, from every current record on disk (not
     only this process's), so that concurrent writers of one suite end with the whole table."""
+    from harness.execution.store import ResultStore, held
     from harness.reporting.leaderboard import current_records, write_leaderboards
 
     failed = [r for r in records if r.get("status") != "ok"]
@@ -281,8 +282,9 @@ def _finish_run(args, suite, every_method, records: list[dict]) -> int:
               f"{failed[0]['spec']['dataset']} seed {failed[0]['spec']['seed']}: {failed[0].get('reason', '')}); "
               f"the table marks them; rerun them with --retry-failed", file=sys.stderr)
     suite.methods = every_method
-    display = write_leaderboards(current_records(suite, args.results_dir), suite.name, args.leaderboard_dir,
-                                 suite.description, suite.tables, _stats_options(args))
+    with held(ResultStore(args.results_dir, suite.name).tables_lock()):  # read and write as one step
+        display = write_leaderboards(current_records(suite, args.results_dir), suite.name, args.leaderboard_dir,
+                                     suite.description, suite.tables, _stats_options(args))
     _print_table(display, args.leaderboard_dir / f"{suite.name}.md")
     return 0
 

@@ -183,6 +183,39 @@ def test_two_processes_share_a_results_dir(tmp_path):
     assert len(records) == 6 and len({r["run_id"] for r in records}) == 6
 
 
+def test_a_suites_tables_are_read_and_written_under_its_tables_lock(tmp_path):
+    """Processes finishing one suite write its tables one at a time, each from the records on disk when its turn
+    comes. Here the tables lock is held (by this test process, alive) while ``run --methods random`` finishes: it
+    waits, writing nothing; pixels' record appears during the wait, and the table written after the release has
+    its row. Catches tables built from records read before the wait: a process that read just before another's
+    last record and wrote just after that one's tables left its run out of the final table."""
+    from harness.execution.store import ResultStore
+
+    suite = _suite_file(tmp_path, ["random", "pixels"], name="t")
+    args = ["run", str(suite), "--device", "cpu", "--quiet", "--data-dir", str(tmp_path / "data"),
+            "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "tables")]
+    assert main(args) == 0
+    store = ResultStore(tmp_path / "results", "t")
+    (pixels,) = [p for p in store.dir.glob("*.json") if json.loads(p.read_text())["spec"]["method"] == "pixels"]
+    aside = pixels.rename(tmp_path / "pixels.json")
+    table = tmp_path / "tables" / "t.md"
+    table.unlink()
+    lock = store.tables_lock()
+    assert lock.acquire()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "harness", *args, "--methods", "random"], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("suite t: 1 run")  # planned; its one run is stored
+        time.sleep(10)  # far longer than reading one stored record and writing the tables takes
+        assert proc.poll() is None and not table.exists(), "it wrote the tables while another process held them"
+        aside.rename(pixels)
+    finally:
+        lock.release()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert "| pixels |" in table.read_text() and "| random |" in table.read_text()
+
+
 @pytest.mark.parametrize("args,match", [
     (["run", "--methods", "nope"], "unknown method"),
     (["run", "--datasets", "imagenet22k"], "unknown dataset 'imagenet22k'"),

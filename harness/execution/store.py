@@ -14,6 +14,8 @@ import os
 import secrets
 import socket
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -200,6 +202,12 @@ class ResultStore:
     def lock(self, rid: str) -> "RunLock":
         return RunLock(self.dir / ".locks" / f"{rid}.lock")
 
+    def tables_lock(self) -> "RunLock":
+        """The claim on this suite's tables: each process reads the records and writes the tables while it holds
+        it, so the last of several processes finishing one suite has read every record stored before it wrote
+        (one that read before another's last record and wrote after its tables would drop that run)."""
+        return RunLock(self.dir / ".locks" / "tables.lock")
+
     def migrate_run_ids(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """Give every record file the name (and ``run_id``) of its spec's run id as computed now, moving its
         checkpoint along; returns the ``(old file name, new id)`` pairs renamed, and those removed. For stores
@@ -341,3 +349,20 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def held(lock: RunLock, timeout_s: float = 300.0, poll_s: float = 0.05) -> Iterator[None]:
+    """Hold ``lock`` for the block, waiting while a live process holds it (as long as that one takes to write);
+    past ``timeout_s`` one line names the lock and its owner."""
+    deadline = time.monotonic() + timeout_s
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            owner = lock._read() or "another process"
+            raise EnvironmentFailure(f"{lock.path} has been held for {timeout_s:.0f} s by {owner} (host, pid, ...); "
+                                     f"if that process is gone, delete the file")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        lock.release()
