@@ -233,5 +233,5 @@ def test_runbook_rejects_bad_options_in_one_line(args, fragment, tmp_path):
     """Catches: a typo in the device call's command running the whole script with defaults, or a call that
     can train nothing reporting success."""
     done = subprocess.run(["bash", str(RUNBOOK), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OUT": str(tmp_path / "out")})
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and fragment in done.stderr, done.stderr
