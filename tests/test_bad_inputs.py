@@ -784,10 +784,31 @@ def test_a_plugin_step_that_raises_is_one_line_naming_the_run_and_the_line_exit_
         sys.modules.pop("raising", None)
     err = capsys.readouterr().err
     assert err == "error: _raising on digits seed 0 (steps=1) raised ValueError: adapter bug (raising.py:8, in " \
-                  "training_step); stored runs are kept, fix it and run again\n"
+                  "training_step); stored runs are kept, fix it and run again (SSL_HARNESS_TRACEBACK=1 adds the " \
+                  "traceback)\n"
     (record,) = (tmp_path / "r" / "s").glob("*.json")
     assert json.loads(record.read_text())["spec"]["method"] == "random"
     assert not list(tmp_path.glob("r/s/.locks/*"))
+
+
+def test_a_raising_adapters_traceback_is_printed_on_request(tmp_path, capsys, monkeypatch):
+    """With SSL_HARNESS_TRACEBACK=1 the one line is followed by the whole traceback down to the adapter's own
+    line, for its author; exit 1 as without it. Catches a switch that the README names but nothing reads."""
+    from methods import METHODS
+
+    plugin = _write(tmp_path / "raising_traced.py", _plugin("_raising_traced", (
+        "class Raising(Method):\n    defaults = {'method': {}, 'paper': {}, 'cpu': {}}\n\n"
+        "    def training_step(self, batch):\n        raise ValueError('adapter bug')")))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSL_HARNESS_TRACEBACK", "1")
+    try:
+        assert main(["--plugin", str(plugin), *_run(tmp_path, "--quiet", methods=["_raising_traced"])]) == 1
+    finally:
+        METHODS.unregister("_raising_traced")
+        sys.modules.pop("raising_traced", None)
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert first.endswith("stored runs are kept, fix it and run again") and rest[0] == "Traceback (most recent call last):"
+    assert "raise ValueError('adapter bug')" in "\n".join(rest) and rest[-1] == "ValueError: adapter bug"
 
 
 def test_a_run_that_raises_in_a_worker_pool_makes_the_exit_code_1(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Plan a suite's grid, run each job (train, evaluate, store), skip what is stored."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -102,17 +103,25 @@ def exception_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
 
 
+#: Set (to anything but empty) to have a raising run's error end with its whole traceback, for an adapter's author.
+TRACEBACK_VARIABLE = "SSL_HARNESS_TRACEBACK"
+
+
 def run_or_say_why(runner: "Runner", jobs: list[Job], force: bool = False) -> list[dict[str, Any]]:
     """:meth:`Runner.run`, where an exception from the code a run calls (an adapter's step or hook) becomes a
     :class:`RunError` naming the run and the line that raised it, which the CLI prints as one line instead of a
-    traceback. The harness's own one-line errors and an interrupt pass unchanged; locks are released already."""
+    traceback (with :data:`TRACEBACK_VARIABLE` set, followed by the traceback, formatted where it was raised, so
+    also from a worker process). The harness's own one-line errors and an interrupt pass unchanged; locks are
+    released already."""
     try:
         return runner.run(jobs, force=force)
     except (UsageError, EnvironmentFailure, OSError, RunError):
         raise
     except Exception as exc:
+        detail = ("\n" + "".join(traceback.format_exception(exc)).rstrip() if os.environ.get(TRACEBACK_VARIABLE)
+                  else f" ({TRACEBACK_VARIABLE}=1 adds the traceback)")
         raise RunError(f"{getattr(exc, 'failed_run', 'a run')} raised {exception_line(exc)}; stored runs are kept, "
-                       f"fix it and run again") from exc
+                       f"fix it and run again{detail}") from exc
 
 
 def run_summary(record: dict[str, Any]) -> str:
