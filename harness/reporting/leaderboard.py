@@ -237,16 +237,20 @@ RANK_TEXT = ("Rank = mean rank over the headline columns (each protocol's top-1 
              "columns of Friedman's test; tied means share the better rank); – for a row that lacks one of them.")
 
 
+def headline_means(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows x headline columns (:func:`is_headline`: one number per protocol and dataset) of the cells' means,
+    NaN where a row lacks one: what the rank column and Friedman's test both rank."""
+    head = table[table["metric"].map(is_headline).astype(bool)]
+    return head.pivot(index="row", columns="column", values="mean")
+
+
 def headline_rank(table: pd.DataFrame, means: pd.DataFrame) -> pd.Series:
     """Each row's mean rank (1 = best; tied means share the better rank, as in a sports table) over the headline
-    columns (:func:`is_headline`: one number per protocol and dataset, so clustering's four correlated scores
-    and a classifier's top-5 do not outvote the others), among the rows that have all of them; NaN for the rest.
-    A table without a headline column ranks over every column."""
-    headline_columns = set(table.loc[table["metric"].map(is_headline).astype(bool), "column"])
-    headline = [c for c in means.columns if c in headline_columns]
-    ranked = means[headline or list(means.columns)]
-    if headline:
-        ranked = ranked.dropna()
+    columns (so clustering's four correlated scores and a classifier's top-5 do not outvote the others), among
+    the rows that have all of them; NaN for the rest. A table without a headline column ranks over every column
+    of ``means``."""
+    head = headline_means(table)
+    ranked = head.dropna() if head.shape[1] else means
     return ranked.rank(ascending=False, method="min").mean(axis=1)
 
 
@@ -336,8 +340,7 @@ class SuiteRanks:
 def suite_ranks(table: pd.DataFrame, alpha: float) -> tuple[SuiteRanks | None, str]:
     """Friedman and Nemenyi over the headline columns (datasets x :func:`is_headline` metrics); rows missing a
     headline column are left out. None and the reason when fewer than 2 columns or 2 rows remain."""
-    head = table[table["metric"].map(is_headline).astype(bool)]
-    means = head.pivot(index="row", columns="column", values="mean")
+    means = headline_means(table)
     complete = means.dropna()
     if means.shape[1] < 2 or len(complete) < 2:
         return None, (f"No Friedman test or critical-difference diagram: it needs at least 2 headline columns "
@@ -347,7 +350,7 @@ def suite_ranks(table: pd.DataFrame, alpha: float) -> tuple[SuiteRanks | None, s
     cd = stats.nemenyi_critical_difference(len(complete), means.shape[1], alpha)
     left_out = sorted(set(means.index) - set(complete.index))
     return SuiteRanks(list(complete.index), list(complete.columns), result, cd, alpha, left_out,
-                      head["dataset"].nunique()), ""
+                      table.loc[table["column"].isin(means.columns), "dataset"].nunique()), ""
 
 
 def draw_cd_diagram(ranks: SuiteRanks, title: str = ""):
