@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.bench.gpu import _split
+from harness.bench.profile import StepProfile, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Not on the GPU machine; the optional packages besides them (jinja2, for the .tex and .html tables
@@ -121,24 +123,31 @@ def test_asking_for_a_missing_optional_package_is_a_one_line_usage_error(args, p
 
 def test_training_rows_time_the_deterministic_mode_a_suite_trains_with(monkeypatch):
     """Every method row trains as ``harness run`` trains a suite by default (deterministic algorithms);
-    SimCLR's extra rows are --compile (also deterministic) and deterministic: false. Catches: the
+    SimCLR's extra rows are --compile (also deterministic), the backbone as CUDA graphs (compile mode
+    reduce-overhead) and deterministic: false. Catches: the
     benchmark timing the faster mode that no default run uses (as it did) and calling it the run's speed."""
     import harness.bench.gpu as gpu
 
-    calls = []
-
     def fake_rate(name, data, backbone, scale, device, steps, data_dir, compile_backbone, deterministic):
         calls.append((name, compile_backbone, deterministic))
-        return 100.0, 8, 2, 1.0
+        return 100.0, 8, 2, 1.0, 0.0
 
+    def fake_profile(name, data, backbone, scale, device, deterministic, compile_backbone):
+        profiled.append((name, compile_backbone, deterministic))
+        return StepProfile(5, 10.0, 100.0)
+
+    calls, profiled = [], []
     monkeypatch.setattr(gpu, "method_images_per_second", fake_rate)
+    monkeypatch.setattr(gpu, "profile_training", fake_profile)
     monkeypatch.setattr(gpu, "floor_images_per_second", lambda *a: 200.0)
     monkeypatch.setattr(gpu, "augment_seconds_per_step", lambda *a: 0.01)
     data = gpu.synthetic_cifar(16, 8)
     rows = [r["benchmark"] for name in ("simclr", "npid_cld") for r in gpu.method_rows(data, name, gpu.PAPER, "cpu")]
-    assert rows == ["simclr", "simclr --compile", "simclr (deterministic: false)", "npid_cld"]
-    assert calls == [("simclr", False, True), ("simclr", True, True), ("simclr", False, False),
-                     ("npid_cld", False, True)]
+    assert rows == ["simclr", "simclr --compile", "simclr --compile + CUDA graphs", "simclr (deterministic: false)",
+                    "npid_cld"]
+    assert calls == [("simclr", False, True), ("simclr", True, True), ("simclr", "reduce-overhead", True),
+                     ("simclr", False, False), ("npid_cld", False, True)]
+    assert profiled == calls  # each row's limit profiles the training it timed
 
 
 def test_a_benchmark_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
@@ -171,7 +180,7 @@ def test_a_failing_benchmark_costs_its_row_not_the_table(tmp_path, monkeypatch, 
     assert gpu.main(["--smoke", "--methods", "npid_cld", "--out", str(out), "--device", "cpu"]) == 1
     rows = table_rows(out.read_text())
     assert set(rows) == {"npid_cld", "knn torch", "sinkhorn float64 chunks", "sinkhorn float32 chunks", "kmeans torch"}
-    assert rows["knn torch"][-1] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert rows["knn torch"][7] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert float(rows["kmeans torch"][2]) > 0
     err = capsys.readouterr().err
     assert "Traceback" in err and "1 of 5 benchmarks failed: knn torch" in err
@@ -235,3 +244,84 @@ def test_runbook_rejects_bad_options_in_one_line(args, fragment, tmp_path):
     done = subprocess.run(["bash", str(RUNBOOK), *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and fragment in done.stderr, done.stderr
+
+
+def test_profile_counts_the_operators_dispatched_not_their_implementations():
+    """Three additions, one matmul and one linear layer (aten::linear, implemented by aten::addmm and
+    aten::t inside it) over two steps are 2.5 operators a step. Catches: counting the operators nested in
+    another operator (linear's addmm and t) or counting per profile instead of per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, w, bias = torch.ones(4, 4), torch.ones(3, 4), torch.zeros(3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            a + a
+        a @ a
+        torch.nn.functional.linear(a, w, bias)
+    profiled = summarise(prof.events(), steps=2, wall_s=0.01, cuda=False)
+    assert profiled.ops == 2.5 and profiled.wall_ms == 5.0 and profiled.device_ms is None
+    assert profiled.describe() == "2.5 aten ops a step (profiled 5.0 ms a step on the CPU)"
+    assert "aten::add" in profiled.top
+
+
+@pytest.mark.parametrize("device_ms, wait_ms, verdict", [
+    (9.0, 0.0, "GPU-bound"),  # busy 90% of 10 ms
+    (4.0, 4.0, "host-bound: waits for the device"),  # 4 of the 6 idle ms are waits
+    (4.0, 1.0, "host-bound: launches and Python"),
+])
+def test_profile_verdict_names_what_sets_the_pace(device_ms, wait_ms, verdict):
+    """Hand-computed cases on a 10 ms step. Catches: a busy share of the wrong total, or waits and launch
+    overhead confused."""
+    profiled = StepProfile(5, 10.0, 700.0, device_ms=device_ms, kernels=900.0, waits=2.0, wait_ms=wait_ms)
+    assert profiled.describe().startswith(f"{verdict}; GPU busy {device_ms / 10:.0%} of 10.0 ms, 900 kernels and 700 "
+                                          "aten ops a step, host waits 2.0 times")
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_epoch_hook_is_spread_over_an_epoch_not_over_the_timed_steps(monkeypatch, epochs):
+    """A method whose epoch-start hook takes 0.4 s (SeLa relabels there), trained 2 steps of 0.1 s on 1,280
+    images in batches of 128 (training faked, so that the clock is known) that start ``epochs`` epochs: the
+    hook is reported apart and adds 0.04 s a step (0.4 s over an epoch's 10 steps), not 0.2 s (over the 2
+    timed steps) nor 0.12 s (every hook call over one epoch). Catches: the hook counted in the timed steps'
+    rate, as the first GPU table counted SeLa's relabelling pass (121 ms a step of 'rest'), or summed over
+    the epochs the timed steps cross."""
+    import time
+
+    import harness.bench.gpu as gpu
+    import harness.bench.train as bench_train
+    from harness.engine.budget import Usage
+    from harness.engine.train import TrainResult
+
+    def slow_hook_method(*args, create=bench_train.create_method):
+        method = create(*args)
+        method.on_epoch_start = lambda epoch, loader: time.sleep(0.4)
+        return method
+
+    def fake_train(method, images, labels, budget, *args, **kwargs):
+        for epoch in range(epochs):
+            method.on_epoch_start(epoch, None)  # what the benchmark's timer wrapped
+        steps = int(budget.limit)
+        return TrainResult("ok", Usage(steps=steps, samples=128 * steps, seconds=0.1 * steps + 0.4 * epochs))
+
+    monkeypatch.setattr(bench_train, "create_method", slow_hook_method)
+    monkeypatch.setattr(bench_train, "train", fake_train)
+    rate = bench_train.method_images_per_second("supervised", gpu.synthetic_cifar(1280, 8), "small_cnn", "cpu",
+                                                "cpu", 2, Path("."))
+    assert rate.batch == 128 and 0.4 <= rate.epoch_hook_seconds < 0.45
+    seconds_per_step = rate.batch / rate.images_per_second
+    assert abs(seconds_per_step - (0.1 + 0.04)) < 0.003, seconds_per_step
+
+
+def test_the_cuda_graph_row_compiles_the_backbone_in_reduce_overhead_mode(monkeypatch):
+    """train(compile_backbone="reduce-overhead") hands the backbone to torch.compile with that mode (the
+    bench's CUDA-graph row); True compiles it in the default mode. Catches: the mode dropped on the way."""
+    import harness.bench.gpu as gpu
+    import harness.bench.train as bench_train
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs))
+    data = gpu.synthetic_cifar(256, 8)
+    for compiled in ("reduce-overhead", True):
+        bench_train.method_images_per_second("simclr", data, "small_cnn", "cpu", "cpu", 1, Path("."),
+                                             compile_backbone=compiled)
+    assert modes == [{"mode": "reduce-overhead"}] * 2 + [{}] * 2  # warm-up and timed run each

@@ -261,3 +261,19 @@ def test_compiled_backbone_trains(device):
     assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
     _, eager, _ = train_steps("simclr", device, 1)
     assert losses[0] == pytest.approx(eager[0], rel=BF16_REL_TOL)
+
+
+def test_profiled_steps_see_the_device(device):
+    """The GPU benchmark's ``limit`` cell profiles real training steps: on a GPU the profiler records their
+    kernels (a step that trains a network launches hundreds) and busy time within the step's wall time; on
+    the CPU there is no device figure. Catches: a profile that records no GPU activity (CUPTI missing) yet
+    calls every method host-bound, or a busy share above 100% (device time of another window)."""
+    from harness.bench.profile import profile_training
+
+    scale, backbone, n, side, _ = SCALE[device]
+    profiled = profile_training("simclr", synthetic_cifar(n, side, seed=1), backbone, scale, device, warmup=1, steps=2)
+    assert profiled.ops > 50 and profiled.wall_ms > 0
+    if device == "cpu":
+        assert profiled.device_ms is None and profiled.kernels is None
+    else:
+        assert profiled.kernels > 100 and 0 < profiled.device_ms <= profiled.wall_ms, profiled

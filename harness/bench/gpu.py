@@ -5,12 +5,16 @@ Rows, on one GPU (CUDA when there is one):
 * every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
   stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
   ``harness run`` trains on CUDA, with torch's deterministic algorithms as suites do by default (SimCLR
-  also with ``--compile``, backbone and colour jitter, and with ``deterministic: false``): images/s of the full training
+  also with ``--compile``, backbone and colour jitter; with the backbone compiled in mode ``reduce-overhead``,
+  which replays it as CUDA graphs (no CLI option yet: what graphs would gain); and with
+  ``deterministic: false``): images/s of the full training
   step (:func:`harness.bench.train.method_images_per_second`) against the bare backbone's bf16
   forward+backward at the same batch and views (:func:`harness.bench.train.floor_images_per_second`),
   their ratio, peak memory, and where a step's time goes: backbone (the floor), on-device
-  augmentation of the step's views (timed alone), and the rest (method heads and losses,
-  memory-bank/queue updates, optimiser, Python and the loop's per-step sync);
+  augmentation of the step's views (timed alone), the epoch-start hook spread over an epoch, and
+  the rest (method heads and losses, memory-bank/queue updates, optimiser, Python and the loop's
+  per-step sync); and what limits the step, from a few steps under ``torch.profiler``
+  (:mod:`harness.bench.profile`): the GPU, or a host that waits or launches too slowly;
 * weighted kNN (``protocols.knn``, torch backend) of 10,000 queries against 50,000 x 512
   training features at k=200, against the bare float32 similarity matmul of the same shapes;
 * Sinkhorn-Knopp (``methods.sinkhorn``) on N = 1,281,167 x K = 3,000 logits (SeLa's ImageNet
@@ -21,7 +25,7 @@ Rows, on one GPU (CUDA when there is one):
 
 The images are uniform random pixels with random labels: the work per step (augmentation,
 network, losses, banks of N entries) does not depend on the content. Everything is budgeted by
-steps and iterations (about 5 minutes on one H200). ``--smoke`` runs every row at tiny sizes
+steps and iterations (about 4 minutes on one H200). ``--smoke`` runs every row at tiny sizes
 (64 images of 8 px, small CNN, CPU-scale configs, no ``--compile`` row: inductor's C++ build takes
 minutes on a CPU) on whatever device there is, and writes its table to a temporary file unless ``--out``
 says otherwise.
@@ -43,6 +47,7 @@ import pandas as pd
 import torch
 
 from harness.data.augment import Augmenter, get_preset
+from harness.bench.profile import GPU_BOUND, profile_training
 from harness.bench.sinkhorn import bench as sinkhorn_bench
 from harness.bench.train import _machine, _sync, floor_images_per_second, method_images_per_second
 from harness.data.datasets import CIFAR10_CLASSES, CIFAR10_FINE_TO_COARSE, CIFAR_MEAN_STD, ImageData
@@ -62,7 +67,7 @@ SMOKE = dict(images=64, side=8, backbone="small_cnn", scale="cpu", steps=1, augm
              compile=False, knn=(2_000, 500, 64, 20), sinkhorn=(5_000, 50), sinkhorn_iters=3, kmeans=(2_000, 16, 20))
 KMEANS_ITERS = 25
 COMPILED = ("simclr",)  # methods also timed with --compile, and without the deterministic mode
-COLUMNS = ("benchmark", "size", "rate", "unit", "floor", "ratio", "peak MB", "time split")
+COLUMNS = ("benchmark", "size", "rate", "unit", "floor", "ratio", "peak MB", "time split", "limit")
 
 
 def synthetic_cifar(n: int, side: int = 32, seed: int = 0) -> ImageData:
@@ -86,11 +91,14 @@ def best_seconds(fn: Callable[[], Any], device: str, repeats: int = 3) -> tuple[
     return best, out
 
 
-def augment_seconds_per_step(data: ImageData, cfg: dict, device: str, steps: int) -> float:
-    """Seconds of one training step's augmentation alone: gather a batch, make ``views`` views."""
+def augment_seconds_per_step(data: ImageData, cfg: dict, device: str, steps: int, compiled: bool = False) -> float:
+    """Seconds of one training step's augmentation alone: gather a batch, make ``views`` views (``compiled``:
+    with the colour jitter under ``torch.compile``, as ``--compile`` trains)."""
     images = data.images.to(device)
     batch = min(cfg["batch_size"], len(images))
     augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    if compiled:
+        augmenter.compile()
     generator, order = torch.Generator().manual_seed(0), torch.randperm(len(images), device=device)
 
     def run() -> None:
@@ -109,31 +117,48 @@ def _split(step_ms: float, parts: dict[str, float]) -> str:
                      for name, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
-def method_rows(data: ImageData, name: str, size: dict, device: str) -> list[dict]:
+def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callable[[str], None] = print) -> list[dict]:
     """The method's row at ``size``'s scale and backbone, trained as ``harness run`` trains a suite by default
-    (``deterministic: true``); for :data:`COMPILED` also with ``--compile`` and with ``deterministic: false``."""
+    (``deterministic: true``); for :data:`COMPILED` also with ``--compile``, with the backbone as CUDA graphs
+    (``torch.compile`` mode ``reduce-overhead``) and with ``deterministic: false``.
+    Each row's steps are also profiled (:func:`harness.bench.profile.profile_training`): its ``limit`` cell,
+    and the operators taking the most time in ``log``."""
     cfg = resolve_config(METHODS.get(name), size["scale"])
-    augment_ms = None  # timed with the first variant, inside its attempt
     variants = [("", False, True)]  # (label suffix, compile_backbone, deterministic)
     if name in COMPILED:
-        variants += [(" --compile", True, True)] if size["compile"] else []
+        variants += [(" --compile", True, True), (" --compile + CUDA graphs", "reduce-overhead", True)] \
+            if size["compile"] else []
         variants += [(" (deterministic: false)", False, False)]
-    rows, floor = [], None
+    rows, floor, augment_ms = [], None, {}
     for suffix, compiled, deterministic in variants:
         def row() -> dict:
-            nonlocal floor, augment_ms
-            if augment_ms is None:
-                augment_ms = augment_seconds_per_step(data, cfg, device, size["augment_steps"]) * 1e3
-            ips, batch, views, peak = method_images_per_second(name, data, size["backbone"], size["scale"], device,
-                                                               size["steps"], Path("."), compile_backbone=compiled,
-                                                               deterministic=deterministic)
+            nonlocal floor
+            jitter = bool(compiled)  # any --compile compiles the colour jitter (default mode)
+            if jitter not in augment_ms:
+                augment_ms[jitter] = augment_seconds_per_step(data, cfg, device, size["augment_steps"], jitter) * 1e3
+            ips, batch, views, peak, hook_s = method_images_per_second(
+                name, data, size["backbone"], size["scale"], device, size["steps"], Path("."),
+                compile_backbone=compiled, deterministic=deterministic)
             if floor is None:
                 floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
             step_ms = batch / ips * 1e3
+            parts = {"backbone": batch / floor * 1e3, "augment": augment_ms[jitter]}
+            if hook_s > 0.001:
+                parts["epoch hook"] = hook_s * 1e3 / max(1, len(data.images) // batch)
             return {"benchmark": name + suffix,
                     "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
                     "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
-                    "time split": _split(step_ms, {"backbone": batch / floor * 1e3, "augment": augment_ms})}
+                    "time split": _split(step_ms, parts), "limit": limit(name + suffix, compiled, deterministic)}
+
+        def limit(label: str, compiled: bool | str, deterministic: bool) -> str:
+            try:
+                profiled = profile_training(name, data, size["backbone"], size["scale"], device,
+                                            deterministic=deterministic, compile_backbone=compiled)
+            except Exception as exc:  # noqa: BLE001 -- the row's timings stand without its profile
+                traceback.print_exc()
+                return f"profile failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+            log(f"{label}: {profiled.describe()}\n{profiled.top}")
+            return profiled.describe()
 
         rows += attempt(name + suffix, lambda: [row()], device)
     return rows
@@ -150,7 +175,7 @@ def attempt(name: str, benchmark: Callable[[], list[dict]], device: str) -> list
             torch.cuda.empty_cache()  # an out-of-memory row leaves the next rows their memory
         message = (str(exc).strip().splitlines() or [""])[0][:200]
         return [{"benchmark": name, "size": "", "rate": math.nan, "unit": "", "floor": math.nan, "ratio": math.nan,
-                 "peak MB": math.nan, "time split": f"failed: {type(exc).__name__}: {message}"}]
+                 "peak MB": math.nan, "time split": f"failed: {type(exc).__name__}: {message}", "limit": ""}]
 
 
 def _gaussian_features(rng: np.random.Generator, n: int, dim: int, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +233,7 @@ def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
         if name not in trained:
             raise choices_error("training method", name, trained)
     data = synthetic_cifar(size["images"], size["side"])
-    benchmarks = [partial(method_rows, data, name, size, device) for name in methods or trained]
+    benchmarks = [partial(method_rows, data, name, size, device, log) for name in methods or trained]
     benchmarks += [lambda: attempt("knn torch", lambda: [knn_row(*size["knn"], device)], device),
                    lambda: attempt("sinkhorn", lambda: sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device),
                                    device),
@@ -261,16 +286,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{size['scale']}-scale configs, {size['backbone']}, {size['images']:,} random uint8 images of "
             f"{size['side']} px, {precision}, {size['steps']} timed steps after a 2-step warm-up run (which also "
             "pays for --compile), with torch's deterministic algorithms as `harness run` trains a suite by default "
-            "(`deterministic: true`; the row '(deterministic: false)' shows what that mode costs).\n\n"
+            "(`deterministic: true`; the row '(deterministic: false)' shows what that mode costs). '--compile + "
+            "CUDA graphs': the backbone compiled in torch.compile's mode reduce-overhead, which replays it as CUDA "
+            "graphs (not a `harness run` option yet; the row measures what graphs would gain).\n\n"
             "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
             "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "
             "the same batch and views, fastest algorithms allowed (training rows), or the seconds of the bare "
             "matmuls the protocol cannot avoid. ratio: the share of the floor's speed reached (rate / floor for "
             "images/s, floor / rate for seconds; 1.0 = no overhead; goal >= 0.9). peak MB: CUDA max allocated "
             "(process peak RSS on CPU). time split: a training step's time as backbone (the floor), augmentation "
-            "of its views (timed alone) and the rest (method heads, losses, bank/queue updates, optimiser, "
-            "Python, the loop's per-step loss sync); SeLa's steps include its per-epoch relabelling pass "
-            "(features of all images + Sinkhorn), which falls in the timed steps.\n\n" + to_markdown(table) + "\n")
+            "of its views (timed alone), the method's epoch-start hook spread over an epoch's steps (SeLa's "
+            "relabelling pass: features of all images + Sinkhorn; timed apart, also in the rate) and the rest "
+            "(method heads, losses, bank/queue updates, optimiser, Python, the loop's per-step loss sync). "
+            "limit: 5 steps of the same training under torch.profiler (harness/bench/profile.py): GPU-bound when "
+            f"the GPU is busy (kernels and copies) for >= {GPU_BOUND:.0%} of the step's wall time, else host-bound "
+            "(the host waits for the device at a synchronising call, or cannot launch the step's kernels as fast "
+            "as the GPU runs them); the profiler's own overhead lengthens the host's share a little. "
+            "bench-gpu.log holds each row's operators taking the most time.\n\n" + to_markdown(table) + "\n")
         write_atomic(out, lambda f: f.write(text))
 
     df = gpu_benchmarks(args.smoke, device, args.methods,

@@ -273,7 +273,7 @@ def _rank0_clock(elapsed: float) -> float:
 def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, budget: Budget,
           augmenter: Augmenter, cfg: dict[str, Any], *, device: str, seed: int, generator: torch.Generator,
           checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, quiet: bool = False,
-          desc: str = "", logger=None, precision: str = "auto", compile_backbone: bool = False,
+          desc: str = "", logger=None, precision: str = "auto", compile_backbone: bool | str = False,
           progress_seconds: float = 60.0) -> TrainResult:
     """Train ``method`` on the uint8 ``images`` (already on ``device``) until ``budget`` is spent.
 
@@ -281,7 +281,8 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
     same batches it would have seen. ``precision`` (see :func:`resolve_precision`) sets autocast;
     on CUDA the model and views are channels-last; ``compile_backbone`` runs ``torch.compile`` on
-    the backbone in place (state-dict keys unchanged) and on the augmenter's colour jitter off the CPU.
+    the backbone in place (state-dict keys unchanged) and on the augmenter's colour jitter off the CPU;
+    a string is the backbone's ``torch.compile`` mode (``"reduce-overhead"``: CUDA graphs).
     Progress is a bar on a terminal; elsewhere (a log file, a Slurm job) one line every
     ``progress_seconds``; nothing when ``quiet``. With several ranks, ``batch_size`` is the global
     batch and rank r trains on rows [r b, (r + 1) b) of each, b = batch_size / world size.
@@ -326,7 +327,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
             return TrainResult("ok", usage, history=history, peak_memory_mb=state.get("peak_memory_mb", 0.0),
                                memory_kind=state.get("memory_kind", ""))
     if compile_backbone:
-        method.backbone.compile()
+        method.backbone.compile(**({"mode": compile_backbone} if isinstance(compile_backbone, str) else {}))
         augmenter.compile()
     autocast_bf16 = resolve_precision(precision, device) == "bf16"
     model = _data_parallel(method) if world > 1 else method
