@@ -67,6 +67,12 @@ SMOKE = dict(images=64, side=8, backbone="small_cnn", scale="cpu", steps=1, augm
              compile=False, knn=(2_000, 500, 64, 20), sinkhorn=(5_000, 50), sinkhorn_iters=3, kmeans=(2_000, 16, 20))
 KMEANS_ITERS = 25
 COMPILED = ("simclr",)  # methods also timed with --compile, and without the deterministic mode
+#: (label suffix, compile_backbone, deterministic) of a method's rows: as a suite trains by default, and the
+#: variants timed for :data:`COMPILED`; :data:`CUDA_GRAPHS` comes after every other row (a slow compilation
+#: then costs only its own row when the device call's time runs out).
+DEFAULT = ("", False, True)
+VARIANTS = ((" --compile", True, True), (" (deterministic: false)", False, False))
+CUDA_GRAPHS = (" --compile + CUDA graphs", "reduce-overhead", True)
 COLUMNS = ("benchmark", "size", "rate", "unit", "floor", "ratio", "peak MB", "time split", "limit")
 
 
@@ -117,19 +123,30 @@ def _split(step_ms: float, parts: dict[str, float]) -> str:
                      for name, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
-def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callable[[str], None] = print) -> list[dict]:
-    """The method's row at ``size``'s scale and backbone, trained as ``harness run`` trains a suite by default
-    (``deterministic: true``); for :data:`COMPILED` also with ``--compile``, with the backbone as CUDA graphs
-    (``torch.compile`` mode ``reduce-overhead``) and with ``deterministic: false``.
+def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callable[[str], None] = print,
+                variants: tuple | None = None) -> list[dict]:
+    """The method's rows at ``size``'s scale and backbone: ``variants`` (label suffix, compile_backbone,
+    deterministic), by default trained as ``harness run`` trains a suite (``deterministic: true``) and, for
+    :data:`COMPILED`, also with ``--compile`` (not at smoke sizes) and with ``deterministic: false``.
     Each row's steps are also profiled (:func:`harness.bench.profile.profile_training`): its ``limit`` cell,
     and the operators taking the most time in ``log``."""
     cfg = resolve_config(METHODS.get(name), size["scale"])
-    variants = [("", False, True)]  # (label suffix, compile_backbone, deterministic)
-    if name in COMPILED:
-        variants += [(" --compile", True, True), (" --compile + CUDA graphs", "reduce-overhead", True)] \
-            if size["compile"] else []
-        variants += [(" (deterministic: false)", False, False)]
+    if variants is None:
+        variants = (DEFAULT,)
+        if name in COMPILED:
+            variants += tuple(v for v in VARIANTS if not v[1] or size["compile"])
     rows, floor, augment_ms = [], None, {}
+
+    def limit(label: str, compiled: bool | str, deterministic: bool) -> str:
+        try:
+            profiled = profile_training(name, data, size["backbone"], size["scale"], device,
+                                        deterministic=deterministic, compile_backbone=compiled)
+        except Exception as exc:  # noqa: BLE001 -- the row's timings stand without its profile
+            traceback.print_exc()
+            return f"profile failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+        log(f"{label}: {profiled.describe()}\n{profiled.top}")
+        return profiled.describe()
+
     for suffix, compiled, deterministic in variants:
         def row() -> dict:
             nonlocal floor
@@ -149,16 +166,6 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
                     "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
                     "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
                     "time split": _split(step_ms, parts), "limit": limit(name + suffix, compiled, deterministic)}
-
-        def limit(label: str, compiled: bool | str, deterministic: bool) -> str:
-            try:
-                profiled = profile_training(name, data, size["backbone"], size["scale"], device,
-                                            deterministic=deterministic, compile_backbone=compiled)
-            except Exception as exc:  # noqa: BLE001 -- the row's timings stand without its profile
-                traceback.print_exc()
-                return f"profile failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
-            log(f"{label}: {profiled.describe()}\n{profiled.top}")
-            return profiled.describe()
 
         rows += attempt(name + suffix, lambda: [row()], device)
     return rows
@@ -225,7 +232,8 @@ def kmeans_row(n: int, dim: int, k: int, device: str) -> dict:
 def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
                    log: Callable[[str], None] = print,
                    on_rows: Callable[[pd.DataFrame], None] = lambda table: None) -> pd.DataFrame:
-    """The table: method rows (``methods``: default every training method), then kNN, Sinkhorn, k-means.
+    """The table: method rows (``methods``: default every training method), then kNN, Sinkhorn, k-means, then
+    the CUDA-graph rows.
     ``on_rows`` gets the table so far after each benchmark, so that a run cut short keeps what it measured."""
     size = SMOKE if smoke else PAPER
     trained = [n for n in METHODS.names() if METHODS.get(n).trains]
@@ -238,6 +246,8 @@ def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
                    lambda: attempt("sinkhorn", lambda: sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device),
                                    device),
                    lambda: attempt("kmeans torch", lambda: [kmeans_row(*size["kmeans"], device)], device)]
+    benchmarks += [partial(method_rows, data, name, size, device, log, (CUDA_GRAPHS,))
+                   for name in methods or trained if name in COMPILED and size["compile"]]
     rows = []
     for benchmark in benchmarks:
         rows += benchmark()
