@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.engine import distributed
 from harness.errors import choices_error
@@ -103,6 +104,55 @@ class Queue(nn.Module):
         self.ptr.copy_((self.ptr + len(keys)) % size)
 
 
+class SplitBatchNorm(_BatchNorm):
+    """BatchNorm that, given ``splits`` > 1 in training, normalises each of ``splits`` equal groups of the batch
+    by the group's own statistics, all in one pass: row i belongs to group i % splits, so viewing (N, C, ...)
+    as (N / splits, splits * C, ...) puts every group in its own block of channels (MoCo's SplitBatchNorm,
+    facebookresearch/moco colab/moco_cifar10_demo.ipynb). Running statistics move by the mean of the
+    groups' statistics, as there. ``splits`` 1, or evaluation mode: plain BatchNorm."""
+
+    splits = 1
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input with at least 2 dimensions (N, C, ...), got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.splits
+        if s == 1 or not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        n, c = x.shape[:2]
+        if n % s:
+            raise ValueError(f"a batch of {n} rows does not split into {s} equal BatchNorm groups")
+        tracked = self.track_running_stats
+        means, variances = (self.running_mean.repeat(s), self.running_var.repeat(s)) if tracked else (None, None)
+        momentum = 0.0
+        if tracked:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        weight, bias = (self.weight.repeat(s), self.bias.repeat(s)) if self.affine else (None, None)
+        out = F.batch_norm(x.reshape(n // s, s * c, *x.shape[2:]), means, variances, weight, bias, True, momentum,
+                           self.eps)
+        if tracked:
+            self.running_mean.copy_(means.view(s, c).mean(0))
+            self.running_var.copy_(variances.view(s, c).mean(0))
+        return out.reshape(x.shape)
+
+
+def _split_batchnorms(module: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``module`` replaced, in place, by a :class:`SplitBatchNorm` holding the same tensors
+    (state-dict keys unchanged)."""
+    for name, child in module.named_children():
+        if isinstance(child, _BatchNorm) and not isinstance(child, SplitBatchNorm):
+            new = SplitBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new._parameters, new._buffers = child._parameters, child._buffers
+            setattr(module, name, new.train(child.training))
+        else:
+            _split_batchnorms(child)
+    return module
+
+
 class MomentumEncoder(nn.Module):
     """An EMA copy of ``modules`` run in sequence, without gradients (MoCo Eq. 2).
 
@@ -114,13 +164,32 @@ class MomentumEncoder(nn.Module):
 
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__()
-        self.net = copy.deepcopy(nn.Sequential(*modules)).requires_grad_(False)
+        self.net = _split_batchnorms(copy.deepcopy(nn.Sequential(*modules)).requires_grad_(False))
 
     @torch.no_grad()
     def update(self, *modules: nn.Module, momentum: float) -> None:
         pairs = list(zip(self.net.parameters(), nn.Sequential(*modules).parameters(), strict=True))
         # one multi-tensor kernel on a GPU instead of a launch per parameter
         torch._foreach_lerp_([key for key, _ in pairs], [query.detach() for _, query in pairs], 1 - momentum)
+
+    def _encode_groups(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """``self.net`` on ``groups`` equal consecutive groups of ``x``, each with its own BatchNorm statistics, in
+        one pass of the interleaved batch (:class:`SplitBatchNorm`): 8 groups are 8 times fewer kernel launches
+        than a pass per group, and the same keys."""
+        if groups == 1:
+            return self.net(x)
+        size = len(x) // groups
+        interleave = torch.arange(len(x), device=x.device).view(groups, size).t().reshape(-1)  # row j*groups + k
+        for module in self.net.modules():
+            if isinstance(module, SplitBatchNorm):
+                module.splits = groups
+        try:
+            out = self.net(x[interleave])
+        finally:
+            for module in self.net.modules():
+                if isinstance(module, SplitBatchNorm):
+                    module.splits = 1
+        return out[interleave.argsort()]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, bn_splits: int = 1) -> torch.Tensor:
@@ -135,9 +204,13 @@ class MomentumEncoder(nn.Module):
         perm = torch.randperm(len(x), device=x.device)
         groups = x[perm].chunk(bn_splits)
         world, rank = distributed.get_world_size(), distributed.get_rank()
-        if world > 1 and len(groups) % world == 0 and len({len(g) for g in groups}) == 1:
-            mine = torch.stack([self.net(g) for g in groups[rank::world]])  # (groups per rank, group size, d)
+        equal = len({len(g) for g in groups}) == 1
+        if world > 1 and len(groups) % world == 0 and equal:
+            mine = groups[rank::world]
+            mine = self._encode_groups(torch.cat(mine), len(mine)).view(len(mine), len(groups[0]), -1)
             out = distributed.all_gather_cat(mine[None]).transpose(0, 1).reshape(len(x), -1)  # back in group order
-        else:
+        elif equal:
+            out = self._encode_groups(x[perm], len(groups))
+        else:  # groups of unequal size (a batch that bn_splits does not divide): a pass per group
             out = torch.cat([self.net(group) for group in groups])
         return out[perm.argsort()]

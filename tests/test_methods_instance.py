@@ -216,6 +216,58 @@ def test_split_batchnorm_keys_use_per_group_statistics():
     assert torch.allclose(key(x, bn_splits=1), whole, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [2, 4, 8])
+def test_split_batchnorm_encodes_all_groups_in_one_pass_with_the_keys_of_a_pass_per_group(splits):
+    """The key encoder runs its groups as one interleaved batch through SplitBatchNorm (MoCo's official
+    SplitBatchNorm): the keys equal, bit for bit, those of running each group through a copy of the network
+    on its own; the running statistics move by the mean of the groups' statistics, as MoCo's demo does.
+    Catches: groups interleaved or restored in the wrong order (keys of other rows, other groups' statistics),
+    and the split left on after the pass (the next plain forward normalised per group)."""
+    import copy
+
+    from harness.models.backbones import create_backbone
+    from methods.heads import mlp
+    from methods.memory import SplitBatchNorm
+
+    torch.manual_seed(0)
+    backbone = create_backbone("small_cnn", 3)  # BatchNorm2d, and BatchNorm1d in the head
+    key = MomentumEncoder(backbone, mlp(backbone.out_dim, 32, 16, bn=True)).train()
+    reference = copy.deepcopy(key.net)
+    x = torch.randn(64, 3, 8, 8) * 2 + 0.5
+    torch.manual_seed(1)
+    keys = key(x, bn_splits=splits)
+    torch.manual_seed(1)
+    perm = torch.randperm(64)
+    first_bn = next(m for m in reference.modules() if isinstance(m, SplitBatchNorm))
+    group_means, start = [], first_bn.running_mean.clone()
+    for group in x[perm].chunk(splits):
+        first_bn.running_mean.copy_(start)
+        expected = reference(group)
+        group_means.append(first_bn.running_mean.clone())
+    expected = torch.cat([reference(g) for g in x[perm].chunk(splits)])[perm.argsort()]
+    assert torch.equal(keys, expected)
+    running = next(m for m in key.net.modules() if isinstance(m, SplitBatchNorm)).running_mean
+    assert torch.allclose(running, torch.stack(group_means).mean(0), atol=1e-6)
+    assert all(m.splits == 1 for m in key.net.modules() if isinstance(m, SplitBatchNorm))
+
+
+def test_split_batchnorm_with_unequal_groups_normalises_each_group_on_its_own():
+    """A batch that ``bn_splits`` does not divide (11 rows in 4 groups of 3, 3, 3 and 2 rows)
+    is encoded a group at a time, each by its own statistics. Catches: the one-pass path taken for unequal
+    groups (an error, or groups of the wrong rows)."""
+    torch.manual_seed(0)
+    key = MomentumEncoder(nn.BatchNorm1d(3))
+    x = torch.randn(11, 3) * 2 + 1
+    torch.manual_seed(1)
+    out = key(x, bn_splits=4)
+    torch.manual_seed(1)
+    perm = torch.randperm(11)
+    assert [len(group) for group in perm.chunk(4)] == [3, 3, 3, 2]
+    for group in perm.chunk(4):
+        g = x[group]
+        assert torch.allclose(out[group], (g - g.mean(0)) / torch.sqrt(g.var(0, unbiased=False) + 1e-5), atol=1e-5)
+
+
 def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
     torch.manual_seed(0)
     cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 1})
