@@ -200,15 +200,20 @@ def test_momentum_encoder_is_an_ema_of_the_parameters():
         assert torch.allclose(k, 0.9 * o + 0.1 * q)
 
 
-def test_split_batchnorm_keys_use_per_group_statistics():
+@pytest.mark.parametrize("rows, splits, sizes", [(8, 2, [4, 4]), (11, 4, [3, 3, 3, 2])])
+def test_split_batchnorm_keys_use_per_group_statistics(rows, splits, sizes):
+    """Each shuffled group is normalised by its own statistics; a batch that ``bn_splits`` does not divide
+    (11 rows in groups of 3, 3, 3 and 2) is encoded a group at a time. Catches: one set of statistics for the
+    whole batch, or the one-pass path taken for unequal groups (an error, or groups of the wrong rows)."""
     torch.manual_seed(0)
     key = MomentumEncoder(nn.BatchNorm1d(3))
-    x = torch.randn(8, 3) * 2 + 1
+    x = torch.randn(rows, 3) * 2 + 1
     torch.manual_seed(1)
-    out = key(x, bn_splits=2)
+    out = key(x, bn_splits=splits)
     torch.manual_seed(1)
-    perm = torch.randperm(8)
-    for group in (perm[:4], perm[4:]):
+    perm = torch.randperm(rows)
+    assert [len(group) for group in perm.chunk(splits)] == sizes
+    for group in perm.chunk(splits):
         g = x[group]
         expected = (g - g.mean(0)) / torch.sqrt(g.var(0, unbiased=False) + 1e-5)
         assert torch.allclose(out[group], expected, atol=1e-5)
@@ -249,23 +254,6 @@ def test_split_batchnorm_encodes_all_groups_in_one_pass_with_the_keys_of_a_pass_
     running = next(m for m in key.net.modules() if isinstance(m, SplitBatchNorm)).running_mean
     assert torch.allclose(running, torch.stack(group_means).mean(0), atol=1e-6)
     assert all(m.splits == 1 for m in key.net.modules() if isinstance(m, SplitBatchNorm))
-
-
-def test_split_batchnorm_with_unequal_groups_normalises_each_group_on_its_own():
-    """A batch that ``bn_splits`` does not divide (11 rows in 4 groups of 3, 3, 3 and 2 rows)
-    is encoded a group at a time, each by its own statistics. Catches: the one-pass path taken for unequal
-    groups (an error, or groups of the wrong rows)."""
-    torch.manual_seed(0)
-    key = MomentumEncoder(nn.BatchNorm1d(3))
-    x = torch.randn(11, 3) * 2 + 1
-    torch.manual_seed(1)
-    out = key(x, bn_splits=4)
-    torch.manual_seed(1)
-    perm = torch.randperm(11)
-    assert [len(group) for group in perm.chunk(4)] == [3, 3, 3, 2]
-    for group in perm.chunk(4):
-        g = x[group]
-        assert torch.allclose(out[group], (g - g.mean(0)) / torch.sqrt(g.var(0, unbiased=False) + 1e-5), atol=1e-5)
 
 
 def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
