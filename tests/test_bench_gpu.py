@@ -124,17 +124,17 @@ def test_asking_for_a_missing_optional_package_is_a_one_line_usage_error(args, p
 def test_training_rows_time_the_deterministic_mode_a_suite_trains_with(monkeypatch):
     """Every method row trains as ``harness run`` trains a suite by default (deterministic algorithms);
     SimCLR's extra rows are --compile (also deterministic), deterministic: false and, after every other row
-    (a slow compilation then costs only its own row), the backbone as CUDA graphs (compile mode
-    reduce-overhead). Catches: the
+    (a slow compilation then costs only its own row), the backbone and then the whole step as CUDA graphs
+    (compile mode reduce-overhead). Catches: the
     benchmark timing the faster mode that no default run uses (as it did) and calling it the run's speed."""
     import harness.bench.gpu as gpu
 
-    def fake_rate(name, data, backbone, scale, device, steps, data_dir, compile_backbone, deterministic):
-        calls.append((name, compile_backbone, deterministic))
+    def fake_rate(name, data, backbone, scale, device, steps, data_dir, compile_backbone, deterministic, compile_step):
+        calls.append((name, compile_backbone, deterministic, compile_step))
         return 100.0, 8, 2, 1.0, 0.0
 
-    def fake_profile(name, data, backbone, scale, device, deterministic, compile_backbone):
-        profiled.append((name, compile_backbone, deterministic))
+    def fake_profile(name, data, backbone, scale, device, deterministic, compile_backbone, compile_step):
+        profiled.append((name, compile_backbone, deterministic, compile_step))
         return StepProfile(5, 10.0, 100.0)
 
     calls, profiled = [], []
@@ -152,9 +152,10 @@ def test_training_rows_time_the_deterministic_mode_a_suite_trains_with(monkeypat
     rows = list(gpu.gpu_benchmarks(smoke=False, device="cpu", methods=["simclr", "npid_cld"], log=lambda line: None)
                 ["benchmark"])
     assert rows == ["simclr", "simclr --compile", "simclr (deterministic: false)", "npid_cld", "knn_row",
-                    "sinkhorn_rows", "kmeans_row", "simclr --compile + CUDA graphs"]
-    assert calls == [("simclr", False, True), ("simclr", True, True), ("simclr", False, False),
-                     ("npid_cld", False, True), ("simclr", "reduce-overhead", True)]
+                    "sinkhorn_rows", "kmeans_row", "simclr --compile + CUDA graphs", "simclr compiled step + CUDA graphs"]
+    assert calls == [("simclr", False, True, None), ("simclr", True, True, None), ("simclr", False, False, None),
+                     ("npid_cld", False, True, None), ("simclr", "reduce-overhead", True, None),
+                     ("simclr", False, True, "reduce-overhead")]
     assert profiled == calls  # each row's limit profiles the training it timed
 
 
@@ -320,16 +321,21 @@ def test_epoch_hook_is_spread_over_an_epoch_not_over_the_timed_steps(monkeypatch
     assert abs(seconds_per_step - (0.1 + 0.04)) < 0.003, seconds_per_step
 
 
-def test_the_cuda_graph_row_compiles_the_backbone_in_reduce_overhead_mode(monkeypatch):
-    """train(compile_backbone="reduce-overhead") hands the backbone to torch.compile with that mode (the
-    bench's CUDA-graph row); True compiles it in the default mode. Catches: the mode dropped on the way."""
+def test_the_cuda_graph_rows_compile_the_backbone_or_the_whole_step_in_reduce_overhead_mode(monkeypatch):
+    """train(compile_backbone="reduce-overhead") hands the backbone to torch.compile with that mode, True in the
+    default mode; compile_step="reduce-overhead" compiles the whole adapter (its forward is the training
+    step) in that mode and not the backbone on its own. Catches: the mode dropped on the way, or the wrong
+    module compiled."""
     import harness.bench.gpu as gpu
     import harness.bench.train as bench_train
 
-    modes = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs))
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((type(self).__name__,
+                                                                                           kwargs)))
     data = gpu.synthetic_cifar(256, 8)
-    for compiled in ("reduce-overhead", True):
-        bench_train.method_images_per_second("simclr", data, "small_cnn", "cpu", "cpu", 1, Path("."),
-                                             compile_backbone=compiled)
-    assert modes == [{"mode": "reduce-overhead"}] * 2 + [{}] * 2  # warm-up and timed run each
+    for options in ({"compile_backbone": "reduce-overhead"}, {"compile_backbone": True},
+                    {"compile_step": "reduce-overhead"}):
+        bench_train.method_images_per_second("simclr", data, "small_cnn", "cpu", "cpu", 1, Path("."), **options)
+    backbone = type(bench_train.create_backbone("small_cnn", 3)).__name__
+    assert compiled == [(backbone, {"mode": "reduce-overhead"})] * 2 + [(backbone, {})] * 2 + \
+        [("SimCLR", {"mode": "reduce-overhead"})] * 2  # warm-up and timed run each

@@ -5,9 +5,9 @@ Rows, on one GPU (CUDA when there is one):
 * every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
   stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
   ``harness run`` trains on CUDA, with torch's deterministic algorithms as suites do by default (SimCLR
-  also with ``--compile``, backbone and colour jitter; with the backbone compiled in mode ``reduce-overhead``,
-  which replays it as CUDA graphs (no CLI option yet: what graphs would gain); and with
-  ``deterministic: false``): images/s of the full training
+  also with ``--compile``, backbone and colour jitter; and with ``deterministic: false``; and, after all
+  other rows, with the backbone, then the whole training step, compiled in mode ``reduce-overhead``, which
+  replays them as CUDA graphs (no CLI option yet: what graphs would gain)): images/s of the full training
   step (:func:`harness.bench.train.method_images_per_second`) against the bare backbone's bf16
   forward+backward at the same batch and views (:func:`harness.bench.train.floor_images_per_second`),
   their ratio, peak memory, and where a step's time goes: backbone (the floor), on-device
@@ -40,7 +40,7 @@ import traceback
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -67,12 +67,24 @@ SMOKE = dict(images=64, side=8, backbone="small_cnn", scale="cpu", steps=1, augm
              compile=False, knn=(2_000, 500, 64, 20), sinkhorn=(5_000, 50), sinkhorn_iters=3, kmeans=(2_000, 16, 20))
 KMEANS_ITERS = 25
 COMPILED = ("simclr",)  # methods also timed with --compile, and without the deterministic mode
-#: (label suffix, compile_backbone, deterministic) of a method's rows: as a suite trains by default, and the
-#: variants timed for :data:`COMPILED`; :data:`CUDA_GRAPHS` comes after every other row (a slow compilation
-#: then costs only its own row when the device call's time runs out).
-DEFAULT = ("", False, True)
-VARIANTS = ((" --compile", True, True), (" (deterministic: false)", False, False))
-CUDA_GRAPHS = (" --compile + CUDA graphs", "reduce-overhead", True)
+
+
+class Variant(NamedTuple):
+    """How a method row trains: ``compile_backbone`` as train() takes it (True, or a ``torch.compile`` mode),
+    ``compile_step`` a mode for the whole training step (:func:`harness.bench.train.bench_method`)."""
+
+    suffix: str = ""
+    compile_backbone: bool | str = False
+    deterministic: bool = True
+    compile_step: str | None = None
+
+
+#: As a suite trains by default; the variants timed for :data:`COMPILED`; and :data:`CUDA_GRAPHS`, which come
+#: after every other row (a slow compilation then costs only its own row when the device call's time runs out).
+DEFAULT = Variant()
+VARIANTS = (Variant(" --compile", compile_backbone=True), Variant(" (deterministic: false)", deterministic=False))
+CUDA_GRAPHS = (Variant(" --compile + CUDA graphs", compile_backbone="reduce-overhead"),
+               Variant(" compiled step + CUDA graphs", compile_step="reduce-overhead"))
 COLUMNS = ("benchmark", "size", "rate", "unit", "floor", "ratio", "peak MB", "time split", "limit")
 
 
@@ -125,8 +137,7 @@ def _split(step_ms: float, parts: dict[str, float]) -> str:
 
 def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callable[[str], None] = print,
                 variants: tuple | None = None) -> list[dict]:
-    """The method's rows at ``size``'s scale and backbone: ``variants`` (label suffix, compile_backbone,
-    deterministic), by default trained as ``harness run`` trains a suite (``deterministic: true``) and, for
+    """The method's rows at ``size``'s scale and backbone: ``variants`` (:class:`Variant`), by default trained as ``harness run`` trains a suite (``deterministic: true``) and, for
     :data:`COMPILED`, also with ``--compile`` (not at smoke sizes) and with ``deterministic: false``.
     Each row's steps are also profiled (:func:`harness.bench.profile.profile_training`): its ``limit`` cell,
     and the operators taking the most time in ``log``."""
@@ -134,40 +145,42 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
     if variants is None:
         variants = (DEFAULT,)
         if name in COMPILED:
-            variants += tuple(v for v in VARIANTS if not v[1] or size["compile"])
+            variants += tuple(v for v in VARIANTS if not v.compile_backbone or size["compile"])
     rows, floor, augment_ms = [], None, {}
 
-    def limit(label: str, compiled: bool | str, deterministic: bool) -> str:
+    def limit(variant: Variant) -> str:
         try:
             profiled = profile_training(name, data, size["backbone"], size["scale"], device,
-                                        deterministic=deterministic, compile_backbone=compiled)
+                                        deterministic=variant.deterministic,
+                                        compile_backbone=variant.compile_backbone, compile_step=variant.compile_step)
         except Exception as exc:  # noqa: BLE001 -- the row's timings stand without its profile
             traceback.print_exc()
             return f"profile failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
-        log(f"{label}: {profiled.describe()}\n{profiled.top}")
+        log(f"{name}{variant.suffix}: {profiled.describe()}\n{profiled.top}")
         return profiled.describe()
 
-    for suffix, compiled, deterministic in variants:
+    for variant in variants:
         def row() -> dict:
             nonlocal floor
-            jitter = bool(compiled)  # any --compile compiles the colour jitter (default mode)
+            jitter = bool(variant.compile_backbone or variant.compile_step)  # each compiles the colour jitter
             if jitter not in augment_ms:
                 augment_ms[jitter] = augment_seconds_per_step(data, cfg, device, size["augment_steps"], jitter) * 1e3
             ips, batch, views, peak, hook_s = method_images_per_second(
                 name, data, size["backbone"], size["scale"], device, size["steps"], Path("."),
-                compile_backbone=compiled, deterministic=deterministic)
+                compile_backbone=variant.compile_backbone, deterministic=variant.deterministic,
+                compile_step=variant.compile_step)
             if floor is None:
                 floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
             step_ms = batch / ips * 1e3
             parts = {"backbone": batch / floor * 1e3, "augment": augment_ms[jitter]}
             if hook_s > 0.001:
                 parts["epoch hook"] = hook_s * 1e3 / max(1, len(data.images) // batch)
-            return {"benchmark": name + suffix,
+            return {"benchmark": name + variant.suffix,
                     "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
                     "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
-                    "time split": _split(step_ms, parts), "limit": limit(name + suffix, compiled, deterministic)}
+                    "time split": _split(step_ms, parts), "limit": limit(variant)}
 
-        rows += attempt(name + suffix, lambda: [row()], device)
+        rows += attempt(name + variant.suffix, lambda: [row()], device)
     return rows
 
 
@@ -246,7 +259,7 @@ def gpu_benchmarks(smoke: bool, device: str, methods: list[str] | None = None,
                    lambda: attempt("sinkhorn", lambda: sinkhorn_rows(*size["sinkhorn"], size["sinkhorn_iters"], device),
                                    device),
                    lambda: attempt("kmeans torch", lambda: [kmeans_row(*size["kmeans"], device)], device)]
-    benchmarks += [partial(method_rows, data, name, size, device, log, (CUDA_GRAPHS,))
+    benchmarks += [partial(method_rows, data, name, size, device, log, CUDA_GRAPHS)
                    for name in methods or trained if name in COMPILED and size["compile"]]
     rows = []
     for benchmark in benchmarks:
@@ -298,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             "pays for --compile), with torch's deterministic algorithms as `harness run` trains a suite by default "
             "(`deterministic: true`; the row '(deterministic: false)' shows what that mode costs). '--compile + "
             "CUDA graphs': the backbone compiled in torch.compile's mode reduce-overhead, which replays it as CUDA "
-            "graphs (not a `harness run` option yet; the row measures what graphs would gain).\n\n"
+            "graphs; 'compiled step + CUDA graphs': the same for the whole training step (the adapter's forward: "
+            "backbone, heads, loss) with the colour jitter compiled too (neither is a `harness run` option yet; "
+            "the rows measure what graphs would gain).\n\n"
             "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
             "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "
             "the same batch and views, fastest algorithms allowed (training rows), or the seconds of the bare "

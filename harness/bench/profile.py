@@ -14,18 +14,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from harness.bench.train import _setup, _sync
+from harness.bench.train import _setup, _sync, bench_method
 from harness.data.augment import Augmenter, get_preset
 from harness.data.datasets import ImageData
 from harness.engine.budget import Budget
 from harness.engine.seeding import seed_everything
 from harness.engine.train import train
-from harness.models.backbones import create_backbone
-from methods import create_method
 
 #: CUDA runtime calls that make the host wait for the device.
 SYNCHRONISING = frozenset({"cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy",
@@ -86,14 +83,15 @@ def summarise(events, steps: int, wall_s: float, cuda: bool) -> StepProfile:
 
 
 def profile_training(name: str, data: ImageData, backbone: str, scale: str, device: str, *, warmup: int = 3,
-                     steps: int = 5, deterministic: bool = True, compile_backbone: bool = False) -> StepProfile:
+                     steps: int = 5, deterministic: bool = True, compile_backbone: bool | str = False,
+                     compile_step: str | None = None) -> StepProfile:
     """Train ``name`` for ``warmup + steps`` steps as :func:`harness.bench.train.method_images_per_second` does
     and profile the last ``steps`` (the profiler starts and stops between steps, from the method's
     ``after_optimizer_step``; epoch hooks before the first step fall outside)."""
     _, cfg, images, labels, info = _setup(name, data, scale, device, Path("."))
     augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
     generator = seed_everything(0, deterministic=deterministic)
-    method = create_method(name, create_backbone(backbone, data.image_shape[0]), cfg, info)
+    method = bench_method(name, backbone, data, cfg, info, augmenter, compile_step)
     cuda = device.startswith("cuda")
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     finished, clock = [0], {}

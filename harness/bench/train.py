@@ -89,12 +89,13 @@ class TrainingRate(NamedTuple):
 
 def method_images_per_second(name: str, dataset: str | ImageData, backbone_name: str, scale: str, device: str,
                              steps: int, data_dir: Path, compile_backbone: bool | str = False,
-                             deterministic: bool = False) -> TrainingRate:
+                             deterministic: bool = False, compile_step: str | None = None) -> TrainingRate:
     """Images/s of the full training step for ``name`` on ``dataset`` (a name, or data already loaded). The
     warm-up run also pays for ``compile_backbone``'s compilation: the timed run's fresh backbone reuses the
     compiled code (same module class, parameters are graph inputs); a string is its ``torch.compile`` mode.
     ``deterministic``: torch's deterministic
-    algorithms, as a suite's ``deterministic: true`` trains.
+    algorithms, as a suite's ``deterministic: true`` trains. ``compile_step``: a ``torch.compile`` mode for the
+    whole adapter (its training step: backbone, heads, loss; :func:`bench_method`).
 
     The method's epoch-start hook (SeLa relabels the training set there) runs once in the timed steps, a few
     dozen of an epoch's hundreds: it is timed apart and spread over the steps of an epoch, as training pays it,
@@ -104,7 +105,7 @@ def method_images_per_second(name: str, dataset: str | ImageData, backbone_name:
     results, hook_seconds = [], []
     for budget in (Budget("steps", 2), Budget("steps", steps)):  # the first run is warm-up
         generator = seed_everything(0, deterministic=deterministic)
-        method = create_method(name, create_backbone(backbone_name, data.image_shape[0]), cfg, info)
+        method = bench_method(name, backbone_name, data, cfg, info, augmenter, compile_step)
         hook_seconds = []
         method.on_epoch_start = partial(_timed, method.on_epoch_start, hook_seconds, device)
         if device.startswith("cuda"):
@@ -120,6 +121,19 @@ def method_images_per_second(name: str, dataset: str | ImageData, backbone_name:
     steps_per_epoch = max(1, len(images) // batch)
     step_seconds = (last.usage.seconds - sum(hook_seconds)) / last.usage.steps + per_epoch / steps_per_epoch
     return TrainingRate(batch / step_seconds, batch, cfg["views"], peak, per_epoch)
+
+
+def bench_method(name: str, backbone_name: str, data: ImageData, cfg: dict, info: DataInfo, augmenter: Augmenter,
+                 compile_step: str | None = None) -> torch.nn.Module:
+    """The adapter as the runner builds it; with ``compile_step`` (a ``torch.compile`` mode, e.g.
+    ``"reduce-overhead"``: CUDA graphs) its whole forward, the training step, goes through ``torch.compile``
+    and so does the augmenter's colour jitter. No ``harness run`` option does this yet: benchmark rows measure
+    what it would gain."""
+    method = create_method(name, create_backbone(backbone_name, data.image_shape[0]), cfg, info)
+    if compile_step is not None:
+        method.compile(mode=compile_step)
+        augmenter.compile()
+    return method
 
 
 def _timed(hook, seconds: list[float], device: str, *args) -> None:
