@@ -25,7 +25,7 @@ Rows, on one GPU (CUDA when there is one):
 
 The images are uniform random pixels with random labels: the work per step (augmentation,
 network, losses, banks of N entries) does not depend on the content. Everything is budgeted by
-steps and iterations (about 4 minutes on one H200). ``--smoke`` runs every row at tiny sizes
+steps and iterations (about 5 minutes on one H200). ``--smoke`` runs every row at tiny sizes
 (64 images of 8 px, small CNN, CPU-scale configs, no ``--compile`` row: inductor's C++ build takes
 minutes on a CPU) on whatever device there is, and writes its table to a temporary file unless ``--out``
 says otherwise.
@@ -137,8 +137,9 @@ def _split(step_ms: float, parts: dict[str, float]) -> str:
 
 def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callable[[str], None] = print,
                 variants: tuple | None = None) -> list[dict]:
-    """The method's rows at ``size``'s scale and backbone: ``variants`` (:class:`Variant`), by default trained as ``harness run`` trains a suite (``deterministic: true``) and, for
-    :data:`COMPILED`, also with ``--compile`` (not at smoke sizes) and with ``deterministic: false``.
+    """The method's rows at ``size``'s scale and backbone: ``variants`` (:class:`Variant`), by default trained
+    as ``harness run`` trains a suite (``deterministic: true``) and, for :data:`COMPILED`, also with
+    ``--compile`` (not at smoke sizes) and with ``deterministic: false``.
     Each row's steps are also profiled (:func:`harness.bench.profile.profile_training`): its ``limit`` cell,
     and the operators taking the most time in ``log``."""
     cfg = resolve_config(METHODS.get(name), size["scale"])
@@ -162,9 +163,10 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
     for variant in variants:
         def row() -> dict:
             nonlocal floor
-            jitter = bool(variant.compile_backbone or variant.compile_step)  # each compiles the colour jitter
-            if jitter not in augment_ms:
-                augment_ms[jitter] = augment_seconds_per_step(data, cfg, device, size["augment_steps"], jitter) * 1e3
+            compiled_jitter = bool(variant.compile_backbone or variant.compile_step)  # either compiles the jitter
+            if compiled_jitter not in augment_ms:
+                augment_ms[compiled_jitter] = augment_seconds_per_step(data, cfg, device, size["augment_steps"],
+                                                                       compiled_jitter) * 1e3
             ips, batch, views, peak, hook_s = method_images_per_second(
                 name, data, size["backbone"], size["scale"], device, size["steps"], Path("."),
                 compile_backbone=variant.compile_backbone, deterministic=variant.deterministic,
@@ -172,7 +174,7 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
             if floor is None:
                 floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
             step_ms = batch / ips * 1e3
-            parts = {"backbone": batch / floor * 1e3, "augment": augment_ms[jitter]}
+            parts = {"backbone": batch / floor * 1e3, "augment": augment_ms[compiled_jitter]}
             if hook_s > 0.001:
                 parts["epoch hook"] = hook_s * 1e3 / max(1, len(data.images) // batch)
             return {"benchmark": name + variant.suffix,
