@@ -339,3 +339,28 @@ def test_the_cuda_graph_rows_compile_the_backbone_or_the_whole_step_in_reduce_ov
     backbone = type(bench_train.create_backbone("small_cnn", 3)).__name__
     assert compiled == [(backbone, {"mode": "reduce-overhead"})] * 2 + [(backbone, {})] * 2 + \
         [("SimCLR", {"mode": "reduce-overhead"})] * 2  # warm-up and timed run each
+
+
+def test_a_training_that_raises_while_profiled_leaves_no_profiler_running(monkeypatch):
+    """A step that raises between the profiler's start and stop stops the profiler on the way out. Catches: a
+    profiler left recording while the exception (and so the profiling frame) is still held, as the benchmark
+    holds it to print the traceback: the next rows would be timed under the profiler's overhead."""
+    import harness.bench.gpu as gpu
+    from harness.bench.profile import profile_training
+    from methods.simclr import SimCLR
+
+    data = gpu.synthetic_cifar(512, 8)
+    step, calls = SimCLR.training_step, []
+
+    def raises_in_step_5(self, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory")
+        return step(self, batch)
+
+    monkeypatch.setattr(SimCLR, "training_step", raises_in_step_5)
+    with pytest.raises(RuntimeError, match="out of memory") as raised:
+        profile_training("simclr", data, "small_cnn", "cpu", "cpu", warmup=3, steps=5)
+    assert raised.traceback and not torch.autograd.profiler._is_profiler_enabled
+    monkeypatch.setattr(SimCLR, "training_step", step)
+    assert profile_training("simclr", data, "small_cnn", "cpu", "cpu", warmup=1, steps=1).ops > 50

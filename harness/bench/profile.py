@@ -110,8 +110,12 @@ def profile_training(name: str, data: ImageData, backbone: str, scale: str, devi
             prof.stop()
 
     method.after_optimizer_step = after_step
-    train(method, images, labels, Budget("steps", warmup + steps + 1), augmenter, cfg, device=device, seed=0,
-          generator=generator, quiet=True, compile_backbone=compile_backbone)
+    try:
+        train(method, images, labels, Budget("steps", warmup + steps + 1), augmenter, cfg, device=device, seed=0,
+              generator=generator, quiet=True, compile_backbone=compile_backbone)
+    finally:
+        if "start" in clock and "stop" not in clock:  # training raised while profiling: stop recording, or the
+            prof.stop()  # rows timed while the caller holds the traceback (and this frame) pay the profiler's overhead
     if "stop" not in clock:
         raise RuntimeError(f"{name}: trained {finished[0]} of {warmup + steps} steps; nothing profiled")
     return summarise(prof.events(), steps, clock["stop"] - clock["start"], cuda)
