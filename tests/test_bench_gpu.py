@@ -273,6 +273,35 @@ def test_profile_counts_the_operators_dispatched_not_their_implementations():
     assert "aten::add" in profiled.top
 
 
+def test_gpu_busy_time_counts_kernels_once_and_not_their_annotations():
+    """A 1 ms step whose GPU timeline holds two 300 us kernels, a 200 us copy overlapping the second on
+    another stream, and the 700 us range torch's record_function around Optimizer.step draws over them: busy
+    600 us (60%, host-bound), 3 kernels, one host wait. Catches: annotations counted as GPU work (busy 130%,
+    'GPU-bound' whatever the truth) or overlapping work counted twice."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def event(i, name, start, end, device=DeviceType.CPU, annotation=False):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start, end_us=end, fwd_thread=0, input_shapes=[],
+                             stack=[], use_device="cuda", device_type=device, is_user_annotation=annotation)
+
+    events = EventList([
+        event(1, "Optimizer.step#SGD.step", 0, 1000, annotation=True),
+        event(2, "aten::_foreach_add_", 10, 900),
+        event(3, "cudaLaunchKernel", 20, 30),
+        event(4, "cudaStreamSynchronize", 950, 1000),
+        event(10, "Optimizer.step#SGD.step", 100, 800, DeviceType.CUDA, annotation=True),
+        event(11, "multi_tensor_apply_kernel", 100, 400, DeviceType.CUDA),
+        event(12, "multi_tensor_apply_kernel", 500, 800, DeviceType.CUDA),
+        event(13, "Memcpy HtoD (Pinned -> Device)", 600, 700, DeviceType.CUDA),
+    ], use_device="cuda")
+    events._build_tree()
+    profiled = summarise(events, steps=1, wall_s=0.001, cuda=True)
+    assert profiled.device_ms == pytest.approx(0.6) and profiled.kernels == 3
+    assert profiled.ops == 1 and profiled.waits == 1 and profiled.wait_ms == pytest.approx(0.05)
+    assert profiled.describe().startswith("host-bound: launches and Python; GPU busy 60% of 1.0 ms, 3.0 kernels")
+
+
 @pytest.mark.parametrize("device_ms, wait_ms, verdict", [
     (9.0, 0.0, "GPU-bound"),  # busy 90% of 10 ms
     (4.0, 4.0, "host-bound: waits for the device"),  # 4 of the 6 idle ms are waits

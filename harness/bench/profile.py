@@ -72,14 +72,27 @@ def summarise(events, steps: int, wall_s: float, cuda: bool) -> StepProfile:
     profile_ = StepProfile(steps, wall_s * 1e3 / steps, ops / steps, waits=len(waits) / steps,
                            wait_ms=sum(e.time_range.elapsed_us() for e in waits) / 1e3 / steps)
     if cuda:
-        device = [e for e in events if e.device_type == DeviceType.CUDA]
+        # kernels, copies and memsets; not the ranges that annotate them on the GPU's timeline (record_function
+        # around Optimizer.step, compiled regions), which span kernels already counted
+        device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         if not device:  # no GPU activity recorded: a verdict from it would call every step host-bound
             raise RuntimeError("torch.profiler recorded no GPU kernels (is CUPTI missing?)")
-        profile_.device_ms = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
+        profile_.device_ms = busy_us([(e.time_range.start, e.time_range.end) for e in device]) / 1e3 / steps
         profile_.kernels = len(device) / steps
     profile_.top = events.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                                row_limit=15)
     return profile_
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``intervals`` (start, end): time the GPU was busy, counting work that
+    overlaps on several streams once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def profile_training(name: str, data: ImageData, backbone: str, scale: str, device: str, *, warmup: int = 3,
