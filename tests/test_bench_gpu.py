@@ -300,6 +300,8 @@ def test_gpu_busy_time_counts_kernels_once_and_not_their_annotations():
     assert profiled.device_ms == pytest.approx(0.6) and profiled.kernels == 3
     assert profiled.ops == 1 and profiled.waits == 1 and profiled.wait_ms == pytest.approx(0.05)
     assert profiled.describe().startswith("host-bound: launches and Python; GPU busy 60% of 1.0 ms, 3.0 kernels")
+    # against the step's time without the profiler's overhead (0.7 ms): busy 86%, the GPU sets the pace
+    assert profiled.describe(step_ms=0.7).startswith("GPU-bound; GPU busy 86% of 0.7 ms (profiled: 1.0 ms)")
 
 
 @pytest.mark.parametrize("device_ms, wait_ms, verdict", [

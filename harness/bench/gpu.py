@@ -149,7 +149,7 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
             variants += tuple(v for v in VARIANTS if not v.compile_backbone or size["compile"])
     rows, floor, augment_ms = [], None, {}
 
-    def limit(variant: Variant) -> str:
+    def limit(variant: Variant, step_ms: float) -> str:
         try:
             profiled = profile_training(name, data, size["backbone"], size["scale"], device,
                                         deterministic=variant.deterministic,
@@ -157,8 +157,8 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
         except Exception as exc:  # noqa: BLE001 -- the row's timings stand without its profile
             traceback.print_exc()
             return f"profile failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
-        log(f"{name}{variant.suffix}: {profiled.describe()}\n{profiled.top}")
-        return profiled.describe()
+        log(f"{name}{variant.suffix}: {profiled.describe(step_ms)}\n{profiled.top}")
+        return profiled.describe(step_ms)
 
     for variant in variants:
         def row() -> dict:
@@ -180,7 +180,8 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
             return {"benchmark": name + variant.suffix,
                     "size": f"batch {batch} x {views} views, {data.image_shape[-1]} px, {size['backbone']}",
                     "rate": ips, "unit": "images/s", "floor": floor, "ratio": ips / floor, "peak MB": peak,
-                    "time split": _split(step_ms, parts), "limit": limit(variant)}
+                    "time split": _split(step_ms, parts),
+                    "limit": limit(variant, step_ms - parts.get("epoch hook", 0.0))}
 
         rows += attempt(name + variant.suffix, lambda: [row()], device)
     return rows
@@ -326,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             "relabelling pass: features of all images + Sinkhorn; timed apart, also in the rate) and the rest "
             "(method heads, losses, bank/queue updates, optimiser, Python, the loop's per-step loss sync). "
             "limit: 5 steps of the same training under torch.profiler (harness/bench/profile.py): GPU-bound when "
-            f"the GPU is busy (kernels and copies) for >= {GPU_BOUND:.0%} of the step's wall time, else host-bound "
-            "(the host waits for the device at a synchronising call, or cannot launch the step's kernels as fast "
-            "as the GPU runs them); the profiler's own overhead lengthens the host's share a little. "
+            f"the GPU is busy (kernels, copies, memsets) for >= {GPU_BOUND:.0%} of the step's time measured "
+            "without the profiler (epoch hook left out), else host-bound (the host waits for the device at a "
+            "synchronising call, or cannot launch the step's kernels as fast as the GPU runs them). "
             "bench-gpu.log holds each row's operators taking the most time.\n\n" + to_markdown(table) + "\n")
         write_atomic(out, lambda f: f.write(text))
 

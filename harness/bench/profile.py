@@ -26,7 +26,7 @@ from harness.engine.train import train
 
 #: CUDA runtime calls that make the host wait for the device.
 SYNCHRONISING = frozenset({"cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-                           "cudaMemcpy2D"})
+                           "cudaMemcpy2D", "cudaFree", "cudaFreeHost"})
 #: A GPU busy for at least this share of the step sets the pace.
 GPU_BOUND = 0.85
 
@@ -44,16 +44,20 @@ class StepProfile:
     wait_ms: float = 0.0
     top: str = ""  # torch.profiler's table of the operators taking the most device (or CPU) time
 
-    def describe(self) -> str:
-        """One cell: the verdict first, then the figures behind it."""
+    def describe(self, step_ms: float | None = None) -> str:
+        """One cell: the verdict first, then the figures behind it. ``step_ms``: the step's time measured without
+        the profiler, whose own overhead per operator lengthens the host's part of a profiled step; the GPU's
+        busy share is taken of it when given."""
         if self.device_ms is None:
             return f"{_count(self.ops)} aten ops a step (profiled {self.wall_ms:.1f} ms a step on the CPU)"
-        busy = self.device_ms / self.wall_ms
+        wall = step_ms or self.wall_ms
+        busy = self.device_ms / wall
         waits = (f", host waits {self.waits:.1f} times ({self.wait_ms:.1f} ms)" if self.waits >= 0.05 else "")
         verdict = ("GPU-bound" if busy >= GPU_BOUND else
-                   "host-bound: waits for the device" if self.wait_ms >= 0.5 * (self.wall_ms - self.device_ms) else
+                   "host-bound: waits for the device" if self.wait_ms >= 0.5 * (wall - self.device_ms) else
                    "host-bound: launches and Python")
-        return (f"{verdict}; GPU busy {busy:.0%} of {self.wall_ms:.1f} ms, {_count(self.kernels)} kernels and "
+        profiled = f" (profiled: {self.wall_ms:.1f} ms)" if step_ms else ""
+        return (f"{verdict}; GPU busy {busy:.0%} of {wall:.1f} ms{profiled}, {_count(self.kernels)} kernels and "
                 f"{_count(self.ops)} aten ops a step{waits}")
 
 
