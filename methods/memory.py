@@ -128,9 +128,7 @@ def _split_batchnorms(module: nn.Module) -> nn.Module:
     (state-dict keys unchanged)."""
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm) and not isinstance(child, SplitBatchNorm):
-            new = SplitBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new._parameters, new._buffers = child._parameters, child._buffers
-            setattr(module, name, new.train(child.training))
+            setattr(module, name, distributed.batchnorm_like(SplitBatchNorm, child))
         else:
             _split_batchnorms(child)
     return module

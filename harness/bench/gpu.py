@@ -46,10 +46,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.data.augment import Augmenter, get_preset
 from harness.bench.profile import GPU_BOUND, profile_training
 from harness.bench.sinkhorn import bench as sinkhorn_bench
-from harness.bench.train import _machine, _sync, floor_images_per_second, method_images_per_second
+from harness.bench.train import (_machine, _sync, bench_augmenter, floor_images_per_second,
+                                 method_images_per_second)
 from harness.data.datasets import CIFAR10_CLASSES, CIFAR10_FINE_TO_COARSE, CIFAR_MEAN_STD, ImageData
 from harness.execution.environment import resolve_device
 from harness.errors import choices_error
@@ -114,7 +114,7 @@ def augment_seconds_per_step(data: ImageData, cfg: dict, device: str, steps: int
     with the colour jitter under ``torch.compile``, as ``--compile`` trains)."""
     images = data.images.to(device)
     batch = min(cfg["batch_size"], len(images))
-    augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    augmenter = bench_augmenter(data, cfg)
     if compiled:
         augmenter.compile()
     generator, order = torch.Generator().manual_seed(0), torch.randperm(len(images), device=device)
@@ -157,8 +157,9 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
         except Exception as exc:  # noqa: BLE001 -- the row's timings stand without its profile
             traceback.print_exc()
             return f"profile failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
-        log(f"{name}{variant.suffix}: {profiled.describe(step_ms)}\n{profiled.top}")
-        return profiled.describe(step_ms)
+        cell = profiled.describe(step_ms)
+        log(f"{name}{variant.suffix}: {cell}\n{profiled.top}")
+        return cell
 
     for variant in variants:
         def row() -> dict:

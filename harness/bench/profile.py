@@ -17,8 +17,7 @@ from pathlib import Path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from harness.bench.train import _setup, _sync, bench_method
-from harness.data.augment import Augmenter, get_preset
+from harness.bench.train import _setup, _sync, bench_augmenter, bench_method
 from harness.data.datasets import ImageData
 from harness.engine.budget import Budget
 from harness.engine.seeding import seed_everything
@@ -106,7 +105,7 @@ def profile_training(name: str, data: ImageData, backbone: str, scale: str, devi
     and profile the last ``steps`` (the profiler starts and stops between steps, from the method's
     ``after_optimizer_step``; epoch hooks before the first step fall outside)."""
     _, cfg, images, labels, info = _setup(name, data, scale, device, Path("."))
-    augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    augmenter = bench_augmenter(data, cfg)
     generator = seed_everything(0, deterministic=deterministic)
     method = bench_method(name, backbone, data, cfg, info, augmenter, compile_step)
     cuda = device.startswith("cuda")

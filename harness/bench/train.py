@@ -77,6 +77,11 @@ def _setup(name: str, dataset: str | ImageData, scale: str, device: str, data_di
     return data, cfg, images, labels, info
 
 
+def bench_augmenter(data: ImageData, cfg: dict) -> Augmenter:
+    """The on-device augmenter of ``cfg``'s preset with ``data``'s normalisation, as the runner builds it."""
+    return Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+
+
 class TrainingRate(NamedTuple):
     """What :func:`method_images_per_second` measured."""
 
@@ -101,7 +106,7 @@ def method_images_per_second(name: str, dataset: str | ImageData, backbone_name:
     dozen of an epoch's hundreds: it is timed apart and spread over the steps of an epoch, as training pays it,
     instead of over the timed steps."""
     data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
-    augmenter = Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
+    augmenter = bench_augmenter(data, cfg)
     results, hook_seconds = [], []
     for budget in (Budget("steps", 2), Budget("steps", steps)):  # the first run is warm-up
         generator = seed_everything(0, deterministic=deterministic)

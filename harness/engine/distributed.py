@@ -356,9 +356,15 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
         if getattr(child, "sync_batchnorm", True) is False:
             continue
         if isinstance(child, _BatchNorm) and not isinstance(child, (GlobalBatchNorm, nn.SyncBatchNorm)):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new._parameters, new._buffers = child._parameters, child._buffers  # the same tensors, not copies
-            setattr(module, name, new.train(child.training))
+            setattr(module, name, batchnorm_like(GlobalBatchNorm, child))
         else:
             sync_batchnorm(child)
     return module
+
+
+def batchnorm_like(cls: type[_BatchNorm], child: _BatchNorm) -> _BatchNorm:
+    """A ``cls`` BatchNorm with ``child``'s settings holding its parameters and buffers (the same tensors, not
+    copies, so state-dict keys and values are unchanged), in ``child``'s train or eval mode."""
+    new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+    new._parameters, new._buffers = child._parameters, child._buffers
+    return new.train(child.training)
