@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars (clusters, CI logs)")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="training autocast: auto = bfloat16 on CUDA, float32 on CPU (recorded in each result)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the backbone for training, and the colour jitter on a GPU")
+    run.add_argument("--compile", action="store_true", help="torch.compile the backbone for training, and the batch augmentation on a GPU")
     run.add_argument("--pipeline", choices=["batched", "per_image"], default="batched",
                      help="training views: batches augmented on the device (default), or per-image torchvision "
                           "transforms in DataLoader workers (recorded in each result)")

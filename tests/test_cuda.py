@@ -240,7 +240,7 @@ def test_views_on_the_device_are_the_cpus_views(device, preset):
         on_cpu = augmenter(images, g_cpu)
         torch.testing.assert_close(on_device, on_cpu, rtol=0, atol=2e-4)  # float32 rounding; a wrong parameter moves pixels by >0.01
     assert torch.equal(g_device.get_state(), g_cpu.get_state())
-    if device == "cuda" and preset == "simclr":  # --compile: the jitter through inductor, once (its build takes
+    if device == "cuda" and preset == "simclr":  # --compile: the augmentation through inductor, once (its build takes
         # tens of seconds; on the CPU minutes)
         augmenter.compile()
         compiled = augmenter(images.to(device), torch.Generator().manual_seed(4)).cpu()

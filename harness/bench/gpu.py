@@ -5,7 +5,7 @@ Rows, on one GPU (CUDA when there is one):
 * every training method at its paper configuration (``scale: paper``) with ResNet-18 (CIFAR
   stem) on 50,000 CIFAR-sized uint8 images, 32 px, bf16 autocast and channels-last as
   ``harness run`` trains on CUDA, with torch's deterministic algorithms as suites do by default (SimCLR
-  also with ``--compile``, backbone and colour jitter; and with ``deterministic: false``; and, after all
+  also with ``--compile``, backbone and augmentation; and with ``deterministic: false``; and, after all
   other rows, with the backbone, then the whole training step, compiled in mode ``reduce-overhead``, which
   replays them as CUDA graphs (no CLI option yet: what graphs would gain)): images/s of the full training
   step (:func:`harness.bench.train.method_images_per_second`) against the bare backbone's bf16
@@ -111,7 +111,7 @@ def best_seconds(fn: Callable[[], Any], device: str, repeats: int = 3) -> tuple[
 
 def augment_seconds_per_step(data: ImageData, cfg: dict, device: str, steps: int, compiled: bool = False) -> float:
     """Seconds of one training step's augmentation alone: gather a batch, make ``views`` views (``compiled``:
-    with the colour jitter under ``torch.compile``, as ``--compile`` trains)."""
+    under ``torch.compile``, as ``--compile`` trains)."""
     images = data.images.to(device)
     batch = min(cfg["batch_size"], len(images))
     augmenter = bench_augmenter(data, cfg)
@@ -164,10 +164,10 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
     for variant in variants:
         def row() -> dict:
             nonlocal floor
-            compiled_jitter = bool(variant.compile_backbone or variant.compile_step)  # either compiles the jitter
-            if compiled_jitter not in augment_ms:
-                augment_ms[compiled_jitter] = augment_seconds_per_step(data, cfg, device, size["augment_steps"],
-                                                                       compiled_jitter) * 1e3
+            compiled = bool(variant.compile_backbone or variant.compile_step)  # either compiles the augmentation
+            if compiled not in augment_ms:
+                augment_ms[compiled] = augment_seconds_per_step(data, cfg, device, size["augment_steps"],
+                                                                compiled) * 1e3
             ips, batch, views, peak, hook_s = method_images_per_second(
                 name, data, size["backbone"], size["scale"], device, size["steps"], Path("."),
                 compile_backbone=variant.compile_backbone, deterministic=variant.deterministic,
@@ -175,7 +175,7 @@ def method_rows(data: ImageData, name: str, size: dict, device: str, log: Callab
             if floor is None:
                 floor = floor_images_per_second(size["backbone"], data.image_shape, batch, views, device, size["steps"])
             step_ms = batch / ips * 1e3
-            parts = {"backbone": batch / floor * 1e3, "augment": augment_ms[compiled_jitter]}
+            parts = {"backbone": batch / floor * 1e3, "augment": augment_ms[compiled]}
             if hook_s > 0.001:
                 parts["epoch hook"] = hook_s * 1e3 / max(1, len(data.images) // batch)
             return {"benchmark": name + variant.suffix,
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "(`deterministic: true`; the row '(deterministic: false)' shows what that mode costs). '--compile + "
             "CUDA graphs': the backbone compiled in torch.compile's mode reduce-overhead, which replays it as CUDA "
             "graphs; 'compiled step + CUDA graphs': the same for the whole training step (the adapter's forward: "
-            "backbone, heads, loss) with the colour jitter compiled too (neither is a `harness run` option yet; "
+            "backbone, heads, loss) with the augmentation compiled too (neither is a `harness run` option yet; "
             "the rows measure what graphs would gain).\n\n"
             "rate: images/s of the full training step (batch indexing, on-device augmentation, forward, backward, "
             "optimiser, method bookkeeping), or seconds. floor: the bare backbone's forward+backward images/s at "

@@ -132,7 +132,7 @@ def bench_method(name: str, backbone_name: str, data: ImageData, cfg: dict, info
                  compile_step: str | None = None) -> torch.nn.Module:
     """The adapter as the runner builds it; with ``compile_step`` (a ``torch.compile`` mode, e.g.
     ``"reduce-overhead"``: CUDA graphs) its whole forward, the training step, goes through ``torch.compile``
-    and so does the augmenter's colour jitter. No ``harness run`` option does this yet: benchmark rows measure
+    and so does the augmenter's batch augmentation. No ``harness run`` option does this yet: benchmark rows measure
     what it would gain."""
     method = create_method(name, create_backbone(backbone_name, data.image_shape[0]), cfg, info)
     if compile_step is not None:

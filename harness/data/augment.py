@@ -142,24 +142,6 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
-    dz = delta.clamp_min(1e-8)
-    h = torch.where(maxc == r, ((g - b) / dz) % 6, torch.where(maxc == g, (b - r) / dz + 2, (r - g) / dz + 4))
-    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)
-    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-
-
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
@@ -179,18 +161,32 @@ def _saturation(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _hue(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(y)
-    hsv = torch.stack([(hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-    return _hsv_to_rgb(hsv).clamp(0, 1)
+    """Rotate the hue of RGB ``y`` by ``shift`` (a fraction of the circle, per sample): to HSV, shift, back, with
+    torchvision's formulas in few operators (on a GPU each is a launch, and a view runs this at 4 positions)."""
+    r, g, b = y.unbind(1)
+    minc, maxc = torch.aminmax(y, dim=1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), 0.0)
+    dz = delta.clamp_min(1e-8)
+    h = torch.where(maxc == r, ((g - b) / dz) % 6, torch.where(maxc == g, (b - r) / dz + 2, (r - g) / dz + 4))
+    h = (torch.where(delta > 0, h / 6, 0.0) + shift.view(-1, 1, 1)) % 1.0
+    # back to RGB: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n_c + 6 h) mod 6 with n = (5, 3, 1)
+    k = (torch.arange(5, 0, -2, device=y.device, dtype=y.dtype).view(1, 3, 1, 1) + (h * 6)[:, None]) % 6
+    v = maxc[:, None]
+    return (v - v * s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)).clamp(0, 1)
+
+
+#: torchvision's ColorJitter ops, in the order of its factors (brightness, contrast, saturation, hue).
+JITTER_OPS = {"brightness": _brightness, "contrast": _contrast, "saturation": _saturation, "hue": _hue}
 
 
 @dataclass
 class _Jitter:
-    """Colour-jitter draws of a batch: ``ops`` (the active ones of brightness, contrast, saturation, hue),
-    ``factors`` (len(ops), n) and ``takes`` (4 positions, len(ops), n): whether a sample applies op k at
-    position p (each sample that jitters applies every op once, in its own random order)."""
+    """Colour-jitter draws of a batch: ``ops`` (the names of the active ones of :data:`JITTER_OPS`), ``factors``
+    (len(ops), n) and ``takes`` (4 positions, len(ops), n): whether a sample applies op k at position p (each
+    sample that jitters applies every op once, in its own random order)."""
 
-    ops: list
+    ops: tuple[str, ...]
     factors: torch.Tensor
     takes: torch.Tensor
 
@@ -201,50 +197,58 @@ def _draw_jitter(cfg: AugmentConfig, colour: bool, draw: _Draws) -> _Jitter:
     apply = draw.rand() < cfg.jitter_p
     b, c, s, hue = cfg.jitter
     ops = [(op, draw.uniform(lo, hi)) for op, strength, lo, hi in (
-        (_brightness, b, max(0, 1 - b), 1 + b), (_contrast, c, max(0, 1 - c), 1 + c),
-        (_saturation, s if colour else 0, max(0, 1 - s), 1 + s), (_hue, hue if colour else 0, -hue, hue))
+        ("brightness", b, max(0, 1 - b), 1 + b), ("contrast", c, max(0, 1 - c), 1 + c),
+        ("saturation", s if colour else 0, max(0, 1 - s), 1 + s), ("hue", hue if colour else 0, -hue, hue))
         if strength > 0]
-    order = torch.stack([draw.rand() for _ in range(4)], 1).argsort(1)  # a permutation of the 4 slots per sample
-    takes = torch.stack([torch.stack([apply & (order[:, position] == slot) for slot in range(len(ops))])
-                         if ops else torch.empty(0, draw.n, dtype=torch.bool) for position in range(4)])
+    order = draw.rand_rows(4).T.argsort(1)  # a permutation of the 4 slots per sample
+    takes = apply & (order.T[:, None, :] == torch.arange(len(ops))[None, :, None])  # (position, slot, sample)
     factors = torch.stack([f for _, f in ops]) if ops else torch.empty(0, draw.n)
-    return _Jitter([op for op, _ in ops], factors, takes)
+    return _Jitter(tuple(op for op, _ in ops), factors, takes)
 
 
-def _color_jitter(x: torch.Tensor, jitter: _Jitter) -> torch.Tensor:
+def _color_jitter(x: torch.Tensor, factors: torch.Tensor, takes: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
     """Apply the drawn jitter on the CPU: each op runs on the rows that take it at that position (a quarter
     of the work of :func:`jitter_whole_batch`, which gives the same views)."""
     y = x.clone()
     for position in range(4):
-        for slot, op in enumerate(jitter.ops):
-            rows = jitter.takes[position, slot]
+        for slot, op in enumerate(ops):
+            rows = takes[position, slot]
             if rows.any():
                 idx = rows.nonzero().squeeze(1)
-                y[idx] = op(y[idx], jitter.factors[slot][rows])
+                y[idx] = JITTER_OPS[op](y[idx], factors[slot][rows])
     return y
 
 
-def jitter_whole_batch(x: torch.Tensor, factors: torch.Tensor, takes: torch.Tensor, ops: tuple) -> torch.Tensor:
-    """Apply the drawn jitter on a GPU: every op on the whole batch at every position, each sample keeping
-    its own result (torch.where). No index tensors, no data-dependent shapes and no host checks, so nothing
-    makes the host wait for the device, and ``torch.compile`` can fuse it into a few kernels instead of
-    about 300 launches a view."""
+def jitter_whole_batch(x: torch.Tensor, factors: torch.Tensor, takes: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
+    """Apply the drawn jitter on a GPU, with the views of :func:`_color_jitter`: every position's ops on the whole
+    batch, each sample keeping its own result (torch.where). No index tensors, no data-dependent shapes and no host
+    checks, so nothing makes the host wait for the device, and ``torch.compile`` can fuse it into a few kernels.
+
+    Uncompiled, each operator is a launch, so a position's brightness, contrast and saturation are one
+    computation, ``(y - z) f + z`` clamped to [0, 1], with the sample's own factor ``f`` and ``z`` = 0 for
+    brightness, its grey mean for contrast, its grey image for saturation: the same floats as the three
+    formulas, in about a third of the operators."""
+    slot = {op: i for i, op in enumerate(ops)}
+    linear = [op for op in ops if op != "hue"]
+    if linear:  # per (position, sample): the factor of the linear op it takes there, and whether it takes one
+        f = torch.ones_like(takes[:, 0], dtype=x.dtype)
+        for op in linear:
+            f = torch.where(takes[:, slot[op]], factors[slot[op]], f)
+        any_linear = takes[:, [slot[op] for op in linear]].any(1)
     y = x
     for position in range(4):
-        for slot, op in enumerate(ops):
-            y = torch.where(_per_sample(takes[position, slot]), op(y, factors[slot]), y)
+        if linear:
+            z = 0.0
+            if "contrast" in slot or "saturation" in slot:
+                gray = _gray(y)
+                if "contrast" in slot:
+                    z = torch.where(_per_sample(takes[position, slot["contrast"]]), gray.mean(dim=(1, 2, 3), keepdim=True), z)
+                if "saturation" in slot:
+                    z = torch.where(_per_sample(takes[position, slot["saturation"]]), gray, z)
+            y = torch.where(_per_sample(any_linear[position]), ((y - z) * _per_sample(f[position]) + z).clamp(0, 1), y)
+        if "hue" in slot:
+            y = torch.where(_per_sample(takes[position, slot["hue"]]), _hue(y, factors[slot["hue"]]), y)
     return y
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def compiled_jitter(backend: str = "inductor"):
-    """:func:`jitter_whole_batch` under ``torch.compile``, made once per backend. Not ``fullgraph``: past
-    torch's limit of recompilations (new batch shapes, presets) it then runs uncompiled instead of failing."""
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(jitter_whole_batch, backend=backend)
-    return _COMPILED[backend]
 
 
 def blur_kernel_size(side: int) -> int:
@@ -268,27 +272,69 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) ->
     return torch.where(_per_sample(apply), flat.view(n, c, h, w), x)
 
 
-def to_device_at_once(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """The CPU ``tensors`` (float32 or bool) on ``device``, in one copy. On a GPU the copy is from pinned
-    memory and does not block: each separate copy of ordinary (pageable) memory makes the host wait until
-    the device has finished all queued work, which would cost a batch one such stall per random parameter."""
-    if device.type == "cpu":
-        return tensors
+#: Shape and dtype (float32 or bool) of each random parameter of a batch, in the order they are packed.
+Layout = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The CPU ``tensors`` (float32 or bool) as one flat float32 tensor on ``device``, in one copy. On a GPU the
+    copy is from pinned memory and does not block: each separate copy of ordinary (pageable) memory makes the host
+    wait until the device has finished all queued work, which would cost a batch one such stall per parameter."""
     flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
     if device.type == "cuda":
         flat = flat.pin_memory()
-    return unpack_like(flat.to(device, non_blocking=True), tensors)
+    return flat.to(device, non_blocking=True)
 
 
-def unpack_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Split the float32 ``flat`` (the ``tensors`` flattened and concatenated) back into their shapes and
-    dtypes (bool from 0/1)."""
+def unpack(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Split the float32 ``flat`` (:func:`pack`) back into the shapes and dtypes of ``layout`` (bool from 0/1)."""
     out, start = [], 0
-    for t in tensors:
-        part = flat[start:start + t.numel()].view(t.shape)
-        out.append(part > 0.5 if t.dtype == torch.bool else part.to(t.dtype))
-        start += t.numel()
+    for shape, dtype in layout:
+        numel = math.prod(shape)
+        part = flat[start:start + numel].view(shape)
+        out.append(part > 0.5 if dtype == torch.bool else part)
+        start += numel
     return out
+
+
+def augment_drawn(images: torch.Tensor, params: list[torch.Tensor], parts: tuple[str, ...], ops: tuple[str, ...],
+                  out_size: int, mean: torch.Tensor, std: torch.Tensor, whole_batch: bool) -> torch.Tensor:
+    """Normalised views of a uint8 batch with its random parameters already drawn, all on the batch's device.
+
+    ``params`` are the tensors that ``parts`` name: "crop" (affine matrices), then any of "jitter" (factors and
+    takes, :class:`_Jitter`), "gray" (flags) and "blur" (sigmas and flags). ``whole_batch``: the GPU's jitter
+    (:func:`jitter_whole_batch`), which has no data-dependent shapes or host checks, so on a GPU the whole
+    function compiles as one graph (:func:`compiled_augment`); otherwise the CPU's (:func:`_color_jitter`)."""
+    params = iter(params)
+    x = images.float() / 255
+    n, c = x.shape[:2]
+    grid = F.affine_grid(next(params), [n, c, out_size, out_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if "jitter" in parts:
+        x = (jitter_whole_batch if whole_batch else _color_jitter)(x, next(params), next(params), ops)
+    if "gray" in parts:
+        x = torch.where(_per_sample(next(params)), _gray(x).expand_as(x), x)
+    if "blur" in parts:
+        x = _gaussian_blur(x, next(params), next(params))
+    return (x - mean) / std
+
+
+def _augment_packed(images: torch.Tensor, flat: torch.Tensor, layout: Layout, parts: tuple[str, ...],
+                    ops: tuple[str, ...], out_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """:func:`augment_drawn` on a GPU, from the parameters as :func:`pack` moved them: unpacking, cropping, jitter,
+    grayscale, blur and normalisation in one function, which ``torch.compile`` fuses into a few kernels."""
+    return augment_drawn(images, unpack(flat, layout), parts, ops, out_size, mean, std, whole_batch=True)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_augment(backend: str = "inductor"):
+    """:func:`_augment_packed` under ``torch.compile``, made once per backend. Not ``fullgraph``: past torch's
+    limit of recompilations (new batch shapes, presets) it then runs uncompiled instead of failing."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_augment_packed, backend=backend)
+    return _COMPILED[backend]
 
 
 def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -321,7 +367,8 @@ class Augmenter:
         self.compile_backend: str | None = None  # set by :meth:`compile`
 
     def compile(self, backend: str = "inductor") -> None:
-        """Run the colour jitter of batches off the CPU through ``torch.compile`` (``--compile``)."""
+        """Augment batches off the CPU through ``torch.compile`` (``--compile``): crop, jitter, grayscale, blur and
+        normalisation fused into a few kernels instead of hundreds of launches a view."""
         self.compile_backend = backend
 
     def start(self, epoch: int, step: int) -> None:
@@ -336,10 +383,14 @@ class Augmenter:
         """uint8 or [0,1] float batch -> (x - mean) / std."""
         if x.dtype == torch.uint8:
             x = x.float() / 255
-        if x.device not in self._stats_on:
-            self._stats_on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
-        mean, std = self._stats_on[x.device]
+        mean, std = self._stats(x.device)
         return (x - mean) / std
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on ``device``, copied there once."""
+        if device not in self._stats_on:
+            self._stats_on[device] = (self.mean.to(device), self.std.to(device))
+        return self._stats_on[device]
 
     def plain(self, images: torch.Tensor) -> torch.Tensor:
         """The unaugmented view of a uint8 batch: resized to ``out_size`` (:func:`resize`), normalised.
@@ -353,35 +404,27 @@ class Augmenter:
         ``images`` may be rows ``rows`` of a batch of ``total`` (one rank's share in data-parallel
         training): the parameters are drawn for the whole batch and cut to those rows.
         """
-        x = images.float() / 255
         cfg = self.cfg
-        if cfg is not None:
-            n, c, h, w = x.shape
-            draw = _Draws(g, n if total is None else total, slice(None) if rows is None else rows)
-            if draw.n != n:
-                raise ValueError(f"rows {rows} of a batch of {total} hold {draw.n} images, got {n}")
-            # every random parameter is drawn on the CPU first, in a fixed order, then moved in one copy
-            theta = _crop_flip_grid(h, w, cfg, self.allow_flip, draw)
-            jitter = _draw_jitter(cfg, c == 3, draw) if cfg.jitter_p > 0 and any(cfg.jitter) else None
-            gray = draw.rand() < cfg.grayscale if cfg.grayscale > 0 and c == 3 else None
-            blur = (draw.uniform(*cfg.blur_sigma), draw.rand() < cfg.blur) if cfg.blur > 0 else None
-            drawn = [theta, *((jitter.factors, jitter.takes) if jitter else ()), *((gray,) if gray is not None else ()),
-                     *(blur or ())]
-            moved = iter(to_device_at_once(drawn, x.device))
-            oh = ow = self.out_size or h
-            grid = F.affine_grid(next(moved), [n, c, oh, ow], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-            if jitter is not None:
-                factors, takes = next(moved), next(moved)
-                if x.device.type == "cpu":
-                    x = _color_jitter(x, jitter)
-                else:
-                    whole_batch = compiled_jitter(self.compile_backend) if self.compile_backend else jitter_whole_batch
-                    x = whole_batch(x, factors, takes, tuple(jitter.ops))
-            if gray is not None:
-                x = torch.where(_per_sample(next(moved)), _gray(x).expand_as(x), x)
-            if blur is not None:
-                x = _gaussian_blur(x, next(moved), next(moved))
-        else:
-            x = resize(x, self.out_size)
-        return self.normalize(x)
+        if cfg is None:
+            return self.normalize(resize(images.float() / 255, self.out_size))
+        n, c, h, w = images.shape
+        draw = _Draws(g, n if total is None else total, slice(None) if rows is None else rows)
+        if draw.n != n:
+            raise ValueError(f"rows {rows} of a batch of {total} hold {draw.n} images, got {n}")
+        # every random parameter is drawn on the CPU first, in a fixed order
+        params, parts, ops = [_crop_flip_grid(h, w, cfg, self.allow_flip, draw)], ["crop"], ()
+        if cfg.jitter_p > 0 and any(cfg.jitter):
+            jitter = _draw_jitter(cfg, c == 3, draw)
+            params, parts, ops = params + [jitter.factors, jitter.takes], parts + ["jitter"], jitter.ops
+        if cfg.grayscale > 0 and c == 3:
+            params, parts = params + [draw.rand() < cfg.grayscale], parts + ["gray"]
+        if cfg.blur > 0:
+            params, parts = params + [draw.uniform(*cfg.blur_sigma), draw.rand() < cfg.blur], parts + ["blur"]
+        mean, std = self._stats(images.device)
+        out_size = self.out_size or h
+        if images.device.type == "cpu":
+            return augment_drawn(images, params, tuple(parts), ops, out_size, mean, std, whole_batch=False)
+        # then moved in one copy, and applied by one function (compiled with ``--compile``)
+        layout = tuple((tuple(t.shape), t.dtype) for t in params)
+        apply = compiled_augment(self.compile_backend) if self.compile_backend else _augment_packed
+        return apply(images, pack(params, images.device), layout, tuple(parts), ops, out_size, mean, std)

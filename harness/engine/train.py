@@ -281,7 +281,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
     same batches it would have seen. ``precision`` (see :func:`resolve_precision`) sets autocast;
     on CUDA the model and views are channels-last; ``compile_backbone`` runs ``torch.compile`` on
-    the backbone in place (state-dict keys unchanged) and on the augmenter's colour jitter off the CPU;
+    the backbone in place (state-dict keys unchanged) and on the augmenter's batch augmentation off the CPU;
     a string is the backbone's ``torch.compile`` mode (``"reduce-overhead"``: CUDA graphs).
     Progress is a bar on a terminal; elsewhere (a log file, a Slurm job) one line every
     ``progress_seconds``; nothing when ``quiet``. With several ranks, ``batch_size`` is the global
