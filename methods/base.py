@@ -8,12 +8,13 @@ the budget, checkpoints and evaluation. Register an adapter with ``@register_met
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 
 from harness.errors import UsageError, choices_error
+from harness.models.batchnorm import batchnorm_groups
 from harness.registry import Registry
 from harness.execution.validate import coerce_like, number_in_range
 
@@ -89,6 +90,9 @@ class Method(nn.Module):
     #: each step (also after a resume), so a coefficient the paper schedules over training can follow it
     #: (BYOL's EMA rate rising to 1), as the learning rate does.
     progress: float = 0.0
+    #: Whether :meth:`encode_views` sends a step's views through the backbone as one batch; the training loop sets
+    #: it on one GPU after making the backbone's BatchNorms per-view capable (:func:`harness.models.batchnorm.split_batchnorms`).
+    views_in_one_pass: bool = False
 
     def __init__(self, backbone: nn.Module, cfg: dict[str, Any], info: DataInfo) -> None:
         super().__init__()
@@ -106,6 +110,16 @@ class Method(nn.Module):
         reads a step later without stalling the device, or floats). Every trainable parameter must get a
         gradient from it (DDP runs without ``find_unused_parameters``): freeze what a configuration leaves idle."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def encode_views(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The backbone's features of each view, with BatchNorm statistics per view: a pass per view, as the
+        official codes encode them. With :attr:`views_in_one_pass`, the views go through as one batch whose
+        BatchNorms normalise each view apart (:class:`~harness.models.batchnorm.SplitBatchNorm`): the same
+        computation, with every other layer launched once instead of once per view."""
+        if not self.views_in_one_pass or len(views) == 1:
+            return [self.backbone(v) for v in views]
+        with batchnorm_groups(self.backbone, len(views)):
+            return list(self.backbone(torch.cat(list(views))).chunk(len(views)))
 
     def rank_local_parameters(self) -> list[str]:
         """Names of parameters that hold a different shard on every rank (DDP must not average them)."""

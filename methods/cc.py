@@ -51,7 +51,7 @@ class ContrastiveClustering(Method):
         self.cluster_head = nn.Sequential(mlp(d, d, cfg["num_clusters"]), nn.Softmax(dim=1))
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        h1, h2 = (self.backbone(v) for v in batch.views[:2])
+        h1, h2 = self.encode_views(batch.views[:2])
         # both losses couple the samples of the batch: under DDP they see the global batch
         z1, z2, p1, p2 = (gather_with_grad(head(h)) for head in (self.instance_head, self.cluster_head) for h in (h1, h2))
         instance = nt_xent(z1, z2, self.cfg["instance_temperature"])

@@ -52,7 +52,7 @@ class ContrastiveDisentangling(Method):
         self.feature_head = nn.Sequential(mlp(z, d, cfg["num_features"], bn=True, out_bn=True), nn.Sigmoid())
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        z1, z2 = (self.instance_head(self.backbone(v)) for v in batch.views[:2])
+        z1, z2 = (self.instance_head(h) for h in self.encode_views(batch.views[:2]))
         f1, f2 = (gather_with_grad(self.feature_head(z)) for z in (z1, z2))  # global batch under DDP
         instance = nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.cfg["instance_temperature"])
         feature = feature_loss(f1, f2, self.cfg["feature_temperature"])

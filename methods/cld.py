@@ -93,7 +93,7 @@ class NPIDCLD(NPID):
         self.cld = CLDBranch(backbone.out_dim, cfg)
 
     def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-        h1, h2 = (self.backbone(v) for v in batch.views[:2])
+        h1, h2 = self.encode_views(batch.views[:2])
         instance = sum(self.instance_losses([self.embed(h1), self.embed(h2)], batch.index)) / 2
         if self.cfg["cld_weight"] == 0:
             return instance
@@ -136,7 +136,7 @@ class MoCoCLD(MoCo):
         self.cld = CLDBranch(backbone.out_dim, cfg)
 
     def training_step(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-        h1, h2 = (self.backbone(v) for v in batch.views[:2])
+        h1, h2 = self.encode_views(batch.views[:2])
         instance = self.contrast([self.embed(h1), self.embed(h2)], batch.views[2])
         if self.cfg["cld_weight"] == 0:
             return instance

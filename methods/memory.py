@@ -11,10 +11,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.engine import distributed
 from harness.errors import choices_error
+from harness.models.batchnorm import batchnorm_groups, split_batchnorms
 
 
 class MemoryBank(nn.Module):
@@ -104,36 +104,6 @@ class Queue(nn.Module):
         self.ptr.copy_((self.ptr + len(keys)) % size)
 
 
-class SplitBatchNorm(_BatchNorm):
-    """BatchNorm of ``splits`` consecutive groups of the batch (``chunk``), each by its own statistics: what a
-    pass per group gives (MoCo's shuffled BN, Sec. 3.3), in one pass of the network, which launches every
-    other layer once. The groups' BatchNorms run in turn on views of the input, so running statistics move as
-    after a pass per group, and the memory format (channels-last on a GPU) is kept. ``splits`` 1: plain BN."""
-
-    splits = 1
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected an input with at least 2 dimensions (N, C, ...), got {x.dim()}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = super().forward
-        if self.splits == 1:
-            return plain(x)
-        return torch.cat([plain(group) for group in x.chunk(self.splits)])
-
-
-def _split_batchnorms(module: nn.Module) -> nn.Module:
-    """Every BatchNorm of ``module`` replaced, in place, by a :class:`SplitBatchNorm` holding the same tensors
-    (state-dict keys unchanged)."""
-    for name, child in module.named_children():
-        if isinstance(child, _BatchNorm) and not isinstance(child, SplitBatchNorm):
-            setattr(module, name, distributed.batchnorm_like(SplitBatchNorm, child))
-        else:
-            _split_batchnorms(child)
-    return module
-
-
 class MomentumEncoder(nn.Module):
     """An EMA copy of ``modules`` run in sequence, without gradients (MoCo Eq. 2).
 
@@ -145,7 +115,7 @@ class MomentumEncoder(nn.Module):
 
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__()
-        self.net = _split_batchnorms(copy.deepcopy(nn.Sequential(*modules)).requires_grad_(False))
+        self.net = split_batchnorms(copy.deepcopy(nn.Sequential(*modules)).requires_grad_(False))
 
     @torch.no_grad()
     def update(self, *modules: nn.Module, momentum: float) -> None:
@@ -155,16 +125,10 @@ class MomentumEncoder(nn.Module):
 
     def _encode_groups(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """``self.net`` on ``groups`` consecutive groups of ``x`` (``chunk``), each with its own BatchNorm statistics,
-        in one pass (:class:`SplitBatchNorm`): the keys of a pass per group, with 8 groups 8 times fewer launches
-        of every other layer."""
-        splits = [module for module in self.net.modules() if isinstance(module, SplitBatchNorm)]
-        for module in splits:
-            module.splits = groups
-        try:
+        in one pass (:class:`~harness.models.batchnorm.SplitBatchNorm`): the keys of a pass per group, with 8
+        groups 8 times fewer launches of every other layer."""
+        with batchnorm_groups(self.net, groups):
             return self.net(x)
-        finally:
-            for module in splits:
-                module.splits = 1
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, bn_splits: int = 1) -> torch.Tensor:

@@ -91,7 +91,7 @@ class NPID(Method):
         return [losses[v] for v in range(len(views))]
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        losses = self.instance_losses([self.embed(self.backbone(v)) for v in batch.views], batch.index)
+        losses = self.instance_losses([self.embed(h) for h in self.encode_views(batch.views)], batch.index)
         return sum(losses) / len(losses)
 
     @torch.no_grad()

@@ -31,5 +31,5 @@ class SimCLR(Method):
         self.projector = mlp(backbone.out_dim, cfg["proj_hidden"], cfg["proj_dim"])
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        z1, z2 = (gather_with_grad(self.projector(self.backbone(v))) for v in batch.views[:2])
+        z1, z2 = (gather_with_grad(self.projector(h)) for h in self.encode_views(batch.views[:2]))
         return nt_xent(z1, z2, self.cfg["temperature"])

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.engine.seeding import epoch_order
+from harness.models.batchnorm import batchnorm_like
 
 
 
@@ -360,11 +361,3 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
         else:
             sync_batchnorm(child)
     return module
-
-
-def batchnorm_like(cls: type[_BatchNorm], child: _BatchNorm) -> _BatchNorm:
-    """A ``cls`` BatchNorm with ``child``'s settings holding its parameters and buffers (the same tensors, not
-    copies, so state-dict keys and values are unchanged), in ``child``'s train or eval mode."""
-    new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-    new._parameters, new._buffers = child._parameters, child._buffers
-    return new.train(child.training)

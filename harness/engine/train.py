@@ -32,6 +32,7 @@ from harness.engine.budget import Budget, Usage
 from harness.errors import UsageError, choices_error
 from harness.engine.seeding import epoch_order
 from harness.execution.store import write_torch_atomic
+from harness.models.batchnorm import split_batchnorms
 from methods.base import Batch, Method
 
 
@@ -280,7 +281,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     ``labels`` (on device) are handed to the adapter only if it declares a ``label_level``.
     Data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the
     same batches it would have seen. ``precision`` (see :func:`resolve_precision`) sets autocast;
-    on CUDA the model and views are channels-last; ``compile_backbone`` runs ``torch.compile`` on
+    on CUDA the model and views are channels-last, and in one process a step's views go through the backbone
+    as one batch whose BatchNorms normalise each view apart (``Method.encode_views``: a pass per view's
+    statistics, with every other layer launched once); ``compile_backbone`` runs ``torch.compile`` on
     the backbone in place (state-dict keys unchanged) and on the augmenter's batch augmentation off the CPU;
     a string is the backbone's ``torch.compile`` mode (``"reduce-overhead"``: CUDA graphs).
     Progress is a bar on a terminal; elsewhere (a log file, a Slurm job) one line every
@@ -302,6 +305,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
         method.to(memory_format=torch.channels_last)
     if world > 1:
         distributed.sync_batchnorm(method)
+    elif cuda:  # a step's views in one pass of the backbone, each normalised by its own statistics (encode_views)
+        split_batchnorms(method.backbone)
+        method.views_in_one_pass = True
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg)
     usage, history, epoch, step_in_epoch = Usage(), [], 0, 0
     epoch_losses: list[float] = []  # losses of the current epoch's steps, kept across a resume
