@@ -20,7 +20,7 @@ from harness.bench.gpu import synthetic_cifar
 from harness.engine.budget import Budget
 from harness.engine.seeding import seed_everything
 from harness.engine.train import TrainResult, train
-from methods import METHODS, DataInfo, create_method, resolve_config
+from methods import METHODS, Batch, DataInfo, create_method, resolve_config
 from methods.sinkhorn import sinkhorn_knopp
 from protocols.clustering import kmeans
 from protocols.knn import weighted_knn_predict
@@ -245,6 +245,48 @@ def test_views_on_the_device_are_the_cpus_views(device, preset):
         augmenter.compile()
         compiled = augmenter(images.to(device), torch.Generator().manual_seed(4)).cpu()
         torch.testing.assert_close(compiled, augmenter(images, torch.Generator().manual_seed(4)), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["simclr", "cc", "cd", "npid_cld", "moco_cld"])
+def test_views_in_one_pass_train_as_a_pass_per_view(device, name):
+    """On one GPU the training loop sends a step's views through the backbone as one batch whose BatchNorms
+    normalise each view apart (``Method.encode_views``). From the same weights and views, in float32 (no TF32):
+    the loss, gradients and BatchNorm state of a pass per view, to float rounding (a layer's weight gradient is
+    summed over the views at once instead of view by view). Catches: the views normalised together (one
+    running-statistics update of the joint batch instead of one per view), an adapter that bypasses
+    ``encode_views`` (two backbone calls)."""
+    import copy
+
+    from harness.models.batchnorm import split_batchnorms
+
+    scale, backbone, *_ = SCALE[device]
+    torch.manual_seed(0)
+    cfg = resolve_config(METHODS.get(name), scale, {"queue_size": 256} if "moco" in name else {})
+    per_view = create_method(name, create_backbone(backbone, 3), cfg, DataInfo(256, (3, 32, 32))).to(device).train()
+    one_pass = copy.deepcopy(per_view)
+    split_batchnorms(one_pass.backbone)
+    one_pass.views_in_one_pass = True
+    g = torch.Generator().manual_seed(1)
+    views = [(torch.randn(32, 3, 32, 32, generator=g) * (1 + v) + v).to(device) for v in range(cfg["views"])]
+    batch = Batch(views, torch.arange(32, device=device))
+    results, passes = [], []
+    one_pass.backbone.register_forward_hook(lambda *args: passes.append(1))
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
+        for method in (per_view, one_pass):
+            torch.manual_seed(2)  # MoCo's key shuffle draws from the global generator
+            out = method(batch)
+            loss = out[0] if isinstance(out, tuple) else out
+            loss.backward()
+            results.append((loss.detach(), {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None},
+                            {k: b.clone() for k, b in method.backbone.state_dict().items()}))
+    (loss_a, grads_a, state_a), (loss_b, grads_b, state_b) = results
+    assert len(passes) == 1  # the queries' views in one pass (MoCo's keys go through the key encoder)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any(k.startswith("backbone.") for k in grads_a)
+    for key in grads_a:  # relative to the gradient's size: single elements near 0 carry only rounding
+        assert (grads_b[key] - grads_a[key]).norm() <= 1e-4 * grads_a[key].norm() + 1e-8, key
+    for key in state_a:  # num_batches_tracked exactly (one update per view), running statistics to rounding
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
 # Last: the compiling tests, whose inductor builds are the slowest part on a GPU (the runbook caps the run)

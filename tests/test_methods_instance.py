@@ -260,49 +260,6 @@ def test_split_batchnorm_encodes_all_groups_in_one_pass_as_a_pass_per_group(spli
     assert all(m.splits == 1 for m in key.net.modules() if isinstance(m, SplitBatchNorm))
 
 
-@pytest.mark.parametrize("name", ["simclr", "cc", "cd", "npid_cld", "moco_cld"])
-def test_views_in_one_pass_train_as_a_pass_per_view(name):
-    """On one GPU the training loop sends a step's views through the backbone as one batch whose BatchNorms
-    normalise each view apart (``Method.encode_views``). Here on the CPU, from the same weights and views: the
-    same loss and gradients as a pass per view (to float rounding: a layer's weight gradient is summed over
-    the views at once instead of view by view) and the same BatchNorm running statistics. Catches: the views
-    normalised together (running statistics of the joint batch; each view's features shift), an adapter that
-    bypasses ``encode_views`` (two passes)."""
-    import copy
-
-    from harness.models.backbones import create_backbone
-    from harness.models.batchnorm import split_batchnorms
-    from methods import METHODS, create_method
-
-    torch.manual_seed(0)
-    cfg = resolve_config(METHODS.get(name), "cpu", {"queue_size": 64} if "moco" in name else {})
-    info = DataInfo(64, (3, 8, 8))
-    per_view = create_method(name, create_backbone("small_cnn", 3), cfg, info).train()
-    one_pass = copy.deepcopy(per_view)
-    split_batchnorms(one_pass.backbone)
-    one_pass.views_in_one_pass = True
-    g = torch.Generator().manual_seed(1)
-    views = [torch.randn(16, 3, 8, 8, generator=g) * (1 + v) + v for v in range(cfg["views"])]  # views differ
-    batch = Batch(views, torch.arange(16))
-    results, passes = [], []
-    one_pass.backbone.register_forward_hook(lambda *args: passes.append(1))
-    for method in (per_view, one_pass):
-        torch.manual_seed(2)  # MoCo's key shuffle draws from the global generator
-        out = method(batch)
-        loss = out[0] if isinstance(out, tuple) else out
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None},
-                        {k: b.clone() for k, b in method.backbone.state_dict().items()}))
-    (loss_a, grads_a, state_a), (loss_b, grads_b, state_b) = results
-    assert len(passes) == 1  # the queries' views in one pass (MoCo's keys go through the key encoder)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
-    assert grads_a.keys() == grads_b.keys() and any(k.startswith("backbone.") for k in grads_a)
-    for key in grads_a:
-        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-4, atol=1e-6, msg=key)
-    for key in state_a:
-        torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-6, atol=1e-7, msg=key)
-
-
 def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
     torch.manual_seed(0)
     cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 1})
