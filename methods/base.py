@@ -115,7 +115,8 @@ class Method(nn.Module):
         """The backbone's features of each view, with BatchNorm statistics per view: a pass per view, as the
         official codes encode them. With :attr:`views_in_one_pass`, the views go through as one batch whose
         BatchNorms normalise each view apart (:class:`~harness.models.batchnorm.SplitBatchNorm`): the same
-        computation, with every other layer launched once instead of once per view."""
+        computation, with every other layer launched once instead of once per view (a backbone with dropout or
+        drop-path, the ViT, draws its masks for the views at once: the same distribution, other draws)."""
         if not self.views_in_one_pass or len(views) == 1:
             return [self.backbone(v) for v in views]
         with batchnorm_groups(self.backbone, len(views)):

@@ -399,8 +399,18 @@ def test_loader_augmenter_feeds_train_in_its_order(tmp_path):
               Budget("steps", 1), wrong, cfg, device="cpu", seed=5, generator=torch.Generator(), quiet=True)
 
 
-@pytest.mark.parametrize("preset", ["simclr", "cld", "cc"])
-def test_jitter_of_the_whole_batch_with_a_select_gives_the_rows_own_jitter(preset):
+#: Jitter configurations: the presets' (all four ops) and ones with some ops off, on 3- and 1-channel images.
+JITTERS = [pytest.param("simclr", {}, 3, id="simclr"), pytest.param("cld", {}, 3, id="cld"),
+           pytest.param("cc", {}, 3, id="cc"), pytest.param("mild", {}, 1, id="mild-1-channel"),
+           pytest.param("simclr", {}, 1, id="simclr-1-channel"),
+           pytest.param("simclr", {"jitter": [0.4, 0, 0, 0]}, 3, id="brightness-only"),
+           pytest.param("simclr", {"jitter": [0, 0, 0, 0.3]}, 3, id="hue-only"),
+           pytest.param("simclr", {"jitter": [0.4, 0, 0, 0.3]}, 3, id="brightness-hue"),
+           pytest.param("simclr", {"jitter": [0, 0, 0.5, 0.3]}, 3, id="saturation-hue")]
+
+
+@pytest.mark.parametrize("preset, overrides, channels", JITTERS)
+def test_jitter_of_the_whole_batch_with_a_select_gives_the_rows_own_jitter(preset, overrides, channels):
     """The GPU path (every op on the whole batch, each sample keeps its own result) gives bit for bit the
     views of the CPU path (each op on the rows that take it at that position). Catches: a select that
     keeps another position's or op's result, a factor of the whole batch applied to a subset, a sample changed
@@ -409,9 +419,10 @@ def test_jitter_of_the_whole_batch_with_a_select_gives_the_rows_own_jitter(prese
 
     # a little outside [0, 1], as an interpolation's rounding can leave pixels: a sample that takes no op at a
     # position keeps them there (a clamp of every sample at every position would not)
-    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.02 - 0.01
-    jitter = _draw_jitter(get_preset(preset), True, _Draws(torch.Generator().manual_seed(1), 64, slice(None)))
-    assert jitter.takes.sum(1).le(1).all()  # at each position a sample takes at most one op
+    x = torch.rand(64, channels, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.02 - 0.01
+    cfg = get_preset(preset, **overrides)
+    jitter = _draw_jitter(cfg, channels == 3, _Draws(torch.Generator().manual_seed(1), 64, slice(None)))
+    assert jitter.ops and jitter.takes.sum(1).le(1).all()  # at each position a sample takes at most one op
     rows_only = _color_jitter(x, jitter.factors, jitter.takes, jitter.ops)
     whole = jitter_whole_batch(x, jitter.factors, jitter.takes, jitter.ops)
     assert torch.equal(rows_only, whole) and not torch.equal(rows_only, x)

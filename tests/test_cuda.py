@@ -16,6 +16,7 @@ import torch
 import methods.sela
 from harness.data.augment import Augmenter, get_preset
 from harness.models.backbones import create_backbone
+from harness.models.batchnorm import SplitBatchNorm
 from harness.bench.gpu import synthetic_cifar
 from harness.engine.budget import Budget
 from harness.engine.seeding import seed_everything
@@ -202,11 +203,14 @@ def test_clustering_kmeans_on_the_device_recovers_separated_blobs(device):
     assert adjusted_rand_score(kmeans(x, 8, 0, backend="torch", device="cpu"), on_device) == 1.0
 
 
-def test_views_and_weights_are_channels_last_on_cuda(device):
-    """The loop's views on CUDA are channels-last and the model's weights too (the bf16 fast path);
-    on the CPU they stay contiguous. Checked through a SimCLR step that records its input.
+def test_views_are_channels_last_and_in_one_pass_on_cuda(device):
+    """The loop's views on CUDA are channels-last and the model's weights too (the bf16 fast path), and the two
+    views go through the backbone in one pass (``Method.encode_views``, its BatchNorms split per view); on the
+    CPU they stay contiguous and take a pass each (the stored records' path). Checked through a SimCLR step that
+    records its input.
 
-    Catches: channels-last dropped from the views or the model on CUDA."""
+    Catches: channels-last dropped from the views or the model on CUDA; the one-pass views off on CUDA or on
+    on the CPU."""
     recorded = []
     scale, backbone, n, side, _ = SCALE[device]
     cfg = resolve_config(METHODS.get("simclr"), scale)
@@ -222,6 +226,10 @@ def test_views_and_weights_are_channels_last_on_cuda(device):
     assert view.is_contiguous(memory_format=torch.channels_last) == cuda
     conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == cuda
+    batch = min(cfg["batch_size"], n)
+    assert [len(x) for x in recorded] == ([2 * batch] if cuda else [batch, batch])
+    assert method.views_in_one_pass == cuda
+    assert any(isinstance(m, SplitBatchNorm) for m in method.backbone.modules()) == cuda
 
 
 @pytest.mark.parametrize("preset", ["simclr", "simclr_blur", "cld"])
