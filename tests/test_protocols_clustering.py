@@ -220,15 +220,17 @@ def test_restarts_of_a_seed_are_the_documented_single_seeds():
     assert np.array_equal(kmeans(x, 10, seed=1, init="random", n_init=3), best)
 
 
-@pytest.mark.parametrize("tol", [1e-2, 0.2, 1e9])
-def test_tol_stops_lloyd_as_sklearn_from_the_same_random_start(tol):
+@pytest.mark.parametrize("tol, offset", [(1e-2, 0.0), (0.2, 0.0), (1e9, 0.0), (1e-2, 50.0), (0.2, 50.0)])
+def test_tol_stops_lloyd_as_sklearn_from_the_same_random_start(tol, offset):
     """From the same start (``init="random"``: the first k rows of ``torch.randperm`` seeded with
     ``seed * n_init``), the labels equal scikit-learn's ``KMeans(init=those rows, n_init=1, tol=tol)``
     label for label: its rule stops once the summed squared centre shift is at most ``tol`` times
     the mean per-feature variance (12, 4 and 1 iterations at these tols, 34 at tol 0) and then
     reassigns once. Catches a tolerance scaled by the feature count (variance summed, not
-    averaged) and a loop that ignores ``tol`` (runs to strict convergence)."""
-    x = np.random.default_rng(2).normal(size=(500, 4)).astype(np.float32)
+    averaged) and a loop that ignores ``tol`` (runs to strict convergence). Features far from the origin
+    (``offset``) must change nothing, as scikit-learn centres them: catches a tolerance scaled by the mean
+    square instead of the variance (Lloyd stops at once) and uncentred float32 distances."""
+    x = np.random.default_rng(2).normal(size=(500, 4)).astype(np.float32) + np.float32(offset)
     seed, k = 3, 8
     rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k].numpy()
     reference = KMeans(k, init=x[rows], n_init=1, tol=tol, algorithm="lloyd").fit(x)

@@ -42,6 +42,26 @@ def test_bootstrap_interval_of_three_seeds_is_their_range():
     assert StatsOptions(ci="t").ci_name == "Student t"
 
 
+def test_bootstrap_interval_width_follows_the_standard_error_of_a_mean_of_n():
+    """Resamples of all n values: the percentile interval of the mean of 0..9 is about 2 x 1.96 x sigma / sqrt(n)
+    wide (sigma the population std, 2.87; the bootstrap mean of 10 draws is close to normal), 3.56.
+    Catches resamples of n - 1 values (5% wider) or n + 1 (5% narrower)."""
+    values = np.arange(10.0)
+    low, high = stats.bootstrap_interval(values)
+    assert high - low == pytest.approx(2 * 1.959964 * values.std() / math.sqrt(10), rel=0.03)
+
+
+@pytest.mark.parametrize("method", stats.CI_METHODS)
+def test_mean_interval_follows_the_confidence(method):
+    """A 90% interval is the 90% one of the method, narrower than its 95% one (``--alpha 0.1``). Catches a
+    confidence dropped on the way (the table's header would then name a level its cells do not have)."""
+    values = [0.61, 0.64, 0.58, 0.70, 0.66, 0.63]
+    direct = stats.t_interval if method == "t" else stats.bootstrap_interval
+    ninety = stats.mean_interval(values, method, confidence=0.9)
+    assert ninety == direct(values, 0.9)
+    assert ninety[1] - ninety[0] < np.subtract(*stats.mean_interval(values, method, confidence=0.95)[::-1])
+
+
 def test_fewer_than_three_values_have_no_interval():
     """Two seeds give (nan, nan), not a zero- or absurd-width interval. Catches a missing n<3 guard."""
     for method in stats.CI_METHODS:
