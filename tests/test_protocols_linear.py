@@ -1,3 +1,4 @@
+import math
 import re
 import numpy as np
 import pytest
@@ -111,6 +112,39 @@ def test_sweep_picks_validation_best_and_carves_val_with_seed():
     assert out["val_top1"] == sweep[out["l2"]]
     assert sweep[100.0] < max(sweep.values())  # heavy L2 underfits
     assert out == lbfgs_probe(x, y, xt, yt, l2_grid=grid, seed=5)
+
+
+def _sweep_reference(fit_x, fit_y, val_x, val_y, l2):
+    """Validation accuracy of scikit-learn's logistic regression at ``l2`` (C = 1 / (l2 n)), fitted on
+    ``fit_x`` standardised with its own statistics, which the validation rows are standardised with too."""
+    mean, std = fit_x.mean(0), fit_x.std(0)
+    ref = LogisticRegression(C=1 / (l2 * len(fit_x)), max_iter=5000, tol=1e-8).fit((fit_x - mean) / std, fit_y)
+    return ref.score((val_x - mean) / std, val_y)
+
+
+@pytest.mark.parametrize("l2", [3e-2, 3e-1])
+def test_sweep_standardises_with_the_fitting_rows_alone(l2):
+    """The sweep's validation accuracy at each L2 is scikit-learn's for a model fitted on the training rows
+    standardised with their own statistics, on a validation set far from them (shifted and wider). Catches
+    statistics of train and validation together (validation leaking into model selection) or of validation."""
+    (x, y), (xv, yv), (xt, yt) = overlapping_blobs(1200, 1), overlapping_blobs(600, 2), overlapping_blobs(200, 3)
+    xv = xv * 3 + 2
+    ours = lbfgs_probe(x, y, xt, yt, val_x=xv, val_y=yv, l2_grid=(l2,))
+    assert ours[f"val_top1@l2={l2:g}"] == pytest.approx(_sweep_reference(x, y, xv, yv, l2), abs=0.004)
+
+
+def test_carved_validation_holds_out_every_view_of_its_images():
+    """With V views of each training image and no validation split given, the carved validation split scores
+    every view of its images (and fits on every view of the others): its accuracy is scikit-learn's over the
+    V x n_val rows, here with a clean and a very noisy view. Catches scoring the first view only."""
+    (x, y), (xt, yt) = overlapping_blobs(1000, 1), overlapping_blobs(200, 3)
+    noisy = x + 3 * np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    views, seed, l2 = np.stack([x, noisy]), 7, 1e-1
+    fit, val = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=y)
+    expected = _sweep_reference(views[:, fit].reshape(-1, x.shape[1]), np.tile(y[fit], 2),
+                                views[:, val].reshape(-1, x.shape[1]), np.tile(y[val], 2), l2)
+    ours = lbfgs_probe(views, y, xt, yt, l2_grid=(l2,), seed=seed)
+    assert ours["val_top1"] == pytest.approx(expected, abs=0.004)
 
 
 def test_two_views_and_string_labels():
@@ -387,3 +421,26 @@ def test_sgd_probe_applies_its_weight_decay_with_either_optimizer(probe_heads, o
     free = _trained_head(probe_heads, optimizer=optimizer, weight_decay=0.0)
     decayed = _trained_head(probe_heads, optimizer=optimizer, weight_decay=0.5)
     assert decayed.norm() < free.norm()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sgd_probe_anneals_its_learning_rate_by_a_cosine_over_all_steps(optimizer, monkeypatch):
+    """Step s of S = epochs x ceil(n / batch) trains at lr (1 + cos(pi s / S)) / 2: from the full rate down to
+    nearly 0 at the last step. Catches a schedule over another length (half a cosine, one epoch) or none."""
+    rates = []
+    cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+    step = cls.step
+
+    def recording(self, *args, **kwargs):  # the rate each optimiser step trains at
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "step", recording)
+    ctx = BlobContext()
+    y, train, test = ctx.labels(), ctx.split("train"), ctx.split("test")
+    epochs, batch, lr = 2, 32, 0.05
+    sgd_probe(ctx.encoder(), ctx.images(train), y[train], ctx.images(test), y[test], normalize=ctx.normalize,
+              augment=None, epochs=epochs, batch_size=batch, lr=lr, optimizer=optimizer)
+    steps = epochs * -(-len(train) // batch)
+    assert len(rates) == steps
+    assert rates == pytest.approx([lr * (1 + math.cos(math.pi * s / steps)) / 2 for s in range(steps)], rel=1e-12)
