@@ -401,6 +401,30 @@ def test_stored_manifests_are_per_data_and_val_fraction_and_verified(tmp_path):
         load_or_make_manifest(data, tmp_path)
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["train"].append(m["test"][0]), "in both train and test"),
+    (lambda m: m["val"].append(m["train"][0]), "in both train and val"),
+    (lambda m: m["test"].append(m["test"][0]), "test holds an index twice"),
+    (lambda m: m["train"].append(10_000), "train holds an index outside"),
+])
+def test_a_stored_manifest_whose_splits_overlap_is_refused_even_with_a_valid_hash(tmp_path, edit, problem):
+    """A manifest written by a writer that got the splits wrong (its hash computed over the wrong lists) is
+    refused with one line naming the file and the problem, before any run uses it: a test image in train
+    or val would leak into what is evaluated. Catches a loader that trusts any manifest whose hash matches."""
+    from harness.data.datasets import _manifest_hash
+    from harness.errors import EnvironmentFailure
+
+    data = _toy_data()
+    load_or_make_manifest(data, tmp_path)
+    (path,) = tmp_path.glob("toy-*.json")
+    stored = json.loads(path.read_text())
+    edit(stored)
+    stored["sha256"] = _manifest_hash({k: stored[k] for k in ("dataset", "data", "train", "val", "test")})
+    path.write_text(json.dumps(stored))
+    with pytest.raises(EnvironmentFailure, match=f"invalid .*{problem}"):
+        load_or_make_manifest(data, tmp_path)
+
+
 def test_digits_test_part_is_a_fifth_of_each_class():
     """scikit-learn's digits has no split: the harness takes round(0.2 n) of each class as test, 359 of 1,797."""
     data = load_dataset("digits", "unused")

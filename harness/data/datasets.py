@@ -499,12 +499,29 @@ def make_manifest(data: ImageData, val_fraction: float = 0.1, seed: int = 0) -> 
     return SplitManifest(data.name, fields["data"], train, val_idx, test, _manifest_hash(fields))
 
 
+def _split_problem(train: np.ndarray, val: np.ndarray, test: np.ndarray, n: int) -> str:
+    """Why the index lists are not splits of ``n`` images (an index out of range, repeated, or in two
+    splits: a test image in train or val would leak into what is evaluated), or "" when they are."""
+    named = {"train": train, "val": val, "test": test}
+    for name, idx in named.items():
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            return f"{name} holds an index outside 0..{n - 1}"
+        if len(np.unique(idx)) != len(idx):
+            return f"{name} holds an index twice"
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = np.intersect1d(named[a], named[b])
+        if len(shared):
+            return f"{len(shared)} images are in both {a} and {b}, e.g. index {shared[0]}"
+    return ""
+
+
 def load_or_make_manifest(data: ImageData, manifest_dir: Path, val_fraction: float = 0.1,
                           seed: int = 0) -> SplitManifest:
     """Read the manifest of this exact data from ``manifest_dir``, or write it (atomically) once.
 
-    A manifest that is unreadable (cut short) or fails its hash is an :class:`EnvironmentFailure`
-    naming the file: deleting it is safe, the same splits are made again from the same data.
+    A manifest that is unreadable (cut short), fails its hash or does not hold disjoint splits of the data
+    is an :class:`EnvironmentFailure` naming the file: deleting it is safe, the same splits are made again
+    from the same data.
     """
     fingerprint = data.fingerprint()
     path = Path(manifest_dir) / f"{data.name}-{fingerprint[:16]}-val{val_fraction}-seed{seed}.json"
@@ -520,6 +537,9 @@ def load_or_make_manifest(data: ImageData, manifest_dir: Path, val_fraction: flo
                                      f"{str(exc).splitlines()[0] if str(exc) else 'incomplete'}); {fix}") from None
         if _manifest_hash(fields) != stored_hash:
             raise EnvironmentFailure(f"split manifest {path} is corrupted (hash mismatch); {fix}")
+        problem = _split_problem(train, val, test, len(data))
+        if problem:  # hashed as written, but by a writer that got the splits wrong
+            raise EnvironmentFailure(f"split manifest {path} is invalid ({problem}); {fix}")
         return SplitManifest(d["dataset"], d["data"], train, val, test, stored_hash)
     m = make_manifest(data, val_fraction, seed)
     payload = {"dataset": m.dataset, "data": m.data_fingerprint, "train": m.train.tolist(),
