@@ -34,7 +34,6 @@ from harness.engine.seeding import epoch_order
 from harness.models.batchnorm import batchnorm_like
 
 
-
 @dataclass(frozen=True)
 class DistEnv:
     """The process layout of one process: global rank, world size, rank on its node, rendezvous."""
