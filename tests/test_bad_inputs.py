@@ -257,6 +257,8 @@ BAD_INPUTS = [
     ("a seed too large for the RNGs", lambda t: _run(t, "--seeds", "99999999999999999999"), 2,
      "seeds must be integers in [0, 2147483648)"),
     ("a fractional step budget", lambda t: _run(t, "--budget", "steps=1.5"), 2, "budget steps must be a whole number"),
+    ("a fractional sample budget", lambda t: _run(t, "--budget", "samples=1000.5"), 2,
+     "budget samples must be a whole number"),
     ("an option given twice", lambda t: _run(t, "--seeds", "0,1", "--seeds", "2"), 2,
      "argument --seeds: given more than once"),
     ("a table that claims no protocol's metrics", lambda t: _run(t, tables={"extra": ["nosuchmetric"]}), 2,

@@ -15,8 +15,9 @@ from scipy import stats as st
 from conftest import make_suite
 from harness.cli import main
 from harness.errors import UsageError
-from harness.reporting.leaderboard import (StatsOptions, compare, current_records, leaderboard_table, sensitivity,
-                                 write_leaderboard, write_leaderboards)
+from harness.reporting.leaderboard import (StatsOptions, column_test, compare, current_records, leaderboard_table,
+                                          sensitivity, write_leaderboard, write_leaderboards)
+from harness.reporting.stats import holm as stats_holm
 
 T_975_2 = 4.302653  # Student t quantile 0.975 with 2 degrees of freedom (tables)
 
@@ -82,6 +83,48 @@ def test_holm_decides_the_mark():
     got = board.stats[board.stats["metric"] == "knn/top1"].set_index("row")["p_vs_best"]
     assert got[["a", "b"]].to_dict() == pytest.approx(expected)
     assert math.isnan(got["best"])
+
+
+def test_marks_follow_the_holm_adjusted_p_values():
+    """Two rows below the best by small, steady margins over 4 seeds: each paired t-test alone rejects (p = 0.032
+    and 0.026), Holm's correction over the two does not (both 0.052), so both are tied with the best and the
+    best is not bold. Catches marks read from the raw p-values."""
+    best = np.array([0.90, 0.92, 0.94, 0.93])
+    values = pd.DataFrame({"best": best, "a": best - [0.02, 0.06, 0.03, 0.07], "b": best - [0.02, 0.06, 0.03, 0.06]})
+    raw = [st.ttest_rel(best, values[row]).pvalue for row in ("a", "b")]
+    assert max(raw) < 0.05 < min(np.minimum(1, 2 * np.array(raw)))
+    result = column_test(values, values.mean(), alpha=0.05)
+    assert result.marks == {"a": "tied", "b": "tied", "best": "tied"}
+    assert result.p_vs_best == pytest.approx(dict(zip(("a", "b"), stats_holm(raw))))
+
+
+def test_the_paired_test_is_chosen_for_the_number_of_comparisons_holm_adjusts():
+    """Six seeds: Wilcoxon's smallest p, 2 / 2**6 = 0.031, can reject one comparison at 0.05 but not two after
+    Holm (0.0625), so a column with two rows below its best uses the paired t-test for both. Catches the test
+    chosen as if each comparison were alone."""
+    rng = np.random.default_rng(0)
+    best = 0.9 + 0.01 * rng.normal(size=6)
+    values = pd.DataFrame({"best": best, "a": best - 0.05 + 0.01 * rng.normal(size=6),
+                           "b": best - 0.08 + 0.01 * rng.normal(size=6)})
+    result = column_test(values, values.mean(), alpha=0.05)
+    assert result.tests == {"paired t"}
+    raw = [st.ttest_rel(best, values[row]).pvalue for row in ("a", "b")]
+    assert result.p_vs_best == pytest.approx(dict(zip(("a", "b"), stats_holm(raw))))
+
+
+def test_compare_counts_only_the_testable_columns_as_comparisons():
+    """Seven seeds in three columns and one shared seed in a fourth: Holm adjusts three comparisons, where
+    Wilcoxon's smallest p, 2 / 2**7 x 3 = 0.047, can still reject, so the three use Wilcoxon and the fourth says
+    n<2. Catches the untestable column counted (4 comparisons: 0.0625, the paired t-test)."""
+    rng = np.random.default_rng(1)
+    records = []
+    for seed in range(7):
+        for label, shift in (("x", 0.0), ("y", -0.05)):
+            metrics = {f"m{i}/top1": 0.8 + shift + 0.01 * rng.normal() for i in range(3)}
+            records.append(record(label, seed, metrics | ({"m3/top1": 0.5} if seed == 0 else {})))
+    table = compare(records, "x", "y").set_index("column")
+    assert table["test"].to_dict() == {"digits m0/top1": "wilcoxon", "digits m1/top1": "wilcoxon",
+                                       "digits m2/top1": "wilcoxon", "digits m3/top1": "n<2"}
 
 
 def test_fewer_than_three_seeds_say_so_and_bootstrap_is_seeded():

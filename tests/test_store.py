@@ -274,6 +274,17 @@ def test_a_record_whose_seed_is_not_an_integer_is_skipped(tmp_path):
     assert len(warnings) == 1 and "b.json" in warnings[0] and "'seed'" in warnings[0]
 
 
+def test_a_record_whose_metric_is_a_boolean_is_skipped(tmp_path):
+    """A hand-edited metric ``true`` is a number to Python (1, averaged in as 100%); the record is skipped with a
+    line naming it. Catches a metric check that takes booleans for numbers."""
+    store = ResultStore(tmp_path, "s")
+    store.write({"run_id": "a", "spec": {"seed": 0}, "metrics": {"backbone": {"knn/top1": 0.5}}})
+    store.write({"run_id": "b", "spec": {"seed": 1}, "metrics": {"backbone": {"knn/top1": True}}})
+    warnings = []
+    assert [r["run_id"] for r in store.records(warn=warnings.append)] == ["a"]
+    assert len(warnings) == 1 and "b.json" in warnings[0] and "numbers" in warnings[0]
+
+
 _KILLED_WRITER = """
 import os, sys
 from pathlib import Path
