@@ -200,6 +200,17 @@ def test_a_lock_of_a_live_process_or_another_host_is_never_broken(tmp_path):
     assert RunLock(tmp_path / "x.lock").acquire()
 
 
+@pytest.mark.parametrize("content", ["{host}", "{host} {dead} 1", "{host} {dead} 1 ab extra", "{host} pid{dead} 1 ab"])
+def test_a_lock_file_this_code_did_not_write_is_never_broken(tmp_path, content):
+    """A lock whose content is not "host pid" or "host pid start token" (another tool's, or a truncated one) is
+    left alone however dead the pid it seems to name, and taking it fails without an error. Catches a staleness
+    check that parses any content (breaking a foreign lock, or an IndexError on a one-field file)."""
+    path = tmp_path / "x.lock"
+    path.write_text(content.format(host=socket.gethostname(), dead=_dead_pid()))
+    assert not RunLock(path).acquire()
+    assert path.exists()
+
+
 def test_negative_floats_and_booleans_keep_their_own_run_ids():
     """Only magnitudes below 1e-200 are zero: -0.5 is not 0.0 (a negative hyperparameter or score is a real
     value), -1e-300 is; and True is not 1. Catches a signed comparison with ZERO_BELOW and booleans hashed as
