@@ -35,3 +35,4 @@ def killable(base: str) -> type:
 
 KillableSimCLR = killable("simclr")
 KillableMoCo = killable("moco")
+KillableCC = killable("cc")  # logs scalars beside its loss

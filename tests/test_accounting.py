@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_suite
-from killable import Killed, KillableMoCo, KillableSimCLR
+from killable import Killed, KillableCC, KillableMoCo, KillableSimCLR
 from harness.execution.runner import Runner, plan
 from harness.execution.store import ResultStore
 from methods import METHODS, Batch, Method, register_method
@@ -81,6 +81,26 @@ def test_a_resumed_epoch_reports_the_mean_loss_of_all_its_steps(tmp_path):
     again = [h["loss"] for h in resumed["train"]["history"]]
     assert len(first) == len(again) == 2
     np.testing.assert_allclose(again, first, rtol=1e-6)
+
+
+def test_a_run_killed_as_an_epoch_ends_keeps_that_epochs_scalars(tmp_path):
+    """Killed in the first step of epoch 2, a run resumes from the checkpoint saved after epoch 1's last step,
+    before its history entry was written; the entry it then writes holds the adapter's scalars of that last step
+    (CC's instance and cluster losses) as in an uninterrupted run. Catches scalars not restored from the
+    checkpoint (the entry would have the loss alone)."""
+    (job,) = plan(make_suite([{"name": "_killable_cc", "config": CONFIG}], budget="steps=14", protocols=FAST))
+    KillableCC.kill_at, KillableCC.calls = None, 0
+    straight = _runner(tmp_path / "a", tmp_path).run([job])[0]
+    resumed_runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
+    KillableCC.kill_at, KillableCC.calls = 11, 0
+    with pytest.raises(Killed):
+        resumed_runner.run([job])
+    KillableCC.kill_at = None
+    resumed = resumed_runner.run([job])[0]
+    first, again = straight["train"]["history"][0], resumed["train"]["history"][0]
+    assert {"instance_loss", "cluster_loss"} <= set(first) and set(again) == set(first)
+    for key in ("loss", "instance_loss", "cluster_loss"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6)
 
 
 def test_train_seconds_survive_a_kill_during_evaluation(tmp_path, monkeypatch):
