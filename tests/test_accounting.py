@@ -47,6 +47,20 @@ def _runner(root, tmp_path, log=None, **kw) -> Runner:
     return Runner(root, tmp_path / "data", device="cpu", quiet=True, log=log or (lambda s: None), **kw)
 
 
+def _straight_and_resumed(killable: type, name: str, kill_at: int, tmp_path) -> tuple[dict, dict]:
+    """The records of ``name`` trained 14 steps (digits: 10 a epoch) straight, and killed in its step
+    ``kill_at`` then resumed from the checkpoint saved after every step."""
+    (job,) = plan(make_suite([{"name": name, "config": CONFIG}], budget="steps=14", protocols=FAST))
+    killable.kill_at, killable.calls = None, 0
+    straight = _runner(tmp_path / "a", tmp_path).run([job])[0]
+    resumed_runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
+    killable.kill_at, killable.calls = kill_at, 0
+    with pytest.raises(Killed):
+        resumed_runner.run([job])
+    killable.kill_at = None
+    return straight, resumed_runner.run([job])[0]
+
+
 def test_an_adapter_sees_the_budget_fraction_done_before_each_step_also_after_a_resume(tmp_path):
     """``Method.progress`` is the share of the budget done before the step (steps=4: 0, 1/4, 2/4, 3/4), so an
     adapter can schedule a coefficient over any budget; killed at step 3 and resumed, the resumed steps see the
@@ -68,15 +82,7 @@ def test_an_adapter_sees_the_budget_fraction_done_before_each_step_also_after_a_
 def test_a_resumed_epoch_reports_the_mean_loss_of_all_its_steps(tmp_path):
     """Killed at step 5 of the first epoch and resumed, the first epoch's loss must be the mean of its 10
     steps, as in an uninterrupted run. Before, the loss list restarted at the resume: the mean of steps 5-10."""
-    (job,) = plan(make_suite([{"name": "_killable_simclr", "config": CONFIG}], budget="steps=14", protocols=FAST))
-    KillableSimCLR.kill_at, KillableSimCLR.calls = None, 0
-    straight = _runner(tmp_path / "a", tmp_path).run([job])[0]
-    resumed_runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
-    KillableSimCLR.kill_at, KillableSimCLR.calls = 5, 0
-    with pytest.raises(Killed):
-        resumed_runner.run([job])
-    KillableSimCLR.kill_at = None
-    resumed = resumed_runner.run([job])[0]
+    straight, resumed = _straight_and_resumed(KillableSimCLR, "_killable_simclr", 5, tmp_path)
     first = [h["loss"] for h in straight["train"]["history"]]
     again = [h["loss"] for h in resumed["train"]["history"]]
     assert len(first) == len(again) == 2
@@ -88,15 +94,7 @@ def test_a_run_killed_as_an_epoch_ends_keeps_that_epochs_scalars(tmp_path):
     before its history entry was written; the entry it then writes holds the adapter's scalars of that last step
     (CC's instance and cluster losses) as in an uninterrupted run. Catches scalars not restored from the
     checkpoint (the entry would have the loss alone)."""
-    (job,) = plan(make_suite([{"name": "_killable_cc", "config": CONFIG}], budget="steps=14", protocols=FAST))
-    KillableCC.kill_at, KillableCC.calls = None, 0
-    straight = _runner(tmp_path / "a", tmp_path).run([job])[0]
-    resumed_runner = _runner(tmp_path / "b", tmp_path, checkpoint_seconds=0.0)
-    KillableCC.kill_at, KillableCC.calls = 11, 0
-    with pytest.raises(Killed):
-        resumed_runner.run([job])
-    KillableCC.kill_at = None
-    resumed = resumed_runner.run([job])[0]
+    straight, resumed = _straight_and_resumed(KillableCC, "_killable_cc", 11, tmp_path)
     first, again = straight["train"]["history"][0], resumed["train"]["history"][0]
     assert {"instance_loss", "cluster_loss"} <= set(first) and set(again) == set(first)
     for key in ("loss", "instance_loss", "cluster_loss"):
