@@ -89,7 +89,7 @@ class TrainingRate(NamedTuple):
     batch: int
     views: int
     peak_mb: float
-    epoch_hook_seconds: float  # the method's on_epoch_start (SeLa's relabelling), timed apart: mean per epoch
+    hook_seconds_per_step: float  # the method's on_epoch_start (SeLa's relabelling), timed apart, over an epoch's steps
 
 
 def method_images_per_second(name: str, dataset: str | ImageData, backbone_name: str, scale: str, device: str,
@@ -124,8 +124,9 @@ def method_images_per_second(name: str, dataset: str | ImageData, backbone_name:
     batch = min(cfg["batch_size"], len(images))
     per_epoch = sum(hook_seconds) / max(1, len(hook_seconds))  # the timed steps may cross epochs
     steps_per_epoch = max(1, len(images) // batch)
-    step_seconds = (last.usage.seconds - sum(hook_seconds)) / last.usage.steps + per_epoch / steps_per_epoch
-    return TrainingRate(batch / step_seconds, batch, cfg["views"], peak, per_epoch)
+    hook_per_step = per_epoch / steps_per_epoch
+    step_seconds = (last.usage.seconds - sum(hook_seconds)) / last.usage.steps + hook_per_step
+    return TrainingRate(batch / step_seconds, batch, cfg["views"], peak, hook_per_step)
 
 
 def bench_method(name: str, backbone_name: str, data: ImageData, cfg: dict, info: DataInfo, augmenter: Augmenter,
