@@ -98,9 +98,9 @@ def method_images_per_second(name: str, dataset: str | ImageData, backbone_name:
     """Images/s of the full training step for ``name`` on ``dataset`` (a name, or data already loaded). The
     warm-up run also pays for ``compile_backbone``'s compilation: the timed run's fresh backbone reuses the
     compiled code (same module class, parameters are graph inputs); a string is its ``torch.compile`` mode.
-    ``deterministic``: torch's deterministic
-    algorithms, as a suite's ``deterministic: true`` trains. ``compile_step``: a ``torch.compile`` mode for the
-    whole adapter (its training step: backbone, heads, loss; :func:`bench_method`).
+    ``deterministic``: torch's deterministic algorithms, as a suite's ``deterministic: true`` trains.
+    ``compile_step``: a ``torch.compile`` mode for the whole adapter (its training step: backbone, heads, loss;
+    :func:`bench_method`).
 
     The method's epoch-start hook (SeLa relabels the training set there) runs once in the timed steps, a few
     dozen of an epoch's hundreds: it is timed apart and spread over the steps of an epoch, as training pays it,
