@@ -109,6 +109,7 @@ class MoCoCLD(MoCo):
     CLD term off).
     """
 
+    split_queries = False  # train_cifar_moco_cld.py: plain BatchNorm over the whole batch of each query view
     description = "MoCo+CLD: momentum-queue InfoNCE of two queries + cross-view batch k-means group loss"
     defaults = {
         "method": {**MoCo.defaults["method"], **CLD_KEYS},

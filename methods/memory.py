@@ -111,8 +111,6 @@ class MomentumEncoder(nn.Module):
     its own BatchNorm statistics, as MoCo's key encoder does (DDP leaves its BN per group).
     """
 
-    sync_batchnorm = False
-
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__()
         self.net = split_batchnorms(copy.deepcopy(nn.Sequential(*modules)).requires_grad_(False))

@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.engine.distributed import own_rows
+from harness.engine.distributed import get_world_size, own_rows
+from harness.errors import UsageError
+from harness.models.batchnorm import batchnorm_groups, split_batchnorms
 from methods.base import Batch, DataInfo, Method, register_method
 from methods.heads import HEADS, make_head
 from methods.losses import info_nce
@@ -19,7 +21,14 @@ class MoCo(Method):
     Key encoder = EMA of backbone + head (Eq. 2); keys use shuffle-and-split BN (``bn_splits``
     groups, Sec. 3.3); ``queue_init`` sets the random keys the queue starts with. The
     L2-normalised head output is evaluated as representation ``head`` (weighted kNN).
+    The query's backbone normalises ``bn_splits`` groups apart as well (:attr:`split_queries`).
     """
+
+    #: The query's backbone BatchNorms normalise ``bn_splits`` groups of the batch apart and keep the mean of
+    #: the groups' running statistics, as the ``SplitBatchNorm`` of MoCo's CIFAR-10 demo does in both encoders
+    #: (on one GPU, the per-GPU BatchNorm of the paper's 8 GPUs). CLD's MoCo normalises its queries over the
+    #: whole batch.
+    split_queries = True
 
     description = "MoCo: momentum encoder, queue of negatives, InfoNCE; MoCo's CIFAR-10 demo recipe at paper scale"
     defaults = {
@@ -45,6 +54,19 @@ class MoCo(Method):
         self.key_encoder = MomentumEncoder(backbone, self.head)
         self.queue = Queue(cfg["queue_size"], cfg["feat_dim"], cfg["queue_init"])
         self._keys: torch.Tensor | None = None
+        self.query_splits = 1
+        if self.split_queries and cfg["bn_splits"] > 1:
+            world = get_world_size()
+            if cfg["bn_splits"] % world:
+                raise UsageError(f"bn_splits {cfg['bn_splits']} does not split over {world} ranks (each rank "
+                                 f"normalises its own groups of queries); use a multiple of {world}")
+            self.query_splits = cfg["bn_splits"] // world  # this rank's rows hold its share of the groups
+            split_batchnorms(backbone)
+
+    def encode_query(self, view: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of the query view, ``bn_splits`` groups normalised apart (:attr:`split_queries`)."""
+        with batchnorm_groups(self.backbone, self.query_splits, average_running_stats=True):
+            return self.backbone(view)
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(h), dim=1)
@@ -57,7 +79,7 @@ class MoCo(Method):
         return sum(info_nce(q, keys, self.queue.keys, self.cfg["temperature"]) for q in queries) / len(queries)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.contrast([self.embed(self.backbone(batch.views[0]))], batch.views[1])
+        return self.contrast([self.embed(self.encode_query(batch.views[0]))], batch.views[1])
 
     def after_optimizer_step(self) -> None:
         self.key_encoder.update(self.backbone, self.head, momentum=self.cfg["ema"])

@@ -260,6 +260,85 @@ def test_split_batchnorm_encodes_all_groups_in_one_pass_as_a_pass_per_group(spli
     assert all(m.splits == 1 for m in key.net.modules() if isinstance(m, SplitBatchNorm))
 
 
+def _moco_demo_split_batchnorm(bn: nn.BatchNorm2d, x: torch.Tensor, splits: int) -> torch.Tensor:
+    """The forward of the ``SplitBatchNorm`` in MoCo's CIFAR-10 demo (colab/moco_cifar10_demo.ipynb), written out
+    here: the batch viewed as ``splits`` times the channels (group b = rows b, b + splits, ...), one batch norm
+    over that with the running statistics repeated, then their mean written back."""
+    n, c, h, w = x.shape
+    mean, var = bn.running_mean.repeat(splits), bn.running_var.repeat(splits)
+    out = F.batch_norm(x.view(-1, c * splits, h, w), mean, var, bn.weight.repeat(splits), bn.bias.repeat(splits),
+                       True, bn.momentum, bn.eps).view(n, c, h, w)
+    bn.running_mean.copy_(mean.view(splits, c).mean(0))
+    bn.running_var.copy_(var.view(splits, c).mean(0))
+    return out
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+def test_split_batchnorm_averaging_running_stats_is_the_moco_demos_split_batchnorm(splits):
+    """MoCo's query BatchNorm (CIFAR demo recipe): outputs and running statistics equal the demo's SplitBatchNorm
+    on the same groups (its groups are strided rows, the harness's consecutive chunks: the input is reordered
+    so that both see the same groups). Catches: the groups' running statistics applied one after another
+    (what a pass per group does, right for views but not the demo's mean), the mean over groups left out
+    (last group's statistics kept), groups normalised together."""
+    from harness.models.batchnorm import SplitBatchNorm, batchnorm_groups, batchnorm_like
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.normal_()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    demo = batchnorm_like(nn.BatchNorm2d, bn)
+    demo._parameters, demo._buffers = dict(bn._parameters), {k: v.clone() for k, v in bn._buffers.items()}
+    split = batchnorm_like(SplitBatchNorm, bn)
+    x = torch.randn(32, 3, 4, 4) * torch.arange(1, 33).view(32, 1, 1, 1) ** 0.5 + torch.arange(32).view(32, 1, 1, 1)
+    strided = x.view(splits, 32 // splits, 3, 4, 4).transpose(0, 1).reshape(32, 3, 4, 4)  # chunk b -> rows b::splits
+    with torch.no_grad():
+        expected = _moco_demo_split_batchnorm(demo, strided, splits)
+        expected = expected.view(32 // splits, splits, 3, 4, 4).transpose(0, 1).reshape(32, 3, 4, 4)
+        with batchnorm_groups(split, splits, average_running_stats=True):
+            out = split(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.running_mean, demo.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split.running_var, demo.running_var, rtol=1e-6, atol=1e-6)
+    assert split.splits == 1 and not split.average_running_stats
+
+
+def test_moco_splits_its_query_batchnorm_and_moco_cld_does_not():
+    """MoCo (CIFAR demo: SplitBatchNorm in both encoders) normalises ``bn_splits`` groups of the query batch
+    apart; MoCo+CLD (CLD's code: plain BatchNorm) normalises the queries over the whole batch, whatever its
+    key groups; evaluation uses the running statistics either way. Catches: the query split dropped, applied
+    to CLD's MoCo, or left on after the step."""
+    from harness.models.backbones import create_backbone
+
+    x = torch.randn(16, 3, 8, 8)
+    for cls, split in ((MoCo, True), (MoCoCLD, False)):
+        torch.manual_seed(0)
+        cfg = resolve_config(cls, "cpu", {"bn_splits": 4})
+        method = cls(create_backbone("small_cnn", 3), cfg, DataInfo(16, (3, 8, 8))).train()
+        groups = torch.cat([method.backbone(g) for g in x.chunk(4)])
+        whole = method.backbone(x)
+        assert not torch.allclose(groups, whole, atol=1e-3)
+        torch.testing.assert_close(method.encode_query(x), groups if split else whole)
+        method.eval()
+        torch.testing.assert_close(method.representations(x)["backbone"], method.backbone(x))
+
+
+def test_moco_bn_splits_must_split_over_the_ranks(monkeypatch):
+    """Under DDP each rank normalises its own share of the query groups: 8 groups over 3 ranks is refused with
+    one line before training, not split unevenly."""
+    import methods.moco
+    from harness.errors import UsageError
+    from harness.models.backbones import create_backbone
+
+    monkeypatch.setattr(methods.moco, "get_world_size", lambda: 3)
+    cfg = resolve_config(MoCo, "cpu", {"bn_splits": 8})
+    with pytest.raises(UsageError, match="bn_splits 8 does not split over 3 ranks"):
+        MoCo(create_backbone("small_cnn", 3), cfg, DataInfo(16, (3, 8, 8)))
+    monkeypatch.setattr(methods.moco, "get_world_size", lambda: 2)
+    assert MoCo(create_backbone("small_cnn", 3), cfg, DataInfo(16, (3, 8, 8))).query_splits == 4
+
+
 def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
     torch.manual_seed(0)
     cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 1})
@@ -285,8 +364,10 @@ def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
 
 def test_moco_keys_use_the_configured_bn_splits_temperature_and_a_normalised_head():
     """MoCo's keys come from the key encoder with ``bn_splits`` groups (shuffled, per-group BatchNorm
-    statistics), the InfoNCE uses the configured temperature, and the ``head`` representation is the
-    L2-normalised head output. Catches bn_splits ignored, a fixed temperature, or an unnormalised head."""
+    statistics), its queries from ``bn_splits`` groups of the batch normalised apart (the CIFAR demo's
+    SplitBatchNorm in the query encoder too), the InfoNCE uses the configured temperature, and the ``head``
+    representation is the L2-normalised head output. Catches bn_splits ignored for keys or queries, a fixed
+    temperature, or an unnormalised head."""
     torch.manual_seed(11)
     cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 2,
                                        "temperature": 0.2})
@@ -298,7 +379,7 @@ def test_moco_keys_use_the_configured_bn_splits_temperature_and_a_normalised_hea
     torch.manual_seed(12)
     with torch.no_grad():
         k = F.normalize(method.key_encoder(views[1], 2), dim=1)
-        q = F.normalize(method.head(method.backbone(views[0])), dim=1)
+        q = F.normalize(method.head(torch.cat([method.backbone(g) for g in views[0].chunk(2)])), dim=1)
     assert torch.allclose(method._keys, k, atol=1e-6)
     assert not torch.allclose(k, F.normalize(method.key_encoder(views[1], 1), dim=1), atol=1e-3)
     direct = 0.0

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.engine.seeding import epoch_order
-from harness.models.batchnorm import batchnorm_like
+from harness.models.batchnorm import SplitBatchNorm, batchnorm_like
 
 
 @dataclass(frozen=True)
@@ -348,12 +348,12 @@ class GlobalBatchNorm(_BatchNorm):
 def sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm in ``module`` by :class:`GlobalBatchNorm` (statistics of the global batch), in
     place; returns ``module``. Parameters, buffers and state-dict keys are kept, so checkpoints load into
-    the plain model. Sub-modules with
-    ``sync_batchnorm = False`` (MoCo's key encoder, whose shuffled BN must stay per group)
-    are left alone.
+    the plain model. A :class:`~harness.models.batchnorm.SplitBatchNorm` is left alone: it normalises groups
+    of the batch apart by design (MoCo's shuffled keys, and its queries in the CIFAR demo's recipe), each
+    rank its own groups.
     """
     for name, child in module.named_children():
-        if getattr(child, "sync_batchnorm", True) is False:
+        if isinstance(child, SplitBatchNorm):
             continue
         if isinstance(child, _BatchNorm) and not isinstance(child, (GlobalBatchNorm, nn.SyncBatchNorm)):
             setattr(module, name, batchnorm_like(GlobalBatchNorm, child))

@@ -4,7 +4,9 @@ A method that encodes several groups of images, each with its own BatchNorm stat
 in a pass per view, as the official codes of CC, CD, CLD and SimCLR's CIFAR ports do; MoCo's shuffled key
 groups, Sec. 3.3), can send them through the network as one batch: every layer but BatchNorm runs once, and
 each :class:`SplitBatchNorm` normalises the groups in turn. On a GPU, where a step's time goes to launching
-kernels, that is one launch of every other layer instead of one per group.
+kernels, that is one launch of every other layer instead of one per group. MoCo's CIFAR-10 demo splits its
+query batch too (simulating per-GPU BatchNorm on one GPU) and keeps the mean of the groups' running statistics
+(``average_running_stats``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -27,9 +31,13 @@ def batchnorm_like(cls: type[_BatchNorm], child: _BatchNorm) -> _BatchNorm:
 class SplitBatchNorm(_BatchNorm):
     """BatchNorm of ``splits`` consecutive groups of the batch (``chunk``), each by its own statistics: what a
     pass per group gives. The groups' BatchNorms run in turn on views of the input, so running statistics move as
-    after a pass per group, and the memory format (channels-last on a GPU) is kept. ``splits`` 1: plain BN."""
+    after a pass per group, and the memory format (channels-last on a GPU) is kept. ``splits`` 1: plain BN.
+    With ``average_running_stats`` every group updates a copy of the running statistics and their mean is kept
+    (over every rank's groups under DDP), as the ``SplitBatchNorm`` of MoCo's CIFAR-10 demo
+    (``facebookresearch/moco``, branch colab-notebook, ``colab/moco_cifar10_demo.ipynb``) does."""
 
     splits = 1
+    average_running_stats = False
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -39,7 +47,25 @@ class SplitBatchNorm(_BatchNorm):
         plain = super().forward
         if self.splits == 1:
             return plain(x)
+        if self.average_running_stats and self.training and self.track_running_stats:
+            return self._with_averaged_running_stats(x)
         return torch.cat([plain(group) for group in x.chunk(self.splits)])
+
+    def _with_averaged_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        out, updated = [], []
+        for group in x.chunk(self.splits):
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            out.append(F.batch_norm(group, mean, var, self.weight, self.bias, True, momentum, self.eps))
+            updated.append(torch.stack([mean, var]))
+        stats = torch.stack(updated).mean(0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)  # every rank holds as many groups: the mean over all of them
+            stats /= dist.get_world_size()
+        self.running_mean.copy_(stats[0])
+        self.running_var.copy_(stats[1])
+        return torch.cat(out)
 
 
 def split_batchnorms(module: nn.Module) -> nn.Module:
@@ -54,14 +80,15 @@ def split_batchnorms(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def batchnorm_groups(module: nn.Module, groups: int) -> Iterator[None]:
+def batchnorm_groups(module: nn.Module, groups: int, *, average_running_stats: bool = False) -> Iterator[None]:
     """Within the block, ``module``'s :class:`SplitBatchNorm` layers normalise ``groups`` consecutive groups of
-    their input apart (a pass of ``groups`` stacked batches gives what a pass of each gives)."""
+    their input apart (a pass of ``groups`` stacked batches gives what a pass of each gives; with
+    ``average_running_stats``, the running statistics move by the groups' mean instead)."""
     splits = [m for m in module.modules() if isinstance(m, SplitBatchNorm)]
     for m in splits:
-        m.splits = groups
+        m.splits, m.average_running_stats = groups, average_running_stats
     try:
         yield
     finally:
         for m in splits:
-            m.splits = 1
+            m.splits, m.average_running_stats = 1, False
