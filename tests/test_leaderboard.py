@@ -145,6 +145,20 @@ def test_fewer_than_three_seeds_say_so_and_bootstrap_is_seeded():
         StatsOptions(alpha=1.5)
 
 
+def test_diagram_bars_join_mean_ranks_closer_than_the_critical_difference_only():
+    """Demšar (2006, Sec. 3.2.2): two methods differ when their mean ranks differ by at least the critical
+    difference, so a bar joins only rows closer than it. Mean ranks 1, 2, 3, 3.5 with CD exactly 1: no bar
+    joins 1 and 2 or 2 and 3; one joins 3 and 3.5 (and, with CD a hair above 1, each neighbour pair). Catches
+    ``<=`` for ``<`` (a tie at CD joined)."""
+    from harness.reporting import stats
+    from harness.reporting.leaderboard import SuiteRanks
+
+    friedman = stats.FriedmanResult(np.array([2.0, 1.0, 3.5, 3.0]), 0.0, 1.0, 0.0, 1.0, 5)
+    ranks = SuiteRanks(list("abcd"), ["x"], friedman, 1.0, 0.05, [], 1)
+    assert ranks.groups() == [(2, 3)]
+    assert SuiteRanks(list("abcd"), ["x"], friedman, 1.0 + 1e-9, 0.05, [], 1).groups() == [(0, 1), (1, 2), (2, 3)]
+
+
 def test_friedman_and_the_critical_difference_diagram(tmp_path):
     """Ranks 1, 2, 3 in both headline columns: chi2_F = 12 N / (k (k+1)) * (sum R^2 - k (k+1)^2 / 4) = 4.0,
     p = exp(-2); CD = 2.343 * sqrt(3 * 4 / (6 * 2)) = 2.343 (Demšar 2006, Table 5). The diagram is written as
