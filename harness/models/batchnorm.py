@@ -54,18 +54,17 @@ class SplitBatchNorm(_BatchNorm):
     def _with_averaged_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        out, updated = [], []
-        for group in x.chunk(self.splits):
-            mean, var = self.running_mean.clone(), self.running_var.clone()
-            out.append(F.batch_norm(group, mean, var, self.weight, self.bias, True, momentum, self.eps))
-            updated.append(torch.stack([mean, var]))
-        stats = torch.stack(updated).mean(0)
+        # a copy of the running mean and variance per group (rows of one tensor), each moved by its group
+        copies = torch.stack([self.running_mean, self.running_var]).repeat(self.splits, 1, 1)
+        out = torch.cat([F.batch_norm(group, running[0], running[1], self.weight, self.bias, True, momentum, self.eps)
+                         for group, running in zip(x.chunk(self.splits), copies)])
+        stats = copies.mean(0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank holds as many groups: the mean over all of them
             stats /= dist.get_world_size()
         self.running_mean.copy_(stats[0])
         self.running_var.copy_(stats[1])
-        return torch.cat(out)
+        return out
 
 
 def split_batchnorms(module: nn.Module) -> nn.Module:
