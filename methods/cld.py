@@ -119,11 +119,12 @@ class MoCoCLD(MoCo):
         # in +-1/sqrt(d/3) (lib/NCEAverage.py MemoryMoCo), EMA 0.999, key BN over the whole 256-key batch
         # (DistributedShufle on one GPU is a plain permutation), --normlinear instance and group heads,
         # K=200, lambda 0.8, cld_t 0.2, 5 k-means iterations; --aug-plus: MoCo v2's augmentation with
-        # crops of 0.2-1 (datasets/dataloader.py), here "simclr_blur" with crop_scale 0.2-1 (random
-        # erasing, --erasing, has no equivalent). CIFAR-100 (suite overrides): bs 128, lr 0.03, wd 7e-4,
-        # K=100, lambda 0.25, queue 4,096, the "cld" augmentation.
+        # crops of 0.2-1 (datasets/dataloader.py), here "simclr_blur" with crop_scale 0.2-1; --erasing:
+        # RandomErasing(p=1.0) after normalisation (its defaults: scale 0.02-0.33, ratio 0.3-3.3, value 0).
+        # CIFAR-100 (suite overrides): bs 128, lr 0.03, wd 7e-4, K=100, lambda 0.25, queue 4,096, the "cld"
+        # augmentation without erasing.
         "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 8e-4, "warmup": 0.025, "min_lr": 1e-6,
-                  "views": 3, "augment": "simclr_blur", "augment_overrides": {"crop_scale": [0.2, 1.0]},
+                  "views": 3, "augment": "simclr_blur", "augment_overrides": {"crop_scale": [0.2, 1.0], "erasing": 1.0},
                   "temperature": 0.07, "queue_size": 12288, "queue_init": "uniform", "ema": 0.999,
                   "bn_splits": 1, "head": "normlinear", "group_head": "normlinear", "clusters": 200,
                   "cld_weight": 0.8},

@@ -324,6 +324,55 @@ def test_blur_kernel_rule_matches(side):
     assert torch.allclose(batched, reference, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- erasing
+def erased_boxes(views: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top, left, height and width of the zeroed box in each view of a white image (height and width 0: none),
+    and whether the zeros fill exactly that box."""
+    zero = (views == 0).all(1)  # (n, H, W)
+    spans = {}
+    for name, mask in (("top", zero.any(2)), ("left", zero.any(1))):
+        count = mask.sum(1)
+        spans[name] = torch.where(count > 0, mask.to(torch.uint8).argmax(1), 0).double()
+        spans["height" if name == "top" else "width"] = count.double()
+    spans["filled"] = zero.sum((1, 2)).double() == spans["height"] * spans["width"]
+    return spans
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.02, 0.33), (0.3, 3.3)), ((0.1, 0.5), (1.5, 3.0)), ((0.4, 0.9), (0.3, 3.3))])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_erasing_boxes_distribution(scale, ratio, backend):
+    """Random erasing (CLD's ``--erasing``: torchvision's RandomErasing(p=1) after normalisation, value 0) zeroes
+    one box per view with the same height, width, top and left distributions in both pipelines: torchvision's
+    defaults, boxes taller than wide (ratio 1.5-3: height = sqrt(area x ratio)), and large boxes that often find
+    no fitting try in 10 (those views are left whole, as often in both). Catches: height and width swapped,
+    ``<=`` for torchvision's strict fit test, positions off by one or biased, the area drawn from another
+    range, erasing before normalisation (the box would not be 0 here), a box not filled."""
+    cfg = AugmentConfig(jitter_p=0.0, grayscale=0.0, erasing=1.0, erasing_scale=scale, erasing_ratio=ratio,
+                        **IDENTITY_CROP)
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    a, b = (erased_boxes(views) for views in both(cfg, white, backend))
+    assert a["filled"].all() and b["filled"].all()
+    assert_same_rate(a["height"] > 0, b["height"] > 0, f"erased views at scale {scale}")
+    erased = a["height"] > 0
+    assert (a["height"][erased] < 32).all() and (a["top"] + a["height"] <= 32).all()
+    assert (a["width"][erased] < 32).all() and (a["left"] + a["width"] <= 32).all()
+    for key in ("height", "width", "top", "left"):
+        assert_same_distribution(a[key], b[key], f"erasing {key} (scale {scale}, ratio {ratio})", backend)
+
+
+def test_erasing_happens_at_the_configured_probability_after_the_other_ops():
+    """At ``erasing`` 0.3 about 30% of views have a box, in both pipelines; and the box is 0 in normalised units
+    (the mean colour), whatever the normalisation. Catches: the probability compared the wrong way round, the box
+    filled before normalisation (it would read -mean/std)."""
+    cfg = AugmentConfig(jitter_p=0.0, grayscale=0.0, erasing=0.3, **IDENTITY_CROP)
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    for views in both(cfg, white, "tensor", n=1000):
+        assert abs(float((erased_boxes(views)["height"] > 0).double().mean()) - 0.3) < 0.05
+    batch = white[None].expand(200, -1, -1, -1)
+    views = Augmenter(cfg, (0.5,) * 3, (0.25,) * 3)(batch, torch.Generator().manual_seed(0))
+    assert set(views.unique().tolist()) == {0.0, 2.0}  # (1 - 0.5) / 0.25 outside the boxes
+
+
 # ----------------------------------------------------------------------------- the per-image API
 def test_unmapped_config_field_is_a_clear_error():
     @dataclass(frozen=True)
@@ -440,16 +489,17 @@ def test_a_batchs_parameters_unpack_to_their_shapes_and_dtypes():
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(back, tensors))
 
 
-@pytest.mark.parametrize("preset", ["simclr", "cld", "simclr_blur"])
-def test_the_gpu_path_compiles_as_one_graph_and_gives_the_cpu_views(preset):
+@pytest.mark.parametrize("preset,overrides", [("simclr", {}), ("cld", {}), ("simclr_blur", {}),
+                                              ("simclr_blur", {"erasing": 1.0})])
+def test_the_gpu_path_compiles_as_one_graph_and_gives_the_cpu_views(preset, overrides):
     """On a GPU, ``Augmenter`` packs a batch's parameters and applies them in one function, which ``--compile``
     runs through torch.compile: it traces as one graph (fullgraph: no host checks, no data-dependent shapes) and
     gives, bit for bit, the CPU path's views (which jitter only the rows that take each op). Traced here with the
     eager backend (inductor's code generation is exercised on a GPU by tests/test_cuda.py)."""
-    from harness.data.augment import (Augmenter, _augment_packed, _crop_flip_grid, _draw_jitter, _Draws, augment_drawn,
-                                      compiled_augment, pack)
+    from harness.data.augment import (Augmenter, _augment_packed, _crop_flip_grid, _draw_jitter, _Draws, _erasing_boxes,
+                                      augment_drawn, compiled_augment, pack)
 
-    cfg = get_preset(preset)
+    cfg = get_preset(preset, **overrides)
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     draw = _Draws(torch.Generator().manual_seed(1), 32, slice(None))
     jitter = _draw_jitter(cfg, True, draw)
@@ -457,6 +507,8 @@ def test_the_gpu_path_compiles_as_one_graph_and_gives_the_cpu_views(preset):
     parts = ["crop", "jitter", "gray"]
     if cfg.blur:
         params, parts = params + [draw.uniform(*cfg.blur_sigma), draw.rand() < cfg.blur], parts + ["blur"]
+    if cfg.erasing:
+        params, parts = params + [_erasing_boxes(8, 8, cfg, draw)], parts + ["erase"]
     mean, std = Augmenter(cfg, (0.5,) * 3, (0.25,) * 3)._stats(torch.device("cpu"))
     expected = augment_drawn(images, params, tuple(parts), jitter.ops, 8, mean, std, whole_batch=False)
     args = (images, pack(params, torch.device("cpu")), tuple((tuple(t.shape), t.dtype) for t in params), tuple(parts),

@@ -232,16 +232,18 @@ def test_views_are_channels_last_and_in_one_pass_on_cuda(device):
     assert any(isinstance(m, SplitBatchNorm) for m in method.backbone.modules()) == cuda
 
 
-@pytest.mark.parametrize("preset", ["simclr", "simclr_blur", "cld"])
-def test_views_on_the_device_are_the_cpus_views(device, preset):
+@pytest.mark.parametrize("preset,overrides", [("simclr", {}), ("simclr_blur", {}), ("cld", {}),
+                                              ("simclr_blur", {"crop_scale": [0.2, 1.0], "erasing": 1.0})])
+def test_views_on_the_device_are_the_cpus_views(device, preset, overrides):
     """The same generator gives the same views on the device as on the CPU (the GPU path moves all of a
     batch's random parameters in one non-blocking copy and jitters the whole batch with a per-sample
     select; the CPU path jitters the rows that take each op), and leaves the generator in the same state.
 
     Catches: a parameter unpacked into the wrong slot or dtype after the one copy (a crop, jitter factor,
-    order, grayscale or blur flag of another sample), draws consumed in another order on the device."""
+    order, grayscale or blur flag or erasing box of another sample), draws consumed in another order on the
+    device."""
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    augmenter = Augmenter(get_preset(preset), (0.5,) * 3, (0.25,) * 3)
+    augmenter = Augmenter(get_preset(preset, **overrides), (0.5,) * 3, (0.25,) * 3)
     g_device, g_cpu = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     for _ in range(2):
         on_device = augmenter(images.to(device), g_device).cpu()

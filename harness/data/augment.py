@@ -1,7 +1,8 @@
 """Batched image augmentation on tensors, with independent random parameters per sample.
 
 One place for the SimCLR-style pipeline every method shares (Chen et al. 2020, App. A):
-random resized crop, horizontal flip, colour jitter, random grayscale, Gaussian blur.
+random resized crop, horizontal flip, colour jitter, random grayscale, Gaussian blur; and, after
+normalisation, random erasing (Zhong et al. 2020; CLD's ``--erasing``).
 Whole uint8 batches are augmented on the device they live on (CPU or GPU), so training is
 not starved by per-image PIL work. Presets name the exact parameter ranges each paper uses.
 """
@@ -28,6 +29,10 @@ class AugmentConfig:
     grayscale: float = 0.2
     blur: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # torchvision's RandomErasing(p=erasing, scale, ratio, value=0) after normalisation
+    erasing: float = 0.0
+    erasing_scale: tuple[float, float] = (0.02, 0.33)
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)
 
 
 PRESETS: dict[str, AugmentConfig | None] = {
@@ -51,12 +56,13 @@ PRESETS: dict[str, AugmentConfig | None] = {
 
 #: Allowed range of each AugmentConfig field's numbers (probabilities in [0, 1], crop area in (0, 1], ...).
 OVERRIDE_RANGES = {"crop_scale": (0, 1), "crop_ratio": (0, None), "flip": (0, 1), "jitter": (0, None), "jitter_p": (0, 1),
-                   "grayscale": (0, 1), "blur": (0, 1), "blur_sigma": (0, None)}
+                   "grayscale": (0, 1), "blur": (0, 1), "blur_sigma": (0, None), "erasing": (0, 1),
+                   "erasing_scale": (0, 1), "erasing_ratio": (0, None)}
 
 
 def _override(key: str, value, default):
     """One ``augment_overrides`` value shaped like its default (a number, or a list of as many numbers) and in
-    :data:`OVERRIDE_RANGES`; pairs (crop_scale, crop_ratio, blur_sigma) low <= high."""
+    :data:`OVERRIDE_RANGES`; pairs (crop_scale, crop_ratio, blur_sigma, erasing_scale, erasing_ratio) low <= high."""
     low, high = OVERRIDE_RANGES[key]
     shape = f"a list of {len(default)} numbers" if isinstance(default, tuple) else "a number"
     values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -134,6 +140,38 @@ def _crop_flip_grid(h: int, w: int, cfg: AugmentConfig, allow_flip: bool, draw: 
     theta[:, 1, 1] = scale[:, 1]
     theta[:, :, 2] = centre
     return theta
+
+
+def _erasing_boxes(h: int, w: int, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
+    """Boxes (n, 4) of torchvision's ``RandomErasing`` on (h, w) views: top, left, height, width. Applied with
+    probability ``erasing``; then up to 10 tries of an area (``erasing_scale`` of the view) and a log-uniform
+    aspect ratio (height = sqrt(area x ratio)), the first box strictly smaller than the view kept, at a uniform
+    position. No box (height and width 0) when not applied or when no try fits. The tries are computed at
+    once, as the crop's (:func:`_crop_flip_grid`)."""
+    apply = draw.rand() < cfg.erasing
+    log_r = (math.log(cfg.erasing_ratio[0]), math.log(cfg.erasing_ratio[1]))
+    u = draw.rand_rows(40).view(10, 4, draw.n)  # per try: area, log-ratio, top, left
+    target = (cfg.erasing_scale[0] + (cfg.erasing_scale[1] - cfg.erasing_scale[0]) * u[:, 0]) * (h * w)
+    ratio = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 1])
+    bh = torch.sqrt(target * ratio).round()
+    bw = torch.sqrt(target / ratio).round()
+    fits = (bh < h) & (bw < w)
+    top = (u[:, 2] * (h - bh + 1)).floor()
+    left = (u[:, 3] * (w - bw + 1)).floor()
+    first = fits.to(torch.uint8).argmax(0, keepdim=True)
+    top, left, bh, bw = (t.gather(0, first)[0] for t in (top, left, bh, bw))
+    keep = (fits.any(0) & apply).float()
+    return torch.stack([top, left, bh * keep, bw * keep], 1)
+
+
+def _erase(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each sample's box (:func:`_erasing_boxes`) set to 0, torchvision's ``value=0`` on normalised views."""
+    top, left, bh, bw = (b[:, None] for b in boxes.unbind(1))
+    rows = torch.arange(x.shape[2], device=x.device, dtype=boxes.dtype)
+    cols = torch.arange(x.shape[3], device=x.device, dtype=boxes.dtype)
+    inside = (((rows >= top) & (rows < top + bh))[:, None, :, None]
+              & ((cols >= left) & (cols < left + bw))[:, None, None, :])
+    return x.masked_fill(inside, 0.0)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +340,7 @@ def augment_drawn(images: torch.Tensor, params: list[torch.Tensor], parts: tuple
     """Normalised views of a uint8 batch with its random parameters already drawn, all on the batch's device.
 
     ``params`` are the tensors that ``parts`` name: "crop" (affine matrices), then any of "jitter" (factors and
-    takes, :class:`_Jitter`), "gray" (flags) and "blur" (sigmas and flags). ``whole_batch``: the GPU's jitter
+    takes, :class:`_Jitter`), "gray" (flags), "blur" (sigmas and flags) and "erase" (boxes). ``whole_batch``: the GPU's jitter
     (:func:`jitter_whole_batch`), which has no data-dependent shapes or host checks, so on a GPU the whole
     function compiles as one graph (:func:`compiled_augment`); otherwise the CPU's (:func:`_color_jitter`)."""
     params = iter(params)
@@ -316,13 +354,16 @@ def augment_drawn(images: torch.Tensor, params: list[torch.Tensor], parts: tuple
         x = torch.where(_per_sample(next(params)), _gray(x).expand_as(x), x)
     if "blur" in parts:
         x = _gaussian_blur(x, next(params), next(params))
-    return (x - mean) / std
+    x = (x - mean) / std
+    if "erase" in parts:
+        x = _erase(x, next(params))
+    return x
 
 
 def _augment_packed(images: torch.Tensor, flat: torch.Tensor, layout: Layout, parts: tuple[str, ...],
                     ops: tuple[str, ...], out_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """:func:`augment_drawn` on a GPU, from the parameters as :func:`pack` moved them: unpacking, cropping, jitter,
-    grayscale, blur and normalisation in one function, which ``torch.compile`` fuses into a few kernels."""
+    grayscale, blur, normalisation and erasing in one function, which ``torch.compile`` fuses into a few kernels."""
     return augment_drawn(images, unpack(flat, layout), parts, ops, out_size, mean, std, whole_batch=True)
 
 
@@ -367,8 +408,8 @@ class Augmenter:
         self.compile_backend: str | None = None  # set by :meth:`compile`
 
     def compile(self, backend: str = "inductor") -> None:
-        """Augment batches off the CPU through ``torch.compile`` (``--compile``): crop, jitter, grayscale, blur and
-        normalisation fused into a few kernels instead of hundreds of launches a view."""
+        """Augment batches off the CPU through ``torch.compile`` (``--compile``): crop, jitter, grayscale, blur,
+        normalisation and erasing fused into a few kernels instead of hundreds of launches a view."""
         self.compile_backend = backend
 
     def start(self, epoch: int, step: int) -> None:
@@ -408,6 +449,7 @@ class Augmenter:
         if cfg is None:
             return self.normalize(resize(images.float() / 255, self.out_size))
         n, c, h, w = images.shape
+        out_size = self.out_size or h
         draw = _Draws(g, n if total is None else total, slice(None) if rows is None else rows)
         if draw.n != n:
             raise ValueError(f"rows {rows} of a batch of {total} hold {draw.n} images, got {n}")
@@ -420,8 +462,9 @@ class Augmenter:
             params, parts = params + [draw.rand() < cfg.grayscale], parts + ["gray"]
         if cfg.blur > 0:
             params, parts = params + [draw.uniform(*cfg.blur_sigma), draw.rand() < cfg.blur], parts + ["blur"]
+        if cfg.erasing > 0:
+            params, parts = params + [_erasing_boxes(out_size, out_size, cfg, draw)], parts + ["erase"]
         mean, std = self._stats(images.device)
-        out_size = self.out_size or h
         if images.device.type == "cpu":
             return augment_drawn(images, params, tuple(parts), ops, out_size, mean, std, whole_batch=False)
         # then moved in one copy, and applied by one function (compiled with ``--compile``)

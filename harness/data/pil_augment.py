@@ -10,6 +10,7 @@ traditionally run in DataLoader workers (torchvision.transforms on PIL images)::
     RandomGrayscale(grayscale)                                       # RGB only
     RandomApply([GaussianBlur(k, sigma=blur_sigma)], p=blur)         # k as in augment._gaussian_blur
     ToTensor(), Normalize(mean, std)
+    RandomErasing(erasing, scale=erasing_scale, ratio=erasing_ratio, value=0)
 
 It serves three uses: the reference the batched pipeline is compared with (same distribution of
 augmentations, ``tests/test_augment_distribution.py``), the "old per-image DataLoader path" of the
@@ -45,7 +46,7 @@ from harness.engine.seeding import epoch_order
 #: AugmentConfig without a mapping here makes :func:`per_image_transform` raise, so the two
 #: pipelines cannot silently drift apart.
 MAPPED_FIELDS = frozenset({"crop_scale", "crop_ratio", "flip", "jitter", "jitter_p", "grayscale", "blur",
-                           "blur_sigma"})
+                           "blur_sigma", "erasing", "erasing_scale", "erasing_ratio"})
 
 
 def default_workers() -> int:
@@ -99,6 +100,8 @@ def per_image_transform(cfg: AugmentConfig | None, mean: Sequence[float], std: S
                                      p=cfg.blur))
     ops += [T.ToTensor()] if backend == "pil" else []
     ops.append(T.Normalize(tuple(mean), tuple(std)))
+    if cfg is not None and cfg.erasing > 0:
+        ops.append(T.RandomErasing(cfg.erasing, scale=tuple(cfg.erasing_scale), ratio=tuple(cfg.erasing_ratio), value=0))
     return T.Compose(ops)
 
 
