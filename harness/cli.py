@@ -197,7 +197,7 @@ def cmd_run(args) -> int:
     from harness.engine.budget import Budget
     from harness.execution.environment import resolve_device
     from harness.execution.executors import ExecutorError, default_local_workers, run_jobs, slurm_options
-    from harness.execution.runner import Runner, plan, run_or_say_why
+    from harness.execution.runner import Runner, check_ranks, plan, run_or_say_why
     from harness.execution.store import ResultStore
     from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
 
@@ -235,6 +235,8 @@ def cmd_run(args) -> int:
     states = {job.run_id: job_state(store, job, args.force, args.retry_failed) for job in jobs}
     check_against_data(suite, runner.dataset if runner else lambda name, fraction: load_split_data(name, args.data_dir, fraction),
                        {job.dataset for job in jobs if states[job.run_id] in TRAINS})
+    if ranks.distributed:
+        check_ranks([job for job in jobs if states[job.run_id] in TRAINS], ranks.world_size)
     if args.dry_run:
         _print_plan(suite, jobs, states, store)
         return 0

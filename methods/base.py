@@ -122,6 +122,12 @@ class Method(nn.Module):
         with batchnorm_groups(self.backbone, len(views)):
             return list(self.backbone(torch.cat(list(views))).chunk(len(views)))
 
+    @classmethod
+    def check_ranks(cls, cfg: dict[str, Any], world: int) -> None:
+        """Raise :class:`UsageError` if ``cfg`` cannot train data-parallel over ``world`` ranks. Called for every
+        run of a multi-process launch before any trains, and by adapters on construction; the global batch's
+        split is the training loop's check (:func:`harness.engine.distributed.check_batch_split`)."""
+
     def rank_local_parameters(self) -> list[str]:
         """Names of parameters that hold a different shard on every rank (DDP must not average them)."""
         return []

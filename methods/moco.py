@@ -56,12 +56,16 @@ class MoCo(Method):
         self._keys: torch.Tensor | None = None
         self.query_splits = 1
         if self.split_queries and cfg["bn_splits"] > 1:
-            world = get_world_size()
-            if cfg["bn_splits"] % world:
-                raise UsageError(f"bn_splits {cfg['bn_splits']} does not split over {world} ranks (each rank "
-                                 f"normalises its own groups of queries); use a multiple of {world}")
-            self.query_splits = cfg["bn_splits"] // world  # this rank's rows hold its share of the groups
+            self.check_ranks(cfg, get_world_size())
+            self.query_splits = cfg["bn_splits"] // get_world_size()  # this rank's rows hold its share of the groups
             split_batchnorms(backbone)
+
+    @classmethod
+    def check_ranks(cls, cfg: dict, world: int) -> None:
+        """Each rank normalises its own share of the query groups (:attr:`split_queries`)."""
+        if cls.split_queries and cfg["bn_splits"] > 1 and cfg["bn_splits"] % world:
+            raise UsageError(f"bn_splits {cfg['bn_splits']} does not split over {world} ranks (each rank "
+                             f"normalises its own groups of queries); use a multiple of {world}")
 
     def encode_query(self, view: torch.Tensor) -> torch.Tensor:
         """The backbone's features of the query view, ``bn_splits`` groups normalised apart (:attr:`split_queries`)."""

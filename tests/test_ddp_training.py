@@ -228,3 +228,44 @@ def test_torchrun_launch_of_the_cli_trains_each_run_over_two_ranks(tmp_path):
     assert out.stdout.count("written: ") == 1 and "data-parallel over 2 processes" in out.stdout
     records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "quick").glob("*.json")]
     assert len(records) == 1 and records[0]["train"]["ranks"] == WORLD and records[0]["status"] == "ok"
+
+
+def test_a_run_that_cannot_split_over_the_ranks_is_refused_before_any_trains():
+    """A data-parallel launch checks every run it would train first: a global batch of 128 over 3 ranks, or MoCo's
+    4 query BatchNorm groups over 3 ranks (each rank normalises its own share), is one line naming the run; the
+    same runs over 2 or 4 ranks pass. Catches: a run refused only when its turn comes, after others trained."""
+    from harness.errors import UsageError
+    from harness.execution.runner import check_ranks, plan
+
+    jobs = plan(make_suite(["supervised", {"name": "moco", "config": {"batch_size": 96, "bn_splits": 4}}]))
+    for world in (2, 4):
+        check_ranks(jobs, world)
+    with pytest.raises(UsageError, match=r"^supervised on digits seed 0 \(epochs=2\): batch_size 128 does not split "
+                                         r"over 3 ranks; use a multiple of 3$"):
+        check_ranks(jobs, 3)
+    with pytest.raises(UsageError, match=r"^moco on digits seed 0 \(epochs=2\): bn_splits 4 does not split over 3 "
+                                         r"ranks"):
+        check_ranks(jobs[1:], 3)
+
+
+def test_torchrun_launch_refuses_a_run_that_cannot_split_before_training(tmp_path):
+    """``torchrun --nproc-per-node 3 -m harness run`` of a supervised run, then MoCo with 4 query groups: the ranks
+    exit 2 with one line each (torchrun then prints its own summary and traceback of the launcher), no frame of the
+    harness, and no record: the supervised run, which could split, did not train first."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nscale: cpu\ndatasets: [digits]\nseeds: [0]\nbudget: {steps: 2}\n"
+                     "methods: [{name: supervised, config: {batch_size: 96}}, {name: moco, config: {batch_size: 96, "
+                     "bn_splits: 4}}]\nprotocols: {knn: {k: 5}}\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+           "-m", "harness", "run", str(suite), "--device", "cpu", "--quiet", "--results-dir", str(tmp_path / "results"),
+           "--data-dir", str(tmp_path / "data")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode != 0 and "exitcode  : 2" in out.stderr  # torchrun may stop the others as the first exits
+    assert lines and all("bn_splits 4 does not split over 3 ranks" in line for line in lines)
+    assert "harness/" not in "".join(line for line in out.stderr.splitlines() if line.lstrip().startswith("File "))
+    assert not list((tmp_path / "results").rglob("*.json"))

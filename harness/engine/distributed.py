@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.engine.seeding import epoch_order
+from harness.errors import UsageError
 from harness.models.batchnorm import SplitBatchNorm, batchnorm_like
 
 
@@ -260,6 +261,12 @@ class _ScaleGrad(torch.autograd.Function):
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` unchanged, its gradient multiplied by ``factor`` (identity with one process and factor 1)."""
     return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
+def check_batch_split(batch_size: int, world: int) -> None:
+    """A global batch of ``batch_size`` must give every one of ``world`` ranks as many rows."""
+    if batch_size % world:
+        raise UsageError(f"batch_size {batch_size} does not split over {world} ranks; use a multiple of {world}")
 
 
 def own_rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -294,8 +294,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     batch_size = min(int(cfg["batch_size"]), n)
     steps_per_epoch = n // batch_size
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    if batch_size % world:
-        raise UsageError(f"batch_size {batch_size} does not split over {world} ranks; use a multiple of {world}")
+    distributed.check_batch_split(batch_size, world)
     rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     cuda = device.startswith("cuda")
     # on the device before the optimizer exists: a resumed optimizer's state (momentum, Adam moments) is

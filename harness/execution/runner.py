@@ -93,6 +93,21 @@ def plan(suite: Suite) -> list[Job]:
             for d in suite.datasets for e in suite.methods for s in suite.seeds for b in suite.budgets]
 
 
+def check_ranks(jobs: list[Job], world: int) -> None:
+    """Every run of a data-parallel launch, and every component it trains, splits over ``world`` ranks (its batch,
+    and its adapter's own rule: :meth:`Method.check_ranks`): one line naming the run, before any trains."""
+    for job in jobs:
+        for spec in (job.spec, *job.spec.get("components", [])):
+            cls = METHODS.get(spec["method"])
+            if not cls.trains:
+                continue
+            try:
+                distributed.check_batch_split(int(spec["config"]["batch_size"]), world)
+                cls.check_ranks(spec["config"], world)
+            except UsageError as exc:
+                raise UsageError(f"{job.describe()}: {exc}") from None
+
+
 def exception_line(exc: BaseException) -> str:
     """``ValueError: bad value (my_method.py:14, in training_step)``: the exception and the innermost line
     outside torch that raised it (an adapter's, not the autograd engine's)."""
