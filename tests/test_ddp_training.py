@@ -32,7 +32,10 @@ METHODS = [*_trained_methods(),
            # InvCls with W split by rows over the ranks (hybrid parallelism); one process holds all of W
            {"name": "invcls", "as": "invcls_sharded", "config": {"shard_classifier": True}},
            # CLD's NPID baseline: the group branch is built but idle (frozen, or DDP's second step fails)
-           {"name": "npid_cld", "as": "npid_cld_off", "config": {"cld_weight": 0}}]
+           {"name": "npid_cld", "as": "npid_cld_off", "config": {"cld_weight": 0}},
+           # MoCo's query BatchNorm in as many groups as ranks: each rank's rows are one group, whose running
+           # statistics are still averaged over the ranks as one process averages its groups'
+           {"name": "moco", "as": "moco_group_per_rank", "config": {"bn_splits": WORLD}}]
 LABELS = [m if isinstance(m, str) else m["as"] for m in METHODS]
 BUDGET = "steps=4"
 

@@ -45,10 +45,10 @@ class SplitBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plain = super().forward
+        if self.average_running_stats and self.training and self.track_running_stats:
+            return self._with_averaged_running_stats(x)  # also for one group a rank: averaged over the ranks
         if self.splits == 1:
             return plain(x)
-        if self.average_running_stats and self.training and self.track_running_stats:
-            return self._with_averaged_running_stats(x)
         return torch.cat([plain(group) for group in x.chunk(self.splits)])
 
     def _with_averaged_running_stats(self, x: torch.Tensor) -> torch.Tensor:
