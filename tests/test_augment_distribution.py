@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 from scipy.stats import ks_2samp
 
@@ -371,6 +372,36 @@ def test_erasing_happens_at_the_configured_probability_after_the_other_ops():
     batch = white[None].expand(200, -1, -1, -1)
     views = Augmenter(cfg, (0.5,) * 3, (0.25,) * 3)(batch, torch.Generator().manual_seed(0))
     assert set(views.unique().tolist()) == {0.0, 2.0}  # (1 - 0.5) / 0.25 outside the boxes
+
+
+def test_per_image_blur_uses_the_batched_pipelines_kernel_size():
+    """The per-image (torchvision) pipeline blurs with the kernel size of the batched one,
+    ``blur_kernel_size(side)`` (5 for 40 px), so with a fixed sigma and the crop, flip, jitter and grayscale
+    switched off both pipelines give the same view of a noise image. Catches: the per-image GaussianBlur built
+    with another kernel size (e.g. ``blur_kernel_size(size) + 2``), which the distribution tests, reading
+    a mean gradient, do not separate."""
+    from harness.data.augment import AugmentConfig, Augmenter, blur_kernel_size
+    from harness.data.pil_augment import per_image_transform
+
+    side, sigma = 40, 1.5
+    image = torch.randint(0, 256, (3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0, jitter_p=0.0, grayscale=0.0,
+                        blur=1.0, blur_sigma=(sigma, sigma))
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    torch.manual_seed(1)
+    per_image = per_image_transform(cfg, mean, std, side, 3, backend="tensor")(image.float() / 255)
+    batched = Augmenter(cfg, mean, std)(image[None], torch.Generator().manual_seed(0))[0]
+    # independent reference: separable Gaussian of width blur_kernel_size(40) = 5, reflect padding
+    size = blur_kernel_size(side)
+    assert size == 5
+    r = torch.arange(size, dtype=torch.float32) - size // 2
+    k = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = F.pad((image.float() / 255)[None], (2, 2, 2, 2), mode="reflect")
+    reference = F.conv2d(F.conv2d(x, k.view(1, 1, 1, size).repeat(3, 1, 1, 1), groups=3),
+                         k.view(1, 1, size, 1).repeat(3, 1, 1, 1), groups=3)[0]
+    torch.testing.assert_close(batched, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(per_image, reference, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the per-image API

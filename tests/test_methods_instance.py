@@ -339,6 +339,52 @@ def test_moco_bn_splits_must_split_over_the_ranks(monkeypatch):
     assert MoCo(create_backbone("small_cnn", 3), cfg, DataInfo(16, (3, 8, 8))).query_splits == 4
 
 
+@pytest.mark.parametrize("ema", [0.9, 0.999])
+def test_moco_key_encoder_moves_at_the_configured_ema(ema):
+    """After a step the key encoder is theta_k <- m theta_k + (1 - m) theta_q with m = the run's ``ema``
+    (MoCo Eq. 2): 0.9 here, and 0.999, the moco_cld paper recipe's value. The shipped cpu and MoCo paper
+    configs both use 0.99, so only another value can tell the configured one from a constant.
+    Catches: ``after_optimizer_step`` updating with a fixed momentum (0.99) instead of ``cfg["ema"]``."""
+    torch.manual_seed(0)
+    cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 1, "ema": ema})
+    method = MoCo(Tiny(), cfg, DataInfo(10, (1, 2, 3)))
+    method.training_step(Batch([torch.randn(3, 1, 2, 3) for _ in range(2)], torch.arange(3)))
+    with torch.no_grad():  # what an optimiser step would do: move the query encoder away from the key copy
+        for p in [*method.backbone.parameters(), *method.head.parameters()]:
+            p.add_(torch.randn_like(p))
+    old = [p.clone() for p in method.key_encoder.parameters()]
+    query = [p.detach().clone() for p in [*method.backbone.parameters(), *method.head.parameters()]]
+    method.after_optimizer_step()
+    for k, o, q in zip(method.key_encoder.parameters(), old, query, strict=True):
+        torch.testing.assert_close(k, ema * o + (1 - ema) * q, rtol=1e-6, atol=1e-6)
+
+
+def test_moco_query_batchnorm_keeps_the_mean_of_its_groups_running_statistics():
+    """MoCo's query encoder (CIFAR demo SplitBatchNorm): each of the ``bn_splits`` groups updates a copy of the
+    running statistics with its own batch mean and unbiased variance, and their mean is kept:
+    r <- (1 - mom) r + mom * mean_g(stat_g). Computed here by hand for 4 groups of a batch of 16.
+    Catches: ``encode_query`` without ``average_running_stats`` (the groups' updates applied one after
+    another, r <- (1 - mom)^4 r + ..., what a pass per group gives), which changes the statistics the
+    evaluated backbone normalises with."""
+    torch.manual_seed(0)
+    cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 4})
+    method = MoCo(Tiny(bn=True), cfg, DataInfo(16, (1, 2, 3))).train()
+    bn = method.backbone.net[2]
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    mean0, var0, mom = bn.running_mean.clone(), bn.running_var.clone(), bn.momentum
+    x = torch.randn(16, 1, 2, 3) * 3 + 1
+    with torch.no_grad():
+        pre = method.backbone.net[1](method.backbone.net[0](x))  # the BatchNorm's input
+        method.encode_query(x)
+    groups = pre.chunk(4)
+    expected_mean = (1 - mom) * mean0 + mom * torch.stack([g.mean(0) for g in groups]).mean(0)
+    expected_var = (1 - mom) * var0 + mom * torch.stack([g.var(0, unbiased=True) for g in groups]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, expected_var, rtol=1e-5, atol=1e-6)
+
+
 def test_moco_step_infonce_against_queue_then_enqueue_and_ema():
     torch.manual_seed(0)
     cfg = resolve_config(MoCo, "cpu", {"feat_dim": 4, "queue_size": 7, "head": "linear", "bn_splits": 1})
