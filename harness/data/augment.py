@@ -112,23 +112,32 @@ class _Draws:
         return lo + (hi - lo) * self.rand()
 
 
-def _crop_flip_grid(h: int, w: int, cfg: AugmentConfig, allow_flip: bool, draw: _Draws) -> torch.Tensor:
-    """Affine matrices (n, 2, 3) of a random resized crop (torchvision's sampling: up to 10 tries of an area
-    and a log-uniform aspect ratio, the first that fits is kept) plus flip. The 10 tries are computed at
-    once, from the draws 10 sequential tries would take."""
-    n, area = draw.n, h * w
-    log_r = (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
-    u = draw.rand_rows(40).view(10, 4, n)  # per try: area, log-ratio, x0, y0
-    target = (cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * u[:, 0]) * area
-    ratio = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 1])
-    cw = torch.sqrt(target * ratio).round()
-    ch = torch.sqrt(target / ratio).round()
-    fits = (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
-    x0 = (u[:, 2] * (w - cw + 1)).floor()
-    y0 = (u[:, 3] * (h - ch + 1)).floor()
+def _first_fitting_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], draw: _Draws, *,
+                       erasing: bool) -> tuple[torch.Tensor, ...]:
+    """torchvision's box sampling, its up to 10 tries computed at once from the draws 10 sequential tries would
+    take: an area of ``scale`` times the image's and a log-uniform aspect ratio per try, the first box that fits
+    kept, at a uniform position. Returns its height, width, top, left and whether any try fit (per sample).
+
+    ``erasing`` False: ``RandomResizedCrop`` (ratio = width / height; fits when inside the image and not empty).
+    True: ``RandomErasing`` (ratio = height / width; fits when strictly smaller than the image)."""
+    u = draw.rand_rows(40).view(10, 4, draw.n)  # per try: area, log-ratio, left, top
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    target = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * (h * w)
+    r = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 1])
+    long_side, short_side = torch.sqrt(target * r).round(), torch.sqrt(target / r).round()
+    bh, bw = (long_side, short_side) if erasing else (short_side, long_side)
+    fits = (bh < h) & (bw < w) if erasing else (bw <= w) & (bh <= h) & (bw > 0) & (bh > 0)
+    left = (u[:, 2] * (w - bw + 1)).floor()
+    top = (u[:, 3] * (h - bh + 1)).floor()
     first = fits.to(torch.uint8).argmax(0, keepdim=True)  # the first try that fits (0 when none does)
-    cw, ch, x0, y0 = (t.gather(0, first)[0] for t in (cw, ch, x0, y0))
-    found = fits.any(0)
+    bh, bw, top, left = (t.gather(0, first)[0] for t in (bh, bw, top, left))
+    return bh, bw, top, left, fits.any(0)
+
+
+def _crop_flip_grid(h: int, w: int, cfg: AugmentConfig, allow_flip: bool, draw: _Draws) -> torch.Tensor:
+    """Affine matrices (n, 2, 3) of a random resized crop (:func:`_first_fitting_box`) plus flip."""
+    n = draw.n
+    ch, cw, y0, x0, found = _first_fitting_box(h, w, cfg.crop_scale, cfg.crop_ratio, draw, erasing=False)
     # fallback: the whole image (torchvision centre-crops; the full image is the same here)
     scale = torch.where(found[:, None], torch.stack([cw / w, ch / h], 1), 1.0)
     centre = torch.where(found[:, None], torch.stack([(x0 + cw / 2) / w * 2 - 1, (y0 + ch / 2) / h * 2 - 1], 1), 0.0)
@@ -144,23 +153,11 @@ def _crop_flip_grid(h: int, w: int, cfg: AugmentConfig, allow_flip: bool, draw: 
 
 def _erasing_boxes(h: int, w: int, cfg: AugmentConfig, draw: _Draws) -> torch.Tensor:
     """Boxes (n, 4) of torchvision's ``RandomErasing`` on (h, w) views: top, left, height, width. Applied with
-    probability ``erasing``; then up to 10 tries of an area (``erasing_scale`` of the view) and a log-uniform
-    aspect ratio (height = sqrt(area x ratio)), the first box strictly smaller than the view kept, at a uniform
-    position. No box (height and width 0) when not applied or when no try fits. The tries are computed at
-    once, as the crop's (:func:`_crop_flip_grid`)."""
+    probability ``erasing``, then :func:`_first_fitting_box` (area ``erasing_scale``, ratio ``erasing_ratio``).
+    No box (height and width 0) when not applied or when no try fits."""
     apply = draw.rand() < cfg.erasing
-    log_r = (math.log(cfg.erasing_ratio[0]), math.log(cfg.erasing_ratio[1]))
-    u = draw.rand_rows(40).view(10, 4, draw.n)  # per try: area, log-ratio, top, left
-    target = (cfg.erasing_scale[0] + (cfg.erasing_scale[1] - cfg.erasing_scale[0]) * u[:, 0]) * (h * w)
-    ratio = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 1])
-    bh = torch.sqrt(target * ratio).round()
-    bw = torch.sqrt(target / ratio).round()
-    fits = (bh < h) & (bw < w)
-    top = (u[:, 2] * (h - bh + 1)).floor()
-    left = (u[:, 3] * (w - bw + 1)).floor()
-    first = fits.to(torch.uint8).argmax(0, keepdim=True)
-    top, left, bh, bw = (t.gather(0, first)[0] for t in (top, left, bh, bw))
-    keep = (fits.any(0) & apply).float()
+    bh, bw, top, left, found = _first_fitting_box(h, w, cfg.erasing_scale, cfg.erasing_ratio, draw, erasing=True)
+    keep = (found & apply).float()
     return torch.stack([top, left, bh * keep, bw * keep], 1)
 
 
