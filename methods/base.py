@@ -123,10 +123,12 @@ class Method(nn.Module):
             return list(self.backbone(torch.cat(list(views))).chunk(len(views)))
 
     @classmethod
-    def check_ranks(cls, cfg: dict[str, Any], world: int) -> None:
-        """Raise :class:`UsageError` if ``cfg`` cannot train data-parallel over ``world`` ranks. Called for every
-        run of a multi-process launch before any trains, and by adapters on construction; the global batch's
-        split is the training loop's check (:func:`harness.engine.distributed.check_batch_split`)."""
+    def check_config(cls, cfg: dict[str, Any], world: int = 1) -> None:
+        """Raise :class:`UsageError` if the resolved ``cfg`` cannot train, over ``world`` data-parallel ranks: an
+        adapter's rules that tie its keys together (one key's range is :attr:`ranges`). Called by
+        :func:`resolve_config` (one process) and, for every run of a multi-process launch, with its rank count,
+        before any trains; the global batch's split over the ranks is checked beside it
+        (:func:`harness.engine.distributed.check_batch_split`)."""
 
     def rank_local_parameters(self) -> list[str]:
         """Names of parameters that hold a different shard on every rank (DDP must not average them)."""
@@ -251,4 +253,5 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
         if cfg[key] not in valid:
             raise UsageError(f"config key {key!r} of method {cls.name!r} is {cfg[key]!r} "
                              f"(valid: {', '.join(sorted(valid))})")
+    cls.check_config(cfg)
     return cfg

@@ -56,14 +56,20 @@ class MoCo(Method):
         self._keys: torch.Tensor | None = None
         self.query_splits = 1
         if self.split_queries and cfg["bn_splits"] > 1:
-            self.check_ranks(cfg, get_world_size())
+            self.check_config(cfg, get_world_size())
             self.query_splits = cfg["bn_splits"] // get_world_size()  # this rank's rows hold its share of the groups
             split_batchnorms(backbone)
 
     @classmethod
-    def check_ranks(cls, cfg: dict, world: int) -> None:
-        """Each rank normalises its own share of the query groups (:attr:`split_queries`)."""
-        if cls.split_queries and cfg["bn_splits"] > 1 and cfg["bn_splits"] % world:
+    def check_config(cls, cfg: dict, world: int = 1) -> None:
+        """The query groups (:attr:`split_queries`) are of equal size, as the demo's, and each rank normalises its
+        own share of them."""
+        if not cls.split_queries or cfg["bn_splits"] == 1:
+            return
+        if cfg["batch_size"] % cfg["bn_splits"]:
+            raise UsageError(f"batch_size {cfg['batch_size']} does not split into bn_splits {cfg['bn_splits']} "
+                             f"equal groups of queries; use a multiple of {cfg['bn_splits']}")
+        if cfg["bn_splits"] % world:
             raise UsageError(f"bn_splits {cfg['bn_splits']} does not split over {world} ranks (each rank "
                              f"normalises its own groups of queries); use a multiple of {world}")
 

@@ -304,12 +304,32 @@ def test_split_batchnorm_averaging_running_stats_is_the_moco_demos_split_batchno
     assert split.splits == 1 and not split.average_running_stats
 
 
+def test_split_batchnorm_averages_over_the_groups_a_short_batch_has():
+    """9 rows asked for 4 groups are 3 chunks of 3 (``torch.chunk``): the running statistics move by the mean of
+    those 3 groups' updates, not by a mean that counts a fourth, unmoved copy. Catches averaging over
+    ``splits`` copies when the rows give fewer groups."""
+    from harness.models.batchnorm import SplitBatchNorm, batchnorm_groups
+
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(2)
+    x = torch.randn(9, 2, 3, 3) + torch.arange(9.0).view(9, 1, 1, 1)
+    with torch.no_grad(), batchnorm_groups(bn, 4, average_running_stats=True):
+        bn(x)
+    groups = x.chunk(4)
+    assert len(groups) == 3
+    expected_mean = 0.1 * torch.stack([g.mean((0, 2, 3)) for g in groups]).mean(0)
+    expected_var = 0.9 + 0.1 * torch.stack([g.var((0, 2, 3), unbiased=True) for g in groups]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+
+
 def test_moco_splits_its_query_batchnorm_and_moco_cld_does_not():
     """MoCo (CIFAR demo: SplitBatchNorm in both encoders) normalises ``bn_splits`` groups of the query batch
     apart; MoCo+CLD (CLD's code: plain BatchNorm) normalises the queries over the whole batch, whatever its
-    key groups; evaluation uses the running statistics either way. Catches: the query split dropped, applied
-    to CLD's MoCo, or left on after the step."""
+    key groups; after the query pass the backbone normalises whole batches again (the split is the query's
+    only). Catches: the query split dropped, applied to CLD's MoCo, or left on after the step."""
     from harness.models.backbones import create_backbone
+    from harness.models.batchnorm import SplitBatchNorm
 
     x = torch.randn(16, 3, 8, 8)
     for cls, split in ((MoCo, True), (MoCoCLD, False)):
@@ -320,8 +340,22 @@ def test_moco_splits_its_query_batchnorm_and_moco_cld_does_not():
         whole = method.backbone(x)
         assert not torch.allclose(groups, whole, atol=1e-3)
         torch.testing.assert_close(method.encode_query(x), groups if split else whole)
-        method.eval()
-        torch.testing.assert_close(method.representations(x)["backbone"], method.backbone(x))
+        torch.testing.assert_close(method.backbone(x), whole)
+        assert all(m.splits == 1 and not m.average_running_stats
+                   for m in method.backbone.modules() if isinstance(m, SplitBatchNorm))
+
+
+def test_moco_batch_must_split_into_its_query_groups():
+    """The demo's query groups are of equal size (its view of the batch needs it): a batch of 100 in 8 groups is
+    refused when the config is resolved, before any run trains; MoCo+CLD, whose queries are not split, and a
+    batch of 96 are accepted. Catches: uneven query groups trained silently (their running statistics would be
+    a mean over groups of other sizes, and a data-parallel run would group otherwise than one process)."""
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError, match="batch_size 100 does not split into bn_splits 8 equal groups"):
+        resolve_config(MoCo, "cpu", {"batch_size": 100, "bn_splits": 8})
+    assert resolve_config(MoCo, "cpu", {"batch_size": 96, "bn_splits": 8})["bn_splits"] == 8
+    assert resolve_config(MoCoCLD, "cpu", {"batch_size": 100, "bn_splits": 8})["batch_size"] == 100
 
 
 def test_moco_bn_splits_must_split_over_the_ranks(monkeypatch):

@@ -95,7 +95,7 @@ def plan(suite: Suite) -> list[Job]:
 
 def check_ranks(jobs: list[Job], world: int) -> None:
     """Every run of a data-parallel launch, and every component it trains, splits over ``world`` ranks (its batch,
-    and its adapter's own rule: :meth:`Method.check_ranks`): one line naming the run, before any trains."""
+    and its adapter's own rules: :meth:`Method.check_config`): one line naming the run, before any trains."""
     for job in jobs:
         for spec in (job.spec, *job.spec.get("components", [])):
             cls = METHODS.get(spec["method"])
@@ -103,7 +103,7 @@ def check_ranks(jobs: list[Job], world: int) -> None:
                 continue
             try:
                 distributed.check_batch_split(int(spec["config"]["batch_size"]), world)
-                cls.check_ranks(spec["config"], world)
+                cls.check_config(spec["config"], world)
             except UsageError as exc:
                 raise UsageError(f"{job.describe()}: {exc}") from None
 

@@ -55,9 +55,10 @@ class SplitBatchNorm(_BatchNorm):
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         # a copy of the running mean and variance per group (rows of one tensor), each moved by its group
-        copies = torch.stack([self.running_mean, self.running_var]).repeat(self.splits, 1, 1)
+        groups = x.chunk(self.splits)  # fewer than ``splits`` when the rows do not split evenly
+        copies = torch.stack([self.running_mean, self.running_var]).repeat(len(groups), 1, 1)
         out = torch.cat([F.batch_norm(group, running[0], running[1], self.weight, self.bias, True, momentum, self.eps)
-                         for group, running in zip(x.chunk(self.splits), copies)])
+                         for group, running in zip(groups, copies)])
         stats = copies.mean(0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank holds as many groups: the mean over all of them
