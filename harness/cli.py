@@ -196,7 +196,7 @@ def cmd_run(args) -> int:
     from harness.data.datasets import load_split_data, validate_dataset_name
     from harness.engine.budget import Budget
     from harness.execution.environment import resolve_device
-    from harness.execution.executors import ExecutorError, default_local_workers, run_jobs, slurm_options
+    from harness.execution.executors import ExecutorError, default_local_workers, job_placement, run_jobs, slurm_options
     from harness.execution.runner import Runner, check_ranks, plan, run_or_say_why
     from harness.execution.store import ResultStore
     from harness.execution.suite import DEFAULT_SUITE, check_against_data, load_suite
@@ -254,6 +254,8 @@ def cmd_run(args) -> int:
     else:
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
+        if args.executor == "submitit":  # each job's tasks train it data-parallel
+            check_ranks([job for job in jobs if states[job.run_id] in TRAINS], job_placement(slurm)[2])
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
                   "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile,
                   "pipeline": args.pipeline, "retry_failed": args.retry_failed}

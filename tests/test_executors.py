@@ -223,6 +223,28 @@ def test_multi_gpu_slurm_jobs_get_one_task_per_gpu(tmp_path, monkeypatch):
     assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --ntasks-per-node=4" in script
 
 
+def test_submitit_jobs_of_several_ranks_are_checked_to_split_before_any_is_submitted(tmp_path, capsys):
+    """With ``ranks_per_job`` 3 every submitit job trains over 3 ranks: MoCo's 4 query groups cannot split over
+    them, which ``run`` says in one line (exit 2) before submitting anything, so the supervised run before it is
+    not trained either. Catches the check made only for a torchrun launch (the job failing on its cluster
+    after the others ran)."""
+    import yaml
+
+    from harness.cli import main
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "datasets": ["digits"], "seeds": [0], "budget": "steps=1",
+                                     "methods": [{"name": "supervised", "config": {"batch_size": 96}},
+                                                 {"name": "moco", "config": {"batch_size": 96, "bn_splits": 4}}],
+                                     "protocols": FAST, "slurm": {**LOCAL, "ranks_per_job": 3}}))
+    assert main(["run", str(suite), "--executor", "submitit", "--quiet", "--data-dir", str(tmp_path / "d"),
+                 "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: moco on digits seed 0 (steps=1): bn_splits 4 does not split over 3 ranks (each rank "
+                   "normalises its own groups of queries); use a multiple of 3"]
+    assert not list((tmp_path / "r").rglob("*.json"))
+
+
 @needs_submitit
 def test_submitit_job_with_two_ranks_trains_data_parallel(tmp_path):
     """submitit's local backend starts the job as two tasks; they train it as two gloo ranks, to the

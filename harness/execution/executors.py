@@ -370,22 +370,29 @@ def _init_job_ranks() -> None:
                                           "MASTER_PORT": str(port)})
 
 
+def job_placement(slurm: dict[str, Any]) -> tuple[str, int, int]:
+    """The submitit cluster ("slurm" where ``srun`` exists, else "local"), GPUs per job and processes per job (each
+    one data-parallel rank: one per GPU unless ``ranks_per_job`` says otherwise) that ``slurm`` options give."""
+    opts = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if v is not None}}
+    cluster = opts.get("cluster") or ("slurm" if shutil.which("srun") else "local")
+    if cluster not in ("slurm", "local"):
+        raise UsageError(f"unknown submitit cluster {cluster!r} (valid: local, slurm)")
+    # the local backend pins each job to one GPU itself (CUDA_VISIBLE_DEVICES in the job, see _local_window)
+    gpus = opts.get("gpus_per_job", 1) if cluster == "slurm" else 0
+    return cluster, int(gpus), int(opts.get("ranks_per_job") or max(1, int(gpus)))
+
+
 def make_submitit_executor(folder: Path, slurm: dict[str, Any], name: str = "harness"):
     """A configured ``submitit.AutoExecutor``: Slurm, or its local backend with ``cluster='local'``
     (the default where there is no ``srun``)."""
     if submitit is None:
         raise missing_dependency("submitit", "--executor submitit")
     opts = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if v is not None}}
-    cluster = opts.get("cluster") or ("slurm" if shutil.which("srun") else "local")
-    if cluster not in ("slurm", "local"):
-        raise UsageError(f"unknown submitit cluster {cluster!r} (valid: local, slurm)")
+    cluster, gpus, ranks = job_placement(slurm)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
                                      slurm_max_num_timeout=int(opts["max_num_timeout"]),
                                      local_max_num_timeout=int(opts["max_num_timeout"]))
-    # the local backend pins each job to one GPU itself (CUDA_VISIBLE_DEVICES in the job, see _local_window)
-    gpus = opts.get("gpus_per_job", 1) if cluster == "slurm" else 0
-    ranks = int(opts.get("ranks_per_job") or max(1, int(gpus)))  # one task per GPU: a DDP rank each
-    params: dict[str, Any] = {"name": name, "timeout_min": int(opts["timeout_min"]), "gpus_per_node": int(gpus),
+    params: dict[str, Any] = {"name": name, "timeout_min": int(opts["timeout_min"]), "gpus_per_node": gpus,
                               "tasks_per_node": ranks, "nodes": 1}
     if opts.get("cpus_per_task"):
         params["cpus_per_task"] = int(opts["cpus_per_task"])
