@@ -204,7 +204,8 @@ def test_method_protocol_overrides_reach_only_that_methods_spec():
 
 
 SIMCLR_CIFAR = {"crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip": 0.5, "jitter": (0.4, 0.4, 0.4, 0.1),
-                "jitter_p": 0.8, "grayscale": 0.2, "blur": 0.0, "blur_sigma": (0.1, 2.0)}
+                "jitter_p": 0.8, "grayscale": 0.2, "blur": 0.0, "blur_sigma": (0.1, 2.0),
+                "erasing": 0.0, "erasing_scale": (0.02, 0.33), "erasing_ratio": (0.3, 3.3)}  # torchvision's defaults
 
 
 @pytest.mark.parametrize("name,expected", [
