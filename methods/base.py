@@ -253,5 +253,8 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
         if cfg[key] not in valid:
             raise UsageError(f"config key {key!r} of method {cls.name!r} is {cfg[key]!r} "
                              f"(valid: {', '.join(sorted(valid))})")
-    cls.check_config(cfg)
+    try:
+        cls.check_config(cfg)
+    except UsageError as exc:
+        raise UsageError(f"method {cls.name!r}: {exc}") from None
     return cfg

@@ -181,6 +181,10 @@ BAD_INPUTS = [
      2, "'lr' of method 'simclr' must be a finite number, got 'abc'"),
     ("batch_size 0", lambda t: _run(t, methods=[{"name": "simclr", "config": {"batch_size": 0}}]),
      2, "'batch_size' of method 'simclr' must be at least 1, got 0"),
+    ("MoCo's batch not in equal query groups", lambda t: _run(t, methods=["random", {"name": "moco", "config": {
+        "batch_size": 100, "bn_splits": 8}}]), 2, "method 'moco': batch_size 100 does not split into bn_splits 8 equal"),
+    ("erasing probability 2", lambda t: _run(t, methods=[{"name": "simclr", "config": {
+        "augment_overrides": {"erasing": 2}}}]), 2, "augment_overrides 'erasing' must be a number in [0, 1], got 2"),
     ("optimizer rmsprop in one method", lambda t: _run(t, methods=["random", {"name": "moco", "config": {
         "optimizer": "rmsprop"}}]), 2, "unknown optimizer 'rmsprop' (valid: adam, adamw, sgd)"),
     ("augment nosuch in one method", lambda t: _run(t, methods=["simclr", {"name": "moco", "config": {
