@@ -29,6 +29,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (engine.train.lr_factor)
     "warmup": 0.0,            # fraction of the budget with linear warm-up (from 1e-3 / (warmup + 1e-3) of lr)
+    "warmup_start": None,     # the warm-up's first factor of lr instead (CLD's GradualWarmupScheduler: 0.01)
     "min_lr": 0.0,
     "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
     "gamma": 0.1,
@@ -195,7 +196,7 @@ def register_method(name: str):
 TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
     "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None), "momentum": (0, 1), "warmup": (0, 1),
     "min_lr": (0, None), "milestones": (0, 1), "gamma": (0, None), "restarts": (1, None), "half_periods": (1, None),
-    "views": (1, None),
+    "views": (1, None), "warmup_start": (0, 1),
 }
 
 
@@ -234,7 +235,7 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
             raise UsageError(f"unknown config key {key!r} for method {cls.name!r} (valid: {', '.join(sorted(cfg))})")
         cfg[key] = coerce_like(value, cfg[key], f"config key {key!r} of method {cls.name!r}")
     for key, (low, high) in TRAINING_RANGES.items():
-        if key in cfg:
+        if key in cfg and cfg[key] is not None:  # None: a key's "not set" (warmup_start)
             cfg[key] = number_in_range(cfg[key], low, high, f"config key {key!r} of method {cls.name!r}")
     declared = {**cls.defaults.get("method", {}), **cls.defaults.get(scale, {})}
     for key, default in declared.items():  # the adapter's own numbers: sizes, counts, weights, temperatures

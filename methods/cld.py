@@ -81,8 +81,8 @@ class NPIDCLD(NPID):
         # bank momentum 0.5 updated in backward (lib/LinearAverage.py), K=128 (CIFAR-100: 200),
         # 5 k-means iterations, cld_t 0.2, lambda 1, nn.Linear heads, the "cld" augmentation
         # (datasets/dataloader.py).
-        "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 7e-4, "warmup": 0.025, "min_lr": 1e-6,
-                  "views": 2, "augment": "cld", "bank_update": "in_backward"},
+        "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 7e-4, "warmup": 0.025, "warmup_start": 0.01,
+                  "min_lr": 1e-6, "views": 2, "augment": "cld", "bank_update": "in_backward"},
         "cpu": {**NPID.defaults["cpu"], "views": 2, "clusters": 16},
     }
     search_space = {**NPID.search_space, **CLD_SEARCH}
@@ -114,7 +114,7 @@ class MoCoCLD(MoCo):
     defaults = {
         "method": {**MoCo.defaults["method"], **CLD_KEYS},
         # CLD-UnsupervisedLearning, scripts/cifar/train_cifar10_moco_cld.sh with train_cifar_moco_cld.py:
-        # bs 256 on one GPU, lr 0.03 x 256/128, momentum 0.9, wd 8e-4, 5 warm-up epochs then cosine per
+        # bs 256 on one GPU, lr 0.03 x 256/128, momentum 0.9, wd 8e-4, 5 warm-up epochs (from lr/100) then cosine per
         # iteration to 1e-6, three views (two queries, one key), T 0.07, queue 12,288 initialised uniform
         # in +-1/sqrt(d/3) (lib/NCEAverage.py MemoryMoCo), EMA 0.999, key BN over the whole 256-key batch
         # (DistributedShufle on one GPU is a plain permutation), --normlinear instance and group heads,
@@ -123,8 +123,9 @@ class MoCoCLD(MoCo):
         # RandomErasing(p=1.0) after normalisation (its defaults: scale 0.02-0.33, ratio 0.3-3.3, value 0).
         # CIFAR-100 (suite overrides): bs 128, lr 0.03, wd 7e-4, K=100, lambda 0.25, queue 4,096, the "cld"
         # augmentation without erasing.
-        "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 8e-4, "warmup": 0.025, "min_lr": 1e-6,
-                  "views": 3, "augment": "simclr_blur", "augment_overrides": {"crop_scale": [0.2, 1.0], "erasing": 1.0},
+        "paper": {"batch_size": 256, "lr": 0.06, "weight_decay": 8e-4, "warmup": 0.025, "warmup_start": 0.01,
+                  "min_lr": 1e-6, "views": 3, "augment": "simclr_blur",
+                  "augment_overrides": {"crop_scale": [0.2, 1.0], "erasing": 1.0},
                   "temperature": 0.07, "queue_size": 12288, "queue_init": "uniform", "ema": 0.999,
                   "bn_splits": 1, "head": "normlinear", "group_head": "normlinear", "clusters": 200,
                   "cld_weight": 0.8},

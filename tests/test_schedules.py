@@ -38,6 +38,20 @@ def test_warmup_then_cosine_known_values():
     assert lr_factor(0.0, cfg) == pytest.approx(1e-3 / 0.101, rel=1e-9)
 
 
+def test_warmup_start_is_clds_gradual_warmup():
+    """``warmup_start`` 0.01 over a warm-up of 5 of 200 epochs is CLD's ``GradualWarmupScheduler`` (multiplier
+    100, lib/lr_scheduler.py): lr / m * ((m - 1) t / T + 1) at iteration t of T, from lr/100 to lr, linear;
+    unset, the harness's own start (1e-3 / (warmup + 1e-3)). Catches the start ignored, a warm-up that does not
+    end at the lr, or one from ``warmup_start`` to ``warmup_start + 1``."""
+    cfg = config(schedule="cosine", warmup=0.025, warmup_start=0.01)
+    m, steps = 100, 5 * 391
+    for t in (0, 1, 391, 977, 1954):
+        clds = 1 / m * ((m - 1) * t / steps + 1)
+        assert lr_factor(0.025 * t / steps, cfg) == pytest.approx(clds, rel=1e-12)
+    assert lr_factor(0.025, cfg) == pytest.approx(1.0)
+    assert lr_factor(0.0, config(schedule="cosine", warmup=0.025)) == pytest.approx(1e-3 / 0.026, rel=1e-9)
+
+
 def test_min_lr_is_the_floor_of_the_cosine():
     """lr 0.1, min_lr 0.01: the factor goes 1 -> 0.1 and is 0.55 half-way (floor + (1 - floor)/2).
     Catches an ignored floor (0 and 0.5) and a floor added unscaled (1.1 at the start)."""

@@ -55,6 +55,24 @@ def test_ids_ignore_float_noise_and_key_order_but_not_values():
     assert canonical_spec({"x": math.inf}) == {"x": "inf"}
 
 
+def test_a_config_key_added_later_keeps_stored_ids_at_its_neutral_value():
+    """A config key added after records were stored (``warmup_start``) hashes as absent at the value that keeps
+    the old behaviour (None), in a run's config and in a combination's component configs, so the committed
+    records keep their names; any other value is another run. Catches every record orphaned by a new key, or a
+    set value ignored by the id."""
+    from harness.execution.store import NEUTRAL_CONFIG
+
+    old = {"method": "npid_cld", "config": {"lr": 0.06, "warmup": 0.025}, "seed": 0,
+           "components": [{"method": "supcon", "config": {"lr": 0.1}}]}
+    new = {**old, "config": {**old["config"], "warmup_start": None},
+           "components": [{"method": "supcon", "config": {"lr": 0.1, "warmup_start": None}}]}
+    assert NEUTRAL_CONFIG == {"warmup_start": None}
+    assert run_id(new) == run_id(old)
+    assert run_id({**new, "config": {**new["config"], "warmup_start": 0.01}}) != run_id(old)
+    assert run_id({**new, "components": [{"method": "supcon", "config": {"lr": 0.1, "warmup_start": 0.01}}]}) \
+        != run_id(old)
+
+
 @pytest.mark.parametrize("suite_name", sorted(shipped_suites()))
 def test_one_ulp_on_any_float_of_a_shipped_spec_keeps_its_id(suite_name):
     """Perturb every float of the first planned spec of each shipped suite by one ulp, up and down."""

@@ -337,9 +337,10 @@ def augment_drawn(images: torch.Tensor, params: list[torch.Tensor], parts: tuple
     """Normalised views of a uint8 batch with its random parameters already drawn, all on the batch's device.
 
     ``params`` are the tensors that ``parts`` name: "crop" (affine matrices), then any of "jitter" (factors and
-    takes, :class:`_Jitter`), "gray" (flags), "blur" (sigmas and flags) and "erase" (boxes). ``whole_batch``: the GPU's jitter
-    (:func:`jitter_whole_batch`), which has no data-dependent shapes or host checks, so on a GPU the whole
-    function compiles as one graph (:func:`compiled_augment`); otherwise the CPU's (:func:`_color_jitter`)."""
+    takes, :class:`_Jitter`), "gray" (flags), "blur" (sigmas and flags) and "erase" (boxes).
+    ``whole_batch``: the GPU's jitter (:func:`jitter_whole_batch`), which has no data-dependent shapes or host
+    checks, so on a GPU the whole function compiles as one graph (:func:`compiled_augment`); otherwise the
+    CPU's (:func:`_color_jitter`)."""
     params = iter(params)
     x = images.float() / 255
     n, c = x.shape[:2]

@@ -78,7 +78,8 @@ SCHEDULES = ("constant", "cosine", "cosine_restarts", "cosine_annealing", "step"
 def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
     """Multiplier of the base lr at ``progress`` in [0, 1] of the budget (linear warm-up, then the schedule).
 
-    Warm-up rises linearly from 1e-3 / (warmup + 1e-3) at progress 0 to 1 at ``warmup``.
+    Warm-up rises linearly from 1e-3 / (warmup + 1e-3) at progress 0 to 1 at ``warmup``; from ``warmup_start``
+    instead where one is set (CLD's ``GradualWarmupScheduler`` with multiplier m: 1 / m).
 
     After warm-up, t in [0, 1] is the progress through the rest of the budget and ``floor`` =
     min_lr / lr: ``cosine`` anneals once from 1 to the floor; ``cosine_restarts`` does so
@@ -90,6 +91,9 @@ def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
     """
     warmup = cfg["warmup"]
     if warmup > 0 and progress < warmup:
+        start = cfg.get("warmup_start")
+        if start is not None:
+            return start + (1 - start) * progress / warmup
         return (progress + 1e-3) / (warmup + 1e-3)
     t = (progress - warmup) / max(1e-12, 1 - warmup)
     floor = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0

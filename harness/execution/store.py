@@ -50,9 +50,25 @@ def canonical_spec(value: Any) -> Any:
     return value
 
 
+#: Config keys added after records were stored, each with the value that keeps the behaviour from before it: a
+#: spec holding that value hashes as if the key were absent, so stored records keep their run ids.
+NEUTRAL_CONFIG: dict[str, Any] = {"warmup_start": None}
+
+
+def _without_neutral(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with its config's (and its components' configs') :data:`NEUTRAL_CONFIG` values left out."""
+    spec = dict(spec)
+    if isinstance(spec.get("config"), dict):
+        spec["config"] = {k: v for k, v in spec["config"].items() if k not in NEUTRAL_CONFIG or v != NEUTRAL_CONFIG[k]}
+    if isinstance(spec.get("components"), list):
+        spec["components"] = [_without_neutral(c) if isinstance(c, dict) else c for c in spec["components"]]
+    return spec
+
+
 def run_id(spec: dict[str, Any]) -> str:
-    """Portable id of a run: sha256 of its canonical JSON spec (first 16 hex digits)."""
-    text = json.dumps(canonical_spec(spec), sort_keys=True, default=str, separators=(",", ":"))
+    """Portable id of a run: sha256 of its canonical JSON spec (first 16 hex digits), config keys at their
+    :data:`NEUTRAL_CONFIG` value left out (also in a combination's component specs)."""
+    text = json.dumps(_without_neutral(canonical_spec(spec)), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
