@@ -30,6 +30,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (engine.train.lr_factor)
     "warmup": 0.0,            # fraction of the budget with linear warm-up (from 1e-3 / (warmup + 1e-3) of lr)
     "warmup_start": None,     # the warm-up's first factor of lr instead (CLD's GradualWarmupScheduler: 0.01)
+    "lr_per_epoch": False,    # set the lr once per epoch, from the share of the budget at its end (MoCo's demo)
     "min_lr": 0.0,
     "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
     "gamma": 0.1,

@@ -164,3 +164,30 @@ def test_each_step_of_a_step_budget_gets_the_lr_of_the_progress_before_it():
     expected = [0.05 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 8)) for s in range(1, 9)]
     assert [recorder.lrs[s] for s in range(1, 9)] == pytest.approx(expected, rel=1e-12)
     assert recorder.lrs[1] == 0.05 and recorder.lrs[8] == pytest.approx(0.0019030117, rel=1e-6)
+
+
+@pytest.mark.parametrize("budget", [Budget("epochs", 3), Budget("steps", 12), Budget("samples", 96)])
+def test_lr_per_epoch_is_the_moco_demos_epoch_schedule(budget):
+    """``lr_per_epoch`` (MoCo's CIFAR demo: ``adjust_learning_rate`` once per epoch e = 1..E, lr * (1 + cos(pi e /
+    E)) / 2): 3 epochs of 4 steps, budgeted in epochs, steps or samples, train every step of epoch e at that lr,
+    the first epoch a little annealed and the last at 0. Catches the lr still set per step, or read at the
+    epoch's start (the first epoch at the full lr)."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
+    cfg = config(lr=0.06, optimizer="sgd", weight_decay=0.0, batch_size=8, views=1, schedule="cosine",
+                 lr_per_epoch=True)
+    method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
+    recorder = LrRecorder()
+    train(method, images, None, budget, Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0,
+          generator=torch.Generator().manual_seed(0), quiet=True, logger=recorder)
+    demo = [0.06 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2, 3)]
+    assert [recorder.lrs[s] for s in range(1, 13)] == pytest.approx([lr for lr in demo for _ in range(4)], abs=1e-15)
+
+
+def test_lr_per_epoch_refuses_a_budget_in_seconds_before_training():
+    """An epoch's end is not known in a budget of seconds: the plan refuses it in one line."""
+    from harness.execution.runner import plan
+    from conftest import make_suite
+
+    with pytest.raises(UsageError, match="lr_per_epoch needs a budget in epochs, steps or samples, not seconds=60"):
+        plan(make_suite([{"name": "simclr", "config": {"lr_per_epoch": True}}], budget="seconds=60"))

@@ -75,6 +75,17 @@ def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 SCHEDULES = ("constant", "cosine", "cosine_restarts", "cosine_annealing", "step")
 
 
+def epoch_end_fraction(epoch: int, steps_per_epoch: int, batch_size: int, budget: Budget) -> float:
+    """The share of ``budget`` spent when epoch ``epoch`` (0-based) ends: where an lr set once per epoch reads
+    the schedule (``lr_per_epoch``: MoCo's CIFAR demo sets epoch e's lr, e = 1, 2, ..., from e / epochs, so
+    its first epoch is already annealed a little and its last one trains at the schedule's end)."""
+    done = {"epochs": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
+            "samples": (epoch + 1) * steps_per_epoch * batch_size}
+    if budget.unit not in done:
+        raise UsageError(f"lr_per_epoch needs a budget in epochs, steps or samples, not {budget.unit}")
+    return min(1.0, done[budget.unit] / budget.limit)
+
+
 def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
     """Multiplier of the base lr at ``progress`` in [0, 1] of the budget (linear warm-up, then the schedule).
 
@@ -423,8 +434,10 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
                 method.progress = usage.fraction(budget)
+                at = (epoch_end_fraction(epoch, steps_per_epoch, batch_size, budget) if cfg.get("lr_per_epoch")
+                      else method.progress)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg["lr"] * lr_factor(method.progress, cfg)
+                    group["lr"] = cfg["lr"] * lr_factor(at, cfg)
                 with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
                     out = model(batch)
                 loss, step_logs = _checked_loss(method, out)

@@ -72,6 +72,9 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
     """Everything that determines a run's result; its hash names the record."""
     cls = METHODS.get(entry.name)
     config = resolve_config(cls, suite.scale, {**entry.config, **entry.dataset_config.get(dataset, {})})
+    if config.get("lr_per_epoch") and budget.unit == "seconds":
+        raise UsageError(f"method {entry.label!r}: lr_per_epoch needs a budget in epochs, steps or samples, "
+                         f"not {budget}")
     spec = {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
             "label": entry.label, "config": config, "scale": suite.scale,
             "backbone": entry.backbone or suite.backbone, "seed": seed, "budget": budget.as_dict(),
