@@ -233,10 +233,11 @@ def cmd_run(args) -> int:
                     retry_failed=args.retry_failed) if in_process else None
     # the data this process trains on is loaded once: the check's load is the runner's
     states = {job.run_id: job_state(store, job, args.force, args.retry_failed) for job in jobs}
+    to_train = [job for job in jobs if states[job.run_id] in TRAINS]
     check_against_data(suite, runner.dataset if runner else lambda name, fraction: load_split_data(name, args.data_dir, fraction),
-                       {job.dataset for job in jobs if states[job.run_id] in TRAINS})
+                       {job.dataset for job in to_train})
     if ranks.distributed:
-        check_ranks([job for job in jobs if states[job.run_id] in TRAINS], ranks.world_size)
+        check_ranks(to_train, ranks.world_size)
     if args.dry_run:
         _print_plan(suite, jobs, states, store)
         return 0
@@ -255,7 +256,7 @@ def cmd_run(args) -> int:
         slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
                               timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
         if args.executor == "submitit":  # each job's tasks train it data-parallel
-            check_ranks([job for job in jobs if states[job.run_id] in TRAINS], job_placement(slurm)[2])
+            check_ranks(to_train, job_placement(slurm)[2])
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
                   "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile,
                   "pipeline": args.pipeline, "retry_failed": args.retry_failed}

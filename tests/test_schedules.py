@@ -185,9 +185,15 @@ def test_lr_per_epoch_is_the_moco_demos_epoch_schedule(budget):
 
 
 def test_lr_per_epoch_refuses_a_budget_in_seconds_before_training():
-    """An epoch's end is not known in a budget of seconds: the plan refuses it in one line."""
+    """An epoch's end is not known in a budget of seconds: the plan refuses it in one line, and so does the
+    training loop called directly, before any step."""
     from harness.execution.runner import plan
     from conftest import make_suite
 
     with pytest.raises(UsageError, match="lr_per_epoch needs a budget in epochs, steps or samples, not seconds=60"):
         plan(make_suite([{"name": "simclr", "config": {"lr_per_epoch": True}}], budget="seconds=60"))
+    cfg = config(batch_size=8, views=1, lr_per_epoch=True)  # train() called directly refuses it before a step
+    method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
+    with pytest.raises(UsageError, match="not seconds=60"):
+        train(method, torch.zeros(32, 1, 2, 2, dtype=torch.uint8), None, Budget("seconds", 60),
+              Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0, generator=torch.Generator(), quiet=True)

@@ -6,9 +6,10 @@ runs the same jobs, rank 0 alone takes the locks, writes checkpoints and records
 evaluates. The training loop (``harness.engine.train``) then trains data-parallel at the suite's
 global batch size: each rank takes its contiguous share of every global batch, augments it
 with the parameters a single process would draw for those rows, BatchNorm layers become
-global (:func:`sync_batchnorm`; those split into groups by design, MoCo's, keep each rank's groups), adapters gather what their losses couple across samples
-(:func:`gather_with_grad`) and DDP averages the gradients. A deterministic method therefore
-follows the single-process run at the same global batch up to float reduction order.
+global (:func:`sync_batchnorm`; those split into groups by design, MoCo's, keep each rank's groups), adapters
+gather what their losses couple across samples (:func:`gather_with_grad`) and DDP averages the gradients. A
+deterministic method therefore follows the single-process run at the same global batch up to float reduction
+order.
 
 Also here: the process layout from torchrun's or Slurm's environment and the process group
 (:func:`init_distributed`), rank queries, per-rank sharding of a split's indices

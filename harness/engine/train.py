@@ -75,15 +75,20 @@ def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 SCHEDULES = ("constant", "cosine", "cosine_restarts", "cosine_annealing", "step")
 
 
+def check_lr_per_epoch(cfg: dict[str, Any], budget: Budget) -> None:
+    """``lr_per_epoch`` reads the schedule where each epoch ends, which a budget in seconds does not know."""
+    if cfg.get("lr_per_epoch") and budget.unit == "seconds":
+        raise UsageError(f"lr_per_epoch needs a budget in epochs, steps or samples, not {budget}")
+
+
 def epoch_end_fraction(epoch: int, steps_per_epoch: int, batch_size: int, budget: Budget) -> float:
-    """The share of ``budget`` spent when epoch ``epoch`` (0-based) ends: where an lr set once per epoch reads
-    the schedule (``lr_per_epoch``: MoCo's CIFAR demo sets epoch e's lr, e = 1, 2, ..., from e / epochs, so
-    its first epoch is already annealed a little and its last one trains at the schedule's end)."""
+    """The share of ``budget`` (epochs, steps or samples: :func:`check_lr_per_epoch`) spent when epoch ``epoch``
+    (0-based) ends: where an lr set once per epoch reads the schedule (``lr_per_epoch``: MoCo's CIFAR demo sets
+    epoch e's lr, e = 1, 2, ..., from e / epochs, so its first epoch is already annealed a little and its last
+    one trains at the schedule's end)."""
     done = {"epochs": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
-            "samples": (epoch + 1) * steps_per_epoch * batch_size}
-    if budget.unit not in done:
-        raise UsageError(f"lr_per_epoch needs a budget in epochs, steps or samples, not {budget.unit}")
-    return min(1.0, done[budget.unit] / budget.limit)
+            "samples": (epoch + 1) * steps_per_epoch * batch_size}[budget.unit]
+    return min(1.0, done / budget.limit)
 
 
 def lr_factor(progress: float, cfg: dict[str, Any]) -> float:
@@ -310,6 +315,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     steps_per_epoch = n // batch_size
     rank, world = distributed.get_rank(), distributed.get_world_size()
     distributed.check_batch_split(batch_size, world)
+    check_lr_per_epoch(cfg, budget)
     rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     cuda = device.startswith("cuda")
     # on the device before the optimizer exists: a resumed optimizer's state (momentum, Adam moments) is
@@ -426,6 +432,8 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                 method.on_epoch_start(epoch, plain)
                 epoch_losses = []
             order = epoch_order(n, epoch, seed).to(device)
+            epoch_lr_at = epoch_end_fraction(epoch, steps_per_epoch, batch_size, budget) if cfg.get("lr_per_epoch") \
+                else None  # where the schedule is read for the whole epoch; None: at each step's progress
             for step in range(step_in_epoch, steps_per_epoch):
                 index = order[step * batch_size:(step + 1) * batch_size][rows]
                 raw = images[index]
@@ -434,8 +442,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 batch = Batch(views, index, labels[index] if method.label_level and labels is not None else None)
                 method.progress = usage.fraction(budget)
-                at = (epoch_end_fraction(epoch, steps_per_epoch, batch_size, budget) if cfg.get("lr_per_epoch")
-                      else method.progress)
+                at = method.progress if epoch_lr_at is None else epoch_lr_at
                 for group in optimizer.param_groups:
                     group["lr"] = cfg["lr"] * lr_factor(at, cfg)
                 with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast_bf16):

@@ -27,7 +27,7 @@ from harness.data.pil_augment import training_feed
 from harness.engine.seeding import seed_everything
 from harness.execution.store import ResultStore, run_id
 from harness.execution.suite import MethodEntry, Suite
-from harness.engine.train import resolve_precision, train
+from harness.engine.train import check_lr_per_epoch, resolve_precision, train
 from methods import METHODS, DataInfo, Method, create_method, resolve_config
 
 #: Bump when the meaning of stored records changes (it is part of every run's spec).
@@ -72,9 +72,10 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
     """Everything that determines a run's result; its hash names the record."""
     cls = METHODS.get(entry.name)
     config = resolve_config(cls, suite.scale, {**entry.config, **entry.dataset_config.get(dataset, {})})
-    if config.get("lr_per_epoch") and budget.unit == "seconds":
-        raise UsageError(f"method {entry.label!r}: lr_per_epoch needs a budget in epochs, steps or samples, "
-                         f"not {budget}")
+    try:
+        check_lr_per_epoch(config, budget)
+    except UsageError as exc:
+        raise UsageError(f"method {entry.label!r}: {exc}") from None
     spec = {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
             "label": entry.label, "config": config, "scale": suite.scale,
             "backbone": entry.backbone or suite.backbone, "seed": seed, "budget": budget.as_dict(),
