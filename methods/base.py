@@ -30,7 +30,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",     # cosine | constant | step | cosine_restarts | cosine_annealing (engine.train.lr_factor)
     "warmup": 0.0,            # fraction of the budget with linear warm-up (from 1e-3 / (warmup + 1e-3) of lr)
     "warmup_start": None,     # the warm-up's first factor of lr instead (CLD's GradualWarmupScheduler: 0.01)
-    "lr_per_epoch": False,    # set the lr once per epoch, from the share of the budget at its end (MoCo's demo)
+    "lr_update": "step",      # step | epoch_start | epoch_end: lr set every step or once per epoch (engine.train.LR_UPDATES)
     "min_lr": 0.0,
     "milestones": [],         # step schedule: fractions of the budget where lr is multiplied by gamma
     "gamma": 0.1,
@@ -202,13 +202,13 @@ TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 def _check_training_names(cfg: dict[str, Any], method: str) -> None:
-    """The optimiser, schedule and augmentation preset (and its overrides) name things that exist."""
+    """The optimiser, schedule, lr update and augmentation preset (and its overrides) name things that exist."""
     # Imported here: harness.engine.train imports this module.
     from harness.data.augment import PRESETS, get_preset
-    from harness.engine.train import OPTIMIZERS, SCHEDULES
+    from harness.engine.train import LR_UPDATES, OPTIMIZERS, SCHEDULES
 
     checks = [("optimizer", cfg["optimizer"], OPTIMIZERS), ("schedule", cfg["schedule"], SCHEDULES),
-              ("augment", cfg["augment"], PRESETS)]
+              ("lr_update", cfg["lr_update"], LR_UPDATES), ("augment", cfg["augment"], PRESETS)]
     for kind, value, valid in checks:
         if value not in valid:
             raise UsageError(f"method {method!r}: {choices_error(kind, value, valid)}")
@@ -225,8 +225,8 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
     value not of its declared default's type (numeric strings, as PyYAML reads ``1e-3``, become
     numbers), a shared training key outside :data:`TRAINING_RANGES`, an adapter's own number below 0
     (below 1 for a count declared positive, at or below 0 for a temperature) or outside its
-    ``ranges``, an optimiser, schedule or
-    augmentation preset that does not exist, and augmentation overrides of the wrong shape or range.
+    ``ranges``, an optimiser, schedule, lr update
+    or augmentation preset that does not exist, and augmentation overrides of the wrong shape or range.
     """
     if scale not in ("paper", "cpu"):
         raise UsageError(f"unknown scale {scale!r} (valid: cpu, paper)")

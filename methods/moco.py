@@ -40,7 +40,7 @@ class MoCo(Method):
         # SplitBatchNorm with 8 groups, SimCLR's CIFAR augmentation; queue drawn as moco/builder.py.
         # CLD's MoCo row is moco_cld with cld_weight 0 (suites).
         "paper": {"batch_size": 512, "lr": 0.06, "weight_decay": 5e-4, "augment": "simclr", "temperature": 0.1,
-                  "ema": 0.99, "head": "linear", "lr_per_epoch": True},
+                  "ema": 0.99, "head": "linear", "lr_update": "epoch_end"},
         "cpu": {"batch_size": 128, "lr": 0.06, "weight_decay": 5e-4, "warmup": 0.05, "augment": "mild",
                 "queue_size": 512, "ema": 0.99, "bn_splits": 4, "head_hidden": 128},
     }

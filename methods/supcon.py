@@ -21,10 +21,10 @@ from methods.losses import THANOS_SIMILARITIES, class_conditional_info_nce, supc
 #: (config/experiment/cifar10_*_coarselabels.yaml), CosineAnnealingLR(T_max=100, eta_min=0) stepped
 #: once per epoch (config/scheduler/cosine.yaml, config/learner/default.yaml ``interval: epoch``):
 #: down and back up every 200 epochs, ending at its maximum, i.e. ``cosine_annealing`` with 6
-#: half-periods in the budget; CIFAR augmentation (config/dataflow/transforms/cifar10.yaml: crop
+#: half-periods in the budget, read where each epoch starts (``lr_update: epoch_start``); CIFAR augmentation (config/dataflow/transforms/cifar10.yaml: crop
 #: scale 0.2-1, flip, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2).
 PAPER = {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.01, "batch_size": 128, "views": 2,
-         "schedule": "cosine_annealing", "half_periods": 6, "augment": "simclr",
+         "schedule": "cosine_annealing", "half_periods": 6, "lr_update": "epoch_start", "augment": "simclr",
          "augment_overrides": {"crop_scale": [0.2, 1.0]}}
 #: CPU scale (digits, small CNN, 15 epochs).
 CPU = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "batch_size": 128, "views": 2, "augment": "mild"}

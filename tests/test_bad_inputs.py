@@ -185,6 +185,8 @@ BAD_INPUTS = [
         "batch_size": 100, "bn_splits": 8}}]), 2, "method 'moco': batch_size 100 does not split into bn_splits 8 equal"),
     ("warmup_start 1.5", lambda t: _run(t, methods=[{"name": "simclr", "config": {"warmup_start": 1.5}}]),
      2, "'warmup_start' of method 'simclr' must be"),
+    ("lr_update misspelt", lambda t: _run(t, methods=["random", {"name": "simclr", "config": {
+        "lr_update": "epoch"}}]), 2, "unknown lr_update 'epoch' (valid: epoch_end, epoch_start, step)"),
     ("erasing probability 2", lambda t: _run(t, methods=[{"name": "simclr", "config": {
         "augment_overrides": {"erasing": 2}}}]), 2, "augment_overrides 'erasing' must be a number in [0, 1], got 2"),
     ("optimizer rmsprop in one method", lambda t: _run(t, methods=["random", {"name": "moco", "config": {

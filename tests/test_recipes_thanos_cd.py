@@ -47,11 +47,13 @@ def paper_configs() -> dict[str, dict]:
 @pytest.mark.parametrize("name,cfg", sorted(paper_configs().items()))
 def test_thanos_family_paper_schedule_is_torch_cosine_annealing_t_max_100_of_600(name, cfg):
     """At chosen epochs of the 600, the recipe's lr equals the official run's CosineAnnealingLR(T_max=100)
-    stepped per epoch: minimum at 100, back to the top at 200, top again at the end. Catches the
-    former 6 restarts (epoch 199: near 0 instead of near the top), a cosine over the whole budget,
-    and a suite recipe (supervised, simclr) left on another schedule."""
+    stepped per epoch, read where each epoch starts (``lr_update: epoch_start``): minimum at 100, back to the
+    top at 200, top again at the end. Catches the former 6 restarts (epoch 199: near 0 instead of near the
+    top), a cosine over the whole budget, the lr set per step, and a suite recipe (supervised, simclr) left on
+    another schedule."""
     reference = torch_cosine_annealing_lrs(3e-4, t_max=100, epochs=600)
     assert cfg["lr"] == 3e-4 and cfg["optimizer"] == "adamw" and cfg["weight_decay"] == 0.01 and cfg["warmup"] == 0
+    assert cfg["lr_update"] == "epoch_start"
     for epoch in (0, 50, 100, 150, 199, 200, 300, 420, 599, 600):
         assert cfg["lr"] * lr_factor(epoch / 600, cfg) == pytest.approx(reference[epoch], rel=1e-9, abs=1e-15), epoch
 

@@ -166,33 +166,54 @@ def test_each_step_of_a_step_budget_gets_the_lr_of_the_progress_before_it():
     assert recorder.lrs[1] == 0.05 and recorder.lrs[8] == pytest.approx(0.0019030117, rel=1e-6)
 
 
-@pytest.mark.parametrize("budget", [Budget("epochs", 3), Budget("steps", 12), Budget("samples", 96)])
-def test_lr_per_epoch_is_the_moco_demos_epoch_schedule(budget):
-    """``lr_per_epoch`` (MoCo's CIFAR demo: ``adjust_learning_rate`` once per epoch e = 1..E, lr * (1 + cos(pi e /
-    E)) / 2): 3 epochs of 4 steps, budgeted in epochs, steps or samples, train every step of epoch e at that lr,
-    the first epoch a little annealed and the last at 0. Catches the lr still set per step, or read at the
-    epoch's start (the first epoch at the full lr)."""
+def lrs_of_training(budget: Budget, **overrides) -> list[float]:
+    """The lr of each of the 12 steps of a 3-epoch run of 4 steps (32 images, batch 8)."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
-    cfg = config(lr=0.06, optimizer="sgd", weight_decay=0.0, batch_size=8, views=1, schedule="cosine",
-                 lr_per_epoch=True)
+    cfg = config(lr=0.06, optimizer="sgd", weight_decay=0.0, batch_size=8, views=1, **overrides)
     method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
     recorder = LrRecorder()
     train(method, images, None, budget, Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0,
           generator=torch.Generator().manual_seed(0), quiet=True, logger=recorder)
+    return [recorder.lrs[s] for s in range(1, 13)]
+
+
+EPOCH_BUDGETS = [Budget("epochs", 3), Budget("steps", 12), Budget("samples", 96)]
+
+
+@pytest.mark.parametrize("budget", EPOCH_BUDGETS)
+def test_lr_update_epoch_end_is_the_moco_demos_epoch_schedule(budget):
+    """``lr_update: epoch_end`` (MoCo's CIFAR demo: ``adjust_learning_rate`` once per epoch e = 1..E, lr * (1 +
+    cos(pi e / E)) / 2): 3 epochs of 4 steps, budgeted in epochs, steps or samples, train every step of epoch e at
+    that lr, the first epoch a little annealed and the last at 0. Catches the lr still set per step, or read at
+    the epoch's start (the first epoch at the full lr)."""
     demo = [0.06 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2, 3)]
-    assert [recorder.lrs[s] for s in range(1, 13)] == pytest.approx([lr for lr in demo for _ in range(4)], abs=1e-15)
+    lrs = lrs_of_training(budget, schedule="cosine", lr_update="epoch_end")
+    assert lrs == pytest.approx([lr for lr in demo for _ in range(4)], abs=1e-15)
 
 
-def test_lr_per_epoch_refuses_a_budget_in_seconds_before_training():
+@pytest.mark.parametrize("budget", EPOCH_BUDGETS)
+def test_lr_update_epoch_start_is_a_torch_scheduler_stepped_per_epoch(budget):
+    """``lr_update: epoch_start`` (Thanos: ``CosineAnnealingLR`` with Lightning's ``interval: epoch``, stepped
+    after each epoch): every step of epoch e trains at the scheduler's lr after e steps; here T_max = 1 epoch of
+    3 (``cosine_annealing``, 3 half-periods: 0.06, 0, 0.06). Catches the lr read per step or at the epoch's end."""
+    reference = torch_lrs(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1), 3, 0.06)
+    lrs = lrs_of_training(budget, schedule="cosine_annealing", half_periods=3, lr_update="epoch_start")
+    assert lrs == pytest.approx([lr for lr in reference[:3] for _ in range(4)], abs=1e-15)
+    assert lrs[0] == 0.06 and lrs[4] == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("update", ["epoch_start", "epoch_end"])
+def test_lr_update_per_epoch_refuses_a_budget_in_seconds_before_training(update):
     """An epoch's end is not known in a budget of seconds: the plan refuses it in one line, and so does the
     training loop called directly, before any step."""
     from harness.execution.runner import plan
     from conftest import make_suite
 
-    with pytest.raises(UsageError, match="lr_per_epoch needs a budget in epochs, steps or samples, not seconds=60"):
-        plan(make_suite([{"name": "simclr", "config": {"lr_per_epoch": True}}], budget="seconds=60"))
-    cfg = config(batch_size=8, views=1, lr_per_epoch=True)  # train() called directly refuses it before a step
+    with pytest.raises(UsageError, match=f"lr_update '{update}' needs a budget in epochs, steps or samples, "
+                                         "not seconds=60"):
+        plan(make_suite([{"name": "simclr", "config": {"lr_update": update}}], budget="seconds=60"))
+    cfg = config(batch_size=8, views=1, lr_update=update)  # train() called directly refuses it before a step
     method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
     with pytest.raises(UsageError, match="not seconds=60"):
         train(method, torch.zeros(32, 1, 2, 2, dtype=torch.uint8), None, Budget("seconds", 60),

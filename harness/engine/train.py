@@ -75,19 +75,28 @@ def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
 SCHEDULES = ("constant", "cosine", "cosine_restarts", "cosine_annealing", "step")
 
 
-def check_lr_per_epoch(cfg: dict[str, Any], budget: Budget) -> None:
-    """``lr_per_epoch`` reads the schedule where each epoch ends, which a budget in seconds does not know."""
-    if cfg.get("lr_per_epoch") and budget.unit == "seconds":
-        raise UsageError(f"lr_per_epoch needs a budget in epochs, steps or samples, not {budget}")
+#: When the lr is set: before every ``step`` from the share of the budget spent (the harness's own), or once per
+#: epoch from the share spent where the epoch starts (``epoch_start``: a torch scheduler stepped once per epoch,
+#: as Thanos's ``CosineAnnealingLR`` with ``interval: epoch``) or ends (``epoch_end``: MoCo's CIFAR demo sets
+#: epoch e's lr, e = 1, 2, ..., from e / epochs, so its first epoch is already annealed a little and its last one
+#: trains at the schedule's end).
+LR_UPDATES = ("step", "epoch_start", "epoch_end")
 
 
-def epoch_end_fraction(epoch: int, steps_per_epoch: int, batch_size: int, budget: Budget) -> float:
-    """The share of ``budget`` (epochs, steps or samples: :func:`check_lr_per_epoch`) spent when epoch ``epoch``
-    (0-based) ends: where an lr set once per epoch reads the schedule (``lr_per_epoch``: MoCo's CIFAR demo sets
-    epoch e's lr, e = 1, 2, ..., from e / epochs, so its first epoch is already annealed a little and its last
-    one trains at the schedule's end)."""
-    done = {"epochs": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
-            "samples": (epoch + 1) * steps_per_epoch * batch_size}[budget.unit]
+def check_lr_update(cfg: dict[str, Any], budget: Budget) -> None:
+    """An lr set once per epoch reads the schedule where an epoch starts or ends, which a budget in seconds does
+    not know."""
+    if cfg.get("lr_update", "step") != "step" and budget.unit == "seconds":
+        raise UsageError(f"lr_update {cfg['lr_update']!r} needs a budget in epochs, steps or samples, not {budget}")
+
+
+def epoch_lr_position(epoch: int, steps_per_epoch: int, batch_size: int, budget: Budget, at: str) -> float:
+    """The share of ``budget`` (epochs, steps or samples: :func:`check_lr_update`) spent where epoch ``epoch``
+    (0-based) starts (``at="epoch_start"``) or ends (``"epoch_end"``): where an lr set once per epoch reads the
+    schedule (:data:`LR_UPDATES`)."""
+    epochs = epoch + (at == "epoch_end")
+    done = {"epochs": epochs, "steps": epochs * steps_per_epoch,
+            "samples": epochs * steps_per_epoch * batch_size}[budget.unit]
     return min(1.0, done / budget.limit)
 
 
@@ -315,7 +324,7 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
     steps_per_epoch = n // batch_size
     rank, world = distributed.get_rank(), distributed.get_world_size()
     distributed.check_batch_split(batch_size, world)
-    check_lr_per_epoch(cfg, budget)
+    check_lr_update(cfg, budget)
     rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     cuda = device.startswith("cuda")
     # on the device before the optimizer exists: a resumed optimizer's state (momentum, Adam moments) is
@@ -432,8 +441,9 @@ def train(method: Method, images: torch.Tensor, labels: torch.Tensor | None, bud
                 method.on_epoch_start(epoch, plain)
                 epoch_losses = []
             order = epoch_order(n, epoch, seed).to(device)
-            epoch_lr_at = epoch_end_fraction(epoch, steps_per_epoch, batch_size, budget) if cfg.get("lr_per_epoch") \
-                else None  # where the schedule is read for the whole epoch; None: at each step's progress
+            update = cfg.get("lr_update", "step")
+            epoch_lr_at = None if update == "step" else \
+                epoch_lr_position(epoch, steps_per_epoch, batch_size, budget, update)  # read for the whole epoch
             for step in range(step_in_epoch, steps_per_epoch):
                 index = order[step * batch_size:(step + 1) * batch_size][rows]
                 raw = images[index]

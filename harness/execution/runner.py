@@ -27,7 +27,7 @@ from harness.data.pil_augment import training_feed
 from harness.engine.seeding import seed_everything
 from harness.execution.store import ResultStore, run_id
 from harness.execution.suite import MethodEntry, Suite
-from harness.engine.train import check_lr_per_epoch, resolve_precision, train
+from harness.engine.train import check_lr_update, resolve_precision, train
 from methods import METHODS, DataInfo, Method, create_method, resolve_config
 
 #: Bump when the meaning of stored records changes (it is part of every run's spec).
@@ -73,7 +73,7 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
     cls = METHODS.get(entry.name)
     config = resolve_config(cls, suite.scale, {**entry.config, **entry.dataset_config.get(dataset, {})})
     try:
-        check_lr_per_epoch(config, budget)
+        check_lr_update(config, budget)
     except UsageError as exc:
         raise UsageError(f"method {entry.label!r}: {exc}") from None
     spec = {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
