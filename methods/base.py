@@ -37,6 +37,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "restarts": 1,            # cosine_restarts: number of equal cycles
     "half_periods": 1,        # cosine_annealing: budget / T_max of torch's CosineAnnealingLR (6 = T_max 100 of 600 epochs)
     "views": 2,               # augmented views per sample
+    "input_norm": "dataset",  # dataset | none | legacy_cifar10: how images are normalised (data.datasets.INPUT_NORMS)
     "augment": "simclr",      # a preset of harness.data.augment
     "augment_overrides": {},  # e.g. {"crop_scale": [0.2, 1.0]}
 }
@@ -202,13 +203,16 @@ TRAINING_RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 def _check_training_names(cfg: dict[str, Any], method: str) -> None:
-    """The optimiser, schedule, lr update and augmentation preset (and its overrides) name things that exist."""
+    """The optimiser, schedule, lr update, augmentation preset (and its overrides) and input normalisation name things
+    that exist."""
     # Imported here: harness.engine.train imports this module.
     from harness.data.augment import PRESETS, get_preset
+    from harness.data.datasets import INPUT_NORMS
     from harness.engine.train import LR_UPDATES, OPTIMIZERS, SCHEDULES
 
     checks = [("optimizer", cfg["optimizer"], OPTIMIZERS), ("schedule", cfg["schedule"], SCHEDULES),
-              ("lr_update", cfg["lr_update"], LR_UPDATES), ("augment", cfg["augment"], PRESETS)]
+              ("lr_update", cfg["lr_update"], LR_UPDATES), ("augment", cfg["augment"], PRESETS),
+              ("input_norm", cfg["input_norm"], INPUT_NORMS)]
     for kind, value, valid in checks:
         if value not in valid:
             raise UsageError(f"method {method!r}: {choices_error(kind, value, valid)}")
@@ -225,8 +229,8 @@ def resolve_config(cls: type[Method], scale: str, overrides: dict[str, Any] | No
     value not of its declared default's type (numeric strings, as PyYAML reads ``1e-3``, become
     numbers), a shared training key outside :data:`TRAINING_RANGES`, an adapter's own number below 0
     (below 1 for a count declared positive, at or below 0 for a temperature) or outside its
-    ``ranges``, an optimiser, schedule, lr update
-    or augmentation preset that does not exist, and augmentation overrides of the wrong shape or range.
+    ``ranges``, an optimiser, schedule, lr update,
+    augmentation preset or input normalisation that does not exist, and augmentation overrides of the wrong shape or range.
     """
     if scale not in ("paper", "cpu"):
         raise UsageError(f"unknown scale {scale!r} (valid: cpu, paper)")

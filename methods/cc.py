@@ -35,9 +35,10 @@ class ContrastiveClustering(Method):
         "method": {"num_clusters": 10, "instance_dim": 128, "instance_temperature": 0.5,
                    "cluster_temperature": 1.0},
         # Yunfan-Li/Contrastive-Clustering config/config.yaml: Adam (train.py, no scheduler) lr 3e-4,
-        # weight_decay 0, batch 256, 1000 epochs; s=0.5 on CIFAR (train.py): the "cc" jitter.
+        # weight_decay 0, batch 256, 1000 epochs; s=0.5 on CIFAR (train.py): the "cc" jitter; pixels in [0, 1]
+        # (modules/transform.py ends at ToTensor(): train.py passes no mean and std).
         "paper": {"optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0, "batch_size": 256,
-                  "schedule": "constant", "augment": "cc"},
+                  "schedule": "constant", "augment": "cc", "input_norm": "none"},
         "cpu": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,
                 "schedule": "constant", "augment": "mild"},
     }

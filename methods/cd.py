@@ -36,9 +36,10 @@ class ContrastiveDisentangling(Method):
                    "feature_temperature": 1.0},
         # Hoper-J/Contrastive-Disentangling config/config.yaml: Adam (train.py) lr 3e-4, weight_decay 0,
         # batch 128, 1000 epochs, use_scheduler false (constant lr since commit 79560b4, 2024-08-12; true
-        # would mean CosineAnnealingLR(T_max=epochs)); s=0.5 on CIFAR: the "cc" jitter (dataset.py).
+        # would mean CosineAnnealingLR(T_max=epochs)); s=0.5 on CIFAR: the "cc" jitter (dataset.py); pixels in
+        # [0, 1] (dataset.py's transforms end at ToTensor()).
         "paper": {"optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0, "batch_size": 128,
-                  "schedule": "constant", "augment": "cc"},
+                  "schedule": "constant", "augment": "cc", "input_norm": "none"},
         "cpu": {"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0, "batch_size": 128,
                 "schedule": "cosine", "augment": "mild"},
     }

@@ -119,3 +119,17 @@ def torch_lrs(scheduler_factory, epochs: int, base_lr: float) -> list[float]:
         scheduler.step()
     return lrs
 
+
+def image_tree(root: Path, train: int = 12, test: int = 4, size: int = 8) -> Path:
+    """``root/train/{a,b}/*.png``, ``root/test/{a,b}/*.png`` of random ``size``-pixel images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root

@@ -26,6 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import image_tree
 from harness.cli import main
 from harness.data.datasets import load_dataset, load_split_data
 
@@ -50,21 +51,9 @@ def _run(tmp: Path, *args: str, **suite) -> list[str]:
     return ["run", _suite(tmp, **suite), *args, *_dirs(tmp)]
 
 
-def _image_tree(root: Path, train: int = 12, test: int = 4, size: int = 8) -> Path:
-    """``root/train/{a,b}/*.png``, ``root/test/{a,b}/*.png`` of random ``size``-pixel images."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("test", test)):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
-    return root
-
-
 def _on_tree(tmp: Path, spoil: Callable[[Path], None], *args: str) -> list[str]:
     """Run the one-method suite on an image folder after ``spoil(tree)``."""
-    tree = _image_tree(tmp / "tree")
+    tree = image_tree(tmp / "tree")
     spoil(tree)
     return _run(tmp, "--datasets", f"imagefolder:{tree}", *args)
 
@@ -170,7 +159,7 @@ BAD_INPUTS = [
     ("images of mixed sizes", lambda t: _on_tree(t, _mixed_sizes), 2, "is 12x10 pixels but"),
     ("empty class folder", lambda t: _on_tree(t, _empty_class), 2, f"test{os.sep}b has no images"),
     ("quick suite on a folder without coarse labels",
-     lambda t: ["run", "quick", "--datasets", f"imagefolder:{_image_tree(t / 'tree', train=30)}", *_dirs(t)],
+     lambda t: ["run", "quick", "--datasets", f"imagefolder:{image_tree(t / 'tree', train=30)}", *_dirs(t)],
      2, "reads coarse labels"),
     # devices
     pytest.param("cuda without a GPU", lambda t: _run(t, "--device", "cuda"), 2, "'cuda' is not available",
@@ -187,6 +176,14 @@ BAD_INPUTS = [
      2, "'warmup_start' of method 'simclr' must be"),
     ("lr_update misspelt", lambda t: _run(t, methods=["random", {"name": "simclr", "config": {
         "lr_update": "epoch"}}]), 2, "unknown lr_update 'epoch' (valid: epoch_end, epoch_start, step)"),
+    ("input_norm misspelt", lambda t: _run(t, methods=["random", {"name": "simclr", "config": {
+        "input_norm": "imagenet"}}]), 2, "unknown input_norm 'imagenet' (valid: dataset, legacy_cifar10, none)"),
+    ("CIFAR's constants on 1-channel digits", lambda t: _run(t, methods=["random", {"name": "simclr", "config": {
+        "input_norm": "legacy_cifar10"}}]), 2, "method 'simclr': input_norm 'legacy_cifar10' normalises 3-channel "
+     "images; dataset 'digits' has 1 (valid for it: dataset, none)"),
+    ("a combination normalising unlike its components", lambda t: _run(t, methods=[
+        {"name": "supcon_spread", "config": {"input_norm": "none"}}, "thanos"]), 2,
+     "method 'thanos': input_norm 'dataset' differs from its component 'supcon_spread''s 'none'"),
     ("erasing probability 2", lambda t: _run(t, methods=[{"name": "simclr", "config": {
         "augment_overrides": {"erasing": 2}}}]), 2, "augment_overrides 'erasing' must be a number in [0, 1], got 2"),
     ("optimizer rmsprop in one method", lambda t: _run(t, methods=["random", {"name": "moco", "config": {
@@ -314,7 +311,7 @@ BAD_INPUTS = [
     ("eval at a huge image size", lambda t: ["eval", "--checkpoint", "x.pt", "--arch", "small_cnn", "--image-size",
                                              "100000"], 2, "expected at most 4096 pixels"),
     ("eval with k larger than the data", lambda t: ["eval", "--checkpoint", "x.pt", "--arch", "small_cnn", "--dataset",
-                                                    f"imagefolder:{_image_tree(t / 'tree')}", "--data-dir", str(t / "d")],
+                                                    f"imagefolder:{image_tree(t / 'tree')}", "--data-dir", str(t / "d")],
      2, "knn k=200 is larger than"),
     # a second CLI sweep: each of these printed a traceback, trained first, or quietly did something else
     ("an empty suite argument", lambda t: ["run", "", *_dirs(t)], 2, "expected a suite name or a path to a YAML file, got ''"),
@@ -512,7 +509,7 @@ def test_a_forced_rerun_checks_its_data_before_training(tmp_path, capsys, monkey
     from harness.execution.runner import Runner
 
     monkeypatch.chdir(tmp_path)
-    tree = _image_tree(tmp_path / "tree")
+    tree = image_tree(tmp_path / "tree")
     argv = _run(tmp_path, "--datasets", f"imagefolder:{tree}", "--quiet")
     assert main(argv) == 0
     for image in [*(tree / "train").glob("*/[!01].png"), *(tree / "train").glob("*/1?.png")]:
@@ -568,7 +565,7 @@ def test_a_changed_image_folder_is_decoded_again_and_cached_in_the_data_dir(tmp_
     ``<data-dir>/cache``: an image replaced after first use is seen, and nothing is written beside
     the user's folder. Catches: the stale cache of the issue (reused after the change), a cache
     written into the data's parent folder."""
-    tree = _image_tree(tmp_path / "user" / "tree")
+    tree = image_tree(tmp_path / "user" / "tree")
     first = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
     changed = np.full((8, 8, 3), 7, np.uint8)
     Image.fromarray(changed).save(tree / "train" / "a" / "0.png")
@@ -621,7 +618,7 @@ def test_the_decoded_cache_is_per_class_list(tmp_path):
     answered from the cache of the old one. Catches a cache key without the class list."""
     from harness.data.datasets import _cached_folder
 
-    _image_tree(tmp_path / "tree", train=2, test=1)
+    image_tree(tmp_path / "tree", train=2, test=1)
     named = _cached_folder("tree", tmp_path, "tree", None, tmp_path / "cache")
     listed = _cached_folder("tree", tmp_path, "tree", None, tmp_path / "cache", classes=("b", "a"))
     assert named.classes == ("a", "b") and listed.classes == ("b", "a")
@@ -635,7 +632,7 @@ def test_an_unreadable_decoded_cache_is_decoded_again(tmp_path, spoiled):
     """A cache file left empty, overwritten, or holding other fields (EOFError, UnpicklingError, TypeError as it
     loads) is rebuilt from the tree: the same images and labels, and a readable cache file again. Catches a
     cache whose load errors other than a truncated zip stop every run of the dataset."""
-    tree = _image_tree(tmp_path / "tree", train=2, test=1)
+    tree = image_tree(tmp_path / "tree", train=2, test=1)
     first = load_dataset(f"imagefolder:{tree}", tmp_path / "d")
     (cache,) = (tmp_path / "d" / "cache").glob("tree-native-*.pt")
     cache.write_bytes(spoiled)

@@ -234,3 +234,44 @@ def test_a_checkpoint_holding_query_and_key_encoders_is_refused_not_loaded_as_on
     torch.save({f"encoder_q.{k}": v for k, v in query.items()}, tmp_path / "query.pt")  # the query encoder alone loads
     loaded = load_encoder(tmp_path / "query.pt", "small_cnn", 1).state_dict()
     assert all(torch.equal(loaded[k], query[k]) for k in query)
+
+
+# ----------------------------------------------------------------------------- input normalisation
+@pytest.mark.parametrize("norm, mean, std", [
+    ("none", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    ("legacy_cifar10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+])
+def test_a_runs_input_norm_normalises_its_training_and_evaluation_images(tmp_path, monkeypatch, norm, mean, std):
+    """``input_norm`` sets the normalisation of a run's training views and of every image its evaluation sees
+    (``none``: pixels in [0, 1], CC's and CD's ToTensor(); ``legacy_cifar10``: the constants of lemniscate, CLD,
+    SeLa and the MoCo demo), on a 3-channel image folder. Catches the key ignored by the training augmenter or
+    by the evaluation context (features of other inputs than the encoder was trained on)."""
+    import harness.execution.runner as runner_module
+    from harness.execution.runner import Runner, plan
+    from tests.conftest import image_tree, make_suite
+
+    tree = image_tree(tmp_path / "tree", train=6, test=2)
+    seen = {}
+
+    def fake_train(method, images, labels, budget, augmenter, cfg, **kw):
+        seen["train"] = (augmenter.mean.flatten().tolist(), augmenter.std.flatten().tolist())
+        seen["plain"] = augmenter.plain(images[:2])
+        seen["images"] = images[:2]
+        raise KeyboardInterrupt  # nothing else to check of the run
+
+    def fake_evaluate(ctx, protocols, progress=None):
+        seen["eval"] = ctx.normalize(seen["images"])
+        return {}, {}
+
+    monkeypatch.setattr(runner_module, "train", fake_train)
+    monkeypatch.setattr(runner_module, "evaluate", fake_evaluate)
+    methods = [{"name": name, "config": {"input_norm": norm}} for name in ("simclr", "random")]
+    trains, evaluates = plan(make_suite(methods, datasets=[f"imagefolder:{tree}"]))
+    runner = Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run([trains])
+    assert seen["train"][0] == pytest.approx(mean) and seen["train"][1] == pytest.approx(std)
+    expected = (seen["images"].float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(seen["plain"], expected, rtol=0, atol=1e-5)
+    runner.run([evaluates])  # a baseline that does not train: straight to its evaluation
+    torch.testing.assert_close(seen["eval"], expected, rtol=0, atol=1e-5)

@@ -124,7 +124,11 @@ def test_spec_names_image_size_only_when_set(monkeypatch):
 
     (job,) = plan(load_suite("cifar10-invcls"))
     assert "image_size" not in job.spec
-    monkeypatch.setattr(runner, "resolve_config", lambda cls, scale, overrides: {"lr": 0.48, **overrides})
+    from harness.execution.store import NEUTRAL_CONFIG
+
+    # keys added since, at their neutral values (which the id leaves out)
+    monkeypatch.setattr(runner, "resolve_config", lambda cls, scale, overrides: {**NEUTRAL_CONFIG, "lr": 0.48,
+                                                                                 **overrides})
     suite = load_suite("cifar10-invcls")
     suite.protocols = {"knn": {"k": 200, "temperature": 0.15}}
     (job,) = plan(suite)

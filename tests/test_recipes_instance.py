@@ -418,3 +418,24 @@ def test_clds_and_lemniscates_rows_train_a_resnet_with_pytorchs_default_initiali
         expected = {label: "resnet18_cifar" if label == "moco (CIFAR demo)" else "resnet18_cifar_default_init"
                     for label in backbones}
         assert backbones == expected, suite_name
+
+
+def test_cifar_rows_normalise_with_the_official_scripts_constants():
+    """lemniscate's and SeLa's ``cifar.py``, CLD's ``datasets/dataloader.py`` (for CIFAR-100 too) and the MoCo demo
+    normalise with mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010): every row of both instance suites
+    and SeLa's rows of the CIFAR-10 clustering suites set ``input_norm: legacy_cifar10``; CC and CD feed
+    ``ToTensor()`` pixels (``none``, their adapters' paper default). Catches a row left on the dataset's own
+    statistics."""
+    from harness.data.datasets import LEGACY_CIFAR10_MEAN_STD
+
+    assert LEGACY_CIFAR10_MEAN_STD == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    expected = {"npid_cld": "legacy_cifar10", "moco_cld": "legacy_cifar10", "npid": "legacy_cifar10",
+                "moco": "legacy_cifar10", "sela": "legacy_cifar10", "cc": "none", "cd": "none"}
+    seen = set()
+    for suite_name in ("cifar10-instance", "cifar100-instance", "clustering-cifar10", "clustering-cifar10-32px"):
+        suite = load_suite(suite_name)
+        for entry in suite.methods:
+            spec = make_spec(suite, suite.datasets[0], entry, 0, suite.budgets[0])
+            assert spec["config"]["input_norm"] == expected[spec["method"]], (suite_name, entry.label)
+            seen.add(spec["method"])
+    assert seen == set(expected)

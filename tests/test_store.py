@@ -66,7 +66,7 @@ def test_a_config_key_added_later_keeps_stored_ids_at_its_neutral_value():
            "components": [{"method": "supcon", "config": {"lr": 0.1}}]}
     new = {**old, "config": {**old["config"], "warmup_start": None},
            "components": [{"method": "supcon", "config": {"lr": 0.1, "warmup_start": None}}]}
-    assert NEUTRAL_CONFIG == {"warmup_start": None, "lr_update": "step"}
+    assert NEUTRAL_CONFIG == {"warmup_start": None, "lr_update": "step", "input_norm": "dataset"}
     assert run_id(new) == run_id(old)
     assert run_id({**new, "config": {**new["config"], "warmup_start": 0.01}}) != run_id(old)
     assert run_id({**new, "components": [{"method": "supcon", "config": {"lr": 0.1, "warmup_start": 0.01}}]}) \

@@ -26,7 +26,7 @@ import torch
 from harness.data.augment import Augmenter, get_preset
 from harness.models.backbones import create_backbone
 from harness.engine.budget import Budget
-from harness.data.datasets import ImageData, load_dataset
+from harness.data.datasets import ImageData, load_dataset, with_input_norm
 from harness.execution.environment import resolve_device
 from harness.data.pil_augment import default_workers, training_feed
 from harness.engine.seeding import seed_everything
@@ -78,7 +78,9 @@ def _setup(name: str, dataset: str | ImageData, scale: str, device: str, data_di
 
 
 def bench_augmenter(data: ImageData, cfg: dict) -> Augmenter:
-    """The on-device augmenter of ``cfg``'s preset with ``data``'s normalisation, as the runner builds it."""
+    """The on-device augmenter of ``cfg``'s preset with ``data``'s normalisation under ``cfg``'s ``input_norm``, as
+    the runner builds it."""
+    data = with_input_norm(data, cfg["input_norm"])
     return Augmenter(get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std)
 
 
@@ -164,7 +166,8 @@ def loader_images_per_second(name: str, dataset: str, backbone_name: str, scale:
     data, cfg, images, labels, info = _setup(name, dataset, scale, device, data_dir)
     batch, views = min(cfg["batch_size"], len(images)), cfg["views"]
     warmup = 2 + workers  # every worker has delivered a batch before the clock starts
-    augmenter = training_feed(images, get_preset(cfg["augment"], **cfg["augment_overrides"]), data.mean, data.std,
+    norm = with_input_norm(data, cfg["input_norm"])
+    augmenter = training_feed(images, get_preset(cfg["augment"], **cfg["augment_overrides"]), norm.mean, norm.std,
                               views=views, batch_size=batch, seed=0, num_workers=workers)
     try:
         generator = seed_everything(0, deterministic=False)

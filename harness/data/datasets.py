@@ -14,14 +14,14 @@ import os
 import pickle
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from harness.errors import EnvironmentFailure, UsageError
+from harness.errors import EnvironmentFailure, UsageError, choices_error
 from harness.registry import Registry
 from harness.execution.store import write_atomic, write_torch_atomic
 
@@ -48,6 +48,16 @@ IMAGENET10_WNIDS = ("n02056570", "n02085936", "n02128757", "n02690373", "n026928
 
 #: Per-channel mean/std used to normalise images of each dataset (computed once, fixed here).
 CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+#: The CIFAR-10 constants much CIFAR code copies (kuangliu/pytorch-cifar), whose std is not CIFAR-10's:
+#: lemniscate's ``cifar.py``, CLD's ``datasets/dataloader.py`` (for CIFAR-100 too), SeLa's ``cifar.py`` and
+#: MoCo's CIFAR-10 demo normalise with them.
+LEGACY_CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+
+#: How a run's images are normalised (its config key ``input_norm``): ``dataset``, by the dataset's own
+#: per-channel mean and std; ``none``, fed as pixels in [0, 1] (CC's and CD's official transforms end at
+#: ``ToTensor()``); ``legacy_cifar10``, by :data:`LEGACY_CIFAR10_MEAN_STD` (3-channel images only).
+INPUT_NORMS = ("dataset", "none", "legacy_cifar10")
 
 
 @dataclass
@@ -92,20 +102,42 @@ class ImageData:
         return h.hexdigest()
 
 
+def with_input_norm(data: ImageData, norm: str) -> ImageData:
+    """``data`` with the mean and std that normalise its images as ``norm`` says (:data:`INPUT_NORMS`); the
+    images themselves are shared."""
+    channels = data.image_shape[0]
+    check_input_norm(norm, data.name, channels)
+    if norm == "none":
+        return replace(data, mean=(0.0,) * channels, std=(1.0,) * channels)
+    if norm == "legacy_cifar10":
+        return replace(data, mean=LEGACY_CIFAR10_MEAN_STD[0], std=LEGACY_CIFAR10_MEAN_STD[1])
+    return data
+
+
+def check_input_norm(norm: str, dataset: str, channels: int | None) -> None:
+    """``norm`` is one of :data:`INPUT_NORMS` and fits ``dataset``'s ``channels`` (None: not known yet)."""
+    if norm not in INPUT_NORMS:
+        raise choices_error("input_norm", norm, INPUT_NORMS)
+    if norm == "legacy_cifar10" and channels not in (None, 3):
+        raise UsageError(f"input_norm 'legacy_cifar10' normalises 3-channel images; dataset {dataset!r} has "
+                         f"{channels} (valid for it: dataset, none)")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
     loader: Callable[[Path, bool], ImageData]
     description: str
     needs_download: bool = True
+    channels: int | None = None  # None: known once loaded
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register_dataset(name: str, description: str, needs_download: bool = True):
+def register_dataset(name: str, description: str, needs_download: bool = True, channels: int | None = None):
     def decorator(loader):
-        DATASETS.register(name)(DatasetSpec(name, loader, description, needs_download))
+        DATASETS.register(name)(DatasetSpec(name, loader, description, needs_download, channels))
         return loader
     return decorator
 
@@ -142,7 +174,8 @@ def _torchvision(name: str, cls_name: str, root: Path, download: bool, **kw):
     return parts, tuple(ds.classes)
 
 
-@register_dataset("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download)", needs_download=False)
+@register_dataset("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download)", needs_download=False,
+                  channels=1)
 def load_digits(root: Path, download: bool) -> ImageData:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -162,7 +195,7 @@ def load_digits(root: Path, download: bool) -> ImageData:
     return ImageData("digits", x, y, DIGITS_FINE_TO_COARSE[y], is_train, tuple(map(str, range(10))), (m,), (s,))
 
 
-@register_dataset("mnist", "MNIST (70,000 28x28 digits, 10 classes; coarse 0-4 vs 5-9)")
+@register_dataset("mnist", "MNIST (70,000 28x28 digits, 10 classes; coarse 0-4 vs 5-9)", channels=1)
 def load_mnist(root: Path, download: bool) -> ImageData:
     parts, _ = _torchvision("mnist", "MNIST", root, download)
     x, y, is_train = _stack(parts)
@@ -170,7 +203,7 @@ def load_mnist(root: Path, download: bool) -> ImageData:
                      (0.1307,), (0.3081,))
 
 
-@register_dataset("cifar10", "CIFAR-10 (60,000 32x32, 10 classes; coarse vehicles vs animals)")
+@register_dataset("cifar10", "CIFAR-10 (60,000 32x32, 10 classes; coarse vehicles vs animals)", channels=3)
 def load_cifar10(root: Path, download: bool) -> ImageData:
     parts, classes = _torchvision("cifar10", "CIFAR10", root, download)
     x, y, is_train = _stack(parts)
@@ -187,17 +220,19 @@ def _cifar100(name: str, root: Path, download: bool, coarse_as_labels: bool) -> 
     return ImageData(name, x, y, coarse, is_train, classes, *mean_std)
 
 
-@register_dataset("cifar100", "CIFAR-100 (60,000 32x32, 100 fine classes; coarse 20 superclasses)")
+@register_dataset("cifar100", "CIFAR-100 (60,000 32x32, 100 fine classes; coarse 20 superclasses)", channels=3)
 def load_cifar100(root: Path, download: bool) -> ImageData:
     return _cifar100("cifar100", root, download, coarse_as_labels=False)
 
 
-@register_dataset("cifar100-20", "CIFAR-100 with its 20 superclasses as labels (the clustering benchmark)")
+@register_dataset("cifar100-20", "CIFAR-100 with its 20 superclasses as labels (the clustering benchmark)",
+                  channels=3)
 def load_cifar100_20(root: Path, download: bool) -> ImageData:
     return _cifar100("cifar100-20", root, download, coarse_as_labels=True)
 
 
-@register_dataset("stl10", "STL-10 train+test (13,000 96x96, 10 classes); unlabeled split via stl10-unlabeled")
+@register_dataset("stl10", "STL-10 train+test (13,000 96x96, 10 classes); unlabeled split via stl10-unlabeled",
+                  channels=3)
 def load_stl10(root: Path, download: bool, unlabeled: bool = False) -> ImageData:
     import torchvision.datasets as tvd
 
@@ -220,7 +255,8 @@ def load_stl10(root: Path, download: bool, unlabeled: bool = False) -> ImageData
                      (0.2603, 0.2566, 0.2713), is_labeled=labeled)
 
 
-@register_dataset("stl10-unlabeled", "STL-10 train+test plus the 100k unlabeled images (used for training only)")
+@register_dataset("stl10-unlabeled", "STL-10 train+test plus the 100k unlabeled images (used for training only)",
+                  channels=3)
 def load_stl10_unlabeled(root: Path, download: bool) -> ImageData:
     return load_stl10(root, download, unlabeled=True)
 
@@ -384,7 +420,7 @@ def write_jpeg_tree(data: ImageData, folder: Path) -> None:
 
 
 @register_dataset("cifar10-jpeg", "CIFAR-10 as JPEG files (ImageFolder tree cifar10-jpeg/ or cifar10-jpeg.tar.gz; "
-                  "encoded once from torchvision's CIFAR-10 when neither is there)")
+                  "encoded once from torchvision's CIFAR-10 when neither is there)", channels=3)
 def load_cifar10_jpeg(root: Path, download: bool) -> ImageData:
     folder, archive = root / "cifar10-jpeg", root / "cifar10-jpeg.tar.gz"
     if not folder.is_dir() and not archive.is_file():
@@ -412,13 +448,13 @@ def stratified_subset(data: ImageData, name: str, per_class_train: int, per_clas
 
 
 @register_dataset("cifar10-jpeg-10k", "10,000-image stratified subset of cifar10-jpeg (800 train + 200 test per class)",
-                  needs_download=False)
+                  needs_download=False, channels=3)
 def load_cifar10_jpeg_10k(root: Path, download: bool) -> ImageData:
     return stratified_subset(load_cifar10_jpeg(root, download), "cifar10-jpeg-10k", 800, 200)
 
 
 @register_dataset("imagenet10", "ImageNet-10 (the 10 wnids of Chang et al. 2017) as an ImageFolder tree imagenet10/, 96 px",
-                  needs_download=False)
+                  needs_download=False, channels=3)
 def load_imagenet10(root: Path, download: bool) -> ImageData:
     return _cached_folder("imagenet10", root, "imagenet10", 96, root / "cache", IMAGENET10_WNIDS)
 
@@ -428,6 +464,12 @@ def parse_dataset_name(name: str) -> tuple[str, Path | None]:
     if name.startswith("imagefolder:"):
         return "imagefolder", Path(name.split(":", 1)[1]).expanduser()
     return name, None
+
+
+def dataset_channels(name: str) -> int | None:
+    """Channels of a dataset's images where known before it loads (image folders are read as RGB)."""
+    base, _ = parse_dataset_name(name)
+    return 3 if base == "imagefolder" else DATASETS.get(base).channels
 
 
 def validate_dataset_name(name: str) -> None:

@@ -17,7 +17,8 @@ from harness.engine import distributed
 from harness.data.augment import Augmenter, get_preset
 from harness.models.backbones import create_backbone
 from harness.engine.budget import Budget
-from harness.data.datasets import ImageData, SplitManifest, load_split_data
+from harness.data.datasets import (ImageData, SplitManifest, check_input_norm, dataset_channels, load_split_data,
+                                   with_input_norm)
 from harness.execution.environment import environment, resolve_device
 from harness.errors import EnvironmentFailure, RunError, UsageError, choices_error
 from harness.engine.logging_backends import make_logger
@@ -74,6 +75,7 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
     config = resolve_config(cls, suite.scale, {**entry.config, **entry.dataset_config.get(dataset, {})})
     try:
         check_lr_update(config, budget)
+        check_input_norm(config["input_norm"], dataset, dataset_channels(dataset))
     except UsageError as exc:
         raise UsageError(f"method {entry.label!r}: {exc}") from None
     spec = {"version": RECORD_VERSION, "suite": suite.name, "dataset": dataset, "method": entry.name,
@@ -88,6 +90,11 @@ def make_spec(suite: Suite, dataset: str, entry: MethodEntry, seed: int, budget:
         entries = {e.name: e for e in suite.methods}
         spec["components"] = [make_spec(suite, dataset, entries.get(name, MethodEntry(name, name, {}, {})), seed, budget)
                               for name in cls.components]
+        for component in spec["components"]:  # the combination's features are computed on its own inputs
+            if component["config"]["input_norm"] != config["input_norm"]:
+                raise UsageError(f"method {entry.label!r}: input_norm {config['input_norm']!r} differs from its "
+                                 f"component {component['label']!r}'s {component['config']['input_norm']!r} "
+                                 f"(a combination and its components normalise images alike)")
     return spec
 
 
@@ -287,6 +294,7 @@ class Runner:
     def run_job(self, job: Job, store: ResultStore) -> dict[str, Any]:
         spec, seed, device = job.spec, job.seed, self.device
         data, manifest = self.dataset(job.dataset, spec["val_fraction"])
+        data = with_input_norm(data, spec["config"]["input_norm"])  # for training and evaluation alike
         try:
             method, train_idx, generator = self.build(job, data, manifest)
             failure = ""

@@ -52,7 +52,7 @@ def canonical_spec(value: Any) -> Any:
 
 #: Config keys added after records were stored, each with the value that keeps the behaviour from before it: a
 #: spec holding that value hashes as if the key were absent, so stored records keep their run ids.
-NEUTRAL_CONFIG: dict[str, Any] = {"warmup_start": None, "lr_update": "step"}
+NEUTRAL_CONFIG: dict[str, Any] = {"warmup_start": None, "lr_update": "step", "input_norm": "dataset"}
 
 
 def _without_neutral(spec: dict[str, Any]) -> dict[str, Any]:
