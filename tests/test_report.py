@@ -413,3 +413,24 @@ def test_bar_chart_orders_rows_by_mean_and_whiskers_are_one_std(tmp_path, monkey
     (errorbar,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     whiskers = {round(float(seg[0][1])): (float(seg[0][0]), float(seg[1][0])) for seg in errorbar.lines[2][0].get_segments()}
     assert whiskers == {1: pytest.approx((78.0, 82.0)), 0: pytest.approx((55.0, 65.0))}
+
+
+@pytest.mark.parametrize("norm", ["none", "dataset"])
+def test_the_reports_features_are_of_the_images_as_the_run_normalised_them(tmp_path, norm):
+    """The report re-extracts a run's features with the run's own ``input_norm``: the ``pixels`` baseline's features
+    are its input images, so with ``none`` they are the pixels in [0, 1] and with ``dataset`` digits' standardised
+    pixels. Catches the report extracting with the dataset's normalisation whatever the run used (figures of
+    inputs the encoder never saw)."""
+    from harness.data.datasets import load_dataset
+    from harness.execution.runner import Runner, plan
+    from harness.reporting.report import extract
+
+    suite = make_suite([{"name": "pixels", "config": {"input_norm": norm}}], protocols=FAST, name="norm")
+    runner = Runner(tmp_path / "results", tmp_path / "data", device="cpu", quiet=True, log=lambda s: None)
+    (record,) = runner.run(plan(suite))
+    pool = np.arange(5)
+    features = extract(runner, record, pool, "cpu").features["backbone"]
+    data = load_dataset("digits", tmp_path / "data")
+    pixels = data.images[:5].flatten(1).numpy() / 255
+    expected = pixels if norm == "none" else (pixels - data.mean[0]) / data.std[0]
+    np.testing.assert_allclose(features, expected, rtol=0, atol=1e-5)

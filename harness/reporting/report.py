@@ -397,10 +397,11 @@ def extract(runner, record: dict, pool: np.ndarray, device: str) -> Extracted:
     """Rebuild ``record``'s method, load its final weights and extract features on ``pool``."""
     import torch
 
+    from harness.data.datasets import with_input_norm
     from harness.engine.budget import Budget
     from harness.engine.evaluate import RunContext
     from harness.execution.runner import Job
-    from harness.execution.store import ResultStore, run_id
+    from harness.execution.store import NEUTRAL_CONFIG, ResultStore, run_id
     from harness.execution.suite import MethodEntry
     from methods import METHODS
 
@@ -423,6 +424,8 @@ def extract(runner, record: dict, pool: np.ndarray, device: str) -> Extracted:
     job = Job(record["suite"], spec["dataset"], MethodEntry(spec["method"], spec["label"], {}, {}), spec["seed"],
               Budget.parse(spec["budget"]), spec)
     data, manifest = runner.dataset(spec["dataset"], spec["val_fraction"])
+    # as the run saw its images (a record stored before the key existed holds none: the neutral value)
+    data = with_input_norm(data, spec["config"].get("input_norm", NEUTRAL_CONFIG["input_norm"]))
     method, _, _ = runner.build(job, data, manifest)
     if cls.trains:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
