@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", type=path_arg, default=DEFAULT_DATA)
     ev.add_argument("--image-size", type=image_size,
                     help="resize every input to this side, the size the encoder was trained at (default: the data's)")
+    ev.add_argument("--input-norm", default="dataset",
+                    help="how the encoder's training normalised its images: dataset (the dataset's mean and std), "
+                         "none (pixels in [0, 1]) or legacy_cifar10 (default: dataset)")
 
     bench = sub.add_parser("bench", help="speed benchmarks (tables under leaderboards/)")
     bench.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -482,7 +485,8 @@ def cmd_tune(args) -> int:
 
 def cmd_eval(args) -> int:
     from harness.engine.checkpoint import load_encoder
-    from harness.data.datasets import load_dataset, load_or_make_manifest
+    from harness.data.datasets import (check_input_norm, dataset_channels, load_dataset, load_or_make_manifest,
+                                       with_input_norm)
     from harness.execution.environment import resolve_device
     from harness.engine.evaluate import RunContext, evaluate
     from harness.engine.seeding import seed_everything
@@ -492,7 +496,8 @@ def cmd_eval(args) -> int:
 
     protocols = {p: dict(PROTOCOLS.get(p).defaults) for p in args.protocols}
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset, args.data_dir)
+    check_input_norm(args.input_norm, args.dataset, dataset_channels(args.dataset))
+    data = with_input_norm(load_dataset(args.dataset, args.data_dir), args.input_norm)
     manifest = load_or_make_manifest(data, args.data_dir / "manifests")
     # the protocols against the data (k no larger than its split, coarse labels), as run checks a suite
     check_against_data(parse_suite({"datasets": [args.dataset], "methods": ["random"], "seeds": [args.seed],

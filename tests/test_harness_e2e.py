@@ -248,6 +248,31 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize("norm, mean, std", [("none", 0.0, 1.0), ("dataset", None, None)])
+def test_eval_normalises_as_its_input_norm_says(tmp_path, monkeypatch, norm, mean, std):
+    """``harness eval --input-norm none`` scores an encoder trained on pixels in [0, 1] (CC's and CD's recipe) on
+    such pixels; the default keeps the dataset's mean and std. Catches the option ignored (every external CC or
+    CD encoder scored on inputs it never saw)."""
+    import harness.engine.evaluate as evaluate_module
+    from harness.data.datasets import load_dataset
+    from harness.models.backbones import create_backbone
+
+    good = tmp_path / "good.pt"
+    torch.save(create_backbone("small_cnn", 1).state_dict(), good)
+    seen = {}
+
+    def capture(ctx, protocols):
+        seen["x"] = ctx.normalize(ctx.data.images[:3])
+        return {}, {}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", capture)
+    assert main(["eval", "--checkpoint", str(good), "--arch", "small_cnn", "--protocols", "knn", "--input-norm", norm,
+                 "--data-dir", str(tmp_path / "d"), "--device", "cpu"]) == 0
+    data = load_dataset("digits", tmp_path / "d")
+    mean, std = (data.mean[0], data.std[0]) if mean is None else (mean, std)
+    torch.testing.assert_close(seen["x"], (data.images[:3].float() / 255 - mean) / std, rtol=0, atol=1e-5)
+
+
 def test_eval_checkpoint(tmp_path, capsys):
     from harness.models.backbones import create_backbone
 
