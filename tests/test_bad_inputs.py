@@ -508,6 +508,26 @@ def test_a_truncated_record_of_a_planned_run_stops_the_suite_before_training(sto
     assert err.count("\n") == 1 and record.name in err and "delete it" in err
 
 
+@pytest.mark.parametrize("content", ["[]", '"notes"', "{}"], ids=["a list", "a string", "an empty mapping"])
+def test_a_planned_records_file_that_is_not_a_record_stops_the_suite_before_training(content, stored_run, capsys,
+                                                                                     monkeypatch):
+    """A planned run's record file holding JSON that is not a run record (a list, a string, ``{}``): exit 1 with one
+    line naming the file and saying to delete it, before anything trains. Catches the AttributeError traceback
+    ('list' object has no attribute 'get') of a CLI sweep, and ``{}`` counted as a stored failed run that no rerun
+    without --retry-failed would ever train."""
+    import harness.execution.runner
+
+    (record,) = (stored_run / "r" / "s").glob("*.json")
+    record.write_text(content)
+    monkeypatch.setattr(harness.execution.runner.Runner, "run_job", lambda *a: pytest.fail("a run trained"))
+    capsys.readouterr()
+    for extra in (["--dry-run"], []):
+        assert main(["run", str(stored_run / "s.yaml"), "--quiet", *extra, *_dirs(stored_run)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: record ") and record.name in err, err
+        assert "is JSON but not a run record" in err and "delete it" in err
+
+
 def test_a_forced_rerun_checks_its_data_before_training(tmp_path, capsys, monkeypatch):
     """A stored run of kNN k=5 on an image folder of 24 training images, which then shrinks to 4: ``--force``
     retrains it, so its data is checked first, and the run stops with one line before anything trains. Catches

@@ -180,12 +180,20 @@ class ResultStore:
         return self.record_path(rid).is_file()
 
     def load(self, rid: str) -> dict[str, Any]:
+        """The record of run ``rid``. A file there that is not JSON, or JSON that is not a run record (``[]``, a
+        note, a hand edit; see :func:`record_problem`), stops with one line naming it: a run id's file decides
+        whether that run trains, so it is neither guessed at nor skipped."""
         path = self.record_path(rid)
         try:
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EnvironmentFailure(f"record {path} is not readable JSON ({str(exc).splitlines()[0]}); "
                                      f"delete it to rerun that run") from None
+        problem = record_problem(record)
+        if problem:
+            raise EnvironmentFailure(f"record {path} is JSON but not a run record ({problem}); delete it to rerun "
+                                     f"that run")
+        return record
 
     def write(self, record: dict[str, Any]) -> Path:
         path = self.record_path(record["run_id"])
