@@ -474,6 +474,23 @@ def test_planned_records_missing_what_the_tables_read_are_skipped_with_a_warning
     assert "random" in out.out and "Traceback" not in out.err
 
 
+def test_a_record_of_no_method_beside_the_planned_ones_is_left_out_with_a_warning(stored_run, capsys):
+    """A record the tables can read but that names no method (written by another tool, or hand-made) and that the
+    suite does not plan: ``leaderboard`` leaves it out with its one warning line and builds the table. Catches the
+    KeyError 'method' traceback of a CLI sweep (the warning asked each left-out record for its method)."""
+    store = stored_run / "r" / "s"
+    (record,) = store.glob("*.json")
+    good = json.loads(record.read_text())
+    spec = {k: v for k, v in good["spec"].items() if k != "method"}
+    (store / "other-tool.json").write_text(json.dumps({**good, "run_id": "0000000000000000", "spec": spec}))
+    capsys.readouterr()
+    assert main(["leaderboard", str(stored_run / "s.yaml"), "--results-dir", str(stored_run / "r"),
+                 "--leaderboard-dir", str(stored_run / "l")]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith("left out 1 stored records of ") and out.err.count("\n") == 1, out.err
+    assert "random" in out.out
+
+
 def test_compare_of_rows_with_no_seed_in_common_is_an_error(tmp_path, capsys, monkeypatch):
     """``compare`` of two rows stored on different seeds: exit 2 and one line listing each row's seeds.
     Catches: a table of n=0 columns printed with exit 0, as if it were a result."""

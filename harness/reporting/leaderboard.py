@@ -81,7 +81,8 @@ def current_records(suite, results_dir: Path, warn: Callable[[str], None] | None
     if warn and len(current) < len(stored):
         from methods import METHODS
 
-        unregistered = sorted({r["spec"]["method"] for r in stored if r["spec"]["method"] not in METHODS})
+        unregistered = sorted({method for r in stored  # a record of another tool's making may name no method
+                               if (method := r["spec"].get("method")) is not None and method not in METHODS})
         plugin = (f"; of methods no imported module registers: {', '.join(unregistered)}, so pass their --plugin"
                   if unregistered else "")  # a plugin's rows in a `methods: all` suite, read without it
         warn(f"left out {len(stored) - len(current)} stored records of {Path(results_dir) / suite.name} that this "
