@@ -408,6 +408,49 @@ def test_bad_input_stops_before_training_with_one_line(name, command, code, frag
     assert not (tmp_path / "r" / "tune").exists(), "an empty study database was left"
 
 
+LAUNCH_VARIABLES = {  # a malformed launcher environment: the variables, and the one named in the error line
+    "a rank that is not a number": ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc'"),
+    "a world size that is not a number": ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+    "a rank outside the world": ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK='5' must be an integer from 0 to 1"),
+    "a local rank that is not a number": ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    "a port out of range": ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "99999999"},
+                            "MASTER_PORT='99999999' must be an integer from 1 to 65535"),
+    "a Slurm task count that is not a number": ({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"}, "SLURM_NTASKS='x'"),
+    "a Slurm job id that is not a number": ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "x"},
+                                            "SLURM_JOB_ID='x'"),
+    "a Slurm node list that does not parse": ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "["},
+                                              "cannot parse Slurm node list '['"),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCH_VARIABLES)
+def test_a_malformed_launcher_environment_is_one_line_naming_the_variable(case):
+    """torchrun's and Slurm's variables are read with a check: not an integer, a rank the world size does not have, a
+    port out of range or a node list that does not parse is a UsageError naming the variable. Catches the ValueError
+    tracebacks from int() of a CLI sweep, and RANK=5 with WORLD_SIZE=2, which waited for a rendezvous for two hours."""
+    from harness.engine.distributed import env_from
+    from harness.errors import UsageError
+
+    variables, fragment = LAUNCH_VARIABLES[case]
+    with pytest.raises(UsageError, match="environment variable |Slurm node list") as error:
+        env_from(variables)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_malformed_launcher_variable_stops_run_with_exit_2(tmp_path, capsys, monkeypatch):
+    """The same check through ``run``: exit 2 and one line, nothing trained or stored."""
+    from harness.execution.runner import Runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "abc")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(Runner, "run", lambda *a, **k: pytest.fail("a run started"))
+    assert main(_run(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: environment variable RANK='abc' must be an integer") and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("r/**/*.json"))
+
+
 def test_reading_a_results_dir_that_is_not_there_creates_no_folder(tmp_path, monkeypatch, capsys):
     """``leaderboard`` probed its tables' folder before it found no records, leaving an empty
     ``<dir>-leaderboards`` beside the mistyped results dir."""

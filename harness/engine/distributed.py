@@ -65,20 +65,47 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None, low: int = 0,
+             high: int | None = None) -> int:
+    """The launcher variable ``name`` as an integer in [low, high] (high None: unbounded), or ``default`` when unset:
+    a malformed one stops with one line naming it, not a ValueError traceback from int()."""
+    raw = env.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"environment variable {name}={raw!r} must be an integer {bounds} (set by torchrun or "
+                         f"Slurm for a data-parallel launch; unset it to run in one process)")
+    return value
+
+
 def env_from(environ: Mapping[str, str] | None = None) -> DistEnv:
     """The layout from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or
     Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID); torchrun
-    wins when both are set. Without either: a single process."""
+    wins when both are set. Without either: a single process. A malformed variable (not an integer, a rank
+    outside the world size, a port out of range) is a :class:`UsageError` naming it: the rendezvous of a rank
+    that cannot exist would otherwise wait for hours."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        world = _env_int(env, "WORLD_SIZE")
+        return DistEnv(_env_int(env, "RANK", high=max(world - 1, 0)), world, _env_int(env, "LOCAL_RANK", 0),
+                       env.get("MASTER_ADDR", "127.0.0.1"), _env_int(env, "MASTER_PORT", 29500, 1, 65535), "torchrun")
+    if "SLURM_PROCID" in env and _env_int(env, "SLURM_NTASKS", 1) > 1:
+        world = _env_int(env, "SLURM_NTASKS")
         nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         # one port per job so two jobs sharing a node do not collide
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or first_host(nodes), port, "slurm")
+        port = (_env_int(env, "MASTER_PORT", low=1, high=65535) if "MASTER_PORT" in env
+                else 20000 + _env_int(env, "SLURM_JOB_ID", 0) % 20000)
+        try:
+            host = env.get("MASTER_ADDR") or first_host(nodes)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (SLURM_JOB_NODELIST); set MASTER_ADDR to the first node's host name") from None
+        return DistEnv(_env_int(env, "SLURM_PROCID", high=world - 1), world, _env_int(env, "SLURM_LOCALID", 0),
+                       host, port, "slurm")
     return DistEnv()
 
 
