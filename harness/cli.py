@@ -241,6 +241,17 @@ def cmd_run(args) -> int:
                        {job.dataset for job in to_train})
     if ranks.distributed:
         check_ranks(to_train, ranks.world_size)
+    from harness.engine.logging_backends import check_backend
+
+    check_backend(args.log)  # what only the real run used to find: --dry-run checks it as well
+    slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
+                          timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
+    if args.executor == "submitit" and not ranks.distributed:
+        from harness.execution import executors
+
+        if executors.submitit is None:
+            raise missing_dependency("submitit", "--executor submitit")
+        check_ranks(to_train, job_placement(slurm)[2])  # each job's tasks train it data-parallel
     if args.dry_run:
         _print_plan(suite, jobs, states, store)
         return 0
@@ -249,17 +260,10 @@ def cmd_run(args) -> int:
     print(f"suite {suite.name}: {count(len(jobs), 'run')} ({count(len(suite.methods), 'method')} x "
           f"{count(len(suite.datasets), 'dataset')} x {count(len(suite.seeds), 'seed')} x "
           f"{count(len(suite.budgets), 'budget')}): {_state_counts(states)}", flush=True)
-    from harness.engine.logging_backends import check_backend
-
-    check_backend(args.log)
     raised = False
     if runner is not None:
         records = run_or_say_why(runner, jobs, force=args.force)
     else:
-        slurm = slurm_options(suite.extra.get("slurm"), partition=args.partition, gpus_per_job=args.gpus_per_job,
-                              timeout_min=args.timeout_min, array_parallelism=args.array_parallelism)
-        if args.executor == "submitit":  # each job's tasks train it data-parallel
-            check_ranks(to_train, job_placement(slurm)[2])
         kwargs = {"results_dir": args.results_dir, "data_dir": args.data_dir, "device": args.device,
                   "quiet": args.quiet, "log_backend": args.log, "precision": args.precision, "compile": args.compile,
                   "pipeline": args.pipeline, "retry_failed": args.retry_failed}

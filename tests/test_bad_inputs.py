@@ -273,6 +273,13 @@ BAD_INPUTS = [
     ("a slurm section that is not a mapping", lambda t: _run(t, slurm="bogus"), 2, "slurm must be a mapping"),
     ("a slurm time limit that is not a number", lambda t: _run(t, slurm={"timeout_min": "abc"}), 2,
      "timeout_min must be a whole number of at least 1, got 'abc'"),
+    ("a submitit cluster that does not exist", lambda t: _run(t, slurm={"cluster": "bogus"}), 2,
+     "slurm: unknown submitit cluster 'bogus' (valid: local, slurm)"),  # was found by --executor submitit alone
+    ("an infinite Slurm memory", lambda t: _run(t, slurm={"mem_gb": float("inf")}), 2,
+     "mem_gb must be a positive number, got inf"),
+    pytest.param("a dry run logging to W&B without wandb", lambda t: _run(t, "--dry-run", "--log", "wandb"), 2,
+                 "--log wandb needs a package that is not installed", id="a dry run logging to W&B without wandb",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
     ("a suite file that is not UTF-8", lambda t: ["run", str(_write(t / "u.yaml", "name: s".encode("utf-16"))),
                                                  *_dirs(t)], 2, "is not UTF-8 text"),
     ("a key twice in a suite file", lambda t: ["run", str(_write(t / "d.yaml", b"name: s\nseeds: [0]\nseeds: [1]\n")),

@@ -12,6 +12,7 @@ Entry point: :func:`run_jobs`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ SLURM_KEYS = {
 SLURM_DEFAULTS = {"timeout_min": 720, "array_parallelism": 16, "max_num_timeout": 3, "signal_delay_s": 120}
 _SLURM_COUNTS = {"gpus_per_job": 0, "ranks_per_job": 1, "cpus_per_task": 1, "timeout_min": 1, "array_parallelism": 1,
                  "max_num_timeout": 0, "signal_delay_s": 0}  # integer options and their least value
+SUBMITIT_CLUSTERS = ("local", "slurm")
 _SLURM_TEXTS = ("cluster", "partition", "account", "qos", "constraint", "exclude", "folder")
 
 
@@ -75,8 +77,11 @@ def check_slurm_options(slurm: Any, where: str = "slurm") -> dict[str, Any]:
             continue
         if key in _SLURM_COUNTS and (not isinstance(value, int) or isinstance(value, bool) or value < _SLURM_COUNTS[key]):
             raise UsageError(f"{where}: {key} must be a whole number of at least {_SLURM_COUNTS[key]}, got {value!r}")
-        if key == "mem_gb" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        if key == "mem_gb" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+                                or not math.isfinite(value)):
             raise UsageError(f"{where}: mem_gb must be a positive number, got {value!r}")
+        if key == "cluster" and value not in SUBMITIT_CLUSTERS:  # None (unset): slurm where srun exists, else local
+            raise UsageError(f"{where}: unknown submitit cluster {value!r} (valid: {', '.join(SUBMITIT_CLUSTERS)})")
         if key in _SLURM_TEXTS and not isinstance(value, str):
             raise UsageError(f"{where}: {key} must be a string, got {value!r}")
         if key == "additional" and not isinstance(value, dict):
@@ -375,8 +380,8 @@ def job_placement(slurm: dict[str, Any]) -> tuple[str, int, int]:
     one data-parallel rank: one per GPU unless ``ranks_per_job`` says otherwise) that ``slurm`` options give."""
     opts = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if v is not None}}
     cluster = opts.get("cluster") or ("slurm" if shutil.which("srun") else "local")
-    if cluster not in ("slurm", "local"):
-        raise UsageError(f"unknown submitit cluster {cluster!r} (valid: local, slurm)")
+    if cluster not in SUBMITIT_CLUSTERS:
+        raise UsageError(f"unknown submitit cluster {cluster!r} (valid: {', '.join(SUBMITIT_CLUSTERS)})")
     # the local backend pins each job to one GPU itself (CUDA_VISIBLE_DEVICES in the job, see _local_window)
     gpus = opts.get("gpus_per_job", 1) if cluster == "slurm" else 0
     return cluster, int(gpus), int(opts.get("ranks_per_job") or max(1, int(gpus)))
