@@ -206,6 +206,8 @@ BAD_INPUTS = [
      2, "'bank_momentum' of method 'npid_cld' must be in [0.0, 1.0], got 2"),
     ("a smoothing weight above 1", lambda t: _run(t, methods=[{"name": "invcls", "config": {"smooth_alpha": 1.2}}]), 2,
      "'smooth_alpha' of method 'invcls' must be in [0.0, 1.0], got 1.2"),
+    ("an augmentation override keyed by a number", lambda t: _run(t, methods=[{"name": "simclr", "config": {
+        "augment_overrides": {1: 0.5}}}]), 2, "method 'simclr': unknown augment_overrides key 1 (valid: blur, "),
     ("a crop scale that is one number", lambda t: _run(t, methods=[{"name": "simclr", "config": {
         "augment_overrides": {"crop_scale": 5}}}]), 2, "'crop_scale' must be a list of 2 numbers in [0, 1]"),
     # protocol parameters and their feasibility
