@@ -113,11 +113,38 @@ def _check_k_list(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer or a non-empty list of them, got {list(value)!r}")
 
 
+def _check_non_negative(value: Any, name: str) -> None:
+    """A rate that may be 0 (a probe's weight decay, k-means' tolerance), never below."""
+    if not value >= 0:
+        raise ValueError(f"{name} must be at least 0, got {value!r}")
+
+
+def _check_fraction(value: Any, name: str) -> None:
+    """A coefficient in [0, 1] (a probe's SGD momentum, as a method's)."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def _each(check: Callable[[Any, str], None], non_empty: bool = False) -> Callable[[Any, str], None]:
+    """``check`` on every element of a grid (``l2_grid``, ``grid_k``); ``non_empty``: one the protocol sweeps to pick
+    its value, so an empty grid picks nothing."""
+    def check_all(values: Any, name: str) -> None:
+        if non_empty and not values:
+            raise ValueError(f"{name} must be a non-empty list, got {values!r}")
+        for i, value in enumerate(values):
+            check(value, f"{name}[{i}]")
+
+    return check_all
+
+
 #: Checks of protocol parameters that need no data, by parameter name, with the protocols' own
 #: checks (``protocols/_common.py``): what evaluation would reject after training, rejected before it.
 PARAMETER_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "temperature": check_positive, "lr": check_positive, "max_iter": check_positive_int,
     "n_init": check_positive_int, "epochs": check_positive_int, "batch_size": check_positive_int, "k": _check_k_list,
+    "weight_decay": _check_non_negative, "momentum": _check_fraction, "tol": _check_non_negative,
+    "l2_grid": _each(check_positive, non_empty=True), "grid_k": _each(check_positive_int),
+    "grid_temperature": _each(check_positive),
 }
 
 
