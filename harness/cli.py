@@ -587,11 +587,12 @@ def cmd_migrate(args) -> int:
 #: The directories each command writes (data: manifests and decoded caches), checked before it does any work:
 #: a file or read-only folder there is one line naming the option, not an errno from deep inside.
 WRITTEN_DIRS = {"run": ("data_dir", "results_dir", "leaderboard_dir"), "leaderboard": ("leaderboard_dir",),
-                "reproduce": ("data_dir", "results_dir"), "report": ("data_dir", "leaderboard_dir"),
+                "reproduce": ("data_dir",), "report": ("data_dir", "leaderboard_dir"),
                 "tune": ("data_dir", "results_dir"), "eval": ("data_dir",)}
 # Commands that read stored records: a missing results dir stops them before any folder is created.
+# (reproduce only reads them too: its reruns train in a scratch directory)
 READ_DIRS = {"leaderboard": ("results_dir",), "report": ("results_dir",), "compare": ("results_dir",),
-             "migrate": ("results_dir",)}
+             "migrate": ("results_dir",), "reproduce": ("results_dir",)}
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "eval": cmd_eval, "bench": cmd_bench,
             "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare,

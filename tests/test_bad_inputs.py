@@ -244,7 +244,8 @@ BAD_INPUTS = [
     ("empty method list", lambda t: _run(t, "--methods", ""), 2, "expected a comma-separated list"),
     ("a method the suite does not run", lambda t: _run(t, "--methods", "random,nosuch"), 2,
      "unknown method (in this suite) 'nosuch'"),
-    ("reproduce a method the suite does not run", lambda t: ["reproduce", "quick", "--methods", "nosuch", *_dirs(t)[:4]],
+    ("reproduce a method the suite does not run", lambda t: ["reproduce", "quick", "--methods", "nosuch",
+                                                                 *_dirs(_mkdir(t / "r").parent)[:4]],
      2, "unknown method (in this suite) 'nosuch' (valid: "),
     ("no workers", lambda t: _run(t, "--workers", "0"), 2, "--workers: expected a positive integer"),
     ("a Slurm option with the local executor", lambda t: _run(t, "--slurm-partition", "gpu"), 2,
@@ -365,7 +366,8 @@ BAD_INPUTS = [
      "does not exist"),
     *[(f"{args[0]} of a results dir that is not there", lambda t, args=args: [*args, "--results-dir", str(t / "r")], 2,
        "r' does not exist; give the folder that holds <suite>/<run_id>.json records")
-      for args in (["leaderboard", "quick"], ["report", "quick"], ["compare", "quick", "simclr", "pixels"])],
+      for args in (["leaderboard", "quick"], ["report", "quick"], ["compare", "quick", "simclr", "pixels"],
+                   ["reproduce", "quick"])],
     ("leaderboard of a results dir that is a file", lambda t: ["leaderboard", "--results-dir", str(_file(t / "f"))], 2,
      "f' is a file"),
     ("an empty results dir path", lambda t: _run(t, "--results-dir", ""), 2, "expected a path, got ''"),
@@ -475,11 +477,13 @@ def test_a_malformed_launcher_variable_stops_run_with_exit_2(tmp_path, capsys, m
     assert not list(tmp_path.glob("r/**/*.json"))
 
 
-def test_reading_a_results_dir_that_is_not_there_creates_no_folder(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["leaderboard", "reproduce"])
+def test_reading_a_results_dir_that_is_not_there_creates_no_folder(command, tmp_path, monkeypatch, capsys):
     """``leaderboard`` probed its tables' folder before it found no records, leaving an empty
-    ``<dir>-leaderboards`` beside the mistyped results dir."""
+    ``<dir>-leaderboards`` beside the mistyped results dir; ``reproduce``, which only reads the records (its reruns
+    train in a scratch directory), created the mistyped results dir itself, and refused a read-only one."""
     monkeypatch.chdir(tmp_path)
-    assert main(["leaderboard", "--results-dir", str(tmp_path / "typo")]) == 2
+    assert main([command, "--results-dir", str(tmp_path / "typo")]) == 2
     assert "typo' does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
