@@ -410,6 +410,15 @@ BAD_INPUTS = [
                                                       "steps=1", "--storage", "bogus://x", "--results-dir", str(t / "r")],
                  2, "cannot use Optuna storage 'bogus://x'", id="unknown tuning storage",
                  marks=pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna not installed")),
+    *[pytest.param(f"a tuning storage of {what}", lambda t, url=url: [
+        "tune", "simclr", "digits", "--trials", "1", "--budget", "steps=1", "--storage", url(t),
+        "--results-dir", str(t / "r")], 2, fragment, id=f"a tuning storage of {what}",
+        marks=pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna not installed"))
+      for what, url, fragment in [  # the in-memory one trained, lost its study and printed a heartbeat traceback
+          ("an in-memory database", lambda t: "sqlite://", "is an in-memory database: the study would be lost"),
+          ("an in-memory database file", lambda t: "sqlite:///:memory:", "is an in-memory database"),
+          ("a journal without a file", lambda t: "journal:", "'journal:' names no file; valid: journal:///PATH"),
+          ("a journal that is a folder", lambda t: f"journal://{t}", "names the folder")]],
 ]
 
 

@@ -113,13 +113,28 @@ def make_storage(url: str, heartbeat_s: int = 60):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
         rest = url.split(":", 1)[1]
-        path = Path(rest[2:] if rest.startswith("//") else rest)  # journal:///abs/file, journal://rel/file
+        text = rest[2:] if rest.startswith("//") else rest  # journal:///abs/file, journal://rel/file
+        path = Path(text)
+        if not text or path.is_dir():
+            raise UsageError(f"Optuna storage {url!r} names " + (f"the folder {text!r}" if text else "no file")
+                             + "; valid: journal:///PATH/TO/FILE.log (a file, made if missing)")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     import inspect
 
     import optuna.storages as st
     import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        parsed = None  # refused with the valid forms below
+    if parsed is not None and parsed.get_backend_name() == "sqlite" and (
+            parsed.database in (None, "", ":memory:") or "memory" in str(parsed.query.get("mode", ""))):
+        raise UsageError(f"Optuna storage {_masked(url)!r} is an in-memory database: the study would be lost when "
+                         f"tune ends (and its trials' heartbeats cannot reach it); valid: sqlite:///PATH/TO/FILE.db, "
+                         f"journal:///PATH, or leave --storage out for <results-dir>/tune/<study>.db")
 
     params = inspect.signature(st.RDBStorage.__init__).parameters
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
