@@ -670,6 +670,34 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(filled_at, tmp_p
         manifests + ["s.yaml"]
 
 
+def test_a_quick_protocol_benchmark_leaves_the_committed_table_alone(tmp_path, capsys, monkeypatch):
+    """``bench protocols --quick`` (a smoke test, as ``bench gpu --smoke``) writes its table to a temporary file
+    unless ``--out`` says where. Catches the smoke run replacing leaderboards/bench-protocols.md with toy sizes."""
+    pytest.importorskip("faiss")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "protocols", "--quick"]) == 0
+    written = Path(capsys.readouterr().out.splitlines()[-1].removeprefix("written: "))
+    assert list(tmp_path.iterdir()) == [] and written.read_text().startswith("# Protocol benchmarks (quick sizes)")
+
+
+def test_a_benchmark_table_is_written_atomically(tmp_path, capsys, monkeypatch):
+    """A disk that fills while a benchmark writes its table: exit 1 with one line, and the table of the run before
+    is kept whole, with no temporary file beside it. Catches the plain write_text that truncated the old table first."""
+    import harness.execution.store
+
+    pytest.importorskip("faiss")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = _write(tmp_path / "bench.md", b"# the table of the run before\n")
+    monkeypatch.setattr(harness.execution.store.os, "fsync", disk_full)
+    assert main(["bench", "protocols", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and "No space left on device" in err and err.count("\n") == 1
+    assert out.read_bytes() == b"# the table of the run before\n" and [p.name for p in tmp_path.iterdir()] == ["bench.md"]
+
+
 def test_listing_into_a_closed_pipe_exits_quietly(tmp_path):
     """``harness list | head``: a reader that has gone makes no BrokenPipeError traceback. The read
     end is closed before the process starts, so every write fails (deterministic, unlike ``head``).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from harness.errors import missing_dependency
 from protocols.clustering import cluster_metrics, contingency_table, hungarian_accuracy, kmeans
 from protocols.knn import knn_accuracy
 from protocols.linear import L2_GRID, lbfgs_probe
+from harness.execution.store import write_text_atomic
 from harness.execution.validate import UsageParser, output_file
 
 SIZES = {
@@ -204,8 +206,12 @@ def to_markdown(df: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = UsageParser(prog="harness bench protocols", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
-    p.add_argument("--out", type=output_file, default=Path("leaderboards") / "bench-protocols.md")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="markdown table (default leaderboards/bench-protocols.md; with --quick a temporary file, so "
+                        "that a smoke test never replaces the committed table)")
     args = p.parse_args(argv)
+    args.out = args.out or (Path(tempfile.mkdtemp(prefix="bench-protocols-")) / "bench-protocols.md" if args.quick
+                            else Path("leaderboards") / "bench-protocols.md")
     try:
         import faiss  # a dependency of the benchmark: its kNN and k-means rows time FAISS
     except ImportError:
@@ -214,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     table = to_markdown(protocol_benchmarks(args.quick))
     print(table)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    text = (
         f"# Protocol benchmarks{' (quick sizes)' if args.quick else ''}\n\n"
         f"CPU only: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
         f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads; "
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "x_floor = seconds / floor_s (the floor is the unavoidable core: the float32 matmul of the same "
         "shapes for kNN (in 1 GB output blocks), building the contingency table for the label metrics, "
         "the assignment matmuls for k-means). speedup = baseline_s / seconds.\n\n" + table + "\n")
+    write_text_atomic(args.out, text)  # a full disk or a kill leaves the old table, never half of one
+    print(f"\nwritten: {args.out}")
     return 0
 
 

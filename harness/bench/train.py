@@ -28,6 +28,7 @@ from harness.models.backbones import create_backbone
 from harness.engine.budget import Budget
 from harness.data.datasets import ImageData, load_dataset, with_input_norm
 from harness.execution.environment import resolve_device
+from harness.execution.store import write_text_atomic
 from harness.data.pil_augment import default_workers, training_feed
 from harness.engine.seeding import seed_everything
 from harness.engine.train import _peak_rss_mb, _reset_peak_rss, train
@@ -252,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     table = to_markdown(df.set_index("method"))
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     loader = ("" if args.loader_workers < 0 else
@@ -261,15 +261,16 @@ def main(argv: list[str] | None = None) -> int:
               "same preset on PIL images (harness/data/pil_augment.py), timed after its warm-up steps; loader ratio "
               f"= loader images/s / floor. The loader path runs in {1 + args.loader_workers} processes, the "
               "others in one: on cores shared with other work it gets a larger share of them, which favours it.")
-    args.out.write_text(f"# Training throughput ({args.dataset}, {args.backbone}, {args.scale} scale, {device}, "
-                        f"{torch.get_num_threads()} threads, {args.steps} timed steps)\n\n"
-                        f"Machine: {_machine(device)}. Run finished {date} after "
-                        f"{time.perf_counter() - started:.0f} s; load average at the end (1, 5, 15 min): {load} "
-                        "(other processes share the cores: compare ratios only between runs on an idle "
-                        "machine).\n\n"
-                        "images/s: full training step (indexing, on-device augmentation, forward, backward, "
-                        "optimiser, method bookkeeping), with the method's epoch-start hook (SeLa's relabelling) "
-                        "timed apart and spread over an epoch's steps. floor: bare backbone forward+backward on random "
-                        "tensors with the same views per image. ratio = images/s / floor." + loader + "\n\n"
-                        + table + "\n")
+    text = (f"# Training throughput ({args.dataset}, {args.backbone}, {args.scale} scale, {device}, "
+            f"{torch.get_num_threads()} threads, {args.steps} timed steps)\n\n"
+            f"Machine: {_machine(device)}. Run finished {date} after "
+            f"{time.perf_counter() - started:.0f} s; load average at the end (1, 5, 15 min): {load} "
+            "(other processes share the cores: compare ratios only between runs on an idle "
+            "machine).\n\n"
+            "images/s: full training step (indexing, on-device augmentation, forward, backward, "
+            "optimiser, method bookkeeping), with the method's epoch-start hook (SeLa's relabelling) "
+            "timed apart and spread over an epoch's steps. floor: bare backbone forward+backward on random "
+            "tensors with the same views per image. ratio = images/s / floor." + loader + "\n\n"
+            + table + "\n")
+    write_text_atomic(args.out, text)  # a full disk or a kill leaves the old table, never half of one
     return 0
