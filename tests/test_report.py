@@ -434,3 +434,18 @@ def test_the_reports_features_are_of_the_images_as_the_run_normalised_them(tmp_p
     pixels = data.images[:5].flatten(1).numpy() / 255
     expected = pixels if norm == "none" else (pixels - data.mean[0]) / data.std[0]
     np.testing.assert_allclose(features, expected, rtol=0, atol=1e-5)
+
+
+def test_figure_names_of_long_row_labels_stay_short_and_distinct():
+    """A row label of thousands of characters (a suite may give one) or an image folder's long path names its
+    figures: each name keeps its start, stays far below the 255 bytes a file name may have, and two labels that
+    differ only at their end get two names. Catches the report that stopped with 'File name too long' after it had
+    written some of its figures (a CLI sweep)."""
+    from harness.reporting.report import _Names
+
+    names = _Names()
+    first, second = names("curve", "x" * 3000, "digits"), names("curve", "x" * 2999 + "y", "digits")
+    assert first.startswith("curve_xxx") and first.endswith(".png") and len(first.encode()) <= 200
+    assert first != second and len(second.encode()) <= 200
+    assert _Names()("curve", "x" * 3000, "digits") == first  # deterministic: a report run again names it alike
+    assert names("curve", "simclr", "digits") == "curve_simclr_digits.png"  # short names are as they were

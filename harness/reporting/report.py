@@ -27,6 +27,7 @@ fixed rc parameters and no PNG metadata beyond that provenance; t-SNE uses a fix
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -102,6 +103,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "x"
 
 
+#: The longest figure file name stem kept as it is; a longer one (a row label or an image folder's path of hundreds of
+#: characters) keeps its start and gets a hash of the whole, so that it stays far below the 255 bytes a name may have.
+NAME_STEM_MAX = 150
+
+
 class _Names:
     """Unique, readable, deterministic file names."""
 
@@ -110,6 +116,8 @@ class _Names:
 
     def __call__(self, *parts: str) -> str:
         base = "_".join(_slug(p) for p in parts if p)
+        if len(base) > NAME_STEM_MAX:
+            base = f"{base[:NAME_STEM_MAX - 13]}-{hashlib.sha256(base.encode()).hexdigest()[:12]}"
         name, i = f"{base}.png", 2
         while name in self.used:
             name, i = f"{base}-{i}.png", i + 1
