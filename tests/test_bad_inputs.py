@@ -358,6 +358,8 @@ BAD_INPUTS = [
     ("an empty list of clustering k", lambda t: _run(t, protocols={"clustering": {"k": []}}), 2,
      "parameter 'k' of protocol 'clustering' must be a positive integer or a non-empty list of them, got []"),
     ("a dataset of one class", lambda t: _on_tree(t, _one_class), 2, "has 1 class ('a'); the protocols need at least 2"),
+    ("an image folder without a path", lambda t: _run(t, "--datasets", "imagefolder:"), 2,
+     "dataset 'imagefolder:' names no folder; valid: imagefolder:PATH"),  # was "dataset '' not found: looked for ."
     ("an image folder that is a file", lambda t: _run(t, "--datasets", f"imagefolder:{_file(t / 'f.jpg')}"), 2,
      "f.jpg' is a file; give the folder that holds one folder of images per class"),
     ("bench sinkhorn larger than memory", lambda t: ["bench", "sinkhorn", "--sizes", "99999999999999", "--clusters", "3"],

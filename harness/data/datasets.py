@@ -462,7 +462,11 @@ def load_imagenet10(root: Path, download: bool) -> ImageData:
 def parse_dataset_name(name: str) -> tuple[str, Path | None]:
     """``imagefolder:/path/to/tree`` -> ("imagefolder", path); other names pass through."""
     if name.startswith("imagefolder:"):
-        return "imagefolder", Path(name.split(":", 1)[1]).expanduser()
+        path = name.split(":", 1)[1]
+        if not path.strip():  # Path("") is the current directory, read as a tree named ''
+            raise UsageError(f"dataset {name!r} names no folder; valid: imagefolder:PATH, PATH holding train/<class>/ "
+                             f"and test/<class>/ folders of images")
+        return "imagefolder", Path(path).expanduser()
     return name, None
 
 
