@@ -302,6 +302,15 @@ BAD_INPUTS = [
                                                  *_dirs(t)], 2, "is not UTF-8 text"),
     ("a key twice in a suite file", lambda t: ["run", str(_write(t / "d.yaml", b"name: s\nseeds: [0]\nseeds: [1]\n")),
                                                *_dirs(t)], 2, "at line 3: key 'seeds' appears twice"),
+    *[(f"a suite file with {what}", lambda t, body=body: ["run", str(_write(t / "a.yaml", (
+        "name: s\ndatasets: [digits]\nseeds: [0]\nbudget: {steps: 1}\n" + body).encode())), *_dirs(t)], 2, fragment)
+      for what, body, fragment in [  # each was a RecursionError traceback
+          ("an anchor that contains itself", "methods: [random]\nprotocols: {clustering: {k: &k [*k]}}\n",
+           "has an alias inside its own anchor (such as `k: &a [*a]`)"),
+          ("a config list that contains itself", "methods: [{name: simclr, config: {milestones: &m [0.5, *m]}}]\n"
+                                                 "protocols: {knn: {k: 5}}\n", "has an alias inside its own anchor"),
+          ("lists nested 3000 deep", "methods: [random]\nprotocols: {knn: {k: 5}}\ndescription: " + "[" * 3000
+           + "]" * 3000 + "\n", "nests lists or mappings hundreds of levels deep")]],
     ("a suite path that is a directory", lambda t: ["run", str(_mkdir(t / "dir.yaml")), *_dirs(t)], 2,
      "is a directory"),
     ("an empty plugin name", lambda t: ["--plugin", "", "list"], 2, "cannot import plugin '': ValueError"),

@@ -316,17 +316,46 @@ class _SuiteLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _refers_to_itself(value: Any) -> bool:
+    """Whether ``value`` (what YAML built) contains itself: ``a: &x [*x]`` is a list holding that list, which every
+    check below would walk forever (a RecursionError). Aliases shared without a cycle are fine; each mapping or list
+    is walked once, so a file of many aliases of aliases costs no more than its distinct nodes."""
+    done: set[int] = set()
+
+    def walk(node: Any, ancestors: set[int]) -> bool:
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            return False
+        if id(node) in ancestors:
+            return True
+        ancestors.add(id(node))
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if any(walk(child, ancestors) for child in children):
+            return True
+        ancestors.discard(id(node))
+        done.add(id(node))
+        return False
+
+    return walk(value, set())
+
+
 def load_suite(name_or_path: str) -> Suite:
     """Load a shipped suite by name or a user's YAML file by path."""
     path = _suite_path(name_or_path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SuiteLoader)
+        cyclic = _refers_to_itself(data)
+    except RecursionError:  # PyYAML's parser, and the walk, recurse once per level of nesting
+        raise UsageError(f"suite file {str(path)!r} nests lists or mappings hundreds of levels deep; a suite needs "
+                         f"a few") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"suite file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise UsageError(f"suite file {str(path)!r} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if cyclic:
+        raise UsageError(f"suite file {str(path)!r} has an alias inside its own anchor (such as `k: &a [*a]`), a value "
+                         f"that contains itself; give the value itself")
     return parse_suite(data, path.stem, str(path))
 
 
