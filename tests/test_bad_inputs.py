@@ -822,6 +822,23 @@ def test_yaml_numbers_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
     assert type(knn["k"]) is int and job.spec["budget"] == {"steps": 20}
 
 
+def test_a_val_fraction_and_image_size_pyyaml_reads_as_strings_are_used_as_numbers(tmp_path):
+    """``val_fraction: 1e-1`` and ``image_size: 1.6e1`` (strings to PyYAML) are the numbers 0.1 and 16, as numeric
+    strings are in configs and protocol parameters, and ``image_size: 16.0`` is 16. Catches the two keys refused
+    with 'must be in [0, 1), got '1e-1'' while ``lr: 1e-3`` beside them was taken."""
+    from harness.execution.runner import plan
+    from harness.execution.suite import load_suite
+
+    path = tmp_path / "s.yaml"
+    for size in ("1.6e1", "16.0"):
+        path.write_text(f"name: s\ndatasets: [digits]\nseeds: [0]\nbudget: {{steps: 1}}\nmethods: [random]\n"
+                        f"protocols: {{knn: {{k: 5}}}}\nval_fraction: 1e-1\nimage_size: {size}\n")
+        suite = load_suite(str(path))
+        (job,) = plan(suite)
+        assert (suite.val_fraction, suite.image_size, job.spec["val_fraction"], job.spec["image_size"]) == (0.1, 16, 0.1, 16)
+        assert type(job.spec["image_size"]) is int
+
+
 @pytest.mark.parametrize("value,default,expected", [
     ("1e-3", 0.06, 0.001), (1, 0.5, 1), ("1e3", 256, 1000), (64.0, 256, 64), (True, False, True),
     (["5e-1", 0.8], [0.1], [0.5, 0.8]), ("k-means++", "random", "k-means++"), ({"a": 1}, {}, {"a": 1}),

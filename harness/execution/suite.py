@@ -19,7 +19,8 @@ from harness.data.augment import OVERRIDE_RANGES
 from harness.data.datasets import ImageData, SplitManifest, validate_dataset_name
 from harness.errors import UsageError, choices_error
 from harness.execution.executors import check_slurm_options
-from harness.execution.validate import MAX_IMAGE_SIZE, SEED_LIMIT, check_unique, coerce_like, is_seed
+from harness.execution.validate import (MAX_IMAGE_SIZE, SEED_LIMIT, check_unique, coerce_like, is_seed,
+                                       parse_number)
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
 from protocols._common import check_count, check_positive, check_positive_int
@@ -241,16 +242,19 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
                 for pname, params in protocols.items()}
     split = data.get("train_split", "train")
     _expect(split in SPLITS, f"{where}: unknown train_split {split!r} (valid: {', '.join(SPLITS)})")
-    vf = data.get("val_fraction", 0.1)
-    _expect(isinstance(vf, (int, float)) and 0 <= vf < 1, f"{where}: val_fraction must be in [0, 1), got {vf!r}")
+    vf = data.get("val_fraction", 0.1)  # YAML reads 1e-1 as the string '1e-1': taken as its number, as config values
+    number = parse_number(vf)
+    _expect(number is not None and 0 <= number < 1, f"{where}: val_fraction must be in [0, 1), got {vf!r}")
+    vf = number
     _expect(vf > 0 or "val_knn" not in resolved,
             f"{where}: protocol val_knn scores the validation split, which val_fraction 0 leaves empty "
             f"(valid: val_fraction in (0, 1))")
     image_size = data.get("image_size")
-    _expect(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool)
-                                   and 0 < image_size <= MAX_IMAGE_SIZE),
+    side = None if image_size is None else parse_number(image_size)  # 2.24e2 (a string to YAML) or 224.0: 224
+    _expect(image_size is None or (side is not None and float(side).is_integer() and 0 < side <= MAX_IMAGE_SIZE),
             f"{where}: image_size must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels per side) or absent for the "
             f"dataset's own size, got {image_size!r}")
+    image_size = None if side is None else int(side)
     tables = data.get("tables") or {}
     _expect(isinstance(tables, dict) and all(isinstance(k, str) and SUITE_NAME.fullmatch(k) and isinstance(v, list)
                                              and v and all(isinstance(p, str) and p for p in v)
