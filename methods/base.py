@@ -206,7 +206,7 @@ def _check_training_names(cfg: dict[str, Any], method: str) -> None:
     """The optimiser, schedule, lr update, augmentation preset (and its overrides) and input normalisation name things
     that exist."""
     # Imported here: harness.engine.train imports this module.
-    from harness.data.augment import PRESETS, get_preset
+    from harness.data.augment import OVERRIDE_RANGES, PRESETS, get_preset
     from harness.data.datasets import INPUT_NORMS
     from harness.engine.train import LR_UPDATES, OPTIMIZERS, SCHEDULES
 
@@ -217,6 +217,10 @@ def _check_training_names(cfg: dict[str, Any], method: str) -> None:
         if value not in valid:
             raise UsageError(f"method {method!r}: {choices_error(kind, value, valid)}")
     try:
+        # YAML's `{1: 0.5}` names no field (and a keyword argument must be a string)
+        odd = [key for key in cfg["augment_overrides"] if not isinstance(key, str)]
+        if odd:
+            raise choices_error("augment_overrides key", odd[0], OVERRIDE_RANGES)
         get_preset(cfg["augment"], **cfg["augment_overrides"])
     except UsageError as exc:
         raise UsageError(f"method {method!r}: {exc}") from None

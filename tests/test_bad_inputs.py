@@ -1035,3 +1035,14 @@ def test_a_checkpoint_larger_than_the_file_size_limit_is_one_line_exit_1_and_lea
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("error: cannot write ") and ".ckpt" in out.stderr and "File too large" in out.stderr
     assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
+
+
+def test_an_augmentation_override_keyed_by_a_number_is_refused_by_the_config_itself():
+    """``resolve_config`` (the API a suite, ``tune`` or a script goes through) refuses ``augment_overrides`` keyed by
+    a number in one line, before the preset is built from them. Catches the TypeError ('keywords must be strings')
+    the keyword unpacking raised."""
+    from harness.errors import UsageError
+    from methods import METHODS, resolve_config
+
+    with pytest.raises(UsageError, match=r"method 'simclr': unknown augment_overrides key 1 \(valid: blur, "):
+        resolve_config(METHODS.get("simclr"), "cpu", {"augment_overrides": {1: 0.5}})

@@ -15,7 +15,6 @@ import yaml
 
 from harness.models.backbones import BACKBONES
 from harness.engine.budget import Budget
-from harness.data.augment import OVERRIDE_RANGES
 from harness.data.datasets import ImageData, SplitManifest, validate_dataset_name
 from harness.errors import UsageError, choices_error
 from harness.execution.executors import check_slurm_options
@@ -282,11 +281,6 @@ def parse_suite(data: Any, name: str, source: str = "") -> Suite:
                            f"(suite protocols: {', '.join(resolved)})")
     for entry in methods:  # configs are checked now, not after hours of training
         for overrides in [{}, *entry.dataset_config.values()]:
-            augment = {**entry.config, **overrides}.get("augment_overrides")
-            # YAML's `{1: 0.5}` names no field: the preset's keyword arguments would fail with a TypeError
-            if isinstance(augment, dict) and (odd := [key for key in augment if not isinstance(key, str)]):
-                raise UsageError(f"{where}: method {entry.name!r}: "
-                                 f"{choices_error('augment_overrides key', odd[0], OVERRIDE_RANGES)}")
             try:
                 resolve_config(METHODS.get(entry.name), scale, {**entry.config, **overrides})
             except UsageError as exc:
