@@ -38,6 +38,16 @@ def test_usage_fraction_and_exhaustion():
     assert Usage(epochs=3.5).fraction(Budget("epochs", 3)) == 1.0  # in [0, 1] even past the budget
 
 
+@pytest.mark.parametrize("limit", [1e-300, 1e-10, 1e-3])
+def test_any_positive_budget_trains_at_least_one_step(limit):
+    """A budget far below one step (epochs=1e-300 is valid input) is not spent before the first step, and is after
+    it. Catches an absolute tolerance (limit - 1e-9) that called such a budget spent at the start: a run that
+    trained nothing, stored as ok (a CLI sweep)."""
+    assert not Usage().exhausted(Budget("epochs", limit))
+    assert Usage(epochs=1 / 14, steps=1).exhausted(Budget("epochs", limit))
+    assert Usage(epochs=3 * (1 - 1e-12)).exhausted(Budget("epochs", 3))  # float error in accumulated epochs
+
+
 def test_a_budget_as_text_or_as_a_number_is_one_budget_and_one_run():
     """"epochs=20", "20epochs", {"epochs": 20}, {"epochs": 20.0} and YAML's string {"epochs": "20"} are the same
     budget with the integer limit 20, so they name the same run (a float 20.0 would hash as another run id);

@@ -74,7 +74,9 @@ class Usage:
         return min(1.0, getattr(self, budget.unit) / budget.limit)
 
     def exhausted(self, budget: Budget) -> bool:
-        return getattr(self, budget.unit) >= budget.limit - 1e-9
+        """Whether the budget is spent, up to float error relative to its limit (epochs accumulate as fractions),
+        so that any positive budget, however small, trains at least one step."""
+        return getattr(self, budget.unit) >= budget.limit * (1 - 1e-9)
 
     def as_dict(self) -> dict:
         return asdict(self)
