@@ -271,6 +271,9 @@ BAD_INPUTS = [
      "'as' of method 'simclr' must be a non-empty string"),
     ("a row label over two lines", lambda t: _run(t, methods=[{"name": "simclr", "as": "sim\nclr"}]), 2,
      "'as' of method 'simclr' must be a non-empty string on one line without '|'"),
+    ("a row label --methods cannot pick", lambda t: _run(t, methods=[{"name": "simclr", "as": "r,s"}]), 2,
+     "'as' of method 'simclr' must be a non-empty string on one line without '|' (the row's label in every table) "
+     "or ',' (--methods LABEL,LABEL picks rows), got 'r,s'"),
     ("a row label that splits a table's cells", lambda t: _run(t, methods=[{"name": "simclr", "as": "a|b"}]), 2,
      "got 'a|b'"),
     ("a description that is a list", lambda t: _run(t, description=["cifar", "cpu"]), 2,

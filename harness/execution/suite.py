@@ -189,9 +189,9 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
         overrides = item.get("protocols") or {}
         _expect(isinstance(overrides, dict), f"{where}: a method's 'protocols' must map protocol names to parameters")
         label = item.get("as", item["name"])
-        _expect(isinstance(label, str) and label.strip() and label.isprintable() and "|" not in label,
+        _expect(isinstance(label, str) and label.strip() and label.isprintable() and not {"|", ","} & set(label),
                 f"{where}: 'as' of method {item['name']!r} must be a non-empty string on one line without '|' (the "
-                f"row's label in every table), got {label!r}")
+                f"row's label in every table) or ',' (--methods LABEL,LABEL picks rows), got {label!r}")
         config, per_dataset = item.get("config") or {}, item.get("dataset_config") or {}
         _expect(isinstance(config, dict), f"{where}: 'config' of method {label!r} must map config keys to values, "
                                           f"got {config!r}")
