@@ -135,9 +135,15 @@ def _plugin(name: str, body: str) -> bytes:
 
 
 def _read_only(tmp: Path) -> list[str]:
+    _read_only_dir(tmp)
+    return _run(tmp)
+
+
+def _read_only_dir(tmp: Path) -> Path:
+    """``tmp/r``, readable but not writable (the results dir of :func:`_run`)."""
     (tmp / "r").mkdir()
     (tmp / "r").chmod(0o500)
-    return _run(tmp)
+    return tmp / "r"
 
 
 BAD_INPUTS = [
@@ -397,7 +403,12 @@ BAD_INPUTS = [
     ("bench gpu with an unknown option", lambda t: ["bench", "gpu", "--nosuch"], 2, "unrecognized arguments: --nosuch"),
     ("bench output that is a directory", lambda t: ["bench", "gpu", "--smoke", "--out", str(t)], 2, "is a directory"),
     ("bench output below a file", lambda t: ["bench", "sinkhorn", "--out", str(_write(t / "f", b"") / "x.md")], 2,
-     "is not a writable directory"),
+     "f' is a file, not a directory"),
+    pytest.param("bench output in a read-only folder", lambda t: ["bench", "sinkhorn", "--out",
+                                                                          str(_read_only_dir(t) / "x.md")],
+                 1, "is not a writable directory; fix its permissions or pass another --out",
+                 id="bench output in a read-only folder",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")),
     ("bench sinkhorn of size 0", lambda t: ["bench", "sinkhorn", "--sizes", "0"], 2, "expected a positive integer"),
     ("bench sinkhorn with lambda nan", lambda t: ["bench", "sinkhorn", "--lam", "nan"], 2, "expected a positive number"),
     ("bench sinkhorn of an unknown precision", lambda t: ["bench", "sinkhorn", "--dtypes", "float16"], 2,
@@ -1049,3 +1060,20 @@ def test_an_augmentation_override_keyed_by_a_number_is_refused_by_the_config_its
 
     with pytest.raises(UsageError, match=r"method 'simclr': unknown augment_overrides key 1 \(valid: blur, "):
         resolve_config(METHODS.get("simclr"), "cpu", {"augment_overrides": {1: 0.5}})
+
+
+def test_a_benchmark_output_in_an_unwritable_folder_is_the_environments_failure(tmp_path, monkeypatch):
+    """``--out`` in a folder the process may not write to fails as the environment (exit 1, as ``run``'s results
+    dir), where a path below a file is a bad value (exit 2). The folder's permission is stubbed, so that the check
+    runs as root too. Catches both kinds reported alike."""
+    import argparse
+
+    from harness.errors import EnvironmentFailure
+    from harness.execution import validate
+
+    monkeypatch.setattr(validate.os, "access", lambda path, mode: False)
+    with pytest.raises(EnvironmentFailure, match="is not a writable directory; fix its permissions"):
+        validate.output_file(str(tmp_path / "x.md"))
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
+        validate.output_file(str(_write(tmp_path / "f", b"") / "x.md"))
+    assert main(["bench", "sinkhorn", "--out", str(tmp_path / "x.md")]) == 1

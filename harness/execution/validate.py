@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import UsageError
+from harness.errors import EnvironmentFailure, UsageError
 
 
 def parse_number(value: Any) -> int | float | None:
@@ -229,6 +229,9 @@ def output_file(value: str) -> Path:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {str(parent)!r} is not a writable directory")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK):  # the environment, not the value (exit 1, as for run's --results-dir)
+        raise EnvironmentFailure(f"cannot write {value!r}: {str(parent)!r} is not a writable directory; fix its "
+                                 f"permissions or pass another --out")
     return path
