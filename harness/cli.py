@@ -569,7 +569,11 @@ def cmd_migrate(args) -> int:
     if args.suite:
         check_suite_name(args.suite)
     if args.suite and not (root / args.suite).is_dir():
-        raise choices_error("suite (in this results dir)", args.suite, [p.name for p in root.iterdir() if p.is_dir()])
+        stored = [p.name for p in root.iterdir() if p.is_dir()]
+        if not stored:
+            raise UsageError(f"no suite {args.suite!r} in {root}: it holds no stored suites (--results-dir names "
+                             f"where `run` stored them)")
+        raise choices_error("suite (in this results dir)", args.suite, stored)
     names = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir())
     renamed = removed = 0
     for name in names:

@@ -246,6 +246,8 @@ BAD_INPUTS = [
      2, "unknown split 'validation' (valid: all, test, train, train_full, val)"),
     # budgets and command-line lists
     ("infinite budget", lambda t: _run(t, "--budget", "epochs=inf"), 2, "must be a positive number (finite)"),
+    ("two budgets in one", lambda t: _run(t, "--budget", "epochs=2 steps=3"), 2,
+     "budget must name exactly one unit (epochs, steps, samples, seconds), got 'epochs=2 steps=3'"),
     ("empty budget", lambda t: _run(t, "--budget", ""), 2, "cannot parse budget ''"),
     ("empty method list", lambda t: _run(t, "--methods", ""), 2, "expected a comma-separated list"),
     ("a method the suite does not run", lambda t: _run(t, "--methods", "random,nosuch"), 2,
@@ -382,6 +384,8 @@ BAD_INPUTS = [
      "f.jpg' is a file; give the folder that holds one folder of images per class"),
     ("bench sinkhorn larger than memory", lambda t: ["bench", "sinkhorn", "--sizes", "99999999999999", "--clusters", "3"],
      2, "N=99999999999999 x K=3 logits need"),
+    ("migrate a suite of an empty results dir", lambda t: ["migrate", "nosuch", "--results-dir", str(_mkdir(t / "r"))],
+     2, "no suite 'nosuch' in "),
     ("migrate a results dir that is not there", lambda t: ["migrate", "--results-dir", str(t / "none")], 2,
      "does not exist"),
     *[(f"{args[0]} of a results dir that is not there", lambda t, args=args: [*args, "--results-dir", str(t / "r")], 2,
@@ -1077,3 +1081,17 @@ def test_a_benchmark_output_in_an_unwritable_folder_is_the_environments_failure(
     with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
         validate.output_file(str(_write(tmp_path / "f", b"") / "x.md"))
     assert main(["bench", "sinkhorn", "--out", str(tmp_path / "x.md")]) == 1
+
+
+def test_an_image_folder_named_by_a_relative_path_is_that_folder(tmp_path, monkeypatch):
+    """``imagefolder:.`` and ``imagefolder:tree`` name folders relative to where the command runs: the current
+    folder's own name, not '' (the message said "dataset '' not found: looked for ."), and a relative tree loads
+    as its absolute path does."""
+    from harness.data.datasets import parse_dataset_name
+
+    tree = image_tree(tmp_path / "tree", train=2, test=1)
+    monkeypatch.chdir(tmp_path)
+    assert parse_dataset_name("imagefolder:.") == ("imagefolder", tmp_path.resolve())
+    assert parse_dataset_name("imagefolder:tree") == ("imagefolder", tree.resolve())
+    assert len(load_dataset("imagefolder:tree", tmp_path / "d")) == len(load_dataset(f"imagefolder:{tree}",
+                                                                                     tmp_path / "d2"))

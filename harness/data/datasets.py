@@ -466,7 +466,7 @@ def parse_dataset_name(name: str) -> tuple[str, Path | None]:
         if not path.strip():  # Path("") is the current directory, read as a tree named ''
             raise UsageError(f"dataset {name!r} names no folder; valid: imagefolder:PATH, PATH holding train/<class>/ "
                              f"and test/<class>/ folders of images")
-        return "imagefolder", Path(path).expanduser()
+        return "imagefolder", Path(path).expanduser().resolve()  # "imagefolder:." names the current folder
     return name, None
 
 

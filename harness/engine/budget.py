@@ -43,6 +43,8 @@ class Budget:
             (unit, limit), = value.items()
             return cls(unit, limit)
         text = str(value).strip().replace(" ", "")
+        if text.count("=") > 1:  # "epochs=2 steps=3": two budgets
+            raise UsageError(f"budget must name exactly one unit ({', '.join(UNITS)}), got {value!r}")
         if "=" in text:
             unit, num = text.split("=", 1)
         else:  # "20epochs", "1e3steps": the number, then the unit's letters
