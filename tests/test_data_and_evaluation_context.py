@@ -275,3 +275,20 @@ def test_a_runs_input_norm_normalises_its_training_and_evaluation_images(tmp_pat
     torch.testing.assert_close(seen["plain"], expected, rtol=0, atol=1e-5)
     runner.run([evaluates])  # a baseline that does not train: straight to its evaluation
     torch.testing.assert_close(seen["eval"], expected, rtol=0, atol=1e-5)
+
+
+def test_input_norm_is_checked_against_the_channels_a_dataset_is_known_to_have():
+    """The channels known before loading: 1 for digits and MNIST, 3 for CIFAR-10, STL-10 and any image folder (read as
+    RGB). CIFAR's constants are refused for 1 channel and accepted for 3, and for a dataset whose channels are not
+    known before it loads (a plugin's, registered without them), left to the check on the loaded images. Catches: an
+    image folder's channels unknown, and a dataset of unknown channels refused outright."""
+    from harness.data.datasets import check_input_norm, dataset_channels
+    from harness.errors import UsageError
+
+    assert [dataset_channels(name) for name in ("digits", "mnist", "cifar10", "stl10", "imagefolder:/any/tree")] == [
+        1, 1, 3, 3, 3]
+    check_input_norm("legacy_cifar10", "imagefolder:/any/tree", 3)
+    check_input_norm("legacy_cifar10", "my_plugin_data", None)
+    check_input_norm("none", "mnist", 1)
+    with pytest.raises(UsageError, match=r"dataset 'mnist' has 1 \(valid for it: dataset, none\)"):
+        check_input_norm("legacy_cifar10", "mnist", 1)

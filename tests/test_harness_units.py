@@ -617,3 +617,196 @@ def test_counts_take_the_noun_in_the_numbers_form(tmp_path, capsys):
                  str(tmp_path / "r")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "suite one: 1 run (1 method x 1 dataset x 1 seed x 1 budget): 1 to train", first
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"methods": []}, "'methods' must be 'all' or a non-empty list"),
+    ({"methods": [{"name": "simclr", "lr": 0.1}]}, r"unknown key \['lr'\] in method entry"),
+    ({"methods": [{"name": "simclr", "backbone": "resnet9000"}]}, "unknown backbone 'resnet9000'"),
+    ({"methods": [{"name": "simclr", "as": "   "}]}, "'as' of method 'simclr' must be a non-empty string"),
+    ({"scale": "gpu"}, r"unknown scale 'gpu' \(valid: cpu, paper\)"),
+    ({"datasets": ["digits", "digits"]}, "'datasets' lists digits more than once"),
+    ({"protocols": {}}, "'protocols' must be a non-empty mapping"),
+    ({"train_split": "validation"}, r"unknown train_split 'validation' \(valid: train, train_full, all\)"),
+    ({"tables": {"extra": []}}, "'tables' must map a table name to a non-empty list of metric prefixes"),
+    ({"protocols": {"clustering": {"n_init": 0}}},
+     "parameter 'n_init' of protocol 'clustering' must be a positive integer, got 0"),
+])
+def test_suite_shapes_that_would_go_wrong_later_are_refused_when_the_suite_is_read(patch, match):
+    """Each of these is refused by ``parse_suite`` with one line naming it, before anything trains: no method rows, a
+    key a method entry does not have (``lr`` beside ``name`` instead of under ``config``), a row's unknown backbone, a
+    blank row label, an unknown scale, a dataset listed twice, no protocols, an unknown train split, a table with no
+    metric prefix, and k-means restarts of 0. Catches: each of those checks dropped (the suite then plans nothing,
+    silently ignores the key, fails at the row's turn after others trained, or twice trains one run)."""
+    base = {"methods": ["simclr"], "seeds": [0], "budget": "epochs=1", "protocols": {"knn": {}}}
+    base.update(patch)
+    methods = base.pop("methods")
+    with pytest.raises(UsageError, match=match):
+        make_suite(methods, **base)
+
+
+def test_suite_values_at_the_edge_of_the_valid_ones_are_accepted(tmp_path):
+    """A name of exactly 100 characters (the limit), a protocol written with no parameters (``knn:`` in YAML is
+    null: the protocol's defaults, k 200 and temperature 0.1 for kNN), and a table claiming the metrics prefix
+    ``knn`` without its slash are all valid. Catches: the name limit made exclusive, a null parameter mapping
+    refused, and a prefix matched only where it ends in the protocol's '/'."""
+    from harness.execution.suite import load_suite
+
+    assert make_suite(["random"], name="x" * 100).name == "x" * 100
+    path = tmp_path / "null.yaml"
+    path.write_text("datasets: [digits]\nseeds: [0]\nbudget: {steps: 1}\nmethods: [random]\n"
+                    "protocols:\n  knn:\n  clustering: {}\ntables:\n  neighbours: [knn]\n")
+    suite = load_suite(str(path))
+    assert suite.protocols["knn"] == {"k": 200, "temperature": 0.1, "backend": "auto", "grid_k": [10, 20, 100, 200],
+                                      "grid_temperature": [0.07, 0.1, 0.5]}
+    assert suite.tables == {"neighbours": ["knn"]}
+
+
+def test_a_suite_path_ending_in_yml_that_is_not_there_is_named_as_a_missing_file(tmp_path):
+    """``run mine.yml`` for a file that does not exist says the file does not exist (as for ``.yaml``), not that there
+    is no shipped suite called 'mine.yml'. Catches: ``.yml`` paths taken for shipped suite names."""
+    from harness.execution.suite import load_suite
+
+    for name in ("mine.yml", "mine.yaml"):
+        with pytest.raises(UsageError, match=f"suite file '.*{name}' does not exist"):
+            load_suite(str(tmp_path / name))
+
+
+def test_coarse_label_readers_and_a_rows_own_k_are_checked_against_the_data(tmp_path):
+    """On digits with its coarse labels taken away, protocol coarse_to_fine and method supcon (which trains on the
+    coarse level) are refused before training, naming the reader, and a suite reading none passes. A row's own kNN
+    k wins over the suite's in the check: the row's 1,439 is refused against the 1,438 train+val images while the
+    suite's 5 would pass, and the row's 5 passes where the suite's 1,439 would not. Catches: coarse_to_fine or a
+    coarse-level method not counted as reading coarse labels (the run failing after training), and the suite's k
+    checked instead of the row's."""
+    from harness.data.datasets import load_split_data
+    from harness.execution.suite import check_against_data
+
+    data, manifest = load_split_data("digits", tmp_path, 0.1)
+    no_coarse = dataclasses.replace(data, coarse_labels=None)
+
+    def without_coarse(name, val_fraction):
+        return no_coarse, manifest
+
+    with pytest.raises(UsageError, match="random on digits: protocol 'coarse_to_fine' reads coarse labels"):
+        check_against_data(make_suite(["random"], protocols={"knn": {"k": 5}, "coarse_to_fine": {"k": 5}}),
+                           without_coarse)
+    with pytest.raises(UsageError, match="supcon on digits: method 'supcon' reads coarse labels"):
+        check_against_data(make_suite(["supcon"], protocols={"knn": {"k": 5}}), without_coarse)
+    check_against_data(make_suite(["random", "simclr"], protocols={"knn": {"k": 5}}), without_coarse)
+
+    def whole(name, val_fraction):
+        return data, manifest
+
+    with pytest.raises(UsageError, match=r"random on digits: knn k=1439 is larger than the train_full split"):
+        check_against_data(make_suite([{"name": "random", "protocols": {"knn": {"k": 1439}}}],
+                                      protocols={"knn": {"k": 5}}), whole)
+    check_against_data(make_suite([{"name": "random", "protocols": {"knn": {"k": 5}}}],
+                                  protocols={"knn": {"k": 1439}}), whole)
+
+
+def test_numeric_bounds_are_inclusive_and_a_numeric_string_for_a_float_is_a_float():
+    """A momentum-encoder ema of exactly 1.0 is inside its range [0, 1]; the largest seed is 2**31 - 1 and 2**31 is
+    refused; ``--image-size 4096`` is the largest accepted; a positive number must be above 0; the string '1' for a
+    float key is the float 1.0 (its run id is that of 1.0, not of the integer 1). Catches: a range's upper bound
+    made exclusive, the seed limit off by one, the image-size limit exclusive, 0 taken as positive, and a numeric
+    string for a float left an int."""
+    import argparse
+
+    from harness.execution.validate import coerce_like, image_size, is_seed, number_in_range, positive_number
+
+    assert make_suite([{"name": "moco", "config": {"ema": 1.0}}]).methods[0].config == {"ema": 1.0}
+    assert number_in_range(1.0, 0.0, 1.0, "ema") == 1.0 and number_in_range(0.0, 0.0, 1.0, "ema") == 0.0
+    assert is_seed(2 ** 31 - 1) and not is_seed(2 ** 31)
+    assert image_size("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 4096"):
+        image_size("4097")
+    assert positive_number("0.5") == 0.5
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a positive number, got '0'"):
+        positive_number("0")
+    value = coerce_like("1", 0.1, "lr")
+    assert value == 1.0 and type(value) is float
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["train"].append(121), r"train holds an index outside 0\.\.120"),  # _toy_data has 121 images
+    (lambda m: m["val"].append(-1), r"val holds an index outside 0\.\.120"),
+    (lambda m: m["val"].append(m["test"][0]), "in both val and test"),
+])
+def test_a_stored_manifest_with_an_index_just_out_of_range_or_a_test_image_in_val_is_refused(tmp_path, edit, problem):
+    """A manifest (its hash recomputed over the edited lists) holding index 121 of 121 images, index -1, or a test
+    image in val is refused with one line naming the problem. Catches: the upper bound checked with '>' (121 passes,
+    then indexes past the data), negative indices passing (numpy reads them from the end) and val/test overlap
+    unchecked (a test image scored by a protocol that tunes on val)."""
+    from harness.data.datasets import _manifest_hash
+    from harness.errors import EnvironmentFailure
+
+    data = _toy_data()
+    assert len(data) == 121
+    load_or_make_manifest(data, tmp_path)
+    (path,) = tmp_path.glob("toy-*.json")
+    stored = json.loads(path.read_text())
+    edit(stored)
+    stored["sha256"] = _manifest_hash({k: stored[k] for k in ("dataset", "data", "train", "val", "test")})
+    path.write_text(json.dumps(stored))
+    with pytest.raises(EnvironmentFailure, match=f"invalid .*{problem}"):
+        load_or_make_manifest(data, tmp_path)
+
+
+def _png(path, pixels) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
+
+
+def test_an_image_folder_with_an_image_of_another_width_is_one_line(tmp_path):
+    """An image 10 pixels wide among 8 x 8 ones (the same height) stops with one line naming both sizes. Catches: a
+    size check comparing heights only (numpy's stack then fails with a traceback)."""
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            _png(tmp_path / split / cls / "0.png", np.zeros((8, 8, 3)))
+    _png(tmp_path / "test" / "b" / "1.png", np.zeros((8, 10, 3)))
+    with pytest.raises(UsageError, match=r"1.png is 10x8 pixels but .*0.png is 8x8"):
+        load_image_folder(tmp_path, "toy")
+
+
+def test_an_image_folders_normalisation_is_the_mean_and_std_of_all_its_pixels(tmp_path):
+    """Four 2 x 2 images whose left column is 0 and right column 200 in every channel: each channel's mean is
+    100/255 and its std (unbiased, over the 16 values) (100/255) sqrt(16/15). Catches: a std taken per column
+    (0 here) or over some other axes."""
+    column = np.array([[0, 200], [0, 200]])
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            _png(tmp_path / split / cls / "0.png", np.repeat(column[:, :, None], 3, axis=2))
+    data = load_image_folder(tmp_path, "toy")
+    assert data.mean == pytest.approx((100 / 255,) * 3, rel=1e-6)
+    assert data.std == pytest.approx((100 / 255 * (16 / 15) ** 0.5,) * 3, rel=1e-5)
+
+
+def test_an_image_folder_of_the_cifar10_classes_gets_vehicles_and_animals_as_coarse_labels(tmp_path):
+    """A tree whose class folders are CIFAR-10's ten classes has CIFAR-10's coarse labels (0 for airplane, automobile,
+    ship and truck, 1 for the animals), so coarse_to_fine runs on it; a tree with other class names has none.
+    Catches: the coarse labels of a CIFAR-10 tree dropped (coarse_to_fine then refused on cifar10-jpeg)."""
+    from harness.data.datasets import CIFAR10_CLASSES
+
+    for split in ("train", "test"):
+        for cls in CIFAR10_CLASSES:
+            _png(tmp_path / "cifar" / split / cls / "0.png", np.zeros((2, 2, 3)))
+        for cls in ("a", "b"):
+            _png(tmp_path / "other" / split / cls / "0.png", np.zeros((2, 2, 3)))
+    data = load_image_folder(tmp_path / "cifar", "c")
+    assert data.labels.tolist() == list(range(10)) * 2
+    assert data.coarse_labels.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 0] * 2
+    assert load_image_folder(tmp_path / "other", "o").coarse_labels is None
+
+
+def test_an_image_folder_path_may_hold_a_colon():
+    """``imagefolder:/data/run:2/tree`` names the folder ``/data/run:2/tree``; only the first colon separates the
+    prefix. Catches: the path cut at its second colon."""
+    from pathlib import Path
+
+    from harness.data.datasets import parse_dataset_name
+
+    assert parse_dataset_name("imagefolder:/data/run:2/tree") == ("imagefolder", Path("/data/run:2/tree"))
+    assert parse_dataset_name("digits") == ("digits", None)

@@ -218,3 +218,25 @@ def test_lr_update_per_epoch_refuses_a_budget_in_seconds_before_training(update)
     with pytest.raises(UsageError, match="not seconds=60"):
         train(method, torch.zeros(32, 1, 2, 2, dtype=torch.uint8), None, Budget("seconds", 60),
               Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0, generator=torch.Generator(), quiet=True)
+
+
+def test_an_epoch_ending_past_the_budget_reads_the_schedule_at_its_end():
+    """A budget of 10 steps in epochs of 4 steps (32 images, batch 8): with ``lr_update: epoch_end`` the epochs read
+    the cosine at 0.4, 0.8 and, for the third (cut short at step 10, though its end would be step 12), at 1: lr 0,
+    the schedule's end, not cos at 1.2 (0.0057, back on its way up). The same in samples (80 of 32 per epoch).
+    Catches: the position not clamped to the budget's end."""
+    from harness.engine.train import epoch_lr_position
+
+    for budget in (Budget("steps", 10), Budget("samples", 80)):
+        assert [epoch_lr_position(e, 4, 8, budget, "epoch_end") for e in range(3)] == [0.4, 0.8, 1.0]
+        assert epoch_lr_position(2, 4, 8, budget, "epoch_start") == 0.8
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
+    cfg = config(lr=0.06, optimizer="sgd", weight_decay=0.0, batch_size=8, views=1, schedule="cosine",
+                 lr_update="epoch_end")
+    method = LinearOnPixels(Flatten(), cfg, DataInfo(num_samples=32, image_shape=(1, 2, 2)))
+    recorder = LrRecorder()
+    train(method, images, None, Budget("steps", 10), Augmenter(None, [0.5], [0.25]), cfg, device="cpu", seed=0,
+          generator=torch.Generator().manual_seed(0), quiet=True, logger=recorder)
+    at = [0.06 * 0.5 * (1 + math.cos(math.pi * p)) for p in (0.4, 0.8)]
+    assert [recorder.lrs[s] for s in range(1, 11)] == pytest.approx([at[0]] * 4 + [at[1]] * 4 + [0.0] * 2, abs=1e-15)
