@@ -251,6 +251,24 @@ def test_a_run_that_cannot_split_over_the_ranks_is_refused_before_any_trains():
         check_ranks(jobs[1:], 3)
 
 
+def test_ranks_are_checked_for_runs_that_train_and_for_the_components_of_a_combination():
+    """Over 2 ranks: random (which trains nothing) with a batch of 5 passes, simclr with a batch of 5 is refused, and
+    thanos (which trains nothing itself) is refused, naming it, when its component supcon_spread has a batch of 5.
+    Catches: a run that never trains refused for a batch it never splits, and a combination's components left
+    unchecked (the component then failing on its ranks when the combination's turn comes, after others trained)."""
+    from harness.errors import UsageError
+    from harness.execution.runner import check_ranks, plan
+
+    check_ranks(plan(make_suite([{"name": "random", "config": {"batch_size": 5}}])), 2)
+    with pytest.raises(UsageError, match=r"^simclr on digits seed 0 \(epochs=2\): batch_size 5 does not split over 2"):
+        check_ranks(plan(make_suite([{"name": "simclr", "config": {"batch_size": 5}}])), 2)
+    jobs = plan(make_suite([{"name": "supcon_spread", "config": {"batch_size": 5}}, "thanos"]))
+    (thanos,) = [job for job in jobs if job.entry.name == "thanos"]
+    with pytest.raises(UsageError, match=r"^thanos on digits seed 0 \(no training\): batch_size 5 does not split "
+                                         r"over 2 ranks"):
+        check_ranks([thanos], 2)
+
+
 def test_torchrun_launch_refuses_a_run_that_cannot_split_before_training(tmp_path):
     """``torchrun --nproc-per-node 3 -m harness run`` of a supervised run, then MoCo with 4 query groups: the ranks
     exit 2 with one line each (torchrun then prints its own summary and traceback of the launcher), no frame of the

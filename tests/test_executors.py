@@ -319,3 +319,67 @@ def test_pool_workers_end_when_their_run_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_slurm_counts_take_their_least_value_and_other_types_are_refused():
+    """Every count at its least value (0 GPUs, 1 rank, 1 minute, 0 requeues, no signal delay) is valid; a boolean
+    count, no memory and a number where a name goes are each one line naming the option. Catches: the least value
+    refused ('<=' for '<'), True taken as the count 1, 0 GB of memory passed to Slurm, and a partition that is not
+    text."""
+    from harness.execution.executors import check_slurm_options
+
+    least = {"gpus_per_job": 0, "ranks_per_job": 1, "cpus_per_task": 1, "timeout_min": 1, "array_parallelism": 1,
+             "max_num_timeout": 0, "signal_delay_s": 0, "mem_gb": 0.5, "partition": "gpu"}
+    assert check_slurm_options(least) == least
+    for bad, message in [({"gpus_per_job": True}, "gpus_per_job must be a whole number of at least 0, got True"),
+                         ({"mem_gb": 0}, "mem_gb must be a positive number, got 0"),
+                         ({"partition": 5}, "partition must be a string, got 5")]:
+        with pytest.raises(UsageError, match=f"^slurm: {message}$"):
+            check_slurm_options(bad)
+
+
+def test_plain_runs_are_the_first_wave_and_combinations_the_second():
+    """A suite listing thanos (a combination of supcon_spread and cond_autoencoder) before random: the first wave is
+    the plain run, the second the combination, whose components must be trained before it. Catches: the waves
+    swapped (a combination's workers then training its components themselves, at once with other workers)."""
+    from harness.execution.executors import _waves
+
+    thanos, random = plan(make_suite(["thanos", "random"], protocols=FAST))
+    assert "components" in thanos.spec and "components" not in random.spec
+    assert _waves([thanos, random]) == [[random], [thanos]]
+    assert _waves([random]) == [[random]]
+
+
+@needs_submitit
+def test_workers_are_the_array_parallelism_only_where_the_slurm_options_leave_it_open(tmp_path, monkeypatch):
+    """``--workers 3`` with submitit is the array's parallelism when the slurm options give none, and does not
+    override one they give (5). Catches: --workers overriding a suite's array_parallelism."""
+    import harness.execution.executors as executors
+
+    seen = []
+    monkeypatch.setattr(executors, "_prepare_data", lambda jobs, kwargs: None)
+    monkeypatch.setattr(executors, "_run_submitit", lambda jobs, kwargs, workers, slurm, *rest:
+                        seen.append(slurm.get("array_parallelism")) or [])
+    jobs = plan(make_suite(["random"], protocols=FAST))
+    kw = {"results_dir": tmp_path / "r", "data_dir": tmp_path / "d"}
+    run_jobs(jobs, kw, "submitit", workers=3, slurm={"array_parallelism": 5})
+    run_jobs(jobs, kw, "submitit", workers=3)
+    assert seen == [5, 3]
+
+
+@needs_submitit
+def test_a_requeued_submitit_job_resumes_instead_of_retraining(monkeypatch):
+    """A forced job's first attempt forces a fresh run; its requeued attempt (after a preemption) does not, so it
+    resumes from its checkpoint. Catches: force applied to every attempt (a preempted run trained from scratch each
+    time it is requeued)."""
+    import harness.execution.executors as executors
+
+    forced = []
+    monkeypatch.setattr(executors, "_init_job_ranks", lambda: None)
+    monkeypatch.setattr(executors, "_run_in_process", lambda job, kwargs, force, gpu=None: forced.append(force))
+    (job,) = plan(make_suite(["random"], protocols=FAST))
+    fn = SubmititJob(job, {"results_dir": "r", "data_dir": "d"}, force=True)
+    fn()
+    fn.checkpoint()
+    fn()
+    assert forced == [True, False]

@@ -167,3 +167,65 @@ def test_reproduce_compares_with_the_seed_spread_of_the_same_row(tmp_path):
     assert row["seeds"] == 2 and row["seed std"] == pytest.approx(abs(scores[0] - scores[1]) / np.sqrt(2))
     (loss,) = table[table["metric"] == "final_loss"].to_dict("records")
     assert loss["stored"] == 2.0 and loss["seeds"] == 2 and loss["seed std"] == pytest.approx(1 / np.sqrt(2))
+
+
+def test_one_sample_allows_the_ulp_that_float_division_adds():
+    """Over 359 images, 300/359 - 299/359 is one image apart but exceeds 1/359 by an ulp in floats (301/359 -
+    300/359 does not): it is still within one sample. Catches: one_sample compared without its 1e-9 slack."""
+    n = 359
+    assert 300 / n - 299 / n > 1 / n
+    assert verdict(299 / n, 300 / n, float("nan"), 1 / n) == "within one sample"
+    assert verdict(300 / n, 299 / n, 0.0, 1 / n) == "within one sample"
+
+
+def test_the_seed_spread_is_over_runs_of_the_same_budget(tmp_path):
+    """Two seeds of random at two budgets (four records): the rerun of seed 0 at steps=3 is compared with the spread
+    of the two steps=3 records, not all four. Catches: runs of another budget counted as seeds of the row."""
+    from harness.execution.suite import load_suite
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(json.dumps({"name": "tiny", "datasets": ["digits"], "seeds": [0, 1], "methods": ["random"],
+                                 "budget": ["steps=3", "steps=4"], "protocols": {"knn": {"k": 10}}}))
+    results, data = tmp_path / "out", tmp_path / "data"
+    assert main(["run", str(suite), "--results-dir", str(results), "--quiet", "--data-dir", str(data)]) == 0
+    assert len(list((results / "tiny").glob("*.json"))) == 4
+    table = reproduce(load_suite(str(suite)), results, data, runs=1, log=lambda s: None)
+    (row,) = table[table["metric"] == "knn/top1"].to_dict("records")
+    assert row["run"] == "random/digits/s0" and row["seeds"] == 2 and row["verdict"] == "identical"
+
+
+def test_a_record_without_a_usable_thread_count_reruns_with_the_current_one():
+    """A record naming 0 threads (or none) reruns with torch's current thread count, which is left as it was.
+    Catches: 0 passed on to torch, whose set_num_threads refuses it (the rerun then fails)."""
+    from harness.execution.reproduce import torch_threads
+
+    import torch
+
+    before = torch.get_num_threads()
+    for threads in (0, None, True, -2):
+        with torch_threads(threads):
+            assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_a_final_loss_that_changed_is_outside_however_small_the_change(tmp_path):
+    """One simclr run whose stored final loss is edited 0.5 above what training gives: its rerun's final loss differs
+    by -0.5 and, with no seed spread and no image count to allow, is outside (the accuracy metrics of the rerun are
+    identical). Catches: the final loss given an accuracy's one-sample slack (a change below it called within one
+    sample)."""
+    from harness.execution.suite import load_suite
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(json.dumps({"name": "tiny", "datasets": ["digits"], "seeds": [0],
+                                 "methods": [{"name": "simclr", "config": {"batch_size": 512}}],
+                                 "budget": "epochs=1", "protocols": {"knn": {"k": 10}}}))
+    results, data = tmp_path / "out", tmp_path / "data"
+    assert main(["run", str(suite), "--results-dir", str(results), "--quiet", "--data-dir", str(data)]) == 0
+    (path,) = (results / "tiny").glob("*.json")
+    record = json.loads(path.read_text())
+    record["train"]["history"][-1]["loss"] += 0.5
+    path.write_text(json.dumps(record))
+    table = reproduce(load_suite(str(suite)), results, data, runs=1, log=lambda s: None)
+    (loss,) = table[table["metric"] == "final_loss"].to_dict("records")
+    assert loss["diff"] == pytest.approx(-0.5, abs=1e-9) and loss["verdict"] == "outside"
+    assert set(table[table["metric"] != "final_loss"]["verdict"]) == {"identical"}

@@ -114,3 +114,54 @@ def test_a_default_study_name_fits_a_file_name_and_stays_distinct():
     long_a, long_b = (default_study_name("simclr", f"imagefolder:/data/{'x' * 200}{end}", budget, "cpu", 0)
                       for end in "ab")
     assert len(long_a) <= 95 and long_a.startswith("simclr-imagefolder__data_xxx") and long_a != long_b
+
+
+def test_the_final_epoch_of_a_samples_budget_holds_its_last_partial_step():
+    """2,600 samples at 128 a step are 20.3 steps, so training takes 21 steps; at 10 steps an epoch (1,295 images)
+    step 21 is in epoch 2 (0-based), the epoch whose value comes from the record. Catches: the step count rounded
+    down (epoch 1 taken as the last, so the last epoch would be evaluated twice)."""
+    assert _final_epoch(Budget("samples", 2600), 1295, 128) == 2
+    assert _final_epoch(Budget("samples", 2560), 1295, 128) == 1
+
+
+def test_a_trial_reports_after_every_epoch_but_its_last(tmp_path):
+    """Three epochs of one step each (a batch of 2,048 covers digits' 1,295 training images): the study's first trial
+    (which the median pruner cannot prune, having nothing to compare with) reports validation kNN after epochs 1 and
+    2 only; its value after epoch 3 is the record's. Catches: the last epoch evaluated a second time for a report."""
+    storage = f"sqlite:///{tmp_path / 'e.db'}"
+    out = tune("_tune_toy", "digits", 1, "epochs=3", storage=storage, study_name="e", results_dir=tmp_path / "r",
+               data_dir=tmp_path / "data", device="cpu", config={"batch_size": 2048}, knn={"k": 20},
+               log=lambda s: None)
+    (trial,) = optuna.load_study(study_name="e", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == [1, 2]
+    assert out["best"]["value"] == out["best"]["metrics"]["backbone"]["val_knn/top1"]
+
+
+def test_a_search_space_naming_no_config_key_is_refused_before_a_study_is_made(tmp_path):
+    """An adapter whose search space misspells a config key ('temprature') is refused in one line naming the key,
+    before the study's storage or any result is written. Catches: the space's keys unchecked (every trial would then
+    fail on the unknown key, after the data was loaded and the study created)."""
+    from methods import METHODS
+
+    class _Misspelt(_Toy):
+        search_space = {"temprature": ("float", 0.1, 1.0)}
+
+    register_method("_tune_misspelt")(_Misspelt)
+    try:
+        with pytest.raises(UsageError, match="search space of '_tune_misspelt' names 'temprature', which is not a "
+                                             "config key"):
+            tune("_tune_misspelt", "digits", 1, "steps=1", results_dir=tmp_path / "r", data_dir=tmp_path / "data",
+                 device="cpu", log=lambda s: None)
+    finally:
+        METHODS.unregister("_tune_misspelt")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_storage_password_never_appears_in_an_error():
+    """A storage URL whose scheme no driver serves is one line naming the URL with its password masked. Catches: the
+    URL printed as given (a database password in a log)."""
+    from harness.execution.tune import make_storage
+
+    with pytest.raises(UsageError) as refused:
+        make_storage("nosuchdb://alice:hunter2@db.example/optuna")
+    assert "nosuchdb://alice:***@db.example/optuna" in str(refused.value) and "hunter2" not in str(refused.value)
