@@ -810,3 +810,31 @@ def test_an_image_folder_path_may_hold_a_colon():
 
     assert parse_dataset_name("imagefolder:/data/run:2/tree") == ("imagefolder", Path("/data/run:2/tree"))
     assert parse_dataset_name("digits") == ("digits", None)
+
+
+@pytest.mark.parametrize("protocols,match", [
+    ({"knn": {"grid_k": [10, 0]}}, "value 1 of parameter 'grid_k' of protocol 'knn' must be a positive integer, "
+                                   "got 0"),
+    ({"knn": {"grid_temperature": [0.1, 0]}}, "value 1 of parameter 'grid_temperature' of protocol 'knn' must be "
+                                              "positive, got 0"),
+    ({"lbfgs": {"l2_grid": []}}, r"parameter 'l2_grid' of protocol 'lbfgs' must be a non-empty list, got \[\]"),
+    ({"coarse_to_fine": {"l2_grid": [1e-3, -1]}}, "value 1 of parameter 'l2_grid' of protocol 'coarse_to_fine' "
+                                                  "must be positive, got -1"),
+    ({"clustering": {"tol": -1e-4}}, "parameter 'tol' of protocol 'clustering' must be at least 0, got -0.0001"),
+    ({"sgd": {"momentum": -0.5}}, r"parameter 'momentum' of protocol 'sgd' must be in \[0, 1\], got -0.5"),
+    ({"sgd": {"weight_decay": -1}}, "parameter 'weight_decay' of protocol 'sgd' must be at least 0, got -1"),
+    ({"val_knn": {"k": 0}}, "parameter 'k' of protocol 'val_knn' must be a positive integer"),
+    ({"clustering": {"k": [10, 0]}}, "parameter 'k' of protocol 'clustering' must be a positive integer"),
+])
+def test_protocol_parameters_evaluation_refuses_are_refused_when_the_suite_is_read(protocols, match):
+    """Each of these made the protocol raise only when the run was evaluated, after its training (exit 1, reported as
+    the run's own error): a kNN grid point k 0 or temperature 0, no L2 strength or a negative one to sweep, a negative
+    k-means tolerance, a negative probe momentum or weight decay (torch's SGD refuses them), val_knn's k 0 (clamped
+    to its split, never checked against it). Now the suite is refused when read, in one line. The same parameters at
+    their least valid values are accepted. Catches: a protocol parameter checked only by the protocol."""
+    with pytest.raises(UsageError, match=match):
+        make_suite(["simclr"], protocols=protocols)
+    suite = make_suite(["simclr"], protocols={"knn": {"grid_k": [], "grid_temperature": [1e-3]}, "lbfgs": {
+        "l2_grid": [1e-6]}, "clustering": {"tol": 0, "k": [2]}, "sgd": {"momentum": 0, "weight_decay": 0},
+        "val_knn": {"k": 1}})
+    assert suite.protocols["clustering"]["tol"] == 0 and suite.protocols["sgd"]["momentum"] == 0

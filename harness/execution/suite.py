@@ -107,10 +107,14 @@ def check_suite_name(name: Any, where: str = "", hint: str = "") -> None:
 
 
 def _check_k_list(value: Any, name: str) -> None:
-    """A sweep of ``k`` lists at least one value (``k: []`` would score nothing after training); each value is
+    """A sweep of ``k`` lists at least one value (``k: []`` would score nothing after training), and a number given
+    is at least 1 (val_knn clamps its ``k`` to its split instead of having it checked against it); each value is
     checked against the data's split sizes later."""
     if isinstance(value, (list, tuple)) and not value:
         raise ValueError(f"{name} must be a positive integer or a non-empty list of them, got {list(value)!r}")
+    for k in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(k, (int, float)) and not isinstance(k, bool) and k < 1:
+            raise ValueError(f"{name} must be a positive integer or a non-empty list of them, got {value!r}")
 
 
 def _check_non_negative(value: Any, name: str) -> None:
@@ -132,7 +136,7 @@ def _each(check: Callable[[Any, str], None], non_empty: bool = False) -> Callabl
         if non_empty and not values:
             raise ValueError(f"{name} must be a non-empty list, got {values!r}")
         for i, value in enumerate(values):
-            check(value, f"{name}[{i}]")
+            check(value, f"value {i} of {name}")
 
     return check_all
 
