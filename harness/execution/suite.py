@@ -19,7 +19,7 @@ from harness.data.datasets import ImageData, SplitManifest, validate_dataset_nam
 from harness.errors import UsageError, choices_error
 from harness.execution.executors import check_slurm_options
 from harness.execution.validate import (MAX_IMAGE_SIZE, SEED_LIMIT, check_unique, coerce_like, is_seed,
-                                       parse_number)
+                                       number_in_range, parse_number)
 from methods import METHODS, resolve_config
 from protocols import PROTOCOLS
 from protocols._common import check_count, check_positive, check_positive_int
@@ -117,16 +117,10 @@ def _check_k_list(value: Any, name: str) -> None:
             raise ValueError(f"{name} must be a positive integer or a non-empty list of them, got {value!r}")
 
 
-def _check_non_negative(value: Any, name: str) -> None:
-    """A rate that may be 0 (a probe's weight decay, k-means' tolerance), never below."""
-    if not value >= 0:
-        raise ValueError(f"{name} must be at least 0, got {value!r}")
-
-
-def _check_fraction(value: Any, name: str) -> None:
-    """A coefficient in [0, 1] (a probe's SGD momentum, as a method's)."""
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+def _in_range(low: float | None, high: float | None) -> Callable[[Any, str], None]:
+    """:func:`number_in_range` as a parameter check: a rate that may be 0 (a probe's weight decay, k-means'
+    tolerance), a coefficient in [0, 1] (a probe's SGD momentum, as a method's)."""
+    return lambda value, name: number_in_range(value, low, high, name)
 
 
 def _each(check: Callable[[Any, str], None], non_empty: bool = False) -> Callable[[Any, str], None]:
@@ -146,7 +140,7 @@ def _each(check: Callable[[Any, str], None], non_empty: bool = False) -> Callabl
 PARAMETER_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "temperature": check_positive, "lr": check_positive, "max_iter": check_positive_int,
     "n_init": check_positive_int, "epochs": check_positive_int, "batch_size": check_positive_int, "k": _check_k_list,
-    "weight_decay": _check_non_negative, "momentum": _check_fraction, "tol": _check_non_negative,
+    "weight_decay": _in_range(0, None), "momentum": _in_range(0, 1), "tol": _in_range(0, None),
     "l2_grid": _each(check_positive, non_empty=True), "grid_k": _each(check_positive_int),
     "grid_temperature": _each(check_positive),
 }
